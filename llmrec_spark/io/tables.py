@@ -1,0 +1,368 @@
+"""The table layer: Delta tables under one lakehouse root, behind one interface, two engines.
+
+* `SparkDeltaEngine` -- Delta's own Spark extension is on the classpath (Databricks, or
+  `--packages io.delta:delta-spark_2.12:3.x`): `format("delta")` and `replaceWhere`.
+* `EmbeddedDeltaEngine` -- no Delta jars (no Maven here, nor on many locked-down clusters):
+  executors write Parquet in parallel into a staging folder, the driver moves the files into
+  the table folder and commits one Delta transaction with delta-rs. A per-partition
+  overwrite is one atomic commit (`partition_filters`), so readers see the old rows or the
+  new rows, never a mix. Files moved but never committed are invisible and removed by
+  `vacuum`.
+
+Both write standard Delta: either engine, delta-rs, Polars and DuckDB read the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from llmrec_spark.errors import InputError
+from llmrec_spark.schema import TABLES, TableSpec
+
+log = logging.getLogger(__name__)
+
+PartitionValues = Mapping[str, str | Sequence[str]]
+
+
+class TableStore(ABC):
+    """Read and write the product's Delta tables by name."""
+
+    engine_name = "abstract"
+
+    def __init__(self, spark: SparkSession, root: str) -> None:
+        self.spark = spark
+        self.root = root.rstrip("/")
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def spec(self, name: str) -> TableSpec:
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+        return TABLES[name]
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def version(self, name: str) -> int | None:
+        """The table's latest Delta version, or None when it does not exist yet."""
+
+    @abstractmethod
+    def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
+        """The table (optionally only some partitions) as a DataFrame; empty if it does not exist."""
+
+    @abstractmethod
+    def overwrite(
+        self,
+        name: str,
+        df: DataFrame,
+        partitions: PartitionValues | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> int:
+        """Atomically replace the given partitions (all rows when None) with `df`; returns the version."""
+
+    @abstractmethod
+    def append(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None = None) -> int:
+        """Atomically add the rows of `df`; returns the new version."""
+
+    def empty(self, name: str) -> DataFrame:
+        return self.spark.createDataFrame([], self.spec(name).schema)
+
+    def conform(self, name: str, df: DataFrame) -> DataFrame:
+        """Select and cast `df`'s columns to the table schema, in order; missing columns are an error."""
+        schema = self.spec(name).schema
+        missing = [f.name for f in schema.fields if f.name not in df.columns]
+        if missing:
+            raise ValueError(f"{name}: DataFrame lacks columns {missing}")
+        return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
+
+
+class EmbeddedDeltaEngine(TableStore):
+    """Spark writes Parquet, delta-rs commits the transaction on the driver."""
+
+    engine_name = "embedded"
+
+    def _delta(self, name: str):
+        from deltalake import DeltaTable
+
+        path = self.path(name)
+        if not DeltaTable.is_deltatable(path):
+            return None
+        return DeltaTable(path)
+
+    def exists(self, name: str) -> bool:
+        return self._delta(name) is not None
+
+    def version(self, name: str) -> int | None:
+        table = self._delta(name)
+        return None if table is None else table.version()
+
+    def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
+        spec = self.spec(name)
+        table = self._delta(name)
+        if table is None:
+            return self.empty(name)
+        filters = _partition_filters(where) if where else None
+        files = table.file_uris(partition_filters=filters)
+        if not files:
+            return self.empty(name)
+        df = (
+            self.spark.read.schema(spec.schema)
+            .option("basePath", self.path(name))
+            .parquet(*files)
+        )
+        return df.select([f.name for f in spec.schema.fields])
+
+    def overwrite(
+        self,
+        name: str,
+        df: DataFrame,
+        partitions: PartitionValues | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> int:
+        return self._commit(name, df, "overwrite", partitions, metadata)
+
+    def append(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None = None) -> int:
+        return self._commit(name, df, "append", None, metadata)
+
+    def _commit(
+        self,
+        name: str,
+        df: DataFrame,
+        mode: str,
+        partitions: PartitionValues | None,
+        metadata: Mapping[str, str] | None,
+    ) -> int:
+        from deltalake import DeltaTable, Schema
+        from deltalake.transaction import CommitProperties, create_table_with_add_actions
+
+        spec = self.spec(name)
+        df = self.conform(name, df)
+        table_path = self.path(name)
+        started = time.perf_counter()
+        adds = self._write_files(table_path, df, spec.partition_by)
+        if partitions:
+            _check_partition_values(name, adds, partitions)
+        schema = Schema.from_json(spec.schema.json())
+        commit = CommitProperties(custom_metadata=dict(metadata or {}))
+        if not DeltaTable.is_deltatable(table_path):
+            create_table_with_add_actions(
+                table_path,
+                schema,
+                adds,
+                mode="error",
+                partition_by=list(spec.partition_by) or None,
+                name=name,
+                description=spec.description,
+                commit_properties=commit,
+            )
+        else:
+            DeltaTable(table_path).create_write_transaction(
+                adds,
+                mode=mode,
+                schema=schema,
+                partition_by=list(spec.partition_by) or None,
+                partition_filters=_partition_filters(partitions) if partitions else None,
+                commit_properties=commit,
+            )
+        version = DeltaTable(table_path).version()
+        rows = sum(json.loads(a.stats).get("numRecords", 0) for a in adds)
+        log.info(
+            "%s: %s %d rows in %d files -> version %d (%.1fs, embedded engine)",
+            name, mode, rows, len(adds), version, time.perf_counter() - started,
+        )
+        return version
+
+    def _write_files(self, table_path: str, df: DataFrame, partition_by: Sequence[str]) -> list[Any]:
+        """Write `df` as Parquet under the table folder; return one AddAction per file."""
+        from deltalake.transaction import AddAction
+
+        staging_rel = f"_staging/{uuid.uuid4().hex}"
+        staging = f"{table_path}/{staging_rel}"
+        writer = df.write.mode("errorifexists")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.parquet(staging)
+
+        fs, base = pafs.FileSystem.from_uri(_arrow_uri(table_path))
+        staged = fs.get_file_info(pafs.FileSelector(f"{base}/{staging_rel}", recursive=True))
+        adds = []
+        for info in staged:
+            if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+                continue
+            rel = info.path[len(f"{base}/{staging_rel}/"):]
+            target = f"{base}/{rel}"
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            fs.move(info.path, target)
+            num_records = pq.read_metadata(target, filesystem=fs).num_rows
+            adds.append(
+                AddAction(
+                    path=urllib.parse.quote(rel, safe="/=-_.:"),
+                    size=info.size,
+                    partition_values=_partition_values_from_path(rel),
+                    modification_time=int(time.time() * 1000),
+                    data_change=True,
+                    stats=json.dumps({"numRecords": num_records}),
+                )
+            )
+        fs.delete_dir(f"{base}/{staging_rel}")
+        return adds
+
+    def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
+        """Delete files no version within `retention_hours` references, and stale staging folders."""
+        table = self._delta(name)
+        if table is None:
+            return []
+        removed = table.vacuum(
+            retention_hours=retention_hours, enforce_retention_duration=False, dry_run=False
+        )
+        fs, base = pafs.FileSystem.from_uri(_arrow_uri(self.path(name)))
+        staging = fs.get_file_info(pafs.FileSelector(f"{base}/_staging", allow_not_found=True))
+        cutoff = time.time() - retention_hours * 3600
+        for info in staging:
+            if info.mtime is not None and info.mtime.timestamp() < cutoff:
+                fs.delete_dir(info.path)
+                removed.append(info.path)
+        return list(removed)
+
+
+class SparkDeltaEngine(TableStore):
+    """Delta's own Spark integration (Databricks, or delta-spark jars on the classpath)."""
+
+    engine_name = "spark"
+
+    def exists(self, name: str) -> bool:
+        jvm = self.spark.sparkContext._jvm
+        return bool(jvm.io.delta.tables.DeltaTable.isDeltaTable(self.spark._jsparkSession, self.path(name)))
+
+    def version(self, name: str) -> int | None:
+        if not self.exists(name):
+            return None
+        history = self.spark.sql(f"DESCRIBE HISTORY delta.`{self.path(name)}` LIMIT 1")
+        return int(history.first()["version"])
+
+    def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
+        if not self.exists(name):
+            return self.empty(name)
+        df = self.spark.read.format("delta").load(self.path(name))
+        return df.where(_spark_predicate(where)) if where else df
+
+    def overwrite(self, name, df, partitions=None, metadata=None) -> int:
+        writer = self._writer(name, df, metadata).mode("overwrite")
+        if partitions:
+            writer = writer.option("replaceWhere", _sql_predicate(partitions))
+        writer.save(self.path(name))
+        return self.version(name) or 0
+
+    def append(self, name, df, metadata=None) -> int:
+        self._writer(name, df, metadata).mode("append").save(self.path(name))
+        return self.version(name) or 0
+
+    def _writer(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None):
+        spec = self.spec(name)
+        writer = self.conform(name, df).write.format("delta")
+        if spec.partition_by:
+            writer = writer.partitionBy(*spec.partition_by)
+        if metadata:
+            writer = writer.option("userMetadata", json.dumps(dict(metadata), sort_keys=True))
+        return writer
+
+
+def delta_extension_available(spark: SparkSession) -> bool:
+    """True when Delta's Spark extension is configured and its classes load."""
+    extensions = spark.conf.get("spark.sql.extensions", "") or ""
+    if "DeltaSparkSessionExtension" not in extensions:
+        return False
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+    except Exception:  # py4j wraps ClassNotFoundException
+        return False
+    return True
+
+
+def open_store(spark: SparkSession, root: str, engine: str = "auto") -> TableStore:
+    """The table layer for `root`: engine "spark", "embedded", or "auto" (spark when available)."""
+    if engine == "auto":
+        engine = "spark" if delta_extension_available(spark) else "embedded"
+    if engine == "spark":
+        if not delta_extension_available(spark):
+            raise InputError(
+                "storage.engine=spark but Delta's Spark extension is not on the classpath; "
+                "use storage.engine=embedded or add io.delta:delta-spark_2.12"
+            )
+        return SparkDeltaEngine(spark, root)
+    if engine == "embedded":
+        if "://" not in root:
+            import os
+
+            os.makedirs(root, exist_ok=True)
+        return EmbeddedDeltaEngine(spark, root)
+    raise InputError(f"unknown storage engine {engine!r}; choose auto, spark or embedded")
+
+
+def _arrow_uri(path: str) -> str:
+    if "://" not in path:
+        return path
+    scheme, rest = path.split("://", 1)
+    return {"s3a": "s3", "s3n": "s3", "abfss": "abfs"}.get(scheme, scheme) + "://" + rest
+
+
+def _partition_values_from_path(rel: str) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for part in rel.split("/")[:-1]:
+        key, _, value = part.partition("=")
+        value = urllib.parse.unquote(value)
+        values[urllib.parse.unquote(key)] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+    return values
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _partition_filters(where: PartitionValues) -> list[tuple[str, str, Any]]:
+    filters: list[tuple[str, str, Any]] = []
+    for column, value in where.items():
+        values = _as_list(value)
+        filters.append((column, "=", values[0]) if len(values) == 1 else (column, "in", values))
+    return filters
+
+
+def _sql_predicate(where: PartitionValues) -> str:
+    clauses = []
+    for column, value in where.items():
+        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in _as_list(value))
+        clauses.append(f"`{column}` IN ({quoted})")
+    return " AND ".join(clauses)
+
+
+def _spark_predicate(where: PartitionValues):
+    condition = None
+    for column, value in where.items():
+        clause = F.col(column).isin(_as_list(value))
+        condition = clause if condition is None else condition & clause
+    return condition
+
+
+def _check_partition_values(name: str, adds: list[Any], partitions: PartitionValues) -> None:
+    allowed = {column: set(_as_list(value)) for column, value in partitions.items()}
+    for add in adds:
+        for column, values in allowed.items():
+            if add.partition_values.get(column) not in values:
+                raise ValueError(
+                    f"{name}: rows for {column}={add.partition_values.get(column)!r} fall outside "
+                    f"the partitions being replaced ({column} in {sorted(values)})"
+                )

@@ -1,0 +1,154 @@
+"""Every table's schema and column names, declared once and referenced by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql.types import (
+    ArrayType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")
+
+# Recommendation sources, in the `source` column.
+SOURCE_ALS = "als"
+SOURCE_TEXT = "text"
+SOURCE_HYBRID = "hybrid"
+SOURCE_POPULAR = "popular"
+
+# Raw event as it arrives in the landing zone (JSON lines). Everything is a string or
+# number that may be wrong; validation happens in the clean stage.
+RAW_EVENT = StructType(
+    [
+        StructField("event_id", StringType()),
+        StructField("user_id", StringType()),
+        StructField("item_id", StringType()),
+        StructField("event_type", StringType()),
+        StructField("event_ts", StringType()),
+        StructField("value", DoubleType()),
+        StructField("session_id", StringType()),
+        StructField("source", StringType()),
+    ]
+)
+
+CATALOG = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("title", StringType()),
+        StructField("description", StringType()),
+        StructField("category", StringType()),
+        StructField("brand", StringType()),
+        StructField("available", StringType()),
+        StructField("added_ds", StringType()),
+    ]
+)
+
+EVENTS_CLEAN = StructType(
+    [
+        StructField("event_id", StringType(), False),
+        StructField("user_id", StringType(), False),
+        StructField("item_id", StringType(), False),
+        StructField("event_type", StringType(), False),
+        StructField("event_ts", TimestampType(), False),
+        StructField("value", DoubleType()),
+        StructField("session_id", StringType()),
+        StructField("weight", DoubleType(), False),
+        StructField("ds", StringType(), False),
+        StructField("ingest_ds", StringType(), False),
+    ]
+)
+
+EVENTS_QUARANTINE = StructType(
+    [
+        StructField("raw", StringType()),
+        StructField("reasons", ArrayType(StringType()), False),
+        StructField("source_file", StringType()),
+        StructField("user_id", StringType()),
+        StructField("ds", StringType(), False),
+    ]
+)
+
+ITEM_EMBEDDINGS = StructType(
+    [
+        StructField("item_id", StringType(), False),
+        StructField("text_hash", StringType(), False),
+        StructField("model_id", StringType(), False),
+        StructField("dim", IntegerType(), False),
+        StructField("embedding", ArrayType(FloatType(), False), False),
+        StructField("ds", StringType(), False),
+    ]
+)
+
+ALS_FACTORS = StructType(
+    [
+        StructField("id", StringType(), False),
+        StructField("kind", StringType(), False),
+        StructField("features", ArrayType(FloatType(), False), False),
+        StructField("ds", StringType(), False),
+    ]
+)
+
+RECOMMENDATIONS = StructType(
+    [
+        StructField("user_id", StringType(), False, {"comment": "user the list is for"}),
+        StructField("rank", IntegerType(), False, {"comment": "1 = best"}),
+        StructField("item_id", StringType(), False, {"comment": "recommended item"}),
+        StructField("score", FloatType(), False, {"comment": "non-increasing by rank"}),
+        StructField("source", StringType(), False, {"comment": "als, text, hybrid or popular"}),
+        StructField("model_version", StringType(), False, {"comment": "MLflow run id of the models"}),
+        StructField("ds", StringType(), False, {"comment": "run date, YYYY-MM-DD; the partition"}),
+    ]
+)
+
+PIPELINE_RUNS = StructType(
+    [
+        StructField("ds", StringType(), False),
+        StructField("stage", StringType(), False),
+        StructField("status", StringType(), False),
+        StructField("rows_in", LongType()),
+        StructField("rows_out", LongType()),
+        StructField("rows_duplicate", LongType()),
+        StructField("rows_quarantined", LongType()),
+        StructField("rows_excluded", LongType()),
+        StructField("seconds", DoubleType()),
+        StructField("started_at", TimestampType()),
+        StructField("mlflow_run_id", StringType()),
+        StructField("message", StringType()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: StructType
+    partition_by: tuple[str, ...]
+    description: str
+
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in [
+        TableSpec("items", CATALOG, (),
+                  "Item catalog snapshot (text fields used for embeddings and display)."),
+        TableSpec("events_clean", EVENTS_CLEAN, ("ds", "ingest_ds"),
+                  "Validated, deduplicated behaviour events; ds = event date, ingest_ds = landing date."),
+        TableSpec("events_quarantine", EVENTS_QUARANTINE, ("ds",),
+                  "Rejected raw records with reason codes and source file; ds = landing date."),
+        TableSpec("item_embeddings", ITEM_EMBEDDINGS, (),
+                  "L2-normalised text embeddings per (item_id, text_hash, model_id)."),
+        TableSpec("als_factors", ALS_FACTORS, ("ds",), "ALS user and item factors per run date."),
+        TableSpec("recommendations", RECOMMENDATIONS, ("ds",),
+                  "Nightly top-N per user; one partition per run date, rewritten atomically."),
+        TableSpec("pipeline_runs", PIPELINE_RUNS, ("ds",),
+                  "One row per stage run: status, row counts, timings, MLflow run id."),
+    ]
+}
