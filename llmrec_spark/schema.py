@@ -90,8 +90,8 @@ ITEM_EMBEDDINGS = StructType(
 ALS_FACTORS = StructType(
     [
         StructField("id", StringType(), False),
-        StructField("kind", StringType(), False),
         StructField("features", ArrayType(FloatType(), False), False),
+        StructField("kind", StringType(), False),
         StructField("ds", StringType(), False),
     ]
 )
