@@ -139,6 +139,16 @@ class ContrastiveConfig:
     max_history: int = 50
     num_processes: int = 2
     seed: int = 13
+    # Days of clean events (ending at the run date) the training examples come from.
+    train_days: int = 90
+    # User anchor: "mean_of_heads" (mean of the head applied to each history item) or
+    # "head_of_mean" (the head applied to the mean base embedding of the history).
+    anchor_pooling: str = "mean_of_heads"
+    weight_decay: float = 0.01
+    # "auto": CUDA when torch sees a GPU and the Spark driver has GPU resources; "cpu"; "cuda".
+    device: str = "auto"
+    # petastorm reader threads per training process; 1 keeps the batch order reproducible.
+    reader_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -273,8 +283,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
     kwargs = {}
     for name in known:
         if name in data:

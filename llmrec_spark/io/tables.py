@@ -227,7 +227,7 @@ class EmbeddedDeltaEngine(TableStore):
         if table is None:
             return []
         removed = table.vacuum(
-            retention_hours=retention_hours, enforce_retention_duration=False, dry_run=False
+            retention_hours=retention_hours, enforce_retention_duration=False, dry_run=False, full=True
         )
         fs, base = pafs.FileSystem.from_uri(_arrow_uri(self.path(name)))
         staging = fs.get_file_info(pafs.FileSelector(f"{base}/_staging", allow_not_found=True))

@@ -1,0 +1,112 @@
+"""Benchmarks' one home: `llmrec bench NAME` writes bench-results/NAME.json and prints it.
+
+Each benchmark measures this product against the reference it must beat, in the same run
+and session, and returns one flat-ish JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from llmrec_spark.config import Config
+from llmrec_spark.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BenchFn = Callable[[Config], dict[str, Any]]
+
+
+def _bench_delta_write(cfg: Config) -> dict[str, Any]:
+    """Embedded Delta write of a recommendations-shaped table against a plain Parquet write."""
+    from pyspark.sql import functions as F
+
+    from llmrec_spark.io.tables import EmbeddedDeltaEngine
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    rows = 2_000_000
+    df = (
+        spark.range(rows)
+        .select(
+            (F.col("id") % 100_000).cast("string").alias("user_id"),
+            ((F.col("id") % 20) + 1).cast("int").alias("rank"),
+            (F.col("id") * 7919 % 20_000).cast("string").alias("item_id"),
+            (F.rand(3) * 10).cast("float").alias("score"),
+            F.lit("hybrid").alias("source"),
+            F.lit("bench").alias("model_version"),
+            F.lit("2026-01-01").alias("ds"),
+        )
+        .cache()
+    )
+    df.count()
+    scratch = tempfile.mkdtemp(prefix="llmrec-bench-")
+    try:
+        timings: dict[str, list[float]] = {"parquet": [], "delta": []}
+        store = EmbeddedDeltaEngine(spark, os.path.join(scratch, "lake"))
+        for attempt in range(3):
+            started = time.perf_counter()
+            df.write.mode("overwrite").partitionBy("ds").parquet(os.path.join(scratch, f"plain{attempt}"))
+            timings["parquet"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            store.overwrite("recommendations", df, partitions={"ds": "2026-01-01"})
+            timings["delta"].append(time.perf_counter() - started)
+        parquet_s, delta_s = min(timings["parquet"]), min(timings["delta"])
+        return {
+            "rows": rows,
+            "parquet_seconds": round(parquet_s, 3),
+            "delta_seconds": round(delta_s, 3),
+            "delta_write_ratio": round(parquet_s / delta_s, 3),
+            "target_delta_write_ratio": 0.8,
+            "runs": 3,
+            "timing": "best of 3",
+        }
+    finally:
+        df.unpersist()
+        spark.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench_embed(cfg: Config) -> dict[str, Any]:
+    from llmrec_spark.embed import bench_embed
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        return bench_embed(spark, cfg, n_items=int(os.environ.get("LLMREC_BENCH_ITEMS", "4000")))
+    finally:
+        spark.stop()
+
+
+BENCHMARKS: dict[str, BenchFn] = {
+    "delta-write": _bench_delta_write,
+    "embed": _bench_embed,
+}
+
+
+def run_benchmark(name: str, cfg: Config, out_dir: str = "bench-results") -> dict[str, Any]:
+    """Run benchmark `name`, write `<out_dir>/<name>.json`, return the result."""
+    if name == "list":
+        return {"benchmarks": sorted(BENCHMARKS)}
+    if name not in BENCHMARKS:
+        raise InputError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+    started = time.perf_counter()
+    result = BENCHMARKS[name](cfg)
+    result = {
+        "benchmark": name,
+        **result,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+        json.dump(result, fh, indent=2, default=str)
+    log.info("bench %s -> %s", name, os.path.join(out_dir, f"{name}.json"))
+    return result

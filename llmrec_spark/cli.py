@@ -1,0 +1,125 @@
+"""The `llmrec` command: one sub-command per stage, `nightly`, `generate-demo` and `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from llmrec_spark.errors import GateError, UserError
+
+log = logging.getLogger("llmrec")
+
+STAGE_COMMANDS = ("clean", "embed", "train-als", "train-contrastive", "recommend", "evaluate")
+
+
+def parse_ds(value: str) -> str:
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ds must be a date YYYY-MM-DD, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ds", type=parse_ds, default=dt.datetime.now(dt.timezone.utc).date().isoformat(),
+                        help="run date YYYY-MM-DD (default: today, UTC)")
+    common.add_argument("--env", default=None, help="config overlay: local, cluster or databricks (default: $LLMREC_ENV or local)")
+    common.add_argument("--conf-dir", default=os.environ.get("LLMREC_CONF_DIR", "conf"),
+                        help="folder with base.yaml and the overlays (default: ./conf or $LLMREC_CONF_DIR)")
+    common.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --conf als.rank=64 (repeatable)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    parser = argparse.ArgumentParser(prog="llmrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("generate-demo", parents=[common], help="write demo catalog and behaviour logs to the landing zone")
+    for stage in STAGE_COMMANDS:
+        sub.add_parser(stage, parents=[common], help=f"run the {stage} stage for one date")
+    nightly = sub.add_parser("nightly", parents=[common], help="run every stage in order for one date")
+    nightly.add_argument("--stages", default=None,
+                         help="comma-separated stages after clean (default: all)")
+    bench = sub.add_parser("bench", parents=[common], help="run a benchmark, write bench-results/NAME.json")
+    bench.add_argument("name", help="benchmark name (see `llmrec bench list`)")
+    bench.add_argument("--out-dir", default="bench-results")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        sys.stderr.write(f"llmrec: error: {exc}\n")
+        return UserError.exit_code
+    except GateError as exc:
+        sys.stderr.write(f"llmrec: quality gate failed, nothing published: {exc}\n")
+        return GateError.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("llmrec: interrupted\n")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from llmrec_spark.config import load_config
+
+    cfg = load_config(args.conf_dir, env=args.env, overrides=args.conf)
+    if args.command == "generate-demo":
+        from llmrec_spark.demo import generate_demo
+
+        summary = generate_demo(cfg.demo, cfg.path(cfg.storage.landing), args.ds)
+        _write(json.dumps(summary, indent=2, default=str))
+        return 0
+    if args.command == "bench":
+        from llmrec_spark.bench import run_benchmark
+
+        result = run_benchmark(args.name, cfg, out_dir=args.out_dir)
+        _write(json.dumps(result, default=str))
+        return 0
+
+    from llmrec_spark.pipeline import make_context, run_nightly, run_stage
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        if args.command == "nightly":
+            stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+            summary = run_nightly(cfg, spark, args.ds, stages)
+            from llmrec_spark.report import format_nightly
+
+            _write(format_nightly(summary))
+        else:
+            record = run_stage(make_context(cfg, spark, args.ds), args.command)
+            from llmrec_spark.report import format_stage
+
+            _write(format_stage(record))
+    finally:
+        spark.stop()
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("py4j", "urllib3", "alembic", "mlflow", "filelock", "fsspec", "petastorm", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Runs stages: times them, records `pipeline_runs`, opens MLflow runs, chains the nightly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyspark.sql import SparkSession
+
+from llmrec_spark.config import Config
+from llmrec_spark.context import RunContext, StageResult
+from llmrec_spark.io.tables import TableStore, open_store
+from llmrec_spark.schema import PIPELINE_RUNS
+from llmrec_spark.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# stage name -> "module:function"; imported lazily so one stage's imports never slow another.
+STAGES: dict[str, str] = {
+    "clean": "llmrec_spark.clean:run_clean",
+    "embed": "llmrec_spark.embed:run_embed",
+    "train-als": "llmrec_spark.als:run_train_als",
+    "train-contrastive": "llmrec_spark.contrastive:run_train_contrastive",
+    "recommend": "llmrec_spark.recommend:run_recommend",
+    "evaluate": "llmrec_spark.evaluate:run_evaluate",
+}
+NIGHTLY_AFTER_CLEAN = ["embed", "train-als", "train-contrastive", "recommend", "evaluate"]
+
+
+def stage_function(stage: str) -> Callable[[RunContext], StageResult]:
+    module_name, _, func = STAGES[stage].partition(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+@dataclass
+class StageRecord:
+    """One stage run as the nightly summary shows it."""
+
+    stage: str
+    ds: str
+    seconds: float
+    result: StageResult
+
+
+@dataclass
+class NightlySummary:
+    ds: str
+    mlflow_run_id: str | None
+    records: list[StageRecord] = field(default_factory=list)
+    tables: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str = ""
+
+
+def make_context(cfg: Config, spark: SparkSession, ds: str, store: TableStore | None = None) -> RunContext:
+    store = store or open_store(spark, cfg.path(cfg.storage.lakehouse), cfg.storage.engine)
+    return RunContext(cfg=cfg, spark=spark, store=store, ds=ds)
+
+
+def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> StageRecord:
+    """Run one stage for ctx.ds inside a (nested) MLflow run and record it in pipeline_runs."""
+    tracker = tracker or Tracker(ctx.cfg)
+    func = stage_function(stage)
+    started_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    started = time.perf_counter()
+    nested = ctx.parent_run_id is not None
+    with tracker.run(f"{stage} {ctx.ds}", nested=nested, tags={"stage": stage, "ds": ctx.ds}) as run_id:
+        ctx.stage_run_id = run_id
+        try:
+            result = func(ctx)
+        except Exception as exc:
+            seconds = time.perf_counter() - started
+            _record(ctx, stage, "failed", StageResult(), seconds, started_at, run_id, _one_line(exc))
+            log.error("%s %s failed after %.1fs: %s", stage, ctx.ds, seconds, _one_line(exc))
+            raise
+        seconds = time.perf_counter() - started
+        tracker.log_params(result.params)
+        tracker.log_metrics({**result.metrics, "seconds": seconds, **_counts(result)})
+        for name, path in result.artifacts.items():
+            tracker.log_artifact(name, path)
+        _record(ctx, stage, "ok", result, seconds, started_at, run_id, "")
+    log.info("%s %s ok in %.1fs: %s", stage, ctx.ds, seconds, _count_line(result, seconds))
+    return StageRecord(stage=stage, ds=ctx.ds, seconds=seconds, result=result)
+
+
+def run_nightly(cfg: Config, spark: SparkSession, ds: str, stages: list[str] | None = None) -> NightlySummary:
+    """Clean every landing date up to `ds` not cleaned yet, then run the later stages for `ds`."""
+    ctx = make_context(cfg, spark, ds)
+    tracker = Tracker(cfg)
+    summary = NightlySummary(ds=ds, mlflow_run_id=None, tracking_uri=tracker.uri)
+    with tracker.run(f"nightly {ds}", tags={"ds": ds, "kind": "nightly"}) as parent:
+        ctx.parent_run_id = parent
+        summary.mlflow_run_id = parent
+        tracker.log_params({k: v for k, v in cfg.to_flat_dict().items() if not k.startswith("demo.")})
+        for clean_ds in pending_clean_dates(ctx):
+            clean_ctx = RunContext(cfg=cfg, spark=spark, store=ctx.store, ds=clean_ds, parent_run_id=parent)
+            summary.records.append(run_stage(clean_ctx, "clean", tracker))
+        for stage in stages or NIGHTLY_AFTER_CLEAN:
+            summary.records.append(run_stage(ctx, stage, tracker))
+        for record in summary.records:
+            if record.stage == "evaluate":
+                tracker.log_metrics(record.result.metrics)
+    summary.tables = {
+        name: ctx.store.path(name)
+        for name in ("events_clean", "events_quarantine", "item_embeddings", "recommendations", "pipeline_runs")
+    }
+    return summary
+
+
+def pending_clean_dates(ctx: RunContext) -> list[str]:
+    """Landing dates up to ctx.ds with no successful clean yet, oldest first; ctx.ds always included."""
+    landing = ctx.landing("events")
+    found = []
+    if os.path.isdir(landing):
+        for name in os.listdir(landing):
+            match = re.fullmatch(r"ds=(\d{4}-\d{2}-\d{2})", name)
+            if match and match.group(1) <= ctx.ds:
+                found.append(match.group(1))
+    done = {
+        row["ds"]
+        for row in ctx.store.read("pipeline_runs")
+        .where("stage = 'clean' AND status = 'ok'")
+        .select("ds")
+        .distinct()
+        .collect()
+    }
+    pending = sorted(d for d in set(found) if d not in done)
+    if ctx.ds not in pending:
+        pending.append(ctx.ds)
+    return pending
+
+
+def _record(
+    ctx: RunContext,
+    stage: str,
+    status: str,
+    result: StageResult,
+    seconds: float,
+    started_at: dt.datetime,
+    run_id: str | None,
+    message: str,
+) -> None:
+    row = (
+        ctx.ds, stage, status, result.rows_in, result.rows_out, result.rows_duplicate,
+        result.rows_quarantined, result.rows_excluded, float(seconds), started_at,
+        run_id, message[:2000],
+    )
+    ctx.store.append("pipeline_runs", ctx.spark.createDataFrame([row], PIPELINE_RUNS))
+
+
+def _counts(result: StageResult) -> dict[str, float]:
+    names = ("rows_in", "rows_out", "rows_duplicate", "rows_quarantined", "rows_excluded")
+    return {n: float(getattr(result, n)) for n in names if getattr(result, n) is not None}
+
+
+def _count_line(result: StageResult, seconds: float) -> str:
+    parts = [f"{k}={int(v)}" for k, v in _counts(result).items()]
+    if result.rows_in and seconds > 0:
+        parts.append(f"{result.rows_in / seconds:,.0f} rows/s")
+    return " ".join(parts) or "done"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

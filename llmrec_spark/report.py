@@ -1,0 +1,89 @@
+"""Human-readable summaries of stage and nightly runs (what the CLI prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmrec_spark.pipeline import NightlySummary, StageRecord
+
+COUNT_FIELDS = ("rows_in", "rows_out", "rows_duplicate", "rows_quarantined", "rows_excluded")
+HEADLINE_METRICS = ("ndcg@10", "recall@20", "precision@10", "map@10", "hit_rate@10")
+
+
+def format_stage(record: StageRecord) -> str:
+    """One stage's counts, metrics and summary as a few lines."""
+    lines = [f"{record.stage} {record.ds}: ok in {record.seconds:.1f}s"]
+    counts = _counts(record)
+    if counts:
+        lines.append("  " + "  ".join(f"{k}={v:,}" for k, v in counts.items()))
+    for key, value in record.result.summary.items():
+        if key != "samples":
+            lines.append(f"  {key}: {_fmt(value)}")
+    return "\n".join(lines)
+
+
+def format_nightly(summary: NightlySummary) -> str:
+    """The nightly's report: stage table, evaluation, sample top-N, where things are."""
+    out = [f"nightly {summary.ds}: done", "", "stage               ds          seconds  " + "  ".join(
+        f"{f[5:]:>10}" for f in COUNT_FIELDS)]
+    for record in summary.records:
+        counts = [getattr(record.result, f) for f in COUNT_FIELDS]
+        out.append(
+            f"{record.stage:<19} {record.ds}  {record.seconds:7.1f}  "
+            + "  ".join(f"{'' if c is None else f'{c:,}':>10}" for c in counts)
+        )
+    evaluation = next((r for r in summary.records if r.stage == "evaluate"), None)
+    if evaluation is not None:
+        out += ["", "evaluation (user-temporal holdout, full ranking, seen items excluded):"]
+        out += _metric_table(evaluation.result.metrics)
+        for name, path in evaluation.result.artifacts.items():
+            out.append(f"  {name}: {path}")
+    recommend = next((r for r in summary.records if r.stage == "recommend"), None)
+    if recommend is not None:
+        for key, value in recommend.result.summary.items():
+            if key != "samples":
+                out.append(f"recommend {key}: {_fmt(value)}")
+        samples = recommend.result.summary.get("samples") or []
+        for sample in samples[:3]:
+            out += ["", f"top-{len(sample.get('items', []))} for user {sample.get('user_id')}"
+                    f" (history: {_fmt(sample.get('history', ''))})"]
+            for item in sample.get("items", []):
+                out.append(
+                    f"  {item.get('rank'):>2}. {item.get('item_id')}  {str(item.get('title', ''))[:60]:<60}"
+                    f"  {item.get('category', '')!s:<14} {item.get('score', 0):.3f} {item.get('source', '')}"
+                )
+    out += ["", "tables:"]
+    out += [f"  {name:<18} {path}" for name, path in summary.tables.items()]
+    out += ["", f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}",
+            f"        (browse with: mlflow ui --backend-store-uri {summary.tracking_uri})"]
+    return "\n".join(out)
+
+
+def _metric_table(metrics: dict[str, float]) -> list[str]:
+    models: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        model, _, metric = key.partition(".")
+        if metric in HEADLINE_METRICS:
+            models.setdefault(model, {})[metric] = value
+    if not models:
+        return [f"  {k}: {_fmt(v)}" for k, v in sorted(metrics.items())]
+    header = "  " + f"{'model':<16}" + "".join(f"{m:>14}" for m in HEADLINE_METRICS)
+    rows = [header]
+    for model, values in models.items():
+        rows.append("  " + f"{model:<16}" + "".join(
+            f"{values[m]:>14.4f}" if m in values else f"{'':>14}" for m in HEADLINE_METRICS))
+    return rows
+
+
+def _counts(record: StageRecord) -> dict[str, int]:
+    return {f[5:]: getattr(record.result, f) for f in COUNT_FIELDS if getattr(record.result, f) is not None}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value[:10]) + (" ..." if len(value) > 10 else "")
+    return str(value)
