@@ -73,6 +73,8 @@ class DemoConfig:
     unknown_item_rate: float = 0.003
     missing_field_rate: float = 0.003
     late_rate: float = 0.02
+    unknown_event_type_rate: float = 0.001
+    bad_timestamp_rate: float = 0.001
     n_bots: int = 3
     bot_events_per_day: int = 800
     # Items added to the catalog on the last day with no interactions (cold start).

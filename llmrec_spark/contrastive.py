@@ -1,0 +1,759 @@
+"""Contrastive fine-tuning of the text tower: a trainable head on frozen base item embeddings.
+
+Training examples come from user histories (the items a user touched before -> the next new
+item). The head is trained with InfoNCE (in-batch plus sampled negatives, the user's own
+history masked out) under TorchDistributor, fed by petastorm. The trained head then maps
+every item's base embedding -- items with no interactions included -- to a tuned embedding
+appended to `item_embeddings` under its own model_id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, FloatType
+
+from llmrec_spark.als import training_window
+from llmrec_spark.config import ContrastiveConfig
+from llmrec_spark.context import RunContext, StageResult
+from llmrec_spark.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+PAD = -1
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "config.json"
+CHECKPOINT = "last.pt"
+ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
+PETASTORM_CACHE_CONF = "petastorm.spark.converter.parentCacheDirUrl"
+# Rows per training-data file; petastorm shards files/row groups across ranks.
+EXAMPLES_PER_FILE = 50_000
+
+
+def tuned_model_id(base_model_id: str, ds: str) -> str:
+    """model_id of the tuned embeddings trained on run date `ds` from `base_model_id`."""
+    return f"{base_model_id}+tower@{ds}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and loss (pure torch)
+
+
+class TextTowerHead(torch.nn.Module):
+    """MLP with a linear skip on a base embedding; output is L2-normalised.
+
+    At initialisation the MLP branch is zero and the skip is a random orthogonal projection,
+    so the untrained head approximately preserves the base embeddings' cosine geometry.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
+        last = torch.nn.Linear(hidden_dim, out_dim)
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(), last)
+        self.skip = torch.nn.Linear(in_dim, out_dim, bias=False)
+        torch.nn.init.orthogonal_(self.skip.weight)
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        # base: (n, in_dim) -> (n, out_dim), unit rows
+        return torch.nn.functional.normalize(self.skip(base) + self.mlp(base), dim=-1)
+
+    def config(self) -> dict[str, int]:
+        return {"in_dim": self.in_dim, "hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
+
+
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_mask: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Mean InfoNCE loss: anchor i must pick positive i among all positives and the negatives.
+
+    negative_mask (batch, batch + n_neg) is True where a candidate must not count as a
+    negative; the anchor's own positive (the diagonal) is never masked.
+    """
+    batch = anchors.shape[0]
+    candidates = torch.cat([positives, negatives])  # (batch + n_neg, dim)
+    logits = anchors @ candidates.T / temperature  # (batch, batch + n_neg)
+    if negative_mask is not None:
+        own_positive = torch.eye(batch, candidates.shape[0], dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(negative_mask & ~own_positive, float("-inf"))
+    target = torch.arange(batch, device=logits.device)  # (batch,)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+class InfoNCELoss(torch.nn.Module):
+    """InfoNCE with a fixed temperature; see `info_nce`."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self,
+        anchors: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return info_nce(anchors, positives, negatives, negative_mask, self.temperature)
+
+
+def negative_mask(
+    history: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor
+) -> torch.Tensor:
+    """True where candidate j (positives then negatives) is in user i's history or is i's positive item."""
+    candidates = torch.cat([positive_ids, negative_ids])  # (batch + n_neg,)
+    # history (batch, H), PAD never equals an item index
+    in_history = (history[:, None, :] == candidates[None, :, None]).any(
+        dim=-1
+    )  # (batch, batch + n_neg)
+    same_item = candidates[None, :] == positive_ids[:, None]  # (batch, batch + n_neg)
+    return in_history | same_item
+
+
+def encode_batch(
+    head: torch.nn.Module,
+    base: torch.Tensor,
+    history: torch.Tensor,
+    positive_ids: torch.Tensor,
+    negative_ids: torch.Tensor,
+    pooling: str = "mean_of_heads",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchors, positives, negatives) for one batch, with a single forward pass of `head`.
+
+    base (n_items, in_dim); history (batch, H) item indices padded with PAD; positive_ids
+    (batch,); negative_ids (n_neg,). One forward per step keeps DDP's gradient hooks simple.
+    """
+    batch, max_history = history.shape
+    valid = (history != PAD).unsqueeze(-1).to(base.dtype)  # (batch, H, 1)
+    counts = valid.sum(dim=1).clamp_min(1.0)  # (batch, 1)
+    history_ids = history.clamp_min(0)
+    n_pos = positive_ids.shape[0]
+    if pooling == "mean_of_heads":
+        ids = torch.cat([history_ids.reshape(-1), positive_ids, negative_ids])
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        encoded = head(base[unique_ids])[inverse]  # (batch*H + batch + n_neg, out)
+        per_item = encoded[: batch * max_history].view(batch, max_history, -1)  # (batch, H, out)
+        anchors = torch.nn.functional.normalize((per_item * valid).sum(dim=1) / counts, dim=-1)
+        candidates = encoded[batch * max_history :]
+    elif pooling == "head_of_mean":
+        pooled = (base[history_ids] * valid).sum(dim=1) / counts  # (batch, in_dim)
+        unique_ids, inverse = torch.unique(
+            torch.cat([positive_ids, negative_ids]), return_inverse=True
+        )
+        encoded = head(torch.cat([pooled, base[unique_ids]]))
+        anchors = encoded[:batch]  # (batch, out)
+        candidates = encoded[batch:][inverse]  # (batch + n_neg, out)
+    else:
+        raise ValueError(
+            f"anchor pooling must be one of {', '.join(ANCHOR_POOLINGS)}, got {pooling!r}"
+        )
+    return anchors, candidates[:n_pos], candidates[n_pos:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training function (runs in each TorchDistributor process)
+
+
+def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
+    """Train the head with DDP on petastorm batches; checkpoint per epoch, resume, save safetensors.
+
+    Keys: converter, item_matrix_path, checkpoint_dir, output_dir, epochs, batch_size,
+    learning_rate, weight_decay, temperature, num_sampled_negatives, hidden_dim, out_dim, seed,
+    anchor_pooling, device, reader_workers, fingerprint, mlflow_tracking_uri, mlflow_run_id,
+    head_metadata, fail_after_epoch (testing: raise after that epoch's checkpoint).
+    Returns head_path, losses (per epoch, all epochs so far), epochs_run, resumed_from, steps.
+    """
+    import torch.distributed as dist
+    from petastorm.pytorch import BatchedDataLoader
+    from safetensors.torch import save_file
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ and not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s"
+        )
+    use_cuda = config.get("device", "cpu") == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        return _train(config, rank, world_size, device, distributed, BatchedDataLoader, save_file)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config, rank, world_size, device, distributed, loader_fn, save_file) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    base_np = np.load(config["item_matrix_path"], allow_pickle=False)
+    base = torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device)
+    n_items, in_dim = base.shape
+    head = TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"])).to(device)
+    optimizer = torch.optim.AdamW(
+        head.parameters(),
+        lr=float(config["learning_rate"]),
+        weight_decay=float(config.get("weight_decay", 0.0)),
+    )
+    start_epoch, step, losses = 0, 0, []
+    checkpoint_path = os.path.join(config["checkpoint_dir"], CHECKPOINT)
+    state = _load_checkpoint(checkpoint_path, config.get("fingerprint", ""), device)
+    if state is not None:
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, losses = int(state["epoch"]), int(state["step"]), list(state["losses"])
+        if rank == 0:
+            log.info("resuming from %s: epoch %d, step %d", checkpoint_path, start_epoch, step)
+    model: torch.nn.Module = head
+    if distributed:
+        model = DistributedDataParallel(
+            head, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loss_fn = InfoNCELoss(float(config["temperature"]))
+    epochs = int(config["epochs"])
+    n_neg = int(config["num_sampled_negatives"])
+    pooling = config.get("anchor_pooling", "mean_of_heads")
+    fail_after = config.get("fail_after_epoch")
+    tracker = _RankZeroMetrics(config if rank == 0 else {})
+    converter = config["converter"]
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        model.train()
+        # Seeded per (epoch, rank): a resumed run draws the same negatives as an uninterrupted one.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * rows, rows)
+        loader_cm = converter.make_torch_dataloader(
+            batch_size=int(config["batch_size"]),
+            num_epochs=1,
+            workers_count=int(config.get("reader_workers", 1)),
+            data_loader_fn=loader_fn,
+            shard_count=world_size,
+            cur_shard=rank,
+            seed=seed + epoch,
+            shuffle_rows=True,
+            shuffle_row_groups=True,
+        )
+        # join(): ranks whose shard has fewer batches shadow the others' all-reduces.
+        join_cm = (
+            model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        )
+        with loader_cm as loader, join_cm:
+            for batch in loader:
+                history = batch["history"].long().to(device)
+                positive_ids = batch["pos"].long().to(device)
+                negative_ids = torch.randint(n_items, (n_neg,), generator=generator).to(device)
+                anchors, positives, negatives = encode_batch(
+                    model, base, history, positive_ids, negative_ids, pooling
+                )
+                mask = negative_mask(history, positive_ids, negative_ids)
+                loss = loss_fn(anchors, positives, negatives, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                totals += torch.stack(
+                    [
+                        loss.detach().double() * len(positive_ids),
+                        totals.new_tensor(len(positive_ids)),
+                    ]
+                )
+        if distributed:
+            dist.all_reduce(totals)
+        epoch_loss = float(totals[0] / totals[1].clamp_min(1.0))
+        losses.append(epoch_loss)
+        if rank == 0:
+            _save_checkpoint(
+                checkpoint_path,
+                head,
+                optimizer,
+                epoch + 1,
+                step,
+                losses,
+                config.get("fingerprint", ""),
+            )
+            seconds = time.perf_counter() - started
+            log.info(
+                "epoch %d/%d loss %.4f step %d (%.1fs, %.0f examples/s)",
+                epoch + 1,
+                epochs,
+                epoch_loss,
+                step,
+                seconds,
+                float(totals[1]) / max(seconds, 1e-9),
+            )
+            tracker.log(epoch_loss, epoch + 1)
+        if distributed:
+            dist.barrier()
+        if fail_after is not None and epoch + 1 == int(fail_after):
+            raise RuntimeError(f"simulated failure after epoch {epoch + 1} (fail_after_epoch)")
+
+    head_path = ""
+    if rank == 0:
+        head_path = save_head(
+            head, config["output_dir"], dict(config.get("head_metadata", {})), save_file
+        )
+    return {
+        "head_path": head_path,
+        "losses": losses,
+        "epochs_run": epochs - start_epoch,
+        "resumed_from": start_epoch if state is not None else None,
+        "steps": step,
+    }
+
+
+class _RankZeroMetrics:
+    """Per-epoch loss to the stage's MLflow run (rank 0 only; a no-op without a run id)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.client = None
+        self.run_id: str = config.get("mlflow_run_id") or ""
+        if self.run_id and config.get("mlflow_tracking_uri"):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    def log(self, loss: float, epoch: int) -> None:
+        if self.client is not None:
+            self.client.log_metric(self.run_id, "contrastive_loss", loss, step=epoch)
+
+
+def _save_checkpoint(
+    path: str, head, optimizer, epoch: int, step: int, losses: list[float], fingerprint: str
+) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "head": head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "losses": list(losses),
+        "fingerprint": fingerprint,
+    }
+    partial = f"{path}.partial"
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash mid-write never leaves a torn checkpoint
+
+
+def _load_checkpoint(path: str, fingerprint: str, device) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("fingerprint", "") != fingerprint:
+        log.warning("ignoring checkpoint %s: trained on other data or settings", path)
+        return None
+    return state
+
+
+def save_head(
+    head: TextTowerHead, output_dir: str, metadata: dict[str, Any], save_file=None
+) -> str:
+    """Write head.safetensors and config.json (dims plus `metadata`) under output_dir; return it."""
+    if save_file is None:
+        from safetensors.torch import save_file
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, os.path.join(output_dir, HEAD_WEIGHTS))
+    with open(os.path.join(output_dir, HEAD_CONFIG), "w") as f:
+        json.dump({**head.config(), **metadata}, f, indent=2, sort_keys=True)
+    return output_dir
+
+
+def load_head(head_dir: str) -> TextTowerHead:
+    """The head saved by `save_head`, in eval mode on the CPU."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(head_dir, HEAD_CONFIG)) as f:
+        meta = json.load(f)
+    head = TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["out_dim"])
+    head.load_state_dict(load_file(os.path.join(head_dir, HEAD_WEIGHTS)))
+    return head.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def head_embedder(head_dir: str, digest: str) -> Callable[[np.ndarray], np.ndarray]:
+    """numpy (n, in_dim) -> (n, out_dim) float32 unit rows; loaded once per process per digest."""
+    head = load_head(head_dir)
+
+    def embed(base: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return head(torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))).numpy()
+
+    return embed
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark transformations
+
+
+def with_item_index(current: DataFrame) -> DataFrame:
+    """Add a dense `item_idx` (0..n-1 in item_id order) to one-row-per-item embeddings."""
+    return current.withColumn(
+        "item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int")
+    )
+
+
+def training_examples(events: DataFrame, items: DataFrame, *, max_history: int) -> DataFrame:
+    """One row per (user, next new item): `history` (previous items, oldest first, PAD-filled) and `pos`.
+
+    A user's sequence is their distinct items in order of first interaction; events on items
+    without a base embedding are ignored. history has exactly max_history entries.
+    """
+    first_touch = (
+        events.join(items.select("item_id", "item_idx"), "item_id")
+        .groupBy("user_id", "item_idx")
+        .agg(F.min("event_ts").alias("first_ts"))
+    )
+    previous = (
+        Window.partitionBy("user_id").orderBy("first_ts", "item_idx").rowsBetween(-max_history, -1)
+    )
+    with_history = first_touch.select(
+        F.collect_list("item_idx").over(previous).alias("h"), "item_idx"
+    )
+    padding = F.array_repeat(F.lit(PAD), F.lit(max_history) - F.size("h"))
+    return with_history.where(F.size("h") > 0).select(
+        F.concat("h", padding).cast("array<int>").alias("history"),
+        F.col("item_idx").cast("int").alias("pos"),
+    )
+
+
+def shuffle_examples(examples: DataFrame, *, files: int, seed: int) -> DataFrame:
+    """Spread examples over `files` partitions in a seeded random order (users' rows interleave)."""
+    return examples.repartition(files).sortWithinPartitions(F.rand(seed))
+
+
+def tuned_embeddings(
+    current: DataFrame, *, head_dir: str, head_digest: str, model_id: str, ds: str, out_dim: int
+) -> DataFrame:
+    """item_embeddings rows of the tuned model: the head applied to each item's base embedding."""
+
+    @F.pandas_udf(ArrayType(FloatType(), containsNull=False))  # type: ignore[call-overload]
+    def apply_head(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+        embed = head_embedder(head_dir, head_digest)
+        for base in batches:
+            tuned = (
+                embed(np.stack(base.to_numpy()))
+                if len(base)
+                else np.zeros((0, out_dim), np.float32)
+            )
+            yield pd.Series(list(tuned))
+
+    return current.select(
+        "item_id",
+        "text_hash",
+        F.lit(model_id).alias("model_id"),
+        F.lit(out_dim).cast("int").alias("dim"),
+        apply_head("embedding").alias("embedding"),
+        F.lit(ds).alias("ds"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage
+
+
+def run_train_contrastive(ctx: RunContext) -> StageResult:
+    """Fine-tune the text-tower head on ctx.ds's training window; append tuned item embeddings."""
+    cfg = ctx.cfg.contrastive
+    if not cfg.enabled:
+        log.info("contrastive: skipped (contrastive.enabled=false)")
+        return StageResult(summary={"skipped": "contrastive.enabled=false"})
+    _check_config(cfg)
+    from llmrec_spark import embed
+
+    base_id = embed.base_model_id(ctx.cfg.embed)
+    model_id = tuned_model_id(base_id, ctx.ds)
+    work_dir = ctx.model_dir("text_tower")
+    head_dir = os.path.join(work_dir, "head")
+    device = _training_device(ctx, cfg)
+    num_processes = _process_count(cfg, device)
+
+    # The same "current embedding per item" as the recommend stage reads (catalog's current text).
+    current = with_item_index(embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed)).cache()
+    item_matrix_path = os.path.join(work_dir, "item_matrix.npy")
+    n_items, in_dim = _write_item_matrix(current, item_matrix_path, base_id)
+
+    events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.train_days)
+    examples = training_examples(events, current, max_history=cfg.max_history).cache()
+    n_examples, signature = _examples_signature(examples)
+    if n_examples < num_processes:
+        raise InputError(
+            f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ctx.ds} "
+            f"(need at least {num_processes}); users need two or more items with base embeddings"
+        )
+    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
+    shuffled = shuffle_examples(examples, files=files, seed=cfg.seed)
+    fingerprint = _fingerprint(cfg, n_items, in_dim, signature, file_digest(item_matrix_path))
+    log.info(
+        "contrastive: %d examples, %d items, %d processes on %s, fingerprint %s",
+        n_examples,
+        n_items,
+        num_processes,
+        device,
+        fingerprint[:12],
+    )
+
+    started = time.perf_counter()
+    cache_url = _cache_dir_url(os.path.join(work_dir, "petastorm"))
+    output = _run_distributed(
+        ctx,
+        cfg,
+        shuffled,
+        device,
+        num_processes,
+        cache_url,
+        {
+            "item_matrix_path": item_matrix_path,
+            "checkpoint_dir": os.path.join(work_dir, "checkpoints"),
+            "output_dir": head_dir,
+            "fingerprint": fingerprint,
+            "head_metadata": {"base_model_id": base_id, "model_id": model_id, "ds": ctx.ds},
+        },
+    )
+    train_seconds = time.perf_counter() - started
+    examples.unpersist()
+
+    tuned = tuned_embeddings(
+        current,
+        head_dir=head_dir,
+        head_digest=file_digest(os.path.join(head_dir, HEAD_WEIGHTS)),
+        model_id=model_id,
+        ds=ctx.ds,
+        out_dim=cfg.out_dim,
+    )
+    replaced = _write_tuned(ctx, tuned, model_id)
+    current.unpersist()
+
+    losses = output["losses"]
+    log.info(
+        "contrastive: loss %.4f -> %.4f over %d epochs (%d run now, %.1fs); %d tuned embeddings %s",
+        losses[0],
+        losses[-1],
+        len(losses),
+        output["epochs_run"],
+        train_seconds,
+        n_items,
+        "replaced" if replaced else "appended",
+    )
+    return StageResult(
+        rows_in=n_examples,
+        rows_out=n_items,
+        metrics={
+            "contrastive_first_epoch_loss": losses[0],
+            "contrastive_last_epoch_loss": losses[-1],
+            "contrastive_train_seconds": train_seconds,
+            "contrastive_examples": float(n_examples),
+            "contrastive_items": float(n_items),
+        },
+        params={
+            **{f"contrastive.{k}": v for k, v in vars(cfg).items()},
+            "contrastive.device": device,
+            "contrastive.model_id": model_id,
+        },
+        artifacts={"text_tower": head_dir},
+        summary={
+            "model_id": model_id,
+            "examples": n_examples,
+            "items": n_items,
+            "loss": [round(x, 4) for x in losses],
+            "resumed_from": output["resumed_from"],
+        },
+    )
+
+
+def _check_config(cfg: ContrastiveConfig) -> None:
+    if cfg.anchor_pooling not in ANCHOR_POOLINGS:
+        raise ConfigError(
+            f"contrastive.anchor_pooling: choose one of {', '.join(ANCHOR_POOLINGS)}, got {cfg.anchor_pooling!r}"
+        )
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"contrastive.device: choose auto, cpu or cuda, got {cfg.device!r}")
+    for name in (
+        "epochs",
+        "batch_size",
+        "hidden_dim",
+        "out_dim",
+        "max_history",
+        "train_days",
+        "reader_workers",
+    ):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"contrastive.{name}: must be at least 1, got {getattr(cfg, name)}")
+
+
+def _training_device(ctx: RunContext, cfg: ContrastiveConfig) -> str:
+    """ "cuda" or "cpu". TorchDistributor's local GPU mode needs GPUs among the driver's Spark resources."""
+    driver_gpus = "gpu" in ctx.spark.sparkContext.resources
+    if cfg.device == "cpu":
+        return "cpu"
+    if cfg.device == "cuda":
+        if not (torch.cuda.is_available() and driver_gpus):
+            raise ConfigError(
+                "contrastive.device=cuda but torch sees no GPU or the Spark driver has no GPU resources "
+                "(set spark.driver.resource.gpu.amount and a discovery script)"
+            )
+        return "cuda"
+    if torch.cuda.is_available() and not driver_gpus:
+        log.warning(
+            "contrastive: a GPU is visible but the Spark driver has no GPU resources; training on CPU"
+        )
+    return "cuda" if torch.cuda.is_available() and driver_gpus else "cpu"
+
+
+def _process_count(cfg: ContrastiveConfig, device: str) -> int:
+    if device == "cuda":
+        return max(1, min(cfg.num_processes, torch.cuda.device_count()))
+    return cfg.num_processes
+
+
+def _write_item_matrix(current: DataFrame, path: str, base_id: str) -> tuple[int, int]:
+    """Collect base embeddings in item_idx order into an (n_items, dim) float32 .npy file."""
+    rows: pd.DataFrame = (
+        current.select("item_idx", "dim", "embedding").orderBy("item_idx").toPandas()
+    )
+    if rows.empty:
+        raise InputError(
+            f"item_embeddings has no rows of model {base_id!r}; run `llmrec embed` first"
+        )
+    dims = sorted(rows["dim"].unique())
+    if len(dims) != 1:
+        raise InputError(f"item_embeddings rows of model {base_id!r} mix dimensions {dims}")
+    matrix = np.stack(rows["embedding"].to_numpy()).astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, matrix, allow_pickle=False)
+    return int(matrix.shape[0]), int(matrix.shape[1])
+
+
+def _examples_signature(examples: DataFrame) -> tuple[int, int]:
+    """(row count, order-independent content hash) of the training examples, in one pass."""
+    row = examples.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.xxhash64("history", "pos") % (1 << 31)).alias("h"),
+    ).collect()[0]
+    return int(row["n"]), int(row["h"] or 0)
+
+
+def _fingerprint(
+    cfg: ContrastiveConfig, n_items: int, in_dim: int, signature: int, matrix_digest: str
+) -> str:
+    """Identity of one training job: a checkpoint is resumed only by a job with the same identity."""
+    keys = {k: v for k, v in vars(cfg).items() if k not in ("enabled", "reader_workers")}
+    payload = json.dumps(
+        [keys, n_items, in_dim, signature, matrix_digest], sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _cache_dir_url(path: str) -> str:
+    return path if "://" in path or path.startswith("dbfs:") else "file://" + os.path.abspath(path)
+
+
+def _run_distributed(
+    ctx: RunContext,
+    cfg: ContrastiveConfig,
+    examples: DataFrame,
+    device: str,
+    num_processes: int,
+    cache_url: str,
+    paths: dict[str, Any],
+) -> dict[str, Any]:
+    """Materialise the examples with petastorm and run `train_text_tower` under TorchDistributor."""
+    from petastorm.spark import make_spark_converter
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from llmrec_spark.tracking import tracking_uri
+
+    ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
+    converter = make_spark_converter(examples)
+    try:
+        config = {
+            **paths,
+            "converter": converter,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "learning_rate": cfg.learning_rate,
+            "weight_decay": cfg.weight_decay,
+            "temperature": cfg.temperature,
+            "num_sampled_negatives": cfg.num_sampled_negatives,
+            "hidden_dim": cfg.hidden_dim,
+            "out_dim": cfg.out_dim,
+            "seed": cfg.seed,
+            "anchor_pooling": cfg.anchor_pooling,
+            "device": device,
+            "reader_workers": cfg.reader_workers,
+            "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
+            "mlflow_run_id": ctx.stage_run_id,
+        }
+        distributor = TorchDistributor(
+            num_processes=num_processes, local_mode=True, use_gpu=device == "cuda"
+        )
+        output = distributor.run(train_text_tower, config)
+        if not isinstance(output, dict):
+            raise RuntimeError(
+                f"TorchDistributor returned {type(output).__name__}, not the training summary"
+            )
+        return output
+    finally:
+        converter.delete()
+
+
+def _write_tuned(ctx: RunContext, tuned: DataFrame, model_id: str) -> bool:
+    """Append the tuned rows; on a rerun (model_id present) rewrite the table without the old ones."""
+    table = ctx.store.read("item_embeddings")
+    if table.where(F.col("model_id") == model_id).limit(1).count() == 0:
+        ctx.store.append(
+            "item_embeddings", tuned, metadata={"stage": "train-contrastive", "ds": ctx.ds}
+        )
+        return False
+    # Spark reads array columns back as containsNull=true, which the table schema's
+    # array<float NOT NULL> refuses to cast from; coalesce marks the elements non-null.
+    kept = table.where(F.col("model_id") != model_id).withColumn(
+        "embedding",
+        F.transform("embedding", lambda x: F.coalesce(x, F.lit(float("nan")).cast("float"))),
+    )
+    ctx.store.overwrite(
+        "item_embeddings",
+        kept.unionByName(tuned),
+        metadata={"stage": "train-contrastive", "ds": ctx.ds},
+    )
+    return True

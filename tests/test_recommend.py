@@ -1,0 +1,321 @@
+"""Top-N scoring: selection against a full sort, hybrid calibration, Spark blocks, gate, stage."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec_spark.errors import GateError
+from llmrec_spark.recommend import (
+    ItemMatrices,
+    hybrid_top_n,
+    score_block_frame,
+    score_users,
+    select_top_n,
+    top_n_block,
+)
+
+
+def full_sort_top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Reference: every item sorted by (-score, index), first n."""
+    return np.array([sorted(range(scores.shape[1]), key=lambda j: (-row[j], j))[:n] for row in scores])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_top_n_block_equals_full_sort_with_ties_exclusions_and_bias(backend):
+    rng = np.random.default_rng(11)
+    # Small integer vectors: many exactly equal scores, so ties at the cut are common.
+    users = rng.integers(-2, 3, size=(40, 3)).astype(np.float32)
+    items = rng.integers(-2, 3, size=(200, 3)).astype(np.float32)
+    bias = rng.integers(0, 2, size=200).astype(np.float32)
+    exclude = [rng.choice(200, size=rng.integers(0, 30), replace=False) for _ in range(40)]
+
+    indices, scores = top_n_block(users, items, 15, exclude, bias, backend=backend)
+
+    expected_scores = users @ items.T + bias
+    for u, seen in enumerate(exclude):
+        expected_scores[u, seen] = -np.inf
+    expected = full_sort_top(expected_scores, 15)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, np.take_along_axis(expected_scores, expected, axis=1))
+    assert not any(set(indices[u]) & set(seen) for u, seen in enumerate(exclude))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_top_n_block_all_tied_row_takes_lowest_indices_and_n_beyond_items(backend):
+    users = np.array([[0.0], [1.0]], dtype=np.float32)
+    items = np.array([[3.0], [1.0], [3.0], [2.0]], dtype=np.float32)
+
+    indices, scores = top_n_block(users, items, 2, [np.array([0]), np.array([0])], backend=backend)
+    # user 0 scores 0 everywhere; item 0 excluded -> items 1, 2 (lowest indices of the tie).
+    np.testing.assert_array_equal(indices, [[1, 2], [2, 3]])
+    np.testing.assert_array_equal(scores, [[0.0, 0.0], [3.0, 2.0]])
+
+    indices, scores = top_n_block(users[1:], items, 10, [np.array([1, 2])], backend=backend)
+    # n is capped at the catalog; excluded items trail at -inf, by index.
+    np.testing.assert_array_equal(indices, [[0, 3, 1, 2]])
+    np.testing.assert_array_equal(scores, [[3.0, 2.0, -np.inf, -np.inf]])
+
+
+def test_select_top_n_caps_items_per_category():
+    scores = np.array([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0]], dtype=np.float32)
+    categories = np.array([0, 0, 0, 1, 1, 2], dtype=np.int32)
+
+    indices, values = select_top_n(scores, 4, categories=categories, max_per_category=2)
+
+    np.testing.assert_array_equal(indices, [[0, 1, 3, 4]])
+    np.testing.assert_array_equal(values, [[9.0, 8.0, 6.0, 5.0]])
+    # Cap 1: only three categories exist, so the fourth slot stays empty (-inf).
+    indices, values = select_top_n(scores, 4, categories=categories, max_per_category=1)
+    np.testing.assert_array_equal(indices[0, :3], [0, 3, 5])
+    assert values[0, 3] == -np.inf
+
+
+def hand_items(eligible=(True, True, True, True, True)) -> ItemMatrices:
+    """Five items; item 3 has no ALS factor (cold), item 4 is the history item of user 0."""
+    return ItemMatrices(
+        item_ids=np.array(["a", "b", "c", "d", "e"], dtype=object),
+        eligible=np.array(eligible),
+        popularity=np.array([5, 1, 3, 0, 9], dtype=np.float32),
+        categories=np.zeros(5, dtype=np.int32),
+        als=np.array([[1], [2], [3], [0], [0]], dtype=np.float32),
+        has_als=np.array([True, True, True, False, True]),
+        text=np.array([[1, 0], [0, 1], [0, 1], [1, 0], [1, 0]], dtype=np.float32),
+        has_text=np.ones(5, dtype=bool),
+    )
+
+
+def test_hybrid_calibrates_each_source_per_user_and_falls_back_to_popularity():
+    indices, scores, codes = hybrid_top_n(
+        np.array([[1.0], [0.0]], dtype=np.float32),
+        np.array([True, False]),
+        [np.array([4]), np.array([], dtype=np.int64)],
+        hand_items(),
+        n=4,
+        text_weight=0.5,
+    )
+    # User 0: ALS raw 1, 2, 3 on a, b, c -> z -1.2247, 0, 1.2247; text cos 1, 0, 0, 1 on
+    # a, b, c, d -> z 1, -1, -1, 1. Hybrid = 0.5 * als_z + 0.5 * text_z; d is cold (text only).
+    np.testing.assert_array_equal(indices[0], [3, 2, 0, 1])
+    np.testing.assert_allclose(scores[0], [1.0, 0.112372, -0.112372, -0.5], atol=1e-5)
+    assert [("hybrid", "als", "text", "popular")[c] for c in codes[0]] == ["text", "hybrid", "hybrid", "hybrid"]
+    # User 1 has neither a factor nor a history: popularity 9, 5, 3, 1 over e, a, c, b.
+    np.testing.assert_array_equal(indices[1], [4, 0, 2, 1])
+    np.testing.assert_array_equal(scores[1], [9.0, 5.0, 3.0, 1.0])
+    assert set(codes[1]) == {3}
+
+
+def test_hybrid_excludes_ineligible_and_seen_items():
+    frame = score_block_frame(
+        pd.DataFrame({"user_id": ["u0"], "als_features": [np.array([1.0])], "history": [np.array([4])]}),
+        hand_items(eligible=(True, True, False, True, True)),
+        n=5,
+        text_weight=0.5,
+    )
+    # c is unavailable, e seen. ALS over a, b: raw 1, 2 -> z -1, 1. Text over a, b, d:
+    # cos 1, 0, 1 -> z 0.7071, -1.4142, 0.7071. a = -0.1464, b = -0.2071, d (cold) = 0.7071.
+    assert frame["item_id"].tolist() == ["d", "a", "b"]
+    assert frame["rank"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(frame["score"], [0.707107, -0.146447, -0.207107], atol=1e-5)
+    assert frame["source"].tolist() == ["text", "hybrid", "hybrid"]
+
+
+def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
+    """Brute-force hybrid for one user with loops and a full sort: [(item_idx, score, source)]."""
+    candidates = [j for j in range(items.size) if items.eligible[j] and j not in set(history)]
+    text_hist = [j for j in history if items.has_text[j]]
+    user_text = None
+    if text_hist:
+        mean = np.mean([items.text[j] for j in text_hist], axis=0)
+        user_text = mean / np.linalg.norm(mean)
+
+    def zs(values: dict[int, float]) -> dict[int, float]:
+        arr = np.array(list(values.values()), dtype=np.float64)
+        mu, sd = arr.mean(), arr.std() or 1.0
+        return {j: (v - mu) / sd for j, v in values.items()}
+
+    als_z = zs({j: float(user_als @ items.als[j]) for j in candidates if items.has_als[j]}) if user_als is not None else {}
+    text_z = zs({j: float(user_text @ items.text[j]) for j in candidates if items.has_text[j]}) if user_text is not None else {}
+    scored = []
+    for j in candidates:
+        if j in als_z and j in text_z:
+            scored.append((j, (1 - w) * als_z[j] + w * text_z[j], "hybrid"))
+        elif j in als_z:
+            scored.append((j, als_z[j], "als"))
+        elif j in text_z:
+            scored.append((j, text_z[j], "text"))
+        elif user_als is None and user_text is None:
+            scored.append((j, float(items.popularity[j]), "popular"))
+    return sorted(scored, key=lambda t: (-t[1], t[0]))[:n]
+
+
+@pytest.mark.spark
+def test_spark_block_scoring_equals_brute_force(spark):
+    rng = np.random.default_rng(3)
+    n_users, n_items, n = 30, 50, 7
+    has_als = rng.random(n_items) > 0.2
+    has_text = rng.random(n_items) > 0.1
+    items = ItemMatrices(
+        item_ids=np.array([f"i{j:02d}" for j in range(n_items)], dtype=object),
+        eligible=rng.random(n_items) > 0.1,
+        popularity=rng.integers(0, 100, n_items).astype(np.float32),
+        categories=np.zeros(n_items, dtype=np.int32),
+        als=rng.standard_normal((n_items, 4)).astype(np.float32) * has_als[:, None],
+        has_als=has_als,
+        text=(lambda t: t / np.linalg.norm(t, axis=1, keepdims=True))(
+            rng.standard_normal((n_items, 6))
+        ).astype(np.float32) * has_text[:, None],
+        has_text=has_text,
+    )
+    rows = []
+    for u in range(n_users):
+        factor = None if u % 7 == 0 else rng.standard_normal(4).astype(np.float32).tolist()
+        history = None if u % 5 == 0 else sorted(rng.choice(n_items, size=rng.integers(1, 8), replace=False).tolist())
+        rows.append((f"u{u:02d}", u % 4, factor, history))
+    users = spark.createDataFrame(rows, "user_id string, block int, als_features array<float>, history array<int>")
+
+    bc = spark.sparkContext.broadcast(items)
+    got = score_users(users, bc, n=n, text_weight=0.3).toPandas().sort_values(["user_id", "rank"])
+    bc.unpersist()
+
+    for user_id, _, factor, history in rows:
+        expected = reference_hybrid(
+            None if factor is None else np.array(factor, dtype=np.float32), history or [], items, n, 0.3
+        )
+        mine = got[got["user_id"] == user_id]
+        assert mine["item_id"].tolist() == [items.item_ids[j] for j, _, _ in expected], user_id
+        assert mine["rank"].tolist() == list(range(1, len(expected) + 1))
+        np.testing.assert_allclose(mine["score"], [s for _, s, _ in expected], atol=1e-4)
+        assert mine["source"].tolist() == [s for _, _, s in expected], user_id
+    assert set(got["user_id"]) == {r[0] for r in rows}
+    assert set(got.loc[got["user_id"] == "u00", "source"]) == {"popular"}  # no factor, no history
+
+
+# ---------------------------------------------------------------------------------------
+# The stage on a tiny lakehouse
+
+DS = "2026-11-23"
+TS = dt.datetime(2026, 11, 22, 12, 0, 0)
+CATEGORIES = ["books"] * 4 + ["toys"] * 4 + ["games"] * 4
+
+
+def write_lakehouse(spark, store, cfg):
+    """12 items (i03 unavailable, i11 without ALS factor), users u1..u5 in the window, u6 older."""
+    from llmrec_spark import embed
+
+    catalog = spark.createDataFrame(
+        [
+            (f"i{j:02d}", f"Title {j}", f"description {j}", CATEGORIES[j], "acme",
+             "false" if j == 3 else "true", "2026-11-01")
+            for j in range(12)
+        ],
+        store.spec("items").schema,
+    )
+    store.overwrite("items", catalog)
+    # (user, item, weight): popularity of eligible items in the window: i00 10, i01 8, i08 6, i09 4.
+    history = [
+        ("u1", "i00", 4.0), ("u1", "i04", 1.0),
+        ("u2", "i00", 4.0), ("u2", "i01", 4.0),
+        ("u3", "i01", 4.0), ("u3", "i08", 2.0),
+        ("u4", "i08", 4.0), ("u4", "i09", 4.0),
+        ("u5", "i00", 2.0), ("u5", "i10", 1.0),
+    ]
+    events = [
+        (f"e{k}", u, i, "click", TS, None, None, w, "2026-11-22", "2026-11-22")
+        for k, (u, i, w) in enumerate(history)
+    ]
+    events.append(("old", "u6", "i02", "click", TS - dt.timedelta(days=30), None, None, 50.0, "2026-10-23", "2026-10-23"))
+    store.append("events_clean", spark.createDataFrame(events, store.spec("events_clean").schema))
+
+    rng = np.random.default_rng(5)
+    factors = [(f"u{k}", rng.standard_normal(4).tolist(), "user", DS) for k in range(1, 6)]
+    factors += [(f"i{j:02d}", rng.standard_normal(4).tolist(), "item", DS) for j in range(11)]
+    store.overwrite("als_factors", spark.createDataFrame(factors, store.spec("als_factors").schema), partitions={"ds": DS})
+
+    texts = embed.item_text(catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars)
+    hashes = {r["item_id"]: r["text_hash"] for r in texts.collect()}
+    model_id = embed.base_model_id(cfg.embed)
+    vectors = rng.standard_normal((12, 3))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [(f"i{j:02d}", hashes[f"i{j:02d}"], model_id, 3, vectors[j].tolist(), DS) for j in range(12)]
+    store.append("item_embeddings", spark.createDataFrame(rows, store.spec("item_embeddings").schema))
+    return {(u, i) for u, i, _ in history}
+
+
+def stage_config(tmp_path, *overrides):
+    from conftest import make_config
+
+    return make_config(
+        tmp_path, "als.train_days=7", "contrastive.enabled=false", "recommend.exclude_categories=[toys]", *overrides
+    )
+
+
+@pytest.fixture(scope="module")
+def lakehouse(spark, tmp_path_factory):
+    """(store, seen pairs) of one tiny lakehouse shared by the stage tests of this module."""
+    from llmrec_spark.io.tables import open_store
+
+    root = tmp_path_factory.mktemp("recommend")
+    store = open_store(spark, str(root / "lakehouse"), "embedded")
+    return store, write_lakehouse(spark, store, stage_config(root))
+
+
+@pytest.mark.spark
+def test_run_recommend_publishes_gated_lists(spark, lakehouse, tmp_path):
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.recommend import run_recommend
+
+    store, seen = lakehouse
+    cfg = stage_config(tmp_path, "recommend.top_n=3")
+
+    result = run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+
+    recs = store.read("recommendations", where={"ds": DS}).toPandas().sort_values(["user_id", "rank"])
+    assert sorted(recs["user_id"].unique()) == ["u1", "u2", "u3", "u4", "u5", "u6"]
+    assert recs.groupby("user_id")["rank"].apply(list).tolist() == [[1, 2, 3]] * 6
+    assert not {(u, i) for u, i in zip(recs["user_id"], recs["item_id"], strict=True)} & seen
+    assert not set(recs["item_id"]) & {"i03", "i04", "i05", "i06", "i07"}  # unavailable, toys
+    # u6's only event is outside the 7-day window: popularity over the window, i00 > i01 > i08.
+    u6 = recs[recs["user_id"] == "u6"]
+    assert u6["item_id"].tolist() == ["i00", "i01", "i08"]
+    assert u6["score"].tolist() == [10.0, 8.0, 6.0]
+    assert set(u6["source"]) == {"popular"}
+    warm = recs[recs["user_id"] != "u6"]
+    assert set(warm.loc[warm["item_id"] == "i11", "source"]) <= {"text"}  # cold item
+    assert set(warm.loc[warm["item_id"] != "i11", "source"]) == {"hybrid"}
+    for _, group in recs.groupby("user_id"):
+        assert group["score"].is_monotonic_decreasing
+    assert set(recs["model_version"]) == {"local"}
+
+    assert result.rows_out == 18
+    assert result.summary["users"] == 6
+    assert result.summary["share_by_source"]["popular"] == pytest.approx(3 / 18, abs=1e-4)
+    samples = result.summary["samples"]
+    assert len(samples) == 3
+    assert "u6" in [s["user_id"] for s in samples]  # one sample per top-1 source first
+    first = samples[0]
+    assert [i["rank"] for i in first["items"]] == [1, 2, 3]
+    assert all(i["title"] == f"Title {int(i['item_id'][1:])}" for i in first["items"])
+
+
+@pytest.mark.spark
+def test_gate_failure_raises_and_keeps_the_previous_version(spark, lakehouse, tmp_path):
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.recommend import run_recommend
+
+    store, _ = lakehouse
+    cfg = stage_config(tmp_path, "recommend.top_n=10")  # only 7 eligible items exist
+    previous = spark.createDataFrame(
+        [("u1", 1, "i00", 1.0, "als", "old-run", DS)], store.spec("recommendations").schema
+    )
+    version = store.overwrite("recommendations", previous, partitions={"ds": DS})
+
+    with pytest.raises(GateError, match=r"short_lists.*6 users with fewer than 10 distinct items"):
+        run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+
+    assert store.version("recommendations") == version
+    rows = store.read("recommendations").collect()
+    assert [(r["user_id"], r["item_id"], r["model_version"]) for r in rows] == [("u1", "i00", "old-run")]
