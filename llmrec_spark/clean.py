@@ -131,7 +131,8 @@ def validate_events(
         F.array_compact(F.array(*[F.when(cond, F.lit(code)) for code, cond in checks]))
     )
     event_id = F.coalesce(
-        _blank_to_null(F.trim("event_id")), F.concat(F.lit("raw-"), F.sha2("raw", 256).substr(1, 32))
+        _blank_to_null(F.trim("event_id")),
+        F.concat(F.lit("raw-"), F.sha2("raw", 256).substr(1, 32)),
     )
     return (
         df.withColumn("reasons", reasons.cast("array<string>"))
@@ -160,7 +161,9 @@ def dedup_events(events: DataFrame, *, window_s: int, prior: DataFrame | None = 
     columns = events.columns
     timeline = events.withColumn("_is_prior", F.lit(False))
     if prior is not None:
-        anchors = prior.select("event_id", *RETRY_KEY, "event_ts").withColumn("_is_prior", F.lit(True))
+        anchors = prior.select("event_id", *RETRY_KEY, "event_ts").withColumn(
+            "_is_prior", F.lit(True)
+        )
         timeline = timeline.unionByName(anchors, allowMissingColumns=True)
     # Prior rows sort first, so a new line repeating an already clean event_id is never first.
     first = Window.partitionBy("event_id").orderBy(
@@ -183,7 +186,9 @@ def dedup_events(events: DataFrame, *, window_s: int, prior: DataFrame | None = 
     return (
         grouped.select(F.inline(F.arrays_zip("_seq", "_kinds")))
         .where(~F.col("_seq.is_prior"))
-        .select(*[F.col(f"_seq.row.{c}").alias(c) for c in columns], F.col("_kinds").alias("duplicate"))
+        .select(
+            *[F.col(f"_seq.row.{c}").alias(c) for c in columns], F.col("_kinds").alias("duplicate")
+        )
     )
 
 
@@ -235,7 +240,9 @@ def flag_bots(
         F.count(F.lit(1)).alias("_n"), F.countDistinct("item_id").alias("_items")
     )
     bots = (
-        per_day.where((F.col("_n") > max_events_per_day) | (F.col("_items") > max_distinct_items_per_day))
+        per_day.where(
+            (F.col("_n") > max_events_per_day) | (F.col("_items") > max_distinct_items_per_day)
+        )
         .select(F.col("user_id").alias("_bot_user"))
         .distinct()
     )
@@ -296,7 +303,9 @@ def clean_events(
             allowMissingColumns=True,
         )
         .unionByName(
-            kept.withColumn("outcome", F.when(F.col("bot"), F.lit(EXCLUDED)).otherwise(F.lit(CLEAN)))
+            kept.withColumn(
+                "outcome", F.when(F.col("bot"), F.lit(EXCLUDED)).otherwise(F.lit(CLEAN))
+            )
             .withColumn(
                 "reasons",
                 F.when(F.col("bot"), F.array(F.lit(BOT_REASON))).otherwise(F.col("reasons")),
@@ -356,7 +365,7 @@ def _event_date(ts: Column) -> Column:
 
 def _epoch_s(ds: str) -> int:
     day = dt.date.fromisoformat(ds)
-    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
 
 
 # --------------------------------------------------------------------------- I/O and the stage
@@ -408,7 +417,11 @@ def check_weights(cfg: CleanConfig) -> None:
 
 
 def run_clean(ctx: RunContext) -> StageResult:
-    """Clean the landing date ctx.ds into events_clean (ingest_ds = ds) and events_quarantine."""
+    """Clean the landing date ctx.ds into events_clean (ingest_ds = ds) and events_quarantine.
+
+    The quarantine partition is written before the gates, so a failed gate can be inspected;
+    events_clean is only replaced when the gates pass.
+    """
     cfg = ctx.cfg.clean
     ds = ctx.ds
     check_weights(cfg)
@@ -433,20 +446,19 @@ def run_clean(ctx: RunContext) -> StageResult:
     ).first()
     rows_in = int(line_counts["lines"]) - int(line_counts["blank"] or 0)
     lines = all_lines.where(~is_blank)
+    log.info(
+        "clean %s: %d input lines, %d catalog items, dedup against ingest dates %s",
+        ds,
+        rows_in,
+        n_items,
+        ", ".join(lookback) or "none",
+    )
 
     outcomes = clean_events(lines, ds=ds, known_items=catalog, prior=prior, cfg=cfg)
     outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = _outcome_counts(outcomes, ds=ds)
+        counts, reasons = _outcome_counts(outcomes, ds=ds)
         late, bot_users = counts["late"], counts["bot_users"]
-        reasons = {
-            row["reason"]: int(row["count"])
-            for row in outcomes.where(F.col("outcome") == QUARANTINED)
-            .select(F.explode("reasons").alias("reason"))
-            .groupBy("reason")
-            .count()
-            .collect()
-        }
         n_out = counts[CLEAN]
         n_dup = counts["duplicate_exact"] + counts["duplicate_near"]
         n_quarantined, n_excluded = counts[QUARANTINED], counts[EXCLUDED]
@@ -471,7 +483,12 @@ def run_clean(ctx: RunContext) -> StageResult:
         F.sum(is_bot.cast("long")).alias("bot"), F.sum((~is_bot).cast("long")).alias("other")
     ).first()
     _reconcile(
-        ds, rows_in, written_clean, n_dup, int(written["other"] or 0), int(written["bot"] or 0),
+        ds,
+        rows_in,
+        written_clean,
+        n_dup,
+        int(written["other"] or 0),
+        int(written["bot"] or 0),
         "in the written tables",
     )
 
@@ -490,8 +507,16 @@ def run_clean(ctx: RunContext) -> StageResult:
     log.info(
         "clean %s: %d in -> %d clean, %d duplicate (%d exact, %d near), %d quarantined (%.2f%%), "
         "%d excluded from %d bot users",
-        ds, rows_in, n_out, n_dup, counts["duplicate_exact"], counts["duplicate_near"],
-        n_quarantined, 100 * quarantine_rate, n_excluded, bot_users,
+        ds,
+        rows_in,
+        n_out,
+        n_dup,
+        counts["duplicate_exact"],
+        counts["duplicate_near"],
+        n_quarantined,
+        100 * quarantine_rate,
+        n_excluded,
+        bot_users,
     )
     return StageResult(
         rows_in=rows_in,
@@ -515,13 +540,15 @@ def run_clean(ctx: RunContext) -> StageResult:
     )
 
 
-def _outcome_counts(outcomes: DataFrame, *, ds: str) -> dict[str, int]:
-    """Rows per outcome (duplicates by kind), clean events dated before ds, distinct bot users."""
+def _outcome_counts(outcomes: DataFrame, *, ds: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(rows per outcome with duplicates by kind, late clean events and bot users; rows per reason)."""
     keys = (CLEAN, QUARANTINED, EXCLUDED, "duplicate_exact", "duplicate_near", "late", "bot_users")
     counts = dict.fromkeys(keys, 0)
+    reasons: dict[str, int] = {}
     is_late = (F.col("outcome") == CLEAN) & (_event_date(F.col("event_ts")) < ds)
+    # One pass: quarantined rows group by their combination of reason codes.
     rows = (
-        outcomes.groupBy("outcome", "duplicate")
+        outcomes.groupBy("outcome", "duplicate", "reasons")
         .agg(
             F.count(F.lit(1)).alias("rows"),
             F.sum(is_late.cast("long")).alias("late"),
@@ -534,8 +561,11 @@ def _outcome_counts(outcomes: DataFrame, *, ds: str) -> dict[str, int]:
         counts[key] += int(row["rows"])
         counts["late"] += int(row["late"] or 0)
         if row["outcome"] == EXCLUDED:
-            counts["bot_users"] = int(row["users"])
-    return counts
+            counts["bot_users"] += int(row["users"])
+        if row["outcome"] == QUARANTINED:
+            for code in row["reasons"]:
+                reasons[code] = reasons.get(code, 0) + int(row["rows"])
+    return counts, reasons
 
 
 def _reconcile(
@@ -564,8 +594,7 @@ def _volume_gate(ctx: RunContext, cfg: CleanConfig, records: int) -> None:
     before += ctx.store.read("events_quarantine", where={"ds": previous}).count()
     if before == 0:
         return
-    ratio = records / before if records else float("inf")
-    change = max(ratio, 1 / ratio) if ratio else float("inf")
+    change = max(records / before, before / records) if records else float("inf")
     if change > cfg.max_volume_change:
         raise GateError(
             f"gate clean.max_volume_change: {records} records on {ctx.ds} vs {before} on {previous} "

@@ -121,11 +121,10 @@ def negative_mask(
     history: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor
 ) -> torch.Tensor:
     """True where candidate j (positives then negatives) is in user i's history or is i's positive item."""
+    # history (batch, H); PAD never equals an item index
     candidates = torch.cat([positive_ids, negative_ids])  # (batch + n_neg,)
-    # history (batch, H), PAD never equals an item index
-    in_history = (history[:, None, :] == candidates[None, :, None]).any(
-        dim=-1
-    )  # (batch, batch + n_neg)
+    pairs = history[:, None, :] == candidates[None, :, None]  # (batch, batch + n_neg, H)
+    in_history = pairs.any(dim=-1)  # (batch, batch + n_neg)
     same_item = candidates[None, :] == positive_ids[:, None]  # (batch, batch + n_neg)
     return in_history | same_item
 
@@ -200,8 +199,11 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+        if (
+            "LOCAL_WORLD_SIZE" in os.environ
+        ):  # under torchrun: share the cores, do not oversubscribe
+            local_procs = int(os.environ["LOCAL_WORLD_SIZE"])
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -212,7 +214,15 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(config, rank, world_size, device, distributed, loader_fn, save_file) -> dict[str, Any]:
+def _train(
+    config: dict[str, Any],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    distributed: bool,
+    loader_fn: Callable[..., Any],
+    save_file: Callable[..., Any],
+) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -622,7 +632,7 @@ def _check_config(cfg: ContrastiveConfig) -> None:
 
 
 def _training_device(ctx: RunContext, cfg: ContrastiveConfig) -> str:
-    """ "cuda" or "cpu". TorchDistributor's local GPU mode needs GPUs among the driver's Spark resources."""
+    """The training device, "cuda" or "cpu"; local-mode GPU training needs GPUs in the driver's resources."""
     driver_gpus = "gpu" in ctx.spark.sparkContext.resources
     if cfg.device == "cpu":
         return "cpu"
@@ -706,6 +716,15 @@ def _run_distributed(
     ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
     converter = make_spark_converter(examples)
     try:
+        # petastorm shards by file/row group: every process needs at least one.
+        if len(converter.file_urls) < num_processes:
+            log.warning(
+                "contrastive: %d data files for %d processes; training with %d",
+                len(converter.file_urls),
+                num_processes,
+                len(converter.file_urls),
+            )
+            num_processes = len(converter.file_urls)
         config = {
             **paths,
             "converter": converter,

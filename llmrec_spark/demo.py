@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from llmrec_spark.config import DemoConfig
+from llmrec_spark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,136 +61,138 @@ class Topic:
     features: tuple[str, ...]
 
 
-TOPICS: tuple[Topic, ...] = (
-    Topic("hiking", "Outdoors", ("Summitline", "TrailForge", "Alpenrock"),
-          ("Lightweight", "Waterproof", "Breathable", "Rugged", "Packable", "Insulated"),
-          ("Trail Backpack", "Hiking Boots", "Trekking Poles", "Rain Shell", "Daypack", "Hydration Bladder"),
-          ("30L", "45L", "2-Pack", "Gore-Tex", "Carbon"),
-          ("for long days on the trail", "for alpine scrambles", "for multi-day treks"),
-          ("Ventilated back panel keeps you cool on steep climbs",
-           "Grippy lugged outsole bites into loose scree",
-           "Seam-sealed fabric sheds mountain rain")),
-    Topic("coffee", "Kitchen", ("BrewHaus", "Crema & Co", "Roastwell"),
-          ("Single-Origin", "Dark Roast", "Precision", "Barista-Grade", "Stainless", "Burr"),
-          ("Espresso Machine", "Pour-Over Kettle", "Coffee Grinder", "Whole Bean Coffee", "French Press", "Milk Frother"),
-          ("1kg", "250g", "15 Bar", "1.2L", "Gooseneck"),
-          ("for the perfect morning cup", "for cafe-quality espresso at home", "for slow weekend brewing"),
-          ("Conical burrs give a consistent grind for espresso and filter",
-           "Notes of chocolate, cherry and toasted almond",
-           "Temperature control holds the water at the ideal extraction point")),
-    Topic("photography", "Electronics", ("Lumora", "Aperture Labs", "Fotonix"),
-          ("Mirrorless", "Full-Frame", "Stabilized", "Wide-Angle", "Fast", "Compact"),
-          ("Camera Body", "Prime Lens", "Zoom Lens", "Camera Tripod", "Camera Bag", "ND Filter"),
-          ("35mm f/1.8", "24-70mm", "4K", "Carbon Fiber", "77mm"),
-          ("for landscape and street photography", "for sharp low-light portraits", "for travel vlogging"),
-          ("Fast autofocus tracks eyes and moving subjects",
-           "Weather-sealed body handles dust and drizzle",
-           "Low-dispersion glass keeps colours crisp to the edges")),
-    Topic("gaming", "Electronics", ("PixelForge", "Nexon Gear", "Voltstrike"),
-          ("RGB", "Mechanical", "Wireless", "Low-Latency", "Ergonomic", "Pro"),
-          ("Gaming Mouse", "Mechanical Keyboard", "Gaming Headset", "Controller", "Gaming Chair", "Mouse Pad"),
-          ("16000 DPI", "TKL", "7.1 Surround", "XL", "Hot-Swap"),
-          ("for competitive esports", "for marathon gaming sessions", "for streaming setups"),
-          ("Hot-swappable switches let you tune every keystroke",
-           "Sub-millisecond wireless keeps aim precise",
-           "Memory foam ear cushions stay comfortable for hours")),
-    Topic("running", "Sports", ("Stridewell", "Pacewing", "Kinetic Run"),
-          ("Cushioned", "Responsive", "Reflective", "Moisture-Wicking", "Carbon-Plated", "Lightweight"),
-          ("Running Shoes", "Running Vest", "GPS Watch", "Compression Socks", "Running Shorts", "Headlamp"),
-          ("Men's", "Women's", "10K", "Marathon", "Trail"),
-          ("for tempo runs and race day", "for easy recovery miles", "for early morning runs"),
-          ("Foam midsole returns energy with every stride",
-           "Accurate GPS tracks pace, distance and heart rate",
-           "Breathable mesh upper keeps feet dry")),
-    Topic("gardening", "Home & Garden", ("GreenThumb", "Verdant", "Rootstock"),
-          ("Organic", "Heirloom", "Ergonomic", "Heavy-Duty", "Self-Watering", "Raised"),
-          ("Seed Kit", "Pruning Shears", "Garden Hose", "Planter Box", "Compost Bin", "Trowel Set"),
-          ("50ft", "12-Pack", "Cedar", "Stainless Steel", "Large"),
-          ("for thriving vegetable beds", "for balcony and patio gardens", "for year-round herbs"),
-          ("Sharp bypass blades make clean cuts that heal fast",
-           "Non-GMO seeds with high germination rates",
-           "Reservoir waters roots for up to two weeks")),
-    Topic("baking", "Kitchen", ("Flour & Flame", "Bakewise", "Ovenly"),
-          ("Non-Stick", "Professional", "Silicone", "Cast-Iron", "Artisan", "Heavy-Gauge"),
-          ("Stand Mixer", "Bread Proofing Basket", "Baking Sheet", "Loaf Pan", "Dutch Oven", "Pastry Set"),
-          ("5.5 Qt", "9-inch", "Set of 3", "Enamel", "Bannetone"),
-          ("for crusty sourdough loaves", "for weekend cakes and cookies", "for holiday baking"),
-          ("Even heat gives a golden crust every time",
-           "Planetary mixing action kneads heavy doughs",
-           "Releases bakes cleanly without greasing")),
-    Topic("yoga", "Sports", ("Lotus Flow", "Zenspire", "Balancia"),
-          ("Non-Slip", "Eco-Friendly", "Extra-Thick", "Foldable", "Cork", "Supportive"),
-          ("Yoga Mat", "Yoga Block", "Meditation Cushion", "Stretch Strap", "Yoga Leggings", "Foam Roller"),
-          ("6mm", "2-Pack", "Travel", "High-Waist", "Organic Cotton"),
-          ("for daily vinyasa practice", "for mindful meditation", "for post-run recovery stretches"),
-          ("Grippy natural rubber holds every pose",
-           "Dense foam cushions knees and wrists",
-           "Sweat-wicking fabric moves with you")),
-    Topic("audio", "Electronics", ("Sonique", "Bassline", "Clarity Audio"),
-          ("Noise-Cancelling", "Hi-Fi", "Bluetooth", "Studio", "Portable", "Waterproof"),
-          ("Headphones", "Earbuds", "Bookshelf Speakers", "Turntable", "Soundbar", "DAC Amplifier"),
-          ("Over-Ear", "True Wireless", "24-bit", "2.1 Channel", "40h Battery"),
-          ("for immersive listening", "for commuting and travel", "for vinyl collectors"),
-          ("Active noise cancelling silences busy trains",
-           "Balanced drivers deliver deep bass and clear vocals",
-           "Belt-driven platter keeps records spinning true")),
-    Topic("pets", "Pet Supplies", ("Happy Paws", "Whisker & Tail", "Barkley"),
-          ("Chew-Resistant", "Orthopedic", "Grain-Free", "Interactive", "Washable", "Reflective"),
-          ("Dog Bed", "Cat Tree", "Dog Leash", "Puzzle Feeder", "Cat Litter", "Dog Treats"),
-          ("Large", "Small Breed", "6ft", "Salmon Recipe", "Multi-Level"),
-          ("for playful puppies", "for curious indoor cats", "for senior dogs"),
-          ("Memory foam supports aching joints",
-           "Puzzle design slows down fast eaters",
-           "Made with real salmon and no fillers")),
-    Topic("cycling", "Sports", ("Velocita", "Chainline", "Roadrunner Bikes"),
-          ("Aero", "Tubeless", "Clipless", "Rechargeable", "Carbon", "Endurance"),
-          ("Road Bike Helmet", "Bike Light Set", "Cycling Jersey", "Bike Pump", "Saddle Bag", "Clipless Pedals"),
-          ("700x28c", "1200 Lumen", "Floor", "Bib", "MIPS"),
-          ("for long road rides", "for commuting after dark", "for gravel adventures"),
-          ("MIPS liner adds protection in angled impacts",
-           "USB-C rechargeable lights last the whole commute",
-           "Chamois pad keeps you comfortable for centuries")),
-    Topic("skincare", "Beauty", ("Dermaglow", "Pure Bloom", "Aqualis"),
-          ("Hydrating", "Fragrance-Free", "Vitamin C", "Gentle", "Mineral", "Overnight"),
-          ("Face Serum", "Moisturizer", "Sunscreen SPF 50", "Cleanser", "Eye Cream", "Face Mask"),
-          ("30ml", "50ml", "Travel Size", "Refill", "Sensitive Skin"),
-          ("for a brighter complexion", "for dry and sensitive skin", "for daily sun protection"),
-          ("Hyaluronic acid locks in moisture all day",
-           "Dermatologist tested and non-comedogenic",
-           "Antioxidants fade dark spots over time")),
-    Topic("camping", "Outdoors", ("Basecamp", "Campfire Co", "Northwild"),
-          ("Ultralight", "Four-Season", "Self-Inflating", "Windproof", "Compact", "Double"),
-          ("Tent", "Sleeping Bag", "Camp Stove", "Sleeping Pad", "Lantern", "Cooler"),
-          ("2-Person", "-10C", "Titanium", "45 Qt", "Solar"),
-          ("for family campouts", "for backcountry nights", "for festival weekends"),
-          ("Sets up in minutes with colour-coded poles",
-           "Boils a litre of water in three minutes",
-           "Draft collar traps warmth on cold nights")),
-    Topic("books", "Books", ("Northlight Press", "Inkwell Books", "Paperlane"),
-          ("Bestselling", "Illustrated", "Hardcover", "Award-Winning", "Collected", "Annotated"),
-          ("Fantasy Novel", "Mystery Thriller", "Science Fiction Saga", "Cookbook", "Biography", "Poetry Collection"),
-          ("Book 1", "Deluxe Edition", "Paperback", "Box Set", "Second Edition"),
-          ("for fans of epic worlds", "for late-night page turning", "for curious minds"),
-          ("A sweeping tale of dragons, exile and betrayal",
-           "A detective races a killer through a snowbound city",
-           "Gorgeous full-colour illustrations on every page")),
-    Topic("office", "Office", ("Deskcraft", "WorkNest", "Paperpoint"),
-          ("Ergonomic", "Adjustable", "Standing", "Dual-Monitor", "Minimalist", "Recycled"),
-          ("Office Chair", "Standing Desk", "Monitor Arm", "Notebook", "Desk Lamp", "Cable Organizer"),
-          ("Mesh", "Electric", "A5 Dotted", "Gas Spring", "LED"),
-          ("for long workdays", "for a tidy home office", "for focused deep work"),
-          ("Lumbar support adjusts to your back",
-           "Quiet dual motors lift the desk in seconds",
-           "Fountain-pen friendly paper that does not bleed")),
-    Topic("toys", "Toys", ("Brickwise", "Playnest", "Wonderkin"),
-          ("Educational", "Wooden", "Remote-Control", "Magnetic", "Plush", "STEM"),
-          ("Building Set", "Puzzle", "RC Car", "Board Game", "Stuffed Animal", "Science Kit"),
-          ("500 Pieces", "Ages 8+", "1:16 Scale", "Family Edition", "Glow-in-the-Dark"),
-          ("for curious young builders", "for family game night", "for budding scientists"),
-          ("Hundreds of pieces snap together into three models",
-           "Hands-on experiments make chemistry fun",
-           "Rechargeable battery gives 40 minutes of racing")),
-)
+# One block per topic: name | category, then its vocabulary, alternatives separated by ' | '.
+TOPIC_TABLE = """
+hiking | Outdoors
+    brands: Summitline | TrailForge | Alpenrock
+    adjectives: Lightweight | Waterproof | Breathable | Rugged | Packable | Insulated
+    nouns: Trail Backpack | Hiking Boots | Trekking Poles | Rain Shell | Daypack | Hydration Bladder
+    specs: 30L | 45L | 2-Pack | Gore-Tex | Carbon
+    uses: for long days on the trail | for alpine scrambles | for multi-day treks
+    features: Ventilated back panel keeps you cool on steep climbs | Grippy lugged outsole bites into loose scree | Seam-sealed fabric sheds mountain rain
+coffee | Kitchen
+    brands: BrewHaus | Crema & Co | Roastwell
+    adjectives: Single-Origin | Dark Roast | Precision | Barista-Grade | Stainless | Burr
+    nouns: Espresso Machine | Pour-Over Kettle | Coffee Grinder | Whole Bean Coffee | French Press | Milk Frother
+    specs: 1kg | 250g | 15 Bar | 1.2L | Gooseneck
+    uses: for the perfect morning cup | for cafe-quality espresso at home | for slow weekend brewing
+    features: Conical burrs give a consistent grind for espresso and filter | Notes of chocolate, cherry and toasted almond | Temperature control holds the water at the ideal extraction point
+photography | Electronics
+    brands: Lumora | Aperture Labs | Fotonix
+    adjectives: Mirrorless | Full-Frame | Stabilized | Wide-Angle | Fast | Compact
+    nouns: Camera Body | Prime Lens | Zoom Lens | Camera Tripod | Camera Bag | ND Filter
+    specs: 35mm f/1.8 | 24-70mm | 4K | Carbon Fiber | 77mm
+    uses: for landscape and street photography | for sharp low-light portraits | for travel vlogging
+    features: Fast autofocus tracks eyes and moving subjects | Weather-sealed body handles dust and drizzle | Low-dispersion glass keeps colours crisp to the edges
+gaming | Electronics
+    brands: PixelForge | Nexon Gear | Voltstrike
+    adjectives: RGB | Mechanical | Wireless | Low-Latency | Ergonomic | Pro
+    nouns: Gaming Mouse | Mechanical Keyboard | Gaming Headset | Controller | Gaming Chair | Mouse Pad
+    specs: 16000 DPI | TKL | 7.1 Surround | XL | Hot-Swap
+    uses: for competitive esports | for marathon gaming sessions | for streaming setups
+    features: Hot-swappable switches let you tune every keystroke | Sub-millisecond wireless keeps aim precise | Memory foam ear cushions stay comfortable for hours
+running | Sports
+    brands: Stridewell | Pacewing | Kinetic Run
+    adjectives: Cushioned | Responsive | Reflective | Moisture-Wicking | Carbon-Plated | Lightweight
+    nouns: Running Shoes | Running Vest | GPS Watch | Compression Socks | Running Shorts | Headlamp
+    specs: Men's | Women's | 10K | Marathon | Trail
+    uses: for tempo runs and race day | for easy recovery miles | for early morning runs
+    features: Foam midsole returns energy with every stride | Accurate GPS tracks pace, distance and heart rate | Breathable mesh upper keeps feet dry
+gardening | Home & Garden
+    brands: GreenThumb | Verdant | Rootstock
+    adjectives: Organic | Heirloom | Ergonomic | Heavy-Duty | Self-Watering | Raised
+    nouns: Seed Kit | Pruning Shears | Garden Hose | Planter Box | Compost Bin | Trowel Set
+    specs: 50ft | 12-Pack | Cedar | Stainless Steel | Large
+    uses: for thriving vegetable beds | for balcony and patio gardens | for year-round herbs
+    features: Sharp bypass blades make clean cuts that heal fast | Non-GMO seeds with high germination rates | Reservoir waters roots for up to two weeks
+baking | Kitchen
+    brands: Flour & Flame | Bakewise | Ovenly
+    adjectives: Non-Stick | Professional | Silicone | Cast-Iron | Artisan | Heavy-Gauge
+    nouns: Stand Mixer | Bread Proofing Basket | Baking Sheet | Loaf Pan | Dutch Oven | Pastry Set
+    specs: 5.5 Qt | 9-inch | Set of 3 | Enamel | Bannetone
+    uses: for crusty sourdough loaves | for weekend cakes and cookies | for holiday baking
+    features: Even heat gives a golden crust every time | Planetary mixing action kneads heavy doughs | Releases bakes cleanly without greasing
+yoga | Sports
+    brands: Lotus Flow | Zenspire | Balancia
+    adjectives: Non-Slip | Eco-Friendly | Extra-Thick | Foldable | Cork | Supportive
+    nouns: Yoga Mat | Yoga Block | Meditation Cushion | Stretch Strap | Yoga Leggings | Foam Roller
+    specs: 6mm | 2-Pack | Travel | High-Waist | Organic Cotton
+    uses: for daily vinyasa practice | for mindful meditation | for post-run recovery stretches
+    features: Grippy natural rubber holds every pose | Dense foam cushions knees and wrists | Sweat-wicking fabric moves with you
+audio | Electronics
+    brands: Sonique | Bassline | Clarity Audio
+    adjectives: Noise-Cancelling | Hi-Fi | Bluetooth | Studio | Portable | Waterproof
+    nouns: Headphones | Earbuds | Bookshelf Speakers | Turntable | Soundbar | DAC Amplifier
+    specs: Over-Ear | True Wireless | 24-bit | 2.1 Channel | 40h Battery
+    uses: for immersive listening | for commuting and travel | for vinyl collectors
+    features: Active noise cancelling silences busy trains | Balanced drivers deliver deep bass and clear vocals | Belt-driven platter keeps records spinning true
+pets | Pet Supplies
+    brands: Happy Paws | Whisker & Tail | Barkley
+    adjectives: Chew-Resistant | Orthopedic | Grain-Free | Interactive | Washable | Reflective
+    nouns: Dog Bed | Cat Tree | Dog Leash | Puzzle Feeder | Cat Litter | Dog Treats
+    specs: Large | Small Breed | 6ft | Salmon Recipe | Multi-Level
+    uses: for playful puppies | for curious indoor cats | for senior dogs
+    features: Memory foam supports aching joints | Puzzle design slows down fast eaters | Made with real salmon and no fillers
+cycling | Sports
+    brands: Velocita | Chainline | Roadrunner Bikes
+    adjectives: Aero | Tubeless | Clipless | Rechargeable | Carbon | Endurance
+    nouns: Road Bike Helmet | Bike Light Set | Cycling Jersey | Bike Pump | Saddle Bag | Clipless Pedals
+    specs: 700x28c | 1200 Lumen | Floor | Bib | MIPS
+    uses: for long road rides | for commuting after dark | for gravel adventures
+    features: MIPS liner adds protection in angled impacts | USB-C rechargeable lights last the whole commute | Chamois pad keeps you comfortable for centuries
+skincare | Beauty
+    brands: Dermaglow | Pure Bloom | Aqualis
+    adjectives: Hydrating | Fragrance-Free | Vitamin C | Gentle | Mineral | Overnight
+    nouns: Face Serum | Moisturizer | Sunscreen SPF 50 | Cleanser | Eye Cream | Face Mask
+    specs: 30ml | 50ml | Travel Size | Refill | Sensitive Skin
+    uses: for a brighter complexion | for dry and sensitive skin | for daily sun protection
+    features: Hyaluronic acid locks in moisture all day | Dermatologist tested and non-comedogenic | Antioxidants fade dark spots over time
+camping | Outdoors
+    brands: Basecamp | Campfire Co | Northwild
+    adjectives: Ultralight | Four-Season | Self-Inflating | Windproof | Compact | Double
+    nouns: Tent | Sleeping Bag | Camp Stove | Sleeping Pad | Lantern | Cooler
+    specs: 2-Person | -10C | Titanium | 45 Qt | Solar
+    uses: for family campouts | for backcountry nights | for festival weekends
+    features: Sets up in minutes with colour-coded poles | Boils a litre of water in three minutes | Draft collar traps warmth on cold nights
+books | Books
+    brands: Northlight Press | Inkwell Books | Paperlane
+    adjectives: Bestselling | Illustrated | Hardcover | Award-Winning | Collected | Annotated
+    nouns: Fantasy Novel | Mystery Thriller | Science Fiction Saga | Cookbook | Biography | Poetry Collection
+    specs: Book 1 | Deluxe Edition | Paperback | Box Set | Second Edition
+    uses: for fans of epic worlds | for late-night page turning | for curious minds
+    features: A sweeping tale of dragons, exile and betrayal | A detective races a killer through a snowbound city | Gorgeous full-colour illustrations on every page
+office | Office
+    brands: Deskcraft | WorkNest | Paperpoint
+    adjectives: Ergonomic | Adjustable | Standing | Dual-Monitor | Minimalist | Recycled
+    nouns: Office Chair | Standing Desk | Monitor Arm | Notebook | Desk Lamp | Cable Organizer
+    specs: Mesh | Electric | A5 Dotted | Gas Spring | LED
+    uses: for long workdays | for a tidy home office | for focused deep work
+    features: Lumbar support adjusts to your back | Quiet dual motors lift the desk in seconds | Fountain-pen friendly paper that does not bleed
+toys | Toys
+    brands: Brickwise | Playnest | Wonderkin
+    adjectives: Educational | Wooden | Remote-Control | Magnetic | Plush | STEM
+    nouns: Building Set | Puzzle | RC Car | Board Game | Stuffed Animal | Science Kit
+    specs: 500 Pieces | Ages 8+ | 1:16 Scale | Family Edition | Glow-in-the-Dark
+    uses: for curious young builders | for family game night | for budding scientists
+    features: Hundreds of pieces snap together into three models | Hands-on experiments make chemistry fun | Rechargeable battery gives 40 minutes of racing
+"""
+
+
+def _parse_topics(table: str) -> tuple[Topic, ...]:
+    """TOPIC_TABLE's blocks as Topic records."""
+    topics = []
+    for block in re.split(r"\n(?=\S)", table.strip()):
+        head, *fields = block.splitlines()
+        name, category = (part.strip() for part in head.split("|"))
+        vocab = {}
+        for line in fields:
+            key, _, values = line.strip().partition(":")
+            vocab[key] = tuple(v.strip() for v in values.split("|"))
+        topics.append(Topic(name, category, **vocab))
+    return tuple(topics)
+
+
+TOPICS = _parse_topics(TOPIC_TABLE)
 
 GENERIC_SENTENCES = (
     "Backed by a two-year warranty.",
@@ -200,13 +204,30 @@ GENERIC_SENTENCES = (
 )
 
 
+DIRT_KINDS = (
+    "exact_duplicates",
+    "retries",
+    "malformed",
+    "unknown_items",
+    "missing_fields",
+    "late",
+    "bot_events",
+    "unknown_event_types",
+    "bad_timestamps",
+)
+
+
 def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, Any]:
     """Write `catalog/items.jsonl` and `events/ds=*/part-00000.jsonl` for cfg.days days ending at end_ds.
 
     Returns counts of items, users and events written and of each kind of planted dirt.
     """
+    check_demo_config(cfg)
+    try:
+        end = dt.date.fromisoformat(end_ds)
+    except ValueError:
+        raise ConfigError(f"demo end date {end_ds!r} is not a date in YYYY-MM-DD form") from None
     started = time.perf_counter()
-    end = dt.date.fromisoformat(end_ds)
     start = end - dt.timedelta(days=cfg.days - 1)
     world = build_world(cfg, start, end)
     _write_catalog(world, os.path.join(landing_dir, "catalog", "items.jsonl"))
@@ -235,16 +256,30 @@ def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, A
     summary["seconds"] = round(time.perf_counter() - started, 2)
     log.info(
         "demo: %d items, %d users, %d event lines over %d days in %s (%.1fs)",
-        summary["items"], cfg.n_users, counts["events"], cfg.days,
-        os.path.join(landing_dir, "events"), summary["seconds"],
+        summary["items"],
+        cfg.n_users,
+        counts["events"],
+        cfg.days,
+        os.path.join(landing_dir, "events"),
+        summary["seconds"],
     )
     return summary
 
 
-DIRT_KINDS = (
-    "exact_duplicates", "retries", "malformed", "unknown_items", "missing_fields", "late",
-    "bot_events", "unknown_event_types", "bad_timestamps",
-)
+def check_demo_config(cfg: DemoConfig) -> None:
+    """ConfigError for settings the generator cannot honour."""
+    rates = {name: getattr(cfg, name) for name in dir(cfg) if name.endswith("_rate")}
+    bad = [f"demo.{k}={v}" for k, v in sorted(rates.items()) if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: rates must lie within [0, 1]")
+    if sum(v for k, v in rates.items() if k not in ("exact_duplicate_rate", "retry_rate")) > 1.0:
+        raise ConfigError("demo: the *_rate settings of broken records add up to more than 1")
+    for name in ("days", "n_topics", "events_per_day"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"demo.{name}: must be at least 1")
+    for name in ("n_bots", "bot_events_per_day", "new_items"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"demo.{name}: must not be negative")
 
 
 @dataclass
@@ -313,12 +348,18 @@ def _make_item(idx: int, topic_idx: int, added: dt.date, rng: random.Random) -> 
     topic = TOPICS[topic_idx % len(TOPICS)]
     # More topics than templates: the repeats get their own brands, so they stay distinguishable.
     generation = topic_idx // len(TOPICS)
-    brands = topic.brands if generation == 0 else tuple(f"{b} {_roman(generation + 1)}" for b in topic.brands)
+    brands = (
+        topic.brands
+        if generation == 0
+        else tuple(f"{b} {_roman(generation + 1)}" for b in topic.brands)
+    )
     adjective, noun = rng.choice(topic.adjectives), rng.choice(topic.nouns)
     title_parts = [adjective, noun]
     if rng.random() < 0.6:
         title_parts.append(rng.choice(topic.specs))
-    sentences = [f"{_article(adjective)} {adjective.lower()} {noun.lower()} {rng.choice(topic.uses)}."]
+    sentences = [
+        f"{_article(adjective)} {adjective.lower()} {noun.lower()} {rng.choice(topic.uses)}."
+    ]
     if rng.random() < 0.7:
         sentences.append(rng.choice(topic.features) + ".")
     if rng.random() < 0.4:
@@ -544,14 +585,25 @@ def _mutate(event: dict[str, Any], kind: str | None, world: DemoWorld, rng: rand
     return _line(event)
 
 
-EVENT_KEYS = ("event_id", "user_id", "item_id", "event_type", "event_ts", "value", "session_id", "source")
+EVENT_KEYS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "event_ts",
+    "value",
+    "session_id",
+    "source",
+)
 
 
 def _line(event: dict[str, Any], ts_text: str | None = None) -> str:
     """The JSON line of an event; a formatted fast path when every field is present and plain."""
     ts = ts_text if ts_text is not None else _iso(event["ts_ms"])
-    if ts_text is None and len(event) == len(EVENT_KEYS) and all(
-        isinstance(event[k], str) for k in ("event_id", "user_id", "item_id", "event_type")
+    if (
+        ts_text is None
+        and len(event) == len(EVENT_KEYS)
+        and all(isinstance(event[k], str) for k in ("event_id", "user_id", "item_id", "event_type"))
     ):
         value = "null" if event["value"] is None else repr(float(event["value"]))
         return (
@@ -585,7 +637,7 @@ def _date_text(days_since_epoch: int) -> str:
 
 
 def _epoch_ms(day: dt.date) -> int:
-    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def _sub_seed(seed: int, *parts: str) -> int:

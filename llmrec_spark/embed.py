@@ -658,9 +658,14 @@ def bench_embed(spark: SparkSession, cfg: Config, n_items: int) -> dict[str, Any
         try:
             st_model = SentenceTransformer(model_path, device="cpu")
             st_model.max_seq_length = cfg.embed.max_length
-            st_model.encode(texts[:32], batch_size=cfg.embed.batch_size)  # warm-up
+            st_model.encode(texts[:32], batch_size=cfg.embed.batch_size, show_progress_bar=False)
             st_started = time.perf_counter()
-            st_model.encode(texts, batch_size=cfg.embed.batch_size, normalize_embeddings=True)
+            st_model.encode(
+                texts,
+                batch_size=cfg.embed.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
             st_rate = len(texts) / (time.perf_counter() - st_started)
         finally:
             torch.set_num_threads(previous_threads)

@@ -84,7 +84,7 @@ def per_user_metrics(
     relevant: Mapping[Hashable, set],
     ks: Sequence[int],
 ) -> dict[str, np.ndarray]:
-    """"metric@k" -> one value per user with a non-empty relevant set (sorted user order).
+    """ "metric@k" -> one value per user with a non-empty relevant set (sorted user order).
 
     Users missing from `recommended` count as an empty list (every metric 0).
     """
@@ -103,7 +103,7 @@ def mean_metrics(
     relevant: Mapping[Hashable, set],
     ks: Sequence[int],
 ) -> dict[str, float]:
-    """"metric@k" -> mean over users with a non-empty relevant set (0.0 when there are none)."""
+    """ "metric@k" -> mean over users with a non-empty relevant set (0.0 when there are none)."""
     return {
         key: float(values.mean()) if len(values) else 0.0
         for key, values in per_user_metrics(recommended, relevant, ks).items()
@@ -145,18 +145,23 @@ def user_temporal_split(
         events.withColumn("_pos", F.row_number().over(by_time))
         .withColumn("_n", F.count("*").over(per_user))
         .withColumn(
-            "_cut", F.min(F.when(F.col("_pos") > F.col("_n") - n_test, F.col("event_ts"))).over(per_user)
+            "_cut",
+            F.min(F.when(F.col("_pos") > F.col("_n") - n_test, F.col("event_ts"))).over(per_user),
         )
     )
     helpers = ["_pos", "_n", "_cut"]
     train = labeled.where(F.col("event_ts") < F.col("_cut")).drop(*helpers)
     train_pairs = train.select("user_id", "item_id").distinct()
     candidates = (
-        labeled.where((F.col("event_ts") >= F.col("_cut")) & (F.col("weight") >= positive_min_weight))
+        labeled.where(
+            (F.col("event_ts") >= F.col("_cut")) & (F.col("weight") >= positive_min_weight)
+        )
         .drop(*helpers)
         .join(train_pairs, ["user_id", "item_id"], "left_anti")
     )
-    enough_history = train_pairs.groupBy("user_id").count().where(F.col("count") >= 3).select("user_id")
+    enough_history = (
+        train_pairs.groupBy("user_id").count().where(F.col("count") >= 3).select("user_id")
+    )
     test = candidates.join(enough_history, "user_id", "left_semi")
     return train, test
 
@@ -191,7 +196,9 @@ def run_evaluate(ctx: RunContext) -> StageResult:
     pairs = als.interactions(train).cache()
     factors = als.fit_als(pairs, ctx.cfg.als)
     base_id = embed.base_model_id(ctx.cfg.embed)
-    embeddings = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select("item_id", "embedding")
+    embeddings = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
+        "item_id", "embedding"
+    )
     items = recommend.item_frame(
         ctx.store.read("items"),
         popularity=recommend.popularity_frame(train),
@@ -206,23 +213,34 @@ def run_evaluate(ctx: RunContext) -> StageResult:
         history=pairs.select("user_id", "item_id"),
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.users,
-        n_blocks=recommend.n_blocks_for(len(relevant), ctx.cfg.recommend.user_block_size),
     ).cache()
+    partitions = recommend.scoring_partitions(
+        len(relevant), ctx.cfg.recommend.user_block_size, ctx.spark.sparkContext.defaultParallelism
+    )
 
-    variants = {"popularity": dataclasses.replace(full, als=None, has_als=None, text=None, has_text=None)}
+    variants = {
+        "popularity": dataclasses.replace(full, als=None, has_als=None, text=None, has_text=None)
+    }
     if full.als is not None:
         variants["als"] = dataclasses.replace(full, text=None, has_text=None)
     if full.text is not None:
         variants["text"] = dataclasses.replace(full, als=None, has_als=None)
     else:
-        log.warning("evaluate: no %s embeddings in item_embeddings; text and hybrid skipped", base_id)
+        log.warning(
+            "evaluate: no %s embeddings in item_embeddings; text and hybrid skipped", base_id
+        )
     if full.als is not None and full.text is not None:
         variants["hybrid"] = full
     broadcasts = {model: ctx.spark.sparkContext.broadcast(m) for model, m in variants.items()}
     scored = None
     for model, bc in broadcasts.items():
         one = recommend.score_users(
-            users, bc, n=ks[-1], text_weight=ctx.cfg.recommend.text_weight
+            users,
+            bc,
+            n=ks[-1],
+            text_weight=ctx.cfg.recommend.text_weight,
+            block_size=ctx.cfg.recommend.user_block_size,
+            partitions=partitions,
         ).select(F.lit(model).alias("model"), "user_id", "rank", "item_id")
         scored = one if scored is None else scored.unionByName(one)
     ranked: dict[str, dict[str, list[tuple[int, str]]]] = {model: {} for model in variants}
@@ -257,7 +275,8 @@ def run_evaluate(ctx: RunContext) -> StageResult:
     return StageResult(
         rows_in=n_users,
         metrics=metrics,
-        params={f"evaluate.{k}": v for k, v in vars(cfg).items()} | {"evaluate.text_model": base_id},
+        params={f"evaluate.{k}": v for k, v in vars(cfg).items()}
+        | {"evaluate.text_model": base_id},
         artifacts={"evaluation_report": path},
         summary={
             "test_users": n_users,

@@ -1,17 +1,19 @@
 """Top-N scoring: hybrid ALS + text scores per user block, a quality gate, then publishing.
 
 The core is numpy (`top_n_block`, `select_top_n`, `hybrid_top_n`, `score_block_frame`):
-it is what a pandas UDF runs per block of users, with the item matrices broadcast once
-(`ItemMatrices`). No user x item cross join is ever built in Spark: users are hashed into
-blocks of about `recommend.user_block_size` and each block is one matrix product plus a
-partial sort. The evaluation stage scores its holdout users with the same functions.
+it is what a pandas UDF (`mapInPandas`) runs per block of users, with the item matrices
+broadcast once (`ItemMatrices`). No user x item cross join is ever built in Spark: users are
+spread over tasks, each task scores blocks of `recommend.user_block_size` users, and each
+block is one matrix product plus a partial sort. The evaluation stage scores its holdout
+users with the same functions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,7 +314,9 @@ def _source_codes(
         items.has_als[indices] if items.has_als is not None else np.zeros(indices.shape, dtype=bool)
     )
     item_text = (
-        items.has_text[indices] if items.has_text is not None else np.zeros(indices.shape, dtype=bool)
+        items.has_text[indices]
+        if items.has_text is not None
+        else np.zeros(indices.shape, dtype=bool)
     )
     als_on = item_als & user_has_als[:, None]
     text_on = item_text & user_has_text[:, None]
@@ -361,7 +365,9 @@ def score_block_frame(
     )
 
 
-def _stack_factors(features: pd.Series, items: ItemMatrices) -> tuple[np.ndarray | None, np.ndarray]:
+def _stack_factors(
+    features: pd.Series, items: ItemMatrices
+) -> tuple[np.ndarray | None, np.ndarray]:
     has = np.array([f is not None and len(f) > 0 for f in features], dtype=bool)
     if items.als is None:
         return None, np.zeros(len(features), dtype=bool)
@@ -465,9 +471,8 @@ def user_frame(
     history: DataFrame,
     item_index: DataFrame,
     user_factors: DataFrame | None,
-    n_blocks: int,
 ) -> DataFrame:
-    """One row per user: user_id, block, als_features (null without a factor), history (item indices).
+    """One row per user: user_id, als_features (null without a factor), history (item indices).
 
     `history` has (user_id, item_id) pairs; `item_index` (item_id, item_idx).
     """
@@ -479,13 +484,15 @@ def user_frame(
     frame = users.select("user_id").distinct().join(seen, "user_id", "left")
     if user_factors is not None:
         frame = frame.join(
-            user_factors.select(F.col("id").alias("user_id"), F.col("features").alias("als_features")),
+            user_factors.select(
+                F.col("id").alias("user_id"), F.col("features").alias("als_features")
+            ),
             "user_id",
             "left",
         )
     else:
         frame = frame.withColumn("als_features", F.lit(None).cast("array<float>"))
-    return frame.withColumn("block", F.pmod(F.xxhash64("user_id"), F.lit(n_blocks)).cast("int"))
+    return frame
 
 
 def score_users(
@@ -496,27 +503,37 @@ def score_users(
     text_weight: float,
     exclude_seen: bool = True,
     max_per_category: int = 0,
+    block_size: int = 2048,
+    partitions: int | None = None,
 ) -> DataFrame:
-    """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, one pandas UDF call per block.
+    """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, scored `block_size` users at a time.
 
-    `items` is a broadcast `ItemMatrices`; workers deserialize it once and reuse it.
+    `items` is a broadcast `ItemMatrices` (deserialized once per Python worker). With
+    `partitions`, users are first spread evenly (round robin) over that many tasks.
     """
 
-    def score(block: pd.DataFrame) -> pd.DataFrame:
-        return score_block_frame(
-            block,
-            items.value,
-            n=n,
-            text_weight=text_weight,
-            exclude_seen=exclude_seen,
-            max_per_category=max_per_category,
-        )
+    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        matrices = items.value
+        for batch in batches:
+            for start in range(0, len(batch), block_size):
+                yield score_block_frame(
+                    batch.iloc[start : start + block_size],
+                    matrices,
+                    n=n,
+                    text_weight=text_weight,
+                    exclude_seen=exclude_seen,
+                    max_per_category=max_per_category,
+                )
 
-    return (
-        users.select("block", "user_id", "als_features", "history")
-        .groupBy("block")
-        .applyInPandas(score, schema=SCORED_SCHEMA)
-    )
+    frame = users.select("user_id", "als_features", "history")
+    if partitions:
+        frame = frame.repartition(partitions)
+    return frame.mapInPandas(score, schema=SCORED_SCHEMA)
+
+
+def scoring_partitions(n_users: int, block_size: int, parallelism: int) -> int:
+    """Tasks for scoring: one per `block_size` users, at least one per core."""
+    return max(1, parallelism, math.ceil(n_users / max(1, block_size)))
 
 
 def gate_report(
@@ -611,22 +628,23 @@ def broadcast_items(ctx: RunContext, frame: DataFrame) -> tuple[Broadcast, ItemM
     return ctx.spark.sparkContext.broadcast(matrices), matrices
 
 
-def n_blocks_for(n_users: int, block_size: int) -> int:
-    return max(1, math.ceil(n_users / max(1, block_size)))
-
-
 def run_recommend(ctx: RunContext) -> StageResult:
     """Score every known user for ctx.ds, gate the result, overwrite its `recommendations` partition."""
     from llmrec_spark import als  # here, not at the top: pandas UDF workers import this module
 
     cfg: RecommendConfig = ctx.cfg.recommend
+    started = time.perf_counter()
     window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
     factors = ctx.store.read("als_factors", where={"ds": ctx.ds})
     if factors.limit(1).count() == 0:
-        raise InputError(f"no ALS factors for ds={ctx.ds}; run `llmrec train-als --ds {ctx.ds}` first")
+        raise InputError(
+            f"no ALS factors for ds={ctx.ds}; run `llmrec train-als --ds {ctx.ds}` first"
+        )
     catalog = ctx.store.read("items")
     if catalog.limit(1).count() == 0:
-        raise InputError("the items table is empty; run `llmrec clean` (it loads the catalog) first")
+        raise InputError(
+            "the items table is empty; run `llmrec clean` (it loads the catalog) first"
+        )
     embeddings, text_model = embedding_frame(ctx)
 
     items = item_frame(
@@ -637,6 +655,14 @@ def run_recommend(ctx: RunContext) -> StageResult:
         exclude_categories=cfg.exclude_categories,
     ).cache()
     items_bc, matrices = broadcast_items(ctx, items)
+    log.info(
+        "recommend: %d items (%d eligible, %s ALS, %s text) broadcast after %.1fs",
+        matrices.size,
+        int(matrices.eligible.sum()),
+        0 if matrices.has_als is None else int(matrices.has_als.sum()),
+        0 if matrices.has_text is None else int(matrices.has_text.sum()),
+        time.perf_counter() - started,
+    )
 
     seen = window.select("user_id", "item_id").distinct()
     users = (
@@ -655,7 +681,6 @@ def run_recommend(ctx: RunContext) -> StageResult:
         history=seen,
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.where(F.col("kind") == "user"),
-        n_blocks=n_blocks_for(n_users, cfg.user_block_size),
     )
     model_version = ctx.parent_run_id or "local"
     recs = (
@@ -666,12 +691,24 @@ def run_recommend(ctx: RunContext) -> StageResult:
             text_weight=cfg.text_weight,
             exclude_seen=cfg.exclude_seen,
             max_per_category=cfg.max_per_category,
+            block_size=cfg.user_block_size,
+            partitions=scoring_partitions(
+                n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
+            ),
         )
         .withColumn("model_version", F.lit(model_version))
         .withColumn("ds", F.lit(ctx.ds))
         .cache()
     )
+    scoring_started = time.perf_counter()
     report = gate_report(recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n).first()
+    scoring_s = time.perf_counter() - scoring_started
+    log.info(
+        "recommend: scored and gated %d users in %.1fs (%.0f users/s)",
+        n_users,
+        scoring_s,
+        n_users / max(scoring_s, 1e-9),
+    )
     check_gate(report.asDict(), top_n=cfg.top_n)
 
     ctx.store.overwrite(
@@ -693,14 +730,21 @@ def run_recommend(ctx: RunContext) -> StageResult:
     items.unpersist()
     items_bc.unpersist()
     log.info(
-        "recommend: %d users x top-%d from %d items, sources %s, text model %s",
-        n_users, cfg.top_n, matrices.size, shares, text_model,
+        "recommend: %d users x top-%d from %d items, sources %s, text model %s (%.1fs)",
+        n_users,
+        cfg.top_n,
+        matrices.size,
+        shares,
+        text_model,
+        time.perf_counter() - started,
     )
     return StageResult(
         rows_in=n_users,
         rows_out=n_rows,
-        params={f"recommend.{k}": v for k, v in vars(cfg).items()} | {"recommend.text_model": text_model},
-        metrics={"recommend_users": float(n_users)} | {f"share_{s}": v for s, v in shares.items()},
+        params={f"recommend.{k}": v for k, v in vars(cfg).items()}
+        | {"recommend.text_model": text_model},
+        metrics={"recommend_users": float(n_users), "scoring_seconds": scoring_s}
+        | {f"share_{s}": v for s, v in shares.items()},
         summary={
             "users": n_users,
             "items": matrices.size,
@@ -717,10 +761,15 @@ def sample_lists(
 ) -> list[dict[str, Any]]:
     """Top items with titles for a few users (one per top-1 source first): the nightly prints them."""
     firsts = (
-        recs.where(F.col("rank") == 1).groupBy("source").agg(F.min("user_id").alias("user_id")).collect()
+        recs.where(F.col("rank") == 1)
+        .groupBy("source")
+        .agg(F.min("user_id").alias("user_id"))
+        .collect()
     )
     order = {s: i for i, s in enumerate(SOURCES)}
-    chosen = [r["user_id"] for r in sorted(firsts, key=lambda r: order.get(r["source"], len(order)))]
+    chosen = [
+        r["user_id"] for r in sorted(firsts, key=lambda r: order.get(r["source"], len(order)))
+    ]
     chosen = chosen[:n_users]
     if len(chosen) < n_users:
         more = (
@@ -741,16 +790,22 @@ def sample_lists(
     wanted = {r["item_id"] for r in rows} | {r["item_id"] for r in touched}
     titles = {
         r["item_id"]: (r["title"], r["category"])
-        for r in catalog.where(F.col("item_id").isin(sorted(wanted))).select("item_id", "title", "category").collect()
+        for r in catalog.where(F.col("item_id").isin(sorted(wanted)))
+        .select("item_id", "title", "category")
+        .collect()
     }
     out = []
     for user in chosen:
-        recent = sorted((r for r in touched if r["user_id"] == user), key=lambda r: r["last_ts"], reverse=True)
+        recent = sorted(
+            (r for r in touched if r["user_id"] == user), key=lambda r: r["last_ts"], reverse=True
+        )
         items = sorted((r for r in rows if r["user_id"] == user), key=lambda r: r["rank"])
         out.append(
             {
                 "user_id": user,
-                "history": [titles.get(r["item_id"], (r["item_id"],))[0] or r["item_id"] for r in recent[:5]],
+                "history": [
+                    titles.get(r["item_id"], (r["item_id"],))[0] or r["item_id"] for r in recent[:5]
+                ],
                 "items": [
                     {
                         "rank": r["rank"],

@@ -82,7 +82,7 @@ ITEM_EMBEDDINGS = StructType(
         StructField("text_hash", StringType(), False),
         StructField("model_id", StringType(), False),
         StructField("dim", IntegerType(), False),
-        StructField("embedding", ArrayType(FloatType(), False), False),
+        StructField("embedding", ArrayType(FloatType()), False),
         StructField("ds", StringType(), False),
     ]
 )
@@ -90,7 +90,7 @@ ITEM_EMBEDDINGS = StructType(
 ALS_FACTORS = StructType(
     [
         StructField("id", StringType(), False),
-        StructField("features", ArrayType(FloatType(), False), False),
+        StructField("features", ArrayType(FloatType()), False),
         StructField("kind", StringType(), False),
         StructField("ds", StringType(), False),
     ]

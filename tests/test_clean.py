@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import Row
 from pyspark.testing import assertDataFrameEqual
+from test_demo import TINY
 
 from llmrec_spark import clean
 from llmrec_spark.clean import (
@@ -28,8 +29,6 @@ from llmrec_spark.context import RunContext
 from llmrec_spark.demo import generate_demo
 from llmrec_spark.errors import ConfigError, GateError, InputError
 from llmrec_spark.schema import EVENTS_CLEAN
-
-from test_demo import TINY
 
 DS = "2026-11-23"
 ABSENT = object()
@@ -92,14 +91,20 @@ REASON_CASES = {
     event("rating-half", event_type="rating", value=0.5): ["bad_rating"],
     event("two", user_id=None, event_type="share"): ["missing_user", "unknown_event_type"],
     event("three", item_id="i999", event_ts="2026-12-30T00:00:00Z", source="y" * 300): [
-        "future_timestamp", "unknown_item", "oversized_field",
+        "future_timestamp",
+        "unknown_item",
+        "oversized_field",
     ],
 }
 
 
 def _validate(spark, raws, **overrides):
     params = dict(
-        ds=DS, known_items=items_df(spark), max_field_chars=256, max_future_skew_s=3600, max_late_days=30
+        ds=DS,
+        known_items=items_df(spark),
+        max_field_chars=256,
+        max_future_skew_s=3600,
+        max_late_days=30,
     )
     params.update(overrides)
     return lines_df(spark, raws).transform(parse_raw).transform(validate_events, **params)
@@ -113,7 +118,13 @@ def test_every_reason_code_on_hand_written_lines(spark):
 
 def test_validation_normalises_fields(spark):
     raws = [
-        event("e1", user_id=" u7 ", event_type=" Click ", value=3.0, event_ts="2026-11-23T10:00:00.5+01:00"),
+        event(
+            "e1",
+            user_id=" u7 ",
+            event_type=" Click ",
+            value=3.0,
+            event_ts="2026-11-23T10:00:00.5+01:00",
+        ),
         event(ABSENT, item_id="i2"),
     ]
     rows = _validate(spark, raws).orderBy("line_seq").collect()
@@ -159,8 +170,12 @@ def _dedup(spark, raws, source_file="file:/a.jsonl", prior=None, window_s=10):
         lines_df(spark, raws, source_file)
         .transform(parse_raw)
         .transform(
-            validate_events, ds=DS, known_items=items_df(spark), max_field_chars=256,
-            max_future_skew_s=3600, max_late_days=30,
+            validate_events,
+            ds=DS,
+            known_items=items_df(spark),
+            max_field_chars=256,
+            max_future_skew_s=3600,
+            max_late_days=30,
         )
     )
     return valid.transform(dedup_events, window_s=window_s, prior=prior)
@@ -186,7 +201,11 @@ def test_dedup_does_not_depend_on_input_order(spark):
     assert shuffled != DEDUP_LINES
     columns = ["event_id", "user_id", "item_id", "event_type", "event_ts", "duplicate"]
     a = _dedup(spark, DEDUP_LINES).where("duplicate IS NULL").select(columns)
-    b = _dedup(spark, shuffled, source_file="file:/b.jsonl").where("duplicate IS NULL").select(columns)
+    b = (
+        _dedup(spark, shuffled, source_file="file:/b.jsonl")
+        .where("duplicate IS NULL")
+        .select(columns)
+    )
     assertDataFrameEqual(a, b)
     assert _outcome_by_id(_dedup(spark, list(reversed(DEDUP_LINES)))) == DEDUP_EXPECTED
 
@@ -197,7 +216,9 @@ def test_duplicates_of_already_clean_events_are_caught(spark):
             Row(event_id="p1", user_id="u3", item_id="i2", event_type="view", ts=_ts(100)),
             Row(event_id="p2", user_id="u3", item_id="i3", event_type="cart", ts=_ts(100)),
         ]
-    ).selectExpr("event_id", "user_id", "item_id", "event_type", "CAST(ts AS TIMESTAMP) AS event_ts")
+    ).selectExpr(
+        "event_id", "user_id", "item_id", "event_type", "CAST(ts AS TIMESTAMP) AS event_ts"
+    )
     raws = [
         event("p1", user_id="u3", item_id="i2", event_ts=_ts(100)),  # already clean
         event("n1", user_id="u3", item_id="i2", event_ts=_ts(107)),  # 7 s after a clean one
@@ -209,7 +230,12 @@ def test_duplicates_of_already_clean_events_are_caught(spark):
     got = _outcome_by_id(_dedup(spark, raws, prior=prior))
     # n5 is compared with the previous *kept* event (the clean one), not with the dropped n1.
     assert got == {
-        "p1": ["exact"], "n1": ["near"], "n2": ["near"], "n5": [None], "n3": [None], "n4": [None],
+        "p1": ["exact"],
+        "n1": ["near"],
+        "n2": ["near"],
+        "n5": [None],
+        "n3": [None],
+        "n4": [None],
     }
 
 
@@ -239,7 +265,9 @@ def test_add_weights_by_type_and_rating_value(spark):
         "event_type string, value double",
     )
     weighted = events.transform(
-        add_weights, event_weights={"view": 1.0, "purchase": 8.0, "rating": 99.0}, rating_weight_scale=0.5
+        add_weights,
+        event_weights={"view": 1.0, "purchase": 8.0, "rating": 99.0},
+        rating_weight_scale=0.5,
     )
     assert [r["weight"] for r in weighted.collect()] == [1.0, 8.0, 2.0, 0.5]
 
@@ -256,19 +284,37 @@ def test_clean_events_assigns_every_line_one_outcome(spark):
         *DEDUP_LINES,
         "not json",
         event("q1", item_id="i999"),
-        *[event(f"b{k}", user_id="bot", item_id=f"i{1 + k % 3}", event_ts=_ts(60 * k)) for k in range(5)],
+        *[
+            event(f"b{k}", user_id="bot", item_id=f"i{1 + k % 3}", event_ts=_ts(60 * k))
+            for k in range(5)
+        ],
     ]
-    cfg = CleanConfig(bot_max_events_per_day=4, event_weights={**CleanConfig().event_weights, "click": 3.0})
-    outcomes = clean_events(lines_df(spark, raws), ds=DS, known_items=items_df(spark), prior=None, cfg=cfg)
+    cfg = CleanConfig(
+        bot_max_events_per_day=4, event_weights={**CleanConfig().event_weights, "click": 3.0}
+    )
+    outcomes = clean_events(
+        lines_df(spark, raws), ds=DS, known_items=items_df(spark), prior=None, cfg=cfg
+    )
     got = sorted(
-        (r["raw"] if r["outcome"] == "quarantined" else r["event_id"], r["outcome"], r["reasons"], r["weight"])
+        (
+            r["raw"] if r["outcome"] == "quarantined" else r["event_id"],
+            r["outcome"],
+            r["reasons"],
+            r["weight"],
+        )
         for r in outcomes.collect()
     )
     expected = sorted(
         [
-            ("e1", "clean", [], 1.0), ("e1", "duplicate", [], None), ("e2", "duplicate", [], None),
-            ("e3", "duplicate", [], None), ("e4", "clean", [], 1.0), ("e5", "clean", [], 3.0),
-            ("e6", "clean", [], 1.0), ("e6", "duplicate", [], None), ("e8", "duplicate", [], None),
+            ("e1", "clean", [], 1.0),
+            ("e1", "duplicate", [], None),
+            ("e2", "duplicate", [], None),
+            ("e3", "duplicate", [], None),
+            ("e4", "clean", [], 1.0),
+            ("e5", "clean", [], 3.0),
+            ("e6", "clean", [], 1.0),
+            ("e6", "duplicate", [], None),
+            ("e8", "duplicate", [], None),
             ("not json", "quarantined", ["malformed"], None),
             (event("q1", item_id="i999"), "quarantined", ["unknown_item"], None),
             *[(f"b{k}", "excluded", ["bot"], 1.0) for k in range(5)],
@@ -288,7 +334,10 @@ def _write_landing(root: Path, ds: str, files: dict[str, bytes], items=("i1", "i
     catalog = root / "landing" / "catalog"
     catalog.mkdir(parents=True, exist_ok=True)
     (catalog / "items.jsonl").write_text(
-        "".join(json.dumps({"item_id": i, "title": f"Item {i}", "added_ds": "2026-01-01"}) + "\n" for i in items)
+        "".join(
+            json.dumps({"item_id": i, "title": f"Item {i}", "added_ds": "2026-01-01"}) + "\n"
+            for i in items
+        )
     )
 
 
@@ -317,9 +366,16 @@ def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
             b"{" * 10_000 + b"\n",
         ]
     )
-    _write_landing(tmp_path, DS, {"part-0.jsonl": garbage, "empty.jsonl": b"", "nul.jsonl": b"\x00" * 64})
+    _write_landing(
+        tmp_path, DS, {"part-0.jsonl": garbage, "empty.jsonl": b"", "nul.jsonl": b"\x00" * 64}
+    )
     result = run_clean(_ctx(cfg, spark, store))
-    assert (result.rows_in, result.rows_out, result.rows_quarantined, result.rows_duplicate) == (7, 1, 6, 0)
+    assert (result.rows_in, result.rows_out, result.rows_quarantined, result.rows_duplicate) == (
+        7,
+        1,
+        6,
+        0,
+    )
     assert result.metrics["blank_lines"] == 2
     clean_rows = store.read("events_clean").collect()
     assert [(r["event_id"], r["user_id"], r["ds"], r["ingest_ds"]) for r in clean_rows] == [
@@ -373,7 +429,9 @@ def demo_run(spark, tmp_path_factory):
     from llmrec_spark.io.tables import open_store
 
     root = tmp_path_factory.mktemp("clean_demo")
-    cfg = make_config(root, "clean.bot_max_events_per_day=60", "clean.bot_max_distinct_items_per_day=45")
+    cfg = make_config(
+        root, "clean.bot_max_events_per_day=60", "clean.bot_max_distinct_items_per_day=45"
+    )
     planted = generate_demo(TINY, cfg.path(cfg.storage.landing), DS)
     store = open_store(spark, cfg.path(cfg.storage.lakehouse), "embedded")
     first = run_clean(_ctx(cfg, spark, store, "2026-11-22"))
@@ -389,10 +447,15 @@ def test_demo_reconciles_and_finds_the_planted_dirt(demo_run):
         key: sum(getattr(r, key) for r in results)
         for key in ("rows_in", "rows_out", "rows_duplicate", "rows_quarantined", "rows_excluded")
     }
-    reasons = {code: sum(r.metrics[f"quarantine_{code}"] for r in results) for code in clean.REASONS}
+    reasons = {
+        code: sum(r.metrics[f"quarantine_{code}"] for r in results) for code in clean.REASONS
+    }
     assert total["rows_in"] == planted["events"]
     assert total["rows_in"] == (
-        total["rows_out"] + total["rows_duplicate"] + total["rows_quarantined"] + total["rows_excluded"]
+        total["rows_out"]
+        + total["rows_duplicate"]
+        + total["rows_quarantined"]
+        + total["rows_excluded"]
     )
     assert reasons == {
         "malformed": planted["malformed"],

@@ -14,6 +14,7 @@ import pytest
 from llmrec_spark import demo
 from llmrec_spark.config import DemoConfig
 from llmrec_spark.demo import build_world, generate_demo
+from llmrec_spark.errors import ConfigError
 
 END_DS = "2026-11-23"
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -41,7 +42,9 @@ TINY = DemoConfig(
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _events(root: Path) -> list[tuple[str, str]]:
@@ -78,7 +81,9 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
 
 def test_catalog_has_topic_text_and_cold_start_items(tmp_path):
     summary = generate_demo(TINY, str(tmp_path), END_DS)
-    items = [json.loads(line) for line in (tmp_path / "catalog" / "items.jsonl").read_text().splitlines()]
+    items = [
+        json.loads(line) for line in (tmp_path / "catalog" / "items.jsonl").read_text().splitlines()
+    ]
     assert len(items) == summary["items"] == 45
     assert [it["item_id"] for it in items[:3]] == ["i000001", "i000002", "i000003"]
     assert all(
@@ -92,16 +97,24 @@ def test_catalog_has_topic_text_and_cold_start_items(tmp_path):
     # Titles and descriptions come from the topic vocabularies.
     vocab: dict[str, set[str]] = {}
     for topic in demo.TOPICS:
-        vocab.setdefault(topic.category, set()).update(w.lower() for n in topic.nouns for w in n.split())
+        vocab.setdefault(topic.category, set()).update(
+            w.lower() for n in topic.nouns for w in n.split()
+        )
     for it in items:
         assert any(word in it["title"].lower().split() for word in vocab[it["category"]]), it
-    events = [json.loads(line) for _, line in _events(tmp_path) if line.startswith("{") and line.endswith("}")]
+    events = [
+        json.loads(line)
+        for _, line in _events(tmp_path)
+        if line.startswith("{") and line.endswith("}")
+    ]
     assert not {e.get("item_id") for e in events} & {it["item_id"] for it in new}
 
 
 def test_event_lines_are_well_formed_and_dirt_counts_match(tmp_path):
     summary = generate_demo(TINY, str(tmp_path), END_DS)
-    catalog = {json.loads(line)["item_id"] for line in (tmp_path / "catalog" / "items.jsonl").open()}
+    catalog = {
+        json.loads(line)["item_id"] for line in (tmp_path / "catalog" / "items.jsonl").open()
+    }
     found = Counter()
     ids = Counter()
     lines = _events(tmp_path)
@@ -138,12 +151,25 @@ def test_event_lines_are_well_formed_and_dirt_counts_match(tmp_path):
     found["exact_duplicates"] = sum(n - 1 for n in ids.values())
     assert len(lines) == summary["events"]
     for kind in (
-        "malformed", "missing_fields", "unknown_items", "unknown_event_types", "bad_timestamps",
-        "late", "bot_events", "exact_duplicates",
+        "malformed",
+        "missing_fields",
+        "unknown_items",
+        "unknown_event_types",
+        "bad_timestamps",
+        "late",
+        "bot_events",
+        "exact_duplicates",
     ):
         assert found[kind] == summary[kind], kind
     assert summary["bot_events"] == TINY.n_bots * TINY.bot_events_per_day * TINY.days
-    for kind in ("malformed", "missing_fields", "unknown_items", "late", "retries", "exact_duplicates"):
+    for kind in (
+        "malformed",
+        "missing_fields",
+        "unknown_items",
+        "late",
+        "retries",
+        "exact_duplicates",
+    ):
         assert summary[kind] > 0, kind
 
 
@@ -163,7 +189,9 @@ def test_retries_repeat_an_event_one_to_five_seconds_later(tmp_path):
         if e["event_id"] in seen_ids:
             continue
         seen_ids.add(e["event_id"])
-        by_key.setdefault((e["user_id"], e.get("item_id"), e["event_type"]), []).append(_parse_ts(e["event_ts"]))
+        by_key.setdefault((e["user_id"], e.get("item_id"), e["event_type"]), []).append(
+            _parse_ts(e["event_ts"])
+        )
     gaps = [
         (b - a).total_seconds()
         for stamps in by_key.values()
@@ -214,5 +242,22 @@ def test_small_chunks_write_the_same_kinds_of_lines(tmp_path, monkeypatch):
 def test_one_folder_per_day_ending_at_end_ds(tmp_path, days):
     generate_demo(DemoConfig(**{**TINY.__dict__, "days": days}), str(tmp_path), "2026-03-01")
     folders = sorted(p.name for p in (tmp_path / "events").iterdir())
-    expected = ["ds=2026-03-01"] if days == 1 else ["ds=2026-02-27", "ds=2026-02-28", "ds=2026-03-01"]
+    expected = (
+        ["ds=2026-03-01"] if days == 1 else ["ds=2026-02-27", "ds=2026-02-28", "ds=2026-03-01"]
+    )
     assert folders == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"malformed_rate": 1.5}, r"demo.malformed_rate=1.5: rates must lie within \[0, 1\]"),
+        ({"late_rate": 0.6, "malformed_rate": 0.5}, "add up to more than 1"),
+        ({"days": 0}, "demo.days: must be at least 1"),
+    ],
+)
+def test_impossible_settings_are_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        generate_demo(DemoConfig(**{**TINY.__dict__, **override}), str(tmp_path), END_DS)
+    with pytest.raises(ConfigError, match="not a date"):
+        generate_demo(TINY, str(tmp_path), "23/11/2026")

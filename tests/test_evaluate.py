@@ -65,12 +65,16 @@ def test_mean_metrics_skips_users_without_positives_and_zeroes_missing_lists():
     assert means["ndcg@2"] == pytest.approx((1 / LOG2_3) / 2)
     assert means["precision@2"] == pytest.approx(0.25)
     assert means["map@2"] == pytest.approx(0.25)
-    assert set(means) == {f"{m}@{k}" for m in ("precision", "recall", "ndcg", "map", "hit_rate") for k in (1, 2)}
+    assert set(means) == {
+        f"{m}@{k}" for m in ("precision", "recall", "ndcg", "map", "hit_rate") for k in (1, 2)
+    }
 
 
 def test_tied_scores_rank_the_lower_item_index_first():
     # Items 0 and 1 tie for user 0; the rule (lower index first) puts the relevant item 1 second.
-    indices, _ = top_n_block(np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [2.0, 5.0], [1.0, 0.0]]), 3)
+    indices, _ = top_n_block(
+        np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [2.0, 5.0], [1.0, 0.0]]), 3
+    )
     ranked = ["i0", "i1", "i2"]
     recommended = [ranked[j] for j in indices[0]]
     assert recommended == ["i0", "i1", "i2"]
@@ -88,7 +92,9 @@ def test_metrics_match_spark_ranking_metrics(spark):
         recommended[u] = [int(x) for x in rng.choice(30, size=rng.integers(0, 12), replace=False)]
         relevant[u] = {int(x) for x in rng.choice(30, size=rng.integers(1, 8), replace=False)}
     ours = mean_metrics(recommended, relevant, [3, 10])
-    pairs = spark.sparkContext.parallelize([(recommended[u], sorted(relevant[u])) for u in range(25)])
+    pairs = spark.sparkContext.parallelize(
+        [(recommended[u], sorted(relevant[u])) for u in range(25)]
+    )
     spark_metrics = RankingMetrics(pairs)
     for k in (3, 10):
         assert ours[f"precision@{k}"] == pytest.approx(spark_metrics.precisionAt(k))
@@ -111,15 +117,26 @@ def test_user_temporal_split_cuts_by_time_and_leaks_nothing(spark):
         [("ua", f"a{h}", ts(h), 1.0) for h in range(8)]
         + [("ua", "a8", ts(8), 4.0), ("ua", "a9", ts(9), 1.0)]
         # ub: 5 events, the last two tied in time -> both on the test side of the cut.
-        + [("ub", "b0", ts(0), 1.0), ("ub", "b1", ts(1), 1.0), ("ub", "b2", ts(2), 1.0),
-           ("ub", "b3", ts(3), 2.0), ("ub", "b4", ts(3), 8.0)]
+        + [
+            ("ub", "b0", ts(0), 1.0),
+            ("ub", "b1", ts(1), 1.0),
+            ("ub", "b2", ts(2), 1.0),
+            ("ub", "b3", ts(3), 2.0),
+            ("ub", "b4", ts(3), 8.0),
+        ]
         # uc: its held-out positive is an item it already had in train -> no test user.
-        + [("uc", "c0", ts(0), 1.0), ("uc", "c1", ts(1), 1.0), ("uc", "c2", ts(2), 1.0),
-           ("uc", "c0", ts(3), 8.0)]
+        + [
+            ("uc", "c0", ts(0), 1.0),
+            ("uc", "c1", ts(1), 1.0),
+            ("uc", "c2", ts(2), 1.0),
+            ("uc", "c0", ts(3), 8.0),
+        ]
         # ud: only two training items -> not evaluated, but its training events stay.
         + [("ud", "d0", ts(0), 1.0), ("ud", "d1", ts(1), 1.0), ("ud", "d2", ts(2), 8.0)]
     )
-    events = spark.createDataFrame(rows, "user_id string, item_id string, event_ts timestamp, weight double")
+    events = spark.createDataFrame(
+        rows, "user_id string, item_id string, event_ts timestamp, weight double"
+    )
 
     train, test = user_temporal_split(events, test_fraction=0.2, positive_min_weight=2.0)
 
@@ -163,8 +180,13 @@ def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp
     from llmrec_spark.evaluate import run_evaluate
 
     cfg = make_config(
-        tmp_path, "evaluate.ks=[1, 5]", "evaluate.test_fraction=0.25", "evaluate.bootstrap_samples=20",
-        "als.rank=4", "als.max_iter=3", "als.train_days=7",
+        tmp_path,
+        "evaluate.ks=[1, 5]",
+        "evaluate.test_fraction=0.25",
+        "evaluate.bootstrap_samples=20",
+        "als.rank=4",
+        "als.max_iter=3",
+        "als.train_days=7",
     )
     catalog = spark.createDataFrame(
         [(f"i{j}", f"Title {j}", "", "c", "", "true", "2026-11-01") for j in range(10)],
@@ -182,19 +204,45 @@ def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp
     store.append(
         "events_clean",
         spark.createDataFrame(
-            [(f"e{k}", u, i, "view", t, None, None, w, t.date().isoformat(), t.date().isoformat())
-             for k, (u, i, t, w) in enumerate(events)],
+            [
+                (
+                    f"e{k}",
+                    u,
+                    i,
+                    "view",
+                    t,
+                    None,
+                    None,
+                    w,
+                    t.date().isoformat(),
+                    t.date().isoformat(),
+                )
+                for k, (u, i, t, w) in enumerate(events)
+            ],
             store.spec("events_clean").schema,
         ),
     )
     # Text: i0 is near i1 (so u0-u3 reach it); i9 is near i0 (so u4-u7 reach it); others one-hot.
     vectors = {f"i{j}": unit((j, 1.0)) for j in range(2, 9)}
-    vectors |= {"i0": unit((0, 1.0), (1, 1.0)), "i1": unit((1, 1.0), (10, 1.0)), "i9": unit((0, 1.0), (11, 0.2))}
-    hashes = {r["item_id"]: r["text_hash"] for r in embed.item_text(
-        catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars).collect()}
+    vectors |= {
+        "i0": unit((0, 1.0), (1, 1.0)),
+        "i1": unit((1, 1.0), (10, 1.0)),
+        "i9": unit((0, 1.0), (11, 0.2)),
+    }
+    hashes = {
+        r["item_id"]: r["text_hash"]
+        for r in embed.item_text(
+            catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
+        ).collect()
+    }
     model_id = embed.base_model_id(cfg.embed)
-    store.append("item_embeddings", spark.createDataFrame(
-        [(i, hashes[i], model_id, 12, v, DS) for i, v in vectors.items()], store.spec("item_embeddings").schema))
+    store.append(
+        "item_embeddings",
+        spark.createDataFrame(
+            [(i, hashes[i], model_id, 12, v, DS) for i, v in vectors.items()],
+            store.spec("item_embeddings").schema,
+        ),
+    )
 
     result = run_evaluate(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
 

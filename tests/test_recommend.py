@@ -21,7 +21,9 @@ from llmrec_spark.recommend import (
 
 def full_sort_top(scores: np.ndarray, n: int) -> np.ndarray:
     """Reference: every item sorted by (-score, index), first n."""
-    return np.array([sorted(range(scores.shape[1]), key=lambda j: (-row[j], j))[:n] for row in scores])
+    return np.array(
+        [sorted(range(scores.shape[1]), key=lambda j: (-row[j], j))[:n] for row in scores]
+    )
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -101,7 +103,12 @@ def test_hybrid_calibrates_each_source_per_user_and_falls_back_to_popularity():
     # a, b, c, d -> z 1, -1, -1, 1. Hybrid = 0.5 * als_z + 0.5 * text_z; d is cold (text only).
     np.testing.assert_array_equal(indices[0], [3, 2, 0, 1])
     np.testing.assert_allclose(scores[0], [1.0, 0.112372, -0.112372, -0.5], atol=1e-5)
-    assert [("hybrid", "als", "text", "popular")[c] for c in codes[0]] == ["text", "hybrid", "hybrid", "hybrid"]
+    assert [("hybrid", "als", "text", "popular")[c] for c in codes[0]] == [
+        "text",
+        "hybrid",
+        "hybrid",
+        "hybrid",
+    ]
     # User 1 has neither a factor nor a history: popularity 9, 5, 3, 1 over e, a, c, b.
     np.testing.assert_array_equal(indices[1], [4, 0, 2, 1])
     np.testing.assert_array_equal(scores[1], [9.0, 5.0, 3.0, 1.0])
@@ -110,7 +117,9 @@ def test_hybrid_calibrates_each_source_per_user_and_falls_back_to_popularity():
 
 def test_hybrid_excludes_ineligible_and_seen_items():
     frame = score_block_frame(
-        pd.DataFrame({"user_id": ["u0"], "als_features": [np.array([1.0])], "history": [np.array([4])]}),
+        pd.DataFrame(
+            {"user_id": ["u0"], "als_features": [np.array([1.0])], "history": [np.array([4])]}
+        ),
         hand_items(eligible=(True, True, False, True, True)),
         n=5,
         text_weight=0.5,
@@ -137,8 +146,16 @@ def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
         mu, sd = arr.mean(), arr.std() or 1.0
         return {j: (v - mu) / sd for j, v in values.items()}
 
-    als_z = zs({j: float(user_als @ items.als[j]) for j in candidates if items.has_als[j]}) if user_als is not None else {}
-    text_z = zs({j: float(user_text @ items.text[j]) for j in candidates if items.has_text[j]}) if user_text is not None else {}
+    als_z = (
+        zs({j: float(user_als @ items.als[j]) for j in candidates if items.has_als[j]})
+        if user_als is not None
+        else {}
+    )
+    text_z = (
+        zs({j: float(user_text @ items.text[j]) for j in candidates if items.has_text[j]})
+        if user_text is not None
+        else {}
+    )
     scored = []
     for j in candidates:
         if j in als_z and j in text_z:
@@ -167,23 +184,36 @@ def test_spark_block_scoring_equals_brute_force(spark):
         has_als=has_als,
         text=(lambda t: t / np.linalg.norm(t, axis=1, keepdims=True))(
             rng.standard_normal((n_items, 6))
-        ).astype(np.float32) * has_text[:, None],
+        ).astype(np.float32)
+        * has_text[:, None],
         has_text=has_text,
     )
     rows = []
     for u in range(n_users):
         factor = None if u % 7 == 0 else rng.standard_normal(4).astype(np.float32).tolist()
-        history = None if u % 5 == 0 else sorted(rng.choice(n_items, size=rng.integers(1, 8), replace=False).tolist())
-        rows.append((f"u{u:02d}", u % 4, factor, history))
-    users = spark.createDataFrame(rows, "user_id string, block int, als_features array<float>, history array<int>")
+        history = (
+            None
+            if u % 5 == 0
+            else sorted(rng.choice(n_items, size=rng.integers(1, 8), replace=False).tolist())
+        )
+        rows.append((f"u{u:02d}", factor, history))
+    users = spark.createDataFrame(
+        rows, "user_id string, als_features array<float>, history array<int>"
+    )
 
     bc = spark.sparkContext.broadcast(items)
-    got = score_users(users, bc, n=n, text_weight=0.3).toPandas().sort_values(["user_id", "rank"])
+    # Three tasks, blocks of 4 users: scoring must not depend on how users are grouped.
+    scored = score_users(users, bc, n=n, text_weight=0.3, block_size=4, partitions=3)
+    got = scored.toPandas().sort_values(["user_id", "rank"])
     bc.unpersist()
 
-    for user_id, _, factor, history in rows:
+    for user_id, factor, history in rows:
         expected = reference_hybrid(
-            None if factor is None else np.array(factor, dtype=np.float32), history or [], items, n, 0.3
+            None if factor is None else np.array(factor, dtype=np.float32),
+            history or [],
+            items,
+            n,
+            0.3,
         )
         mine = got[got["user_id"] == user_id]
         assert mine["item_id"].tolist() == [items.item_ids[j] for j, _, _ in expected], user_id
@@ -208,8 +238,15 @@ def write_lakehouse(spark, store, cfg):
 
     catalog = spark.createDataFrame(
         [
-            (f"i{j:02d}", f"Title {j}", f"description {j}", CATEGORIES[j], "acme",
-             "false" if j == 3 else "true", "2026-11-01")
+            (
+                f"i{j:02d}",
+                f"Title {j}",
+                f"description {j}",
+                CATEGORIES[j],
+                "acme",
+                "false" if j == 3 else "true",
+                "2026-11-01",
+            )
             for j in range(12)
         ],
         store.spec("items").schema,
@@ -217,31 +254,59 @@ def write_lakehouse(spark, store, cfg):
     store.overwrite("items", catalog)
     # (user, item, weight): popularity of eligible items in the window: i00 10, i01 8, i08 6, i09 4.
     history = [
-        ("u1", "i00", 4.0), ("u1", "i04", 1.0),
-        ("u2", "i00", 4.0), ("u2", "i01", 4.0),
-        ("u3", "i01", 4.0), ("u3", "i08", 2.0),
-        ("u4", "i08", 4.0), ("u4", "i09", 4.0),
-        ("u5", "i00", 2.0), ("u5", "i10", 1.0),
+        ("u1", "i00", 4.0),
+        ("u1", "i04", 1.0),
+        ("u2", "i00", 4.0),
+        ("u2", "i01", 4.0),
+        ("u3", "i01", 4.0),
+        ("u3", "i08", 2.0),
+        ("u4", "i08", 4.0),
+        ("u4", "i09", 4.0),
+        ("u5", "i00", 2.0),
+        ("u5", "i10", 1.0),
     ]
     events = [
         (f"e{k}", u, i, "click", TS, None, None, w, "2026-11-22", "2026-11-22")
         for k, (u, i, w) in enumerate(history)
     ]
-    events.append(("old", "u6", "i02", "click", TS - dt.timedelta(days=30), None, None, 50.0, "2026-10-23", "2026-10-23"))
+    events.append(
+        (
+            "old",
+            "u6",
+            "i02",
+            "click",
+            TS - dt.timedelta(days=30),
+            None,
+            None,
+            50.0,
+            "2026-10-23",
+            "2026-10-23",
+        )
+    )
     store.append("events_clean", spark.createDataFrame(events, store.spec("events_clean").schema))
 
     rng = np.random.default_rng(5)
     factors = [(f"u{k}", rng.standard_normal(4).tolist(), "user", DS) for k in range(1, 6)]
     factors += [(f"i{j:02d}", rng.standard_normal(4).tolist(), "item", DS) for j in range(11)]
-    store.overwrite("als_factors", spark.createDataFrame(factors, store.spec("als_factors").schema), partitions={"ds": DS})
+    store.overwrite(
+        "als_factors",
+        spark.createDataFrame(factors, store.spec("als_factors").schema),
+        partitions={"ds": DS},
+    )
 
-    texts = embed.item_text(catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars)
+    texts = embed.item_text(
+        catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
+    )
     hashes = {r["item_id"]: r["text_hash"] for r in texts.collect()}
     model_id = embed.base_model_id(cfg.embed)
     vectors = rng.standard_normal((12, 3))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    rows = [(f"i{j:02d}", hashes[f"i{j:02d}"], model_id, 3, vectors[j].tolist(), DS) for j in range(12)]
-    store.append("item_embeddings", spark.createDataFrame(rows, store.spec("item_embeddings").schema))
+    rows = [
+        (f"i{j:02d}", hashes[f"i{j:02d}"], model_id, 3, vectors[j].tolist(), DS) for j in range(12)
+    ]
+    store.append(
+        "item_embeddings", spark.createDataFrame(rows, store.spec("item_embeddings").schema)
+    )
     return {(u, i) for u, i, _ in history}
 
 
@@ -249,7 +314,11 @@ def stage_config(tmp_path, *overrides):
     from conftest import make_config
 
     return make_config(
-        tmp_path, "als.train_days=7", "contrastive.enabled=false", "recommend.exclude_categories=[toys]", *overrides
+        tmp_path,
+        "als.train_days=7",
+        "contrastive.enabled=false",
+        "recommend.exclude_categories=[toys]",
+        *overrides,
     )
 
 
@@ -273,7 +342,9 @@ def test_run_recommend_publishes_gated_lists(spark, lakehouse, tmp_path):
 
     result = run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
 
-    recs = store.read("recommendations", where={"ds": DS}).toPandas().sort_values(["user_id", "rank"])
+    recs = (
+        store.read("recommendations", where={"ds": DS}).toPandas().sort_values(["user_id", "rank"])
+    )
     assert sorted(recs["user_id"].unique()) == ["u1", "u2", "u3", "u4", "u5", "u6"]
     assert recs.groupby("user_id")["rank"].apply(list).tolist() == [[1, 2, 3]] * 6
     assert not {(u, i) for u, i in zip(recs["user_id"], recs["item_id"], strict=True)} & seen
@@ -318,4 +389,6 @@ def test_gate_failure_raises_and_keeps_the_previous_version(spark, lakehouse, tm
 
     assert store.version("recommendations") == version
     rows = store.read("recommendations").collect()
-    assert [(r["user_id"], r["item_id"], r["model_version"]) for r in rows] == [("u1", "i00", "old-run")]
+    assert [(r["user_id"], r["item_id"], r["model_version"]) for r in rows] == [
+        ("u1", "i00", "old-run")
+    ]
