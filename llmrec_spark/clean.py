@@ -95,8 +95,8 @@ def validate_events(
 ) -> DataFrame:
     """Add `reasons` (array of REASONS codes, empty when valid) and normalise the fields.
 
-    `event_ts` becomes a timestamp, ids are trimmed, `event_type` lower-cased; a missing
-    event_id is replaced by a hash of the raw line, so repeats of that line still dedup.
+    `event_ts` becomes a timestamp, ids are trimmed, `event_type` lower-cased, `value` kept for
+    ratings only; a missing event_id becomes a hash of the raw line, so its repeats still dedup.
     """
     day_start = _epoch_s(ds)
     latest_s = day_start + DAY_S + max_future_skew_s
@@ -431,21 +431,31 @@ def run_clean(ctx: RunContext) -> StageResult:
         raise InputError(f"run date {ds!r} is not a date in YYYY-MM-DD form") from None
     spark = ctx.spark
 
-    all_lines = read_landing_lines(spark, ctx.landing("events", f"ds={ds}"))
-    catalog = normalize_catalog(read_catalog(spark, ctx.landing("catalog"))).cache()
-    n_items = catalog.count()
-    ctx.store.overwrite("items", catalog)
-
-    lookback = [_shift(ds, -d) for d in range(1, cfg.lookback_days + 1)]
-    prior = ctx.store.read("events_clean", where={"ingest_ds": lookback}) if lookback else None
+    landing = ctx.landing("events", f"ds={ds}")
+    all_lines = read_landing_lines(spark, landing)
+    catalog_path = ctx.landing("catalog")
+    raw_catalog = read_catalog(spark, catalog_path)
 
     # Blank lines are not records (as in Spark's own JSON reader); they are counted, not kept.
     is_blank = F.trim(F.col("raw")) == ""
     line_counts = all_lines.agg(
         F.count(F.lit(1)).alias("lines"), F.sum(is_blank.cast("long")).alias("blank")
-    ).first()
+    ).collect()[0]
     rows_in = int(line_counts["lines"]) - int(line_counts["blank"] or 0)
+    if rows_in == 0:
+        raise InputError(
+            f"no event lines under {landing}; check the upstream export or storage.landing"
+        )
     lines = all_lines.where(~is_blank)
+
+    catalog = normalize_catalog(raw_catalog).cache()
+    n_items = catalog.count()
+    if n_items == 0:
+        catalog.unpersist()
+        raise InputError(f"the item catalog at {catalog_path} has no item with an item_id")
+    ctx.store.overwrite("items", catalog)
+    lookback = [_shift(ds, -d) for d in range(1, cfg.lookback_days + 1)]
+    prior = ctx.store.read("events_clean", where={"ingest_ds": lookback}) if lookback else None
     log.info(
         "clean %s: %d input lines, %d catalog items, dedup against ingest dates %s",
         ds,
@@ -481,7 +491,7 @@ def run_clean(ctx: RunContext) -> StageResult:
     is_bot = F.array_contains("reasons", BOT_REASON)
     written = quarantine.agg(
         F.sum(is_bot.cast("long")).alias("bot"), F.sum((~is_bot).cast("long")).alias("other")
-    ).first()
+    ).collect()[0]
     _reconcile(
         ds,
         rows_in,

@@ -199,9 +199,8 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        if (
-            "LOCAL_WORLD_SIZE" in os.environ
-        ):  # under torchrun: share the cores, do not oversubscribe
+        # Under torchrun the processes share the cores: do not oversubscribe them.
+        if "LOCAL_WORLD_SIZE" in os.environ:
             local_procs = int(os.environ["LOCAL_WORLD_SIZE"])
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     distributed = world_size > 1
@@ -764,12 +763,7 @@ def _write_tuned(ctx: RunContext, tuned: DataFrame, model_id: str) -> bool:
             "item_embeddings", tuned, metadata={"stage": "train-contrastive", "ds": ctx.ds}
         )
         return False
-    # Spark reads array columns back as containsNull=true, which the table schema's
-    # array<float NOT NULL> refuses to cast from; coalesce marks the elements non-null.
-    kept = table.where(F.col("model_id") != model_id).withColumn(
-        "embedding",
-        F.transform("embedding", lambda x: F.coalesce(x, F.lit(float("nan")).cast("float"))),
-    )
+    kept = table.where(F.col("model_id") != model_id)
     ctx.store.overwrite(
         "item_embeddings",
         kept.unionByName(tuned),

@@ -215,6 +215,8 @@ DIRT_KINDS = (
     "unknown_event_types",
     "bad_timestamps",
 )
+# missing_fields split by the field left out.
+MISSING_BREAKDOWN = ("user_missing", "item_missing")
 
 
 def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, Any]:
@@ -241,7 +243,7 @@ def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, A
         "first_ds": start.isoformat(),
         "end_ds": end_ds,
     }
-    counts = dict.fromkeys(DIRT_KINDS, 0) | {"events": 0, "organic": 0}
+    counts = dict.fromkeys((*DIRT_KINDS, *MISSING_BREAKDOWN, "events", "organic"), 0)
     for offset in range(cfg.days):
         day = start + dt.timedelta(days=offset)
         folder = os.path.join(landing_dir, "events", f"ds={day.isoformat()}")
@@ -505,7 +507,7 @@ def _dirty_chunk(
 ) -> tuple[list[str], dict[str, int]]:
     """Plant every kind of dirt into a chunk of organic events; return sorted lines and counts."""
     n = len(organic)
-    counts = dict.fromkeys(DIRT_KINDS, 0)
+    counts = dict.fromkeys((*DIRT_KINDS, *MISSING_BREAKDOWN), 0)
     counts["organic"] = n
     # Disjoint sets of organic events get mutated; duplicates and retries copy clean ones.
     mutations = [
@@ -538,10 +540,10 @@ def _dirty_chunk(
     lines: list[tuple[int, str]] = []
     for idx, event in enumerate(organic):
         arrival = event["ts_ms"]
-        kind = kind_of.get(idx)
-        if kind == "late":
+        mutation = kind_of.get(idx)
+        if mutation == "late":
             event = dict(event, ts_ms=event["ts_ms"] - rng.randint(1, 3) * DAY_S * 1000)
-        lines.append((arrival, _mutate(event, kind, world, rng)))
+        lines.append((arrival, _mutate(event, mutation, world, rng, counts)))
     for idx in dup_idx:
         event = organic[idx]
         lines.append((event["ts_ms"] + rng.randint(0, 600_000), _line(event)))
@@ -561,7 +563,13 @@ def _dirty_chunk(
     return [line for _, line in lines], counts
 
 
-def _mutate(event: dict[str, Any], kind: str | None, world: DemoWorld, rng: random.Random) -> str:
+def _mutate(
+    event: dict[str, Any],
+    kind: str | None,
+    world: DemoWorld,
+    rng: random.Random,
+    counts: dict[str, int],
+) -> str:
     """The JSON line of `event`, broken in the way `kind` says (None: intact)."""
     if kind == "malformed":
         if rng.random() < 0.5:
@@ -572,6 +580,7 @@ def _mutate(event: dict[str, Any], kind: str | None, world: DemoWorld, rng: rand
         return _line(dict(event, item_id=f"i{world.n_catalog + 1 + rng.randrange(10**5):06d}"))
     if kind == "missing_fields":
         field = rng.choice(("user_id", "item_id"))
+        counts[field.replace("_id", "_missing")] += 1
         broken = dict(event)
         if rng.random() < 0.5:
             del broken[field]

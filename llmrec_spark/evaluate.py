@@ -13,6 +13,8 @@ import logging
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from functools import reduce
+from typing import Any
 
 import numpy as np
 from pyspark.sql import DataFrame, Window
@@ -80,8 +82,8 @@ METRIC_FUNCTIONS = {
 
 
 def per_user_metrics(
-    recommended: Mapping[Hashable, Sequence[Hashable]],
-    relevant: Mapping[Hashable, set],
+    recommended: Mapping[Any, Sequence[Hashable]],
+    relevant: Mapping[Any, set],
     ks: Sequence[int],
 ) -> dict[str, np.ndarray]:
     """ "metric@k" -> one value per user with a non-empty relevant set (sorted user order).
@@ -99,8 +101,8 @@ def per_user_metrics(
 
 
 def mean_metrics(
-    recommended: Mapping[Hashable, Sequence[Hashable]],
-    relevant: Mapping[Hashable, set],
+    recommended: Mapping[Any, Sequence[Hashable]],
+    relevant: Mapping[Any, set],
     ks: Sequence[int],
 ) -> dict[str, float]:
     """ "metric@k" -> mean over users with a non-empty relevant set (0.0 when there are none)."""
@@ -232,17 +234,20 @@ def run_evaluate(ctx: RunContext) -> StageResult:
     if full.als is not None and full.text is not None:
         variants["hybrid"] = full
     broadcasts = {model: ctx.spark.sparkContext.broadcast(m) for model, m in variants.items()}
-    scored = None
-    for model, bc in broadcasts.items():
-        one = recommend.score_users(
-            users,
-            bc,
-            n=ks[-1],
-            text_weight=ctx.cfg.recommend.text_weight,
-            block_size=ctx.cfg.recommend.user_block_size,
-            partitions=partitions,
-        ).select(F.lit(model).alias("model"), "user_id", "rank", "item_id")
-        scored = one if scored is None else scored.unionByName(one)
+    scored = reduce(
+        DataFrame.unionByName,
+        [
+            recommend.score_users(
+                users,
+                bc,
+                n=ks[-1],
+                text_weight=ctx.cfg.recommend.text_weight,
+                block_size=ctx.cfg.recommend.user_block_size,
+                partitions=partitions,
+            ).select(F.lit(model).alias("model"), "user_id", "rank", "item_id")
+            for model, bc in broadcasts.items()
+        ],
+    )
     ranked: dict[str, dict[str, list[tuple[int, str]]]] = {model: {} for model in variants}
     for row in scored.collect():  # every model in one job
         ranked[row["model"]].setdefault(row["user_id"], []).append((row["rank"], row["item_id"]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,8 @@ def _partial_top(scores: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, 
     if _use_torch(backend, scores.size):
         import torch
 
-        values, indices = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False)
-        return indices.numpy(), values.numpy()
+        top = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False)
+        return top.indices.numpy(), top.values.numpy()
     indices = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return indices, np.take_along_axis(scores, indices, axis=1)
 
@@ -260,32 +260,32 @@ def hybrid_top_n(
     if exclude_seen:
         _exclude_mask(candidates, histories)
 
-    use_als = items.als is not None and user_als is not None
-    use_text = items.text is not None
-    user_has_als = np.asarray(user_has_als, dtype=bool) & use_als
-    if use_text:
-        user_text, user_has_text = user_text_vectors(histories, items.text, items.has_text)
-    else:
-        user_text, user_has_text = None, np.zeros(b, dtype=bool)
-
-    als_mask = candidates & user_has_als[:, None]
-    text_mask = candidates & user_has_text[:, None]
-    if use_als:
-        als_mask &= items.has_als[None, :]
-    if use_text:
-        text_mask &= items.has_text[None, :]
-
+    item_als, item_has_als = items.als, items.has_als
+    item_text, item_has_text = items.text, items.has_text
+    no_user = np.zeros(b, dtype=bool)
     scores = np.full((b, items.size), -np.inf, dtype=np.float32)
-    if use_als and user_has_als.any():
-        als_z = zscore_rows(user_als.astype(np.float32) @ items.als.T, als_mask)
-        scores = np.where(als_mask, als_z, scores)
-    if use_text and user_has_text.any():
-        text_z = zscore_rows(user_text @ items.text.T, text_mask)
-        both = als_mask & text_mask
-        scores = np.where(text_mask & ~als_mask, text_z, scores)
-        if both.any():
-            mixed = (1.0 - text_weight) * scores + text_weight * text_z
-            scores = np.where(both, mixed, scores)
+
+    als_mask = np.zeros_like(candidates)
+    if item_als is not None and item_has_als is not None and user_als is not None:
+        user_has_als = np.asarray(user_has_als, dtype=bool)
+        als_mask = candidates & user_has_als[:, None] & item_has_als[None, :]
+        if user_has_als.any():
+            als_z = zscore_rows(user_als.astype(np.float32) @ item_als.T, als_mask)
+            scores = np.where(als_mask, als_z, scores)
+    else:
+        user_has_als = no_user
+
+    user_has_text = no_user
+    if item_text is not None and item_has_text is not None:
+        user_text, user_has_text = user_text_vectors(histories, item_text, item_has_text)
+        text_mask = candidates & user_has_text[:, None] & item_has_text[None, :]
+        if user_has_text.any():
+            text_z = zscore_rows(user_text @ item_text.T, text_mask)
+            scores = np.where(text_mask & ~als_mask, text_z, scores)
+            both = als_mask & text_mask
+            if both.any():
+                mixed = (1.0 - text_weight) * scores + text_weight * text_z
+                scores = np.where(both, mixed, scores)
     popular = ~(user_has_als | user_has_text)
     if popular.any():
         scores[popular] = np.where(candidates[popular], items.popularity[None, :], -np.inf)
@@ -512,7 +512,7 @@ def score_users(
     `partitions`, users are first spread evenly (round robin) over that many tasks.
     """
 
-    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def score(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
         matrices = items.value
         for batch in batches:
             for start in range(0, len(batch), block_size):
@@ -701,7 +701,9 @@ def run_recommend(ctx: RunContext) -> StageResult:
         .cache()
     )
     scoring_started = time.perf_counter()
-    report = gate_report(recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n).first()
+    report = gate_report(
+        recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n
+    ).collect()[0]
     scoring_s = time.perf_counter() - scoring_started
     log.info(
         "recommend: scored and gated %d users in %.1fs (%.0f users/s)",

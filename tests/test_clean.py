@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 from test_demo import TINY
 
@@ -28,7 +30,7 @@ from llmrec_spark.config import CleanConfig
 from llmrec_spark.context import RunContext
 from llmrec_spark.demo import generate_demo
 from llmrec_spark.errors import ConfigError, GateError, InputError
-from llmrec_spark.schema import EVENTS_CLEAN
+from llmrec_spark.schema import EVENTS_CLEAN, EVENTS_QUARANTINE
 
 DS = "2026-11-23"
 ABSENT = object()
@@ -130,7 +132,8 @@ def test_validation_normalises_fields(spark):
     rows = _validate(spark, raws).orderBy("line_seq").collect()
     first, second = rows
     assert (first["user_id"], first["event_type"], first["value"]) == ("u7", "click", None)
-    assert first["event_ts"].isoformat() == "2026-11-23T09:00:00.500000"
+    micros = _validate(spark, raws[:1]).select(F.unix_micros("event_ts")).first()[0]
+    assert micros == dt.datetime(2026, 11, 23, 9, 0, 0, 500_000, tzinfo=dt.UTC).timestamp() * 1e6
     # No event_id: a stable id from the raw line, so repeats of that line still dedup.
     assert second["event_id"].startswith("raw-") and len(second["event_id"]) == 36
     assert _validate(spark, raws).orderBy("line_seq").collect()[1]["event_id"] == second["event_id"]
@@ -350,6 +353,13 @@ def test_missing_landing_folder_is_an_input_error(spark, cfg, store):
         run_clean(_ctx(cfg, spark, store))
 
 
+def test_landing_folder_without_lines_is_an_input_error(spark, cfg, store, tmp_path):
+    _write_landing(tmp_path, DS, {"part-0.jsonl": b"", "part-1.jsonl": b"\n  \n"})
+    with pytest.raises(InputError, match=r"no event lines under .*ds=2026-11-23"):
+        run_clean(_ctx(cfg, spark, store))
+    assert not store.exists("events_clean") and not store.exists("items")
+
+
 def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
     from conftest import make_config
 
@@ -396,20 +406,34 @@ def test_quarantine_rate_gate_stops_before_publishing(spark, cfg, store, tmp_pat
     ):
         run_clean(_ctx(cfg, spark, store))
     assert store.read("events_clean").count() == 0
-    assert store.read("events_quarantine").count() == 3  # kept for inspection
+    # The quarantine is kept for inspection.
+    reasons = sorted(r["reasons"] for r in store.read("events_quarantine").collect())
+    assert reasons == [["malformed"], ["malformed"], ["unknown_item"]]
 
 
 def test_volume_gate_compares_with_the_previous_landing_date(spark, cfg, store, tmp_path):
-    day1 = [event(f"a{k}", event_ts=f"2026-11-22T1{k}:00:00Z") for k in range(6)]
-    _write_landing(tmp_path, "2026-11-22", {"part-0.jsonl": ("\n".join(day1) + "\n").encode()})
+    # The previous landing date held 5 clean and 1 quarantined record.
+    ts = dt.datetime(2026, 11, 22, 10)
+    clean_rows = [
+        (f"a{k}", "u1", "i1", "view", ts, None, "s1", 1.0, "2026-11-22", "2026-11-22")
+        for k in range(5)
+    ]
+    store.overwrite("events_clean", spark.createDataFrame(clean_rows, EVENTS_CLEAN))
+    store.overwrite(
+        "events_quarantine",
+        spark.createDataFrame(
+            [("junk", ["malformed"], "f", None, "2026-11-22")], EVENTS_QUARANTINE
+        ),
+    )
     _write_landing(tmp_path, DS, {"part-0.jsonl": (event("b0") + "\n").encode()})
-    first = run_clean(_ctx(cfg, spark, store, "2026-11-22"))
-    assert first.rows_out == 6
     with pytest.raises(
         GateError,
         match=r"^gate clean.max_volume_change: 1 records on 2026-11-23 vs 6 on 2026-11-22 \(x6.0\) > x5.0$",
     ):
         run_clean(_ctx(cfg, spark, store))
+    assert [
+        r["event_id"] for r in store.read("events_clean", where={"ingest_ds": DS}).collect()
+    ] == []
 
 
 def test_reconciliation_mismatch_is_an_error():
@@ -459,8 +483,8 @@ def test_demo_reconciles_and_finds_the_planted_dirt(demo_run):
     )
     assert reasons == {
         "malformed": planted["malformed"],
-        "missing_user": reasons["missing_user"],
-        "missing_item": planted["missing_fields"] - reasons["missing_user"],
+        "missing_user": planted["user_missing"],
+        "missing_item": planted["item_missing"],
         "unknown_event_type": planted["unknown_event_types"],
         "bad_timestamp": planted["bad_timestamps"],
         "future_timestamp": 0,
@@ -482,7 +506,9 @@ def test_demo_events_clean_content(demo_run):
     assert len(snapshot) == sum(r.rows_out for r in results)
     assert len({r["event_id"] for r in snapshot}) == len(snapshot)
     assert not {r["user_id"] for r in snapshot} & {f"u{TINY.n_users + 1:05d}"}
-    assert all(r["weight"] > 0 and r["ds"] == r["event_ts"].date().isoformat() for r in snapshot)
+    assert all(r["weight"] > 0 for r in snapshot)
+    table = store.read("events_clean")
+    assert table.where("ds != date_format(event_ts, 'yyyy-MM-dd')").count() == 0  # UTC session
     # Late events land in their own event-date partition, under today's ingest date.
     assert {(r["ds"], r["ingest_ds"]) for r in snapshot} >= {("2026-11-22", DS), (DS, DS)}
     assert store.read("events_quarantine").select("ds").distinct().count() == 2

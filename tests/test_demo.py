@@ -150,6 +150,7 @@ def test_event_lines_are_well_formed_and_dirt_counts_match(tmp_path):
             assert event["value"] in (1.0, 2.0, 3.0, 4.0, 5.0)
     found["exact_duplicates"] = sum(n - 1 for n in ids.values())
     assert len(lines) == summary["events"]
+    assert summary["user_missing"] + summary["item_missing"] == summary["missing_fields"]
     for kind in (
         "malformed",
         "missing_fields",
