@@ -12,7 +12,6 @@ import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
-from test_demo import TINY
 
 from llmrec_spark import clean
 from llmrec_spark.clean import (
@@ -31,6 +30,7 @@ from llmrec_spark.context import RunContext
 from llmrec_spark.demo import generate_demo
 from llmrec_spark.errors import ConfigError, GateError, InputError
 from llmrec_spark.schema import EVENTS_CLEAN, EVENTS_QUARANTINE
+from tests.test_demo import TINY
 
 DS = "2026-11-23"
 ABSENT = object()
@@ -361,7 +361,7 @@ def test_landing_folder_without_lines_is_an_input_error(spark, cfg, store, tmp_p
 
 
 def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
-    from conftest import make_config
+    from tests.conftest import make_config
 
     cfg = make_config(tmp_path, "clean.max_quarantine_rate=1.0")
     garbage = b"".join(
@@ -448,9 +448,8 @@ def test_reconciliation_mismatch_is_an_error():
 @pytest.fixture(scope="module")
 def demo_run(spark, tmp_path_factory):
     """Generate the tiny demo, clean both days, then clean the second day again."""
-    from conftest import make_config
-
     from llmrec_spark.io.tables import open_store
+    from tests.conftest import make_config
 
     root = tmp_path_factory.mktemp("clean_demo")
     cfg = make_config(

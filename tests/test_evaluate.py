@@ -173,11 +173,10 @@ def unit(*parts: tuple[int, float], dim: int = 12) -> list[float]:
 @pytest.mark.spark
 @pytest.mark.slow
 def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp_path):
-    from conftest import make_config
-
     from llmrec_spark import embed
     from llmrec_spark.context import RunContext
     from llmrec_spark.evaluate import run_evaluate
+    from tests.conftest import make_config
 
     cfg = make_config(
         tmp_path,

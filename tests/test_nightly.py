@@ -19,7 +19,7 @@ TINY = [
     "demo.n_users=60",
     "demo.n_items=80",
     "demo.n_topics=4",
-    "demo.days=4",
+    "demo.days=3",
     "demo.events_per_day=600",
     "demo.n_bots=1",
     "demo.bot_events_per_day=700",
@@ -51,7 +51,7 @@ def test_every_stage_ran_and_reconciled(nightly):
     stages = [r.stage for r in summary.records]
     assert stages[-5:] == ["embed", "train-als", "train-contrastive", "recommend", "evaluate"]
     cleaned = [r.ds for r in summary.records if r.stage == "clean"]
-    assert cleaned == ["2026-11-20", "2026-11-21", "2026-11-22", "2026-11-23"]
+    assert cleaned == ["2026-11-21", "2026-11-22", "2026-11-23"]
     for record in summary.records:
         if record.stage == "clean":
             r = record.result
@@ -76,7 +76,7 @@ def test_published_table_content(spark, nightly):
         assert rows["item_id"].nunique() == TOP_N, user
         assert not (set(rows["item_id"]) & seen.get(user, set())), f"{user} got a seen item"
         scores = rows["score"].tolist()
-        assert all(a >= b for a, b in zip(scores, scores[1:])), user
+        assert all(a >= b for a, b in zip(scores, scores[1:], strict=False)), user
     assert set(recs["source"]) <= {"als", "text", "hybrid", "popular"}
     assert (recs["model_version"] == summary.mlflow_run_id).all()
     catalog = set(ctx.store.read("items").select("item_id").toPandas()["item_id"])

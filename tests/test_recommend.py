@@ -311,7 +311,7 @@ def write_lakehouse(spark, store, cfg):
 
 
 def stage_config(tmp_path, *overrides):
-    from conftest import make_config
+    from tests.conftest import make_config
 
     return make_config(
         tmp_path,
