@@ -39,11 +39,15 @@ def interactions(events: DataFrame) -> DataFrame:
 
 def index_ids(pairs: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
     """Dense integer ids for users and items (ALS needs ints); returns (indexed, users, items)."""
-    users = pairs.select("user_id").distinct().withColumn(
-        "user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int")
+    users = (
+        pairs.select("user_id")
+        .distinct()
+        .withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))
     )
-    items = pairs.select("item_id").distinct().withColumn(
-        "item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int")
+    items = (
+        pairs.select("item_id")
+        .distinct()
+        .withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int"))
     )
     indexed = pairs.join(users, "user_id").join(items, "item_id")
     return indexed, users, items
@@ -93,9 +97,11 @@ def run_train_als(ctx: RunContext) -> StageResult:
             f"no clean events in the {cfg.train_days} days up to {ctx.ds}; run `llmrec clean` first"
         )
     factors = fit_als(pairs, cfg)
-    table = factors.users.withColumn("kind", F.lit("user")).unionByName(
-        factors.items.withColumn("kind", F.lit("item"))
-    ).withColumn("ds", F.lit(ctx.ds))
+    table = (
+        factors.users.withColumn("kind", F.lit("user"))
+        .unionByName(factors.items.withColumn("kind", F.lit("item")))
+        .withColumn("ds", F.lit(ctx.ds))
+    )
     ctx.store.overwrite("als_factors", table, partitions={"ds": ctx.ds})
     model_path = ctx.model_dir("als")
     factors.model.write().overwrite().save(model_path)

@@ -53,7 +53,9 @@ def _bench_delta_write(cfg: Config) -> dict[str, Any]:
         store = EmbeddedDeltaEngine(spark, os.path.join(scratch, "lake"))
         for attempt in range(3):
             started = time.perf_counter()
-            df.write.mode("overwrite").partitionBy("ds").parquet(os.path.join(scratch, f"plain{attempt}"))
+            df.write.mode("overwrite").partitionBy("ds").parquet(
+                os.path.join(scratch, f"plain{attempt}")
+            )
             timings["parquet"].append(time.perf_counter() - started)
             started = time.perf_counter()
             store.overwrite("recommendations", df, partitions={"ds": "2026-01-01"})
@@ -103,7 +105,11 @@ def run_benchmark(name: str, cfg: Config, out_dir: str = "bench-results") -> dic
         "benchmark": name,
         **result,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:

@@ -453,7 +453,6 @@ def run_clean(ctx: RunContext) -> StageResult:
     if n_items == 0:
         catalog.unpersist()
         raise InputError(f"the item catalog at {catalog_path} has no item with an item_id")
-    ctx.store.overwrite("items", catalog)
     lookback = [_shift(ds, -d) for d in range(1, cfg.lookback_days + 1)]
     prior = ctx.store.read("events_clean", where={"ingest_ds": lookback}) if lookback else None
     log.info(
@@ -482,6 +481,8 @@ def run_clean(ctx: RunContext) -> StageResult:
         ctx.store.overwrite(
             "events_clean", to_events_clean(outcomes, ingest_ds=ds), partitions={"ingest_ds": ds}
         )
+        # The catalog snapshot changes only once the gates have passed.
+        ctx.store.overwrite("items", catalog)
     finally:
         outcomes.unpersist()
         catalog.unpersist()

@@ -26,24 +26,49 @@ def parse_ds(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ds", type=parse_ds, default=dt.datetime.now(dt.timezone.utc).date().isoformat(),
-                        help="run date YYYY-MM-DD (default: today, UTC)")
-    common.add_argument("--env", default=None, help="config overlay: local, cluster or databricks (default: $LLMREC_ENV or local)")
-    common.add_argument("--conf-dir", default=os.environ.get("LLMREC_CONF_DIR", "conf"),
-                        help="folder with base.yaml and the overlays (default: ./conf or $LLMREC_CONF_DIR)")
-    common.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --conf als.rank=64 (repeatable)")
+    common.add_argument(
+        "--ds",
+        type=parse_ds,
+        default=dt.datetime.now(dt.UTC).date().isoformat(),
+        help="run date YYYY-MM-DD (default: today, UTC)",
+    )
+    common.add_argument(
+        "--env",
+        default=None,
+        help="config overlay: local, cluster or databricks (default: $LLMREC_ENV or local)",
+    )
+    common.add_argument(
+        "--conf-dir",
+        default=os.environ.get("LLMREC_CONF_DIR", "conf"),
+        help="folder with base.yaml and the overlays (default: ./conf or $LLMREC_CONF_DIR)",
+    )
+    common.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --conf als.rank=64 (repeatable)",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     parser = argparse.ArgumentParser(prog="llmrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("generate-demo", parents=[common], help="write demo catalog and behaviour logs to the landing zone")
+    sub.add_parser(
+        "generate-demo",
+        parents=[common],
+        help="write demo catalog and behaviour logs to the landing zone",
+    )
     for stage in STAGE_COMMANDS:
         sub.add_parser(stage, parents=[common], help=f"run the {stage} stage for one date")
-    nightly = sub.add_parser("nightly", parents=[common], help="run every stage in order for one date")
-    nightly.add_argument("--stages", default=None,
-                         help="comma-separated stages after clean (default: all)")
-    bench = sub.add_parser("bench", parents=[common], help="run a benchmark, write bench-results/NAME.json")
+    nightly = sub.add_parser(
+        "nightly", parents=[common], help="run every stage in order for one date"
+    )
+    nightly.add_argument(
+        "--stages", default=None, help="comma-separated stages after clean (default: all)"
+    )
+    bench = sub.add_parser(
+        "bench", parents=[common], help="run a benchmark, write bench-results/NAME.json"
+    )
     bench.add_argument("name", help="benchmark name (see `llmrec bench list`)")
     bench.add_argument("--out-dir", default="bench-results")
     return parser
@@ -88,10 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from llmrec_spark.pipeline import make_context, run_nightly, run_stage
     from llmrec_spark.session import build_spark
 
+    stages = _stage_list(args.stages) if args.command == "nightly" else None
     spark = build_spark(cfg)
     try:
         if args.command == "nightly":
-            stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
             summary = run_nightly(cfg, spark, args.ds, stages)
             from llmrec_spark.report import format_nightly
 
@@ -102,8 +127,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             _write(format_stage(record))
     finally:
-        spark.stop()
+        if cfg.env != "databricks":  # the cluster's shared session outlives the job
+            spark.stop()
     return 0
+
+
+def _stage_list(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    from llmrec_spark.pipeline import NIGHTLY_AFTER_CLEAN
+
+    stages = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in NIGHTLY_AFTER_CLEAN]
+    if unknown:
+        raise UserError(
+            f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(NIGHTLY_AFTER_CLEAN)}"
+        )
+    return stages
 
 
 def _write(text: str) -> None:
@@ -117,7 +157,16 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("py4j", "urllib3", "alembic", "mlflow", "filelock", "fsspec", "petastorm", "numexpr"):
+    for noisy in (
+        "py4j",
+        "urllib3",
+        "alembic",
+        "mlflow",
+        "filelock",
+        "fsspec",
+        "petastorm",
+        "numexpr",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

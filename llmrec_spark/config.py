@@ -84,7 +84,13 @@ class DemoConfig:
 @dataclass(frozen=True)
 class CleanConfig:
     event_weights: dict[str, float] = field(
-        default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 8.0, "rating": 1.0}
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 2.0,
+            "cart": 4.0,
+            "purchase": 8.0,
+            "rating": 1.0,
+        }
     )
     # Ratings r map to weight rating_weight_scale * r (r in 1..5).
     rating_weight_scale: float = 1.0
@@ -260,6 +266,9 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     node = out
     parts = dotted.split(".")
+    if parts[:2] == ["spark", "extra"] and len(parts) > 3:
+        # Spark settings are dotted names themselves: spark.extra.spark.executor.memory=8g
+        parts = ["spark", "extra", ".".join(parts[2:])]
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
@@ -347,14 +356,33 @@ def _expand_env(value: str, key: str) -> str:
 def validate(cfg: Config) -> Config:
     """Checks across keys that types alone cannot express."""
     checks = [
-        (cfg.storage.engine in ("auto", "embedded", "spark"), "storage.engine: choose auto, embedded or spark"),
+        (
+            cfg.storage.engine in ("auto", "embedded", "spark"),
+            "storage.engine: choose auto, embedded or spark",
+        ),
         (cfg.als.rank > 0, "als.rank: must be positive"),
         (cfg.recommend.top_n > 0, "recommend.top_n: must be positive"),
         (0.0 <= cfg.recommend.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
         (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
         (cfg.contrastive.temperature > 0, "contrastive.temperature: must be positive"),
         (cfg.contrastive.num_processes >= 1, "contrastive.num_processes: must be at least 1"),
-        (cfg.demo.n_items >= 10 and cfg.demo.n_users >= 10, "demo.n_items/n_users: at least 10 each"),
+        (
+            cfg.demo.n_items >= 10 and cfg.demo.n_users >= 10,
+            "demo.n_items/n_users: at least 10 each",
+        ),
+        (cfg.recommend.user_block_size > 0, "recommend.user_block_size: must be positive"),
+        (
+            cfg.recommend.max_per_category >= 0,
+            "recommend.max_per_category: must be 0 (off) or positive",
+        ),
+        (
+            cfg.contrastive.num_sampled_negatives >= 0,
+            "contrastive.num_sampled_negatives: must not be negative",
+        ),
+        (cfg.contrastive.epochs >= 1, "contrastive.epochs: must be at least 1"),
+        (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
+        (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
+        (cfg.embed.batch_size >= 1, "embed.batch_size: must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

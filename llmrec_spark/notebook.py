@@ -24,7 +24,9 @@ def param(name: str, default: str) -> str:
 
 def setup(conf_dir: str | None = None, env: str | None = None, overrides: list[str] | None = None):
     """Config and SparkSession for a notebook; on Databricks the running session is reused."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     conf_dir = conf_dir or os.environ.get("LLMREC_CONF_DIR", "conf")
     cfg: Config = load_config(conf_dir, env=env, overrides=overrides)
     return cfg, build_spark(cfg)

@@ -57,7 +57,9 @@ class NightlySummary:
     tracking_uri: str = ""
 
 
-def make_context(cfg: Config, spark: SparkSession, ds: str, store: TableStore | None = None) -> RunContext:
+def make_context(
+    cfg: Config, spark: SparkSession, ds: str, store: TableStore | None = None
+) -> RunContext:
     store = store or open_store(spark, cfg.path(cfg.storage.lakehouse), cfg.storage.engine)
     return RunContext(cfg=cfg, spark=spark, store=store, ds=ds)
 
@@ -66,16 +68,20 @@ def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> St
     """Run one stage for ctx.ds inside a (nested) MLflow run and record it in pipeline_runs."""
     tracker = tracker or Tracker(ctx.cfg)
     func = stage_function(stage)
-    started_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    started_at = dt.datetime.now(dt.UTC)
     started = time.perf_counter()
     nested = ctx.parent_run_id is not None
-    with tracker.run(f"{stage} {ctx.ds}", nested=nested, tags={"stage": stage, "ds": ctx.ds}) as run_id:
+    with tracker.run(
+        f"{stage} {ctx.ds}", nested=nested, tags={"stage": stage, "ds": ctx.ds}
+    ) as run_id:
         ctx.stage_run_id = run_id
         try:
             result = func(ctx)
         except Exception as exc:
             seconds = time.perf_counter() - started
-            _record(ctx, stage, "failed", StageResult(), seconds, started_at, run_id, _one_line(exc))
+            _record(
+                ctx, stage, "failed", StageResult(), seconds, started_at, run_id, _one_line(exc)
+            )
             log.error("%s %s failed after %.1fs: %s", stage, ctx.ds, seconds, _one_line(exc))
             raise
         seconds = time.perf_counter() - started
@@ -88,7 +94,9 @@ def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> St
     return StageRecord(stage=stage, ds=ctx.ds, seconds=seconds, result=result)
 
 
-def run_nightly(cfg: Config, spark: SparkSession, ds: str, stages: list[str] | None = None) -> NightlySummary:
+def run_nightly(
+    cfg: Config, spark: SparkSession, ds: str, stages: list[str] | None = None
+) -> NightlySummary:
     """Clean every landing date up to `ds` not cleaned yet, then run the later stages for `ds`."""
     ctx = make_context(cfg, spark, ds)
     tracker = Tracker(cfg)
@@ -96,9 +104,13 @@ def run_nightly(cfg: Config, spark: SparkSession, ds: str, stages: list[str] | N
     with tracker.run(f"nightly {ds}", tags={"ds": ds, "kind": "nightly"}) as parent:
         ctx.parent_run_id = parent
         summary.mlflow_run_id = parent
-        tracker.log_params({k: v for k, v in cfg.to_flat_dict().items() if not k.startswith("demo.")})
+        tracker.log_params(
+            {k: v for k, v in cfg.to_flat_dict().items() if not k.startswith("demo.")}
+        )
         for clean_ds in pending_clean_dates(ctx):
-            clean_ctx = RunContext(cfg=cfg, spark=spark, store=ctx.store, ds=clean_ds, parent_run_id=parent)
+            clean_ctx = RunContext(
+                cfg=cfg, spark=spark, store=ctx.store, ds=clean_ds, parent_run_id=parent
+            )
             summary.records.append(run_stage(clean_ctx, "clean", tracker))
         for stage in stages or NIGHTLY_AFTER_CLEAN:
             summary.records.append(run_stage(ctx, stage, tracker))
@@ -107,7 +119,13 @@ def run_nightly(cfg: Config, spark: SparkSession, ds: str, stages: list[str] | N
                 tracker.log_metrics(record.result.metrics)
     summary.tables = {
         name: ctx.store.path(name)
-        for name in ("events_clean", "events_quarantine", "item_embeddings", "recommendations", "pipeline_runs")
+        for name in (
+            "events_clean",
+            "events_quarantine",
+            "item_embeddings",
+            "recommendations",
+            "pipeline_runs",
+        )
     }
     return summary
 
@@ -146,9 +164,18 @@ def _record(
     message: str,
 ) -> None:
     row = (
-        ctx.ds, stage, status, result.rows_in, result.rows_out, result.rows_duplicate,
-        result.rows_quarantined, result.rows_excluded, float(seconds), started_at,
-        run_id, message[:2000],
+        ctx.ds,
+        stage,
+        status,
+        result.rows_in,
+        result.rows_out,
+        result.rows_duplicate,
+        result.rows_quarantined,
+        result.rows_excluded,
+        float(seconds),
+        started_at,
+        run_id,
+        message[:2000],
     )
     ctx.store.append("pipeline_runs", ctx.spark.createDataFrame([row], PIPELINE_RUNS))
 

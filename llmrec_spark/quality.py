@@ -8,8 +8,10 @@ from pyspark.sql import functions as F
 
 def stage_counts(runs: DataFrame, *, stage: str) -> DataFrame:
     """The latest successful run of `stage` per date with its row counts, newest date first."""
-    latest = runs.where((F.col("stage") == stage) & (F.col("status") == "ok")).groupBy("ds").agg(
-        F.max_by(F.struct(*[c for c in runs.columns if c != "ds"]), "started_at").alias("run")
+    latest = (
+        runs.where((F.col("stage") == stage) & (F.col("status") == "ok"))
+        .groupBy("ds")
+        .agg(F.max_by(F.struct(*[c for c in runs.columns if c != "ds"]), "started_at").alias("run"))
     )
     return latest.select("ds", "run.*").orderBy(F.col("ds").desc())
 

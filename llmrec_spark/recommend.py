@@ -682,7 +682,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.where(F.col("kind") == "user"),
     )
-    model_version = ctx.parent_run_id or "local"
+    model_version = ctx.parent_run_id or ctx.stage_run_id or "local"
     recs = (
         score_users(
             user_rows,

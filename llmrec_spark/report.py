@@ -24,8 +24,12 @@ def format_stage(record: StageRecord) -> str:
 
 def format_nightly(summary: NightlySummary) -> str:
     """The nightly's report: stage table, evaluation, sample top-N, where things are."""
-    out = [f"nightly {summary.ds}: done", "", "stage               ds          seconds  " + "  ".join(
-        f"{f[5:]:>10}" for f in COUNT_FIELDS)]
+    out = [
+        f"nightly {summary.ds}: done",
+        "",
+        "stage               ds          seconds  "
+        + "  ".join(f"{f[5:]:>10}" for f in COUNT_FIELDS),
+    ]
     for record in summary.records:
         counts = [getattr(record.result, f) for f in COUNT_FIELDS]
         out.append(
@@ -45,8 +49,11 @@ def format_nightly(summary: NightlySummary) -> str:
                 out.append(f"recommend {key}: {_fmt(value)}")
         samples = recommend.result.summary.get("samples") or []
         for sample in samples[:3]:
-            out += ["", f"top-{len(sample.get('items', []))} for user {sample.get('user_id')}"
-                    f" (history: {_fmt(sample.get('history', ''))})"]
+            out += [
+                "",
+                f"top-{len(sample.get('items', []))} for user {sample.get('user_id')}"
+                f" (history: {_fmt(sample.get('history', ''))})",
+            ]
             for item in sample.get("items", []):
                 out.append(
                     f"  {item.get('rank'):>2}. {item.get('item_id')}  {str(item.get('title', ''))[:60]:<60}"
@@ -54,8 +61,11 @@ def format_nightly(summary: NightlySummary) -> str:
                 )
     out += ["", "tables:"]
     out += [f"  {name:<18} {path}" for name, path in summary.tables.items()]
-    out += ["", f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}",
-            f"        (browse with: mlflow ui --backend-store-uri {summary.tracking_uri})"]
+    out += [
+        "",
+        f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}",
+        f"        (browse with: mlflow ui --backend-store-uri {summary.tracking_uri})",
+    ]
     return "\n".join(out)
 
 
@@ -70,13 +80,22 @@ def _metric_table(metrics: dict[str, float]) -> list[str]:
     header = "  " + f"{'model':<16}" + "".join(f"{m:>14}" for m in HEADLINE_METRICS)
     rows = [header]
     for model, values in models.items():
-        rows.append("  " + f"{model:<16}" + "".join(
-            f"{values[m]:>14.4f}" if m in values else f"{'':>14}" for m in HEADLINE_METRICS))
+        rows.append(
+            "  "
+            + f"{model:<16}"
+            + "".join(
+                f"{values[m]:>14.4f}" if m in values else f"{'':>14}" for m in HEADLINE_METRICS
+            )
+        )
     return rows
 
 
 def _counts(record: StageRecord) -> dict[str, int]:
-    return {f[5:]: getattr(record.result, f) for f in COUNT_FIELDS if getattr(record.result, f) is not None}
+    return {
+        f[5:]: getattr(record.result, f)
+        for f in COUNT_FIELDS
+        if getattr(record.result, f) is not None
+    }
 
 
 def _fmt(value: Any) -> str:

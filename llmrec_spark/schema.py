@@ -103,7 +103,9 @@ RECOMMENDATIONS = StructType(
         StructField("item_id", StringType(), False, {"comment": "recommended item"}),
         StructField("score", FloatType(), False, {"comment": "non-increasing by rank"}),
         StructField("source", StringType(), False, {"comment": "als, text, hybrid or popular"}),
-        StructField("model_version", StringType(), False, {"comment": "MLflow run id of the models"}),
+        StructField(
+            "model_version", StringType(), False, {"comment": "MLflow run id of the models"}
+        ),
         StructField("ds", StringType(), False, {"comment": "run date, YYYY-MM-DD; the partition"}),
     ]
 )
@@ -137,18 +139,42 @@ class TableSpec:
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in [
-        TableSpec("items", CATALOG, (),
-                  "Item catalog snapshot (text fields used for embeddings and display)."),
-        TableSpec("events_clean", EVENTS_CLEAN, ("ds", "ingest_ds"),
-                  "Validated, deduplicated behaviour events; ds = event date, ingest_ds = landing date."),
-        TableSpec("events_quarantine", EVENTS_QUARANTINE, ("ds",),
-                  "Rejected raw records with reason codes and source file; ds = landing date."),
-        TableSpec("item_embeddings", ITEM_EMBEDDINGS, (),
-                  "L2-normalised text embeddings per (item_id, text_hash, model_id)."),
+        TableSpec(
+            "items",
+            CATALOG,
+            (),
+            "Item catalog snapshot (text fields used for embeddings and display).",
+        ),
+        TableSpec(
+            "events_clean",
+            EVENTS_CLEAN,
+            ("ds", "ingest_ds"),
+            "Validated, deduplicated behaviour events; ds = event date, ingest_ds = landing date.",
+        ),
+        TableSpec(
+            "events_quarantine",
+            EVENTS_QUARANTINE,
+            ("ds",),
+            "Rejected raw records with reason codes and source file; ds = landing date.",
+        ),
+        TableSpec(
+            "item_embeddings",
+            ITEM_EMBEDDINGS,
+            (),
+            "L2-normalised text embeddings per (item_id, text_hash, model_id).",
+        ),
         TableSpec("als_factors", ALS_FACTORS, ("ds",), "ALS user and item factors per run date."),
-        TableSpec("recommendations", RECOMMENDATIONS, ("ds",),
-                  "Nightly top-N per user; one partition per run date, rewritten atomically."),
-        TableSpec("pipeline_runs", PIPELINE_RUNS, ("ds",),
-                  "One row per stage run: status, row counts, timings, MLflow run id."),
+        TableSpec(
+            "recommendations",
+            RECOMMENDATIONS,
+            ("ds",),
+            "Nightly top-N per user; one partition per run date, rewritten atomically.",
+        ),
+        TableSpec(
+            "pipeline_runs",
+            PIPELINE_RUNS,
+            ("ds",),
+            "One row per stage run: status, row counts, timings, MLflow run id.",
+        ),
     ]
 }

@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 
 def build_spark(cfg: Config) -> SparkSession:
     """Create (or reuse) the session described by `cfg.spark`, with Arrow on and a checkpoint dir."""
-    # Python workers must run this interpreter, or pandas UDFs cannot import pandas/torch.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if cfg.spark.master.startswith("local"):
+        # Local Python workers must run this interpreter, or pandas UDFs cannot import
+        # pandas/torch. On a cluster the executors' Python comes from spark-submit
+        # (--archives venv, spark.pyspark.python), not from the driver's path.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder
     if cfg.spark.master:  # empty on a cluster: spark-submit's --master decides
         builder = builder.master(cfg.spark.master)
@@ -33,7 +36,9 @@ def build_spark(cfg: Config) -> SparkSession:
         .config("spark.ui.enabled", str(cfg.spark.ui_enabled).lower())
         .config("spark.ui.showConsoleProgress", "true")
         .config("spark.driver.memory", cfg.spark.driver_memory)
-        .config("spark.sql.warehouse.dir", cfg.path(os.path.join(cfg.storage.lakehouse, "_warehouse")))
+        .config(
+            "spark.sql.warehouse.dir", cfg.path(os.path.join(cfg.storage.lakehouse, "_warehouse"))
+        )
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={_scratch(cfg)}")
     )
     for key, value in cfg.spark.extra.items():

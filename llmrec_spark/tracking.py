@@ -19,7 +19,7 @@ def tracking_uri(cfg: Config) -> str:
     uri = cfg.mlflow.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + cfg.path(uri[len(prefix):])
+        return prefix + cfg.path(uri[len(prefix) :])
     return uri
 
 
@@ -45,7 +45,7 @@ class Tracker:
 
             logging.getLogger("alembic").setLevel(logging.WARNING)
             if self.uri.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(self.uri[len("sqlite:///"):]), exist_ok=True)
+                os.makedirs(os.path.dirname(self.uri[len("sqlite:///") :]), exist_ok=True)
             mlflow.set_tracking_uri(self.uri)
             experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
             if experiment is None:
@@ -56,7 +56,9 @@ class Tracker:
                 self.experiment_id = experiment.experiment_id
 
     @contextlib.contextmanager
-    def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None) -> Iterator[str | None]:
+    def run(
+        self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None
+    ) -> Iterator[str | None]:
         """Start a run (nested under the active one when `nested`); yields its id."""
         if not self.enabled:
             yield None

@@ -24,7 +24,9 @@ def test_bad_date_is_rejected_by_the_parser(capsys):
 
 
 def test_unknown_config_key_is_one_line(capsys):
-    code, out, err = run(capsys, "clean", "--ds", "2026-11-23", "--conf-dir", CONF, "--conf", "als.rnak=3")
+    code, out, err = run(
+        capsys, "clean", "--ds", "2026-11-23", "--conf-dir", CONF, "--conf", "als.rnak=3"
+    )
     assert code == 2
     assert err == "llmrec: error: unknown config key 'als.rnak' (did you mean 'als.rank'?)\n"
     assert "Traceback" not in out + err
@@ -51,4 +53,15 @@ def test_bench_list_prints_json_as_last_line(capsys, tmp_path):
 def test_unknown_environment(capsys):
     code, _, err = run(capsys, "clean", "--env", "prod", "--conf-dir", CONF)
     assert code == 2
-    assert err.strip() == "llmrec: error: unknown environment 'prod'; choose one of local, cluster, databricks"
+    assert (
+        err.strip()
+        == "llmrec: error: unknown environment 'prod'; choose one of local, cluster, databricks"
+    )
+
+
+def test_unknown_nightly_stage_is_refused_before_any_work(capsys):
+    code, _, err = run(
+        capsys, "nightly", "--ds", "2026-11-23", "--conf-dir", CONF, "--stages", "embed,trian-als"
+    )
+    assert code == 2
+    assert "--stages: unknown stage 'trian-als'; choose from embed, train-als" in err

@@ -9,7 +9,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_base_plus_local_overlay_and_overrides():
-    cfg = load_config(CONF, env="local", overrides=["als.rank=64", "recommend.exclude_categories=[toys, books]"])
+    cfg = load_config(
+        CONF, env="local", overrides=["als.rank=64", "recommend.exclude_categories=[toys, books]"]
+    )
     assert cfg.env == "local"
     assert cfg.spark.master == "local[*]"  # from local.yaml
     assert cfg.storage.engine == "embedded"
@@ -59,7 +61,10 @@ def test_environment_references_expand_and_missing_ones_are_named(monkeypatch):
     assert cfg.storage.lakehouse == "/data/lake"
     assert cfg.storage.checkpoint_dir == "/data/lake/_checkpoints"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with pytest.raises(ConfigError, match="mlflow.tracking_uri: environment variable 'MLFLOW_TRACKING_URI' is not set"):
+    with pytest.raises(
+        ConfigError,
+        match="mlflow.tracking_uri: environment variable 'MLFLOW_TRACKING_URI' is not set",
+    ):
         load_config(CONF, env="cluster")
 
 
@@ -67,3 +72,9 @@ def test_yaml_errors_name_the_file(tmp_path):
     (tmp_path / "base.yaml").write_text("als: [unclosed\n")
     with pytest.raises(ConfigError, match="base.yaml: not valid YAML"):
         load_config(tmp_path)
+
+
+def test_spark_settings_keep_their_dots():
+    cfg = load_config(CONF, overrides=["spark.extra.spark.executor.memory=8g"])
+    assert cfg.spark.extra["spark.executor.memory"] == "8g"
+    assert cfg.spark.extra["spark.sql.adaptive.enabled"] == "false"  # from local.yaml, kept

@@ -65,7 +65,9 @@ def test_published_table_content(spark, nightly):
     recs = ctx.store.read("recommendations", where={"ds": DS}).toPandas()
     history = (
         training_window(ctx.store.read("events_clean"), DS, cfg.als.train_days)
-        .select("user_id", "item_id").distinct().toPandas()
+        .select("user_id", "item_id")
+        .distinct()
+        .toPandas()
     )
     seen = history.groupby("user_id")["item_id"].apply(set).to_dict()
     eligible = set(seen)
@@ -88,11 +90,19 @@ def test_rerun_same_date_is_idempotent(spark, nightly):
     ctx = make_context(cfg, spark, DS)
     table = ctx.store.path("recommendations")
     before_version = DeltaTable(table).version()
-    before = ctx.store.read("recommendations", where={"ds": DS}).select("user_id", "rank", "item_id").toPandas()
+    before = (
+        ctx.store.read("recommendations", where={"ds": DS})
+        .select("user_id", "rank", "item_id")
+        .toPandas()
+    )
     clean_before = ctx.store.read("events_clean").count()
     run_nightly(cfg, spark, DS)
     assert DeltaTable(table).version() == before_version + 1
-    after = ctx.store.read("recommendations", where={"ds": DS}).select("user_id", "rank", "item_id").toPandas()
+    after = (
+        ctx.store.read("recommendations", where={"ds": DS})
+        .select("user_id", "rank", "item_id")
+        .toPandas()
+    )
     key = ["user_id", "rank"]
     assert len(after) == len(before)
     merged = before.merge(after, on=key, suffixes=("_1", "_2"))
@@ -104,7 +114,16 @@ def test_rerun_same_date_is_idempotent(spark, nightly):
 
 def test_pipeline_runs_recorded(spark, nightly):
     cfg, summary = nightly
-    runs = make_context(cfg, spark, DS).store.read("pipeline_runs").where(F.col("ds") == DS).toPandas()
-    assert set(runs["stage"]) >= {"clean", "embed", "train-als", "train-contrastive", "recommend", "evaluate"}
+    runs = (
+        make_context(cfg, spark, DS).store.read("pipeline_runs").where(F.col("ds") == DS).toPandas()
+    )
+    assert set(runs["stage"]) >= {
+        "clean",
+        "embed",
+        "train-als",
+        "train-contrastive",
+        "recommend",
+        "evaluate",
+    }
     assert (runs["status"] == "ok").all()
     assert runs["mlflow_run_id"].notna().all()

@@ -26,11 +26,24 @@ def tiny_project(tmp_path, monkeypatch, spark):
     overlay = {
         "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g"},
         "storage": {"engine": "embedded"},
-        "demo": {"n_users": 40, "n_items": 60, "n_topics": 4, "days": 2, "events_per_day": 400,
-                 "n_bots": 1, "bot_events_per_day": 600, "new_items": 4},
+        "demo": {
+            "n_users": 40,
+            "n_items": 60,
+            "n_topics": 4,
+            "days": 2,
+            "events_per_day": 400,
+            "n_bots": 1,
+            "bot_events_per_day": 600,
+            "new_items": 4,
+        },
         "als": {"rank": 8, "max_iter": 3},
-        "contrastive": {"epochs": 1, "batch_size": 64, "hidden_dim": 64, "out_dim": 32,
-                        "num_sampled_negatives": 32},
+        "contrastive": {
+            "epochs": 1,
+            "batch_size": 64,
+            "hidden_dim": 64,
+            "out_dim": 32,
+            "num_sampled_negatives": 32,
+        },
         "recommend": {"top_n": 5},
     }
     (conf / "local.yaml").write_text(yaml.safe_dump(overlay))
@@ -48,6 +61,9 @@ def test_nightly_then_data_quality_notebooks(tiny_project, capsys):
     recs = nightly["store"].read("recommendations", where={"ds": DS})
     assert recs.select("user_id").distinct().count() > 0
     quality = runpy.run_path(str(PROJECT / "notebooks" / "02_data_quality.py"))
-    reasons = {r["reason"] for r in quality["quarantine_reasons"](quality["store"].read("events_quarantine")).collect()}
+    reasons = {
+        r["reason"]
+        for r in quality["quarantine_reasons"](quality["store"].read("events_quarantine")).collect()
+    }
     assert "malformed" in reasons and "bot" in reasons
     assert f"nightly {DS}: done" in capsys.readouterr().out

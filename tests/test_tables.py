@@ -19,17 +19,30 @@ def recs(spark, rows):
 
 
 def test_overwrite_one_date_leaves_other_dates(spark, store):
-    day1 = [("u1", 1, "i1", 0.9, "als", "m1", "2026-11-22"), ("u1", 2, "i2", 0.5, "als", "m1", "2026-11-22")]
+    day1 = [
+        ("u1", 1, "i1", 0.9, "als", "m1", "2026-11-22"),
+        ("u1", 2, "i2", 0.5, "als", "m1", "2026-11-22"),
+    ]
     day2 = [("u2", 1, "i3", 0.7, "popular", "m1", "2026-11-23")]
     assert store.overwrite("recommendations", recs(spark, day1 + day2)) == 0
-    new_day2 = [("u2", 1, "i9", 0.8, "hybrid", "m2", "2026-11-23"), ("u3", 1, "i4", 0.1, "text", "m2", "2026-11-23")]
-    assert store.overwrite("recommendations", recs(spark, new_day2), partitions={"ds": "2026-11-23"}) == 1
+    new_day2 = [
+        ("u2", 1, "i9", 0.8, "hybrid", "m2", "2026-11-23"),
+        ("u3", 1, "i4", 0.1, "text", "m2", "2026-11-23"),
+    ]
+    assert (
+        store.overwrite("recommendations", recs(spark, new_day2), partitions={"ds": "2026-11-23"})
+        == 1
+    )
     assertDataFrameEqual(store.read("recommendations"), recs(spark, day1 + new_day2))
-    assertDataFrameEqual(store.read("recommendations", where={"ds": "2026-11-22"}), recs(spark, day1))
+    assertDataFrameEqual(
+        store.read("recommendations", where={"ds": "2026-11-22"}), recs(spark, day1)
+    )
 
 
 def test_rows_outside_the_replaced_partition_are_refused(spark, store):
-    store.overwrite("recommendations", recs(spark, [("u1", 1, "i1", 0.9, "als", "m1", "2026-11-22")]))
+    store.overwrite(
+        "recommendations", recs(spark, [("u1", 1, "i1", 0.9, "als", "m1", "2026-11-22")])
+    )
     stray = recs(spark, [("u1", 1, "i1", 0.9, "als", "m1", "2026-11-21")])
     with pytest.raises(ValueError, match="fall outside the partitions being replaced"):
         store.overwrite("recommendations", stray, partitions={"ds": "2026-11-22"})
@@ -38,7 +51,10 @@ def test_rows_outside_the_replaced_partition_are_refused(spark, store):
 
 
 def test_delta_rs_and_pyarrow_read_what_spark_wrote(spark, store):
-    rows = [("u1", 1, "i1", 0.5, "als", "m1", "2026-11-22"), ("u2", 1, "i2", 0.25, "text", "m1", "2026-11-23")]
+    rows = [
+        ("u1", 1, "i1", 0.5, "als", "m1", "2026-11-22"),
+        ("u2", 1, "i2", 0.25, "text", "m1", "2026-11-23"),
+    ]
     store.overwrite("recommendations", recs(spark, rows), metadata={"model_version": "m1"})
     table = DeltaTable(store.path("recommendations"))
     assert table.metadata().partition_columns == ["ds"]
@@ -61,10 +77,34 @@ def test_timestamps_round_trip_as_int64_micros(spark, store):
     assert str(arrow.schema.field("event_ts").type).startswith("timestamp[us")
 
 
-def test_append_and_empty_reads(spark, store):
+def test_append_adds_rows_in_one_version_each(spark, store):
     assert store.read("pipeline_runs").count() == 0
     assert not store.exists("pipeline_runs")
     assert store.version("pipeline_runs") is None
+    schema = store.spec("pipeline_runs").schema
+    started = dt.datetime(2026, 11, 23, 2, 0, 0)
+    first = ("2026-11-23", "clean", "ok", 10, 7, 1, 1, 1, 2.5, started, "run1", "")
+    second = (
+        "2026-11-23",
+        "embed",
+        "failed",
+        None,
+        None,
+        None,
+        None,
+        None,
+        0.5,
+        started,
+        "run2",
+        "boom",
+    )
+    assert store.append("pipeline_runs", spark.createDataFrame([first], schema)) == 0
+    assert store.append("pipeline_runs", spark.createDataFrame([second], schema)) == 1
+    got = sorted(store.read("pipeline_runs").collect(), key=lambda r: r["stage"])
+    assert [(r["stage"], r["status"], r["rows_in"], r["message"]) for r in got] == [
+        ("clean", "ok", 10, ""),
+        ("embed", "failed", None, "boom"),
+    ]
 
 
 def test_vacuum_removes_uncommitted_and_replaced_files(spark, store):

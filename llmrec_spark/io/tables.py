@@ -119,11 +119,7 @@ class EmbeddedDeltaEngine(TableStore):
         files = table.file_uris(partition_filters=filters)
         if not files:
             return self.empty(name)
-        df = (
-            self.spark.read.schema(spec.schema)
-            .option("basePath", self.path(name))
-            .parquet(*files)
-        )
+        df = self.spark.read.schema(spec.schema).option("basePath", self.path(name)).parquet(*files)
         return df.select([f.name for f in spec.schema.fields])
 
     def overwrite(
@@ -182,11 +178,18 @@ class EmbeddedDeltaEngine(TableStore):
         rows = sum(json.loads(a.stats).get("numRecords", 0) for a in adds)
         log.info(
             "%s: %s %d rows in %d files -> version %d (%.1fs, embedded engine)",
-            name, mode, rows, len(adds), version, time.perf_counter() - started,
+            name,
+            mode,
+            rows,
+            len(adds),
+            version,
+            time.perf_counter() - started,
         )
         return version
 
-    def _write_files(self, table_path: str, df: DataFrame, partition_by: Sequence[str]) -> list[Any]:
+    def _write_files(
+        self, table_path: str, df: DataFrame, partition_by: Sequence[str]
+    ) -> list[Any]:
         """Write `df` as Parquet under the table folder; return one AddAction per file."""
         from deltalake.transaction import AddAction
 
@@ -203,7 +206,7 @@ class EmbeddedDeltaEngine(TableStore):
         for info in staged:
             if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
                 continue
-            rel = info.path[len(f"{base}/{staging_rel}/"):]
+            rel = info.path[len(f"{base}/{staging_rel}/") :]
             target = f"{base}/{rel}"
             fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             fs.move(info.path, target)
@@ -227,7 +230,10 @@ class EmbeddedDeltaEngine(TableStore):
         if table is None:
             return []
         removed = table.vacuum(
-            retention_hours=retention_hours, enforce_retention_duration=False, dry_run=False, full=True
+            retention_hours=retention_hours,
+            enforce_retention_duration=False,
+            dry_run=False,
+            full=True,
         )
         fs, base = pafs.FileSystem.from_uri(_arrow_uri(self.path(name)))
         staging = fs.get_file_info(pafs.FileSelector(f"{base}/_staging", allow_not_found=True))
@@ -246,7 +252,9 @@ class SparkDeltaEngine(TableStore):
 
     def exists(self, name: str) -> bool:
         jvm = self.spark.sparkContext._jvm
-        return bool(jvm.io.delta.tables.DeltaTable.isDeltaTable(self.spark._jsparkSession, self.path(name)))
+        return bool(
+            jvm.io.delta.tables.DeltaTable.isDeltaTable(self.spark._jsparkSession, self.path(name))
+        )
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):
