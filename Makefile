@@ -14,8 +14,9 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/llmrec: pyproject.toml constraints.txt
+	@echo "installing the pinned platform line into $(VENV) (a few minutes the first time)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $(BIN)/llmrec
 
 install: $(BIN)/llmrec  ## create .venv and install the package with the pinned platform line
