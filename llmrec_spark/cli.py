@@ -24,6 +24,11 @@ def parse_ds(value: str) -> str:
         raise argparse.ArgumentTypeError(f"--ds must be a date YYYY-MM-DD, got {value!r}") from None
 
 
+def shift_ds(ds: str, days: int) -> str:
+    """The ISO date `days` days after `ds` (negative: before)."""
+    return (dt.date.fromisoformat(ds) + dt.timedelta(days=days)).isoformat()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -31,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_ds,
         default=dt.datetime.now(dt.UTC).date().isoformat(),
         help="run date YYYY-MM-DD (default: today, UTC)",
+    )
+    common.add_argument(
+        "--ds-offset",
+        type=int,
+        default=0,
+        metavar="DAYS",
+        help="days added to --ds, for schedulers that only know their trigger date "
+        "(--ds <trigger date> --ds-offset -1 runs the day before)",
     )
     common.add_argument(
         "--env",
@@ -77,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
+    args.ds = shift_ds(args.ds, args.ds_offset)
     _setup_logging(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
