@@ -28,7 +28,6 @@ def _bench_delta_write(cfg: Config) -> dict[str, Any]:
     """Embedded Delta write of a recommendations-shaped table against a plain Parquet write."""
     from pyspark.sql import functions as F
 
-    from llmrec_spark.io.tables import EmbeddedDeltaEngine
     from llmrec_spark.session import build_spark
 
     spark = build_spark(cfg)
@@ -47,33 +46,69 @@ def _bench_delta_write(cfg: Config) -> dict[str, Any]:
         .cache()
     )
     df.count()
+    try:
+        return {"rows": rows, **measure_delta_write(spark, df, runs=3)}
+    finally:
+        df.unpersist()
+        spark.stop()
+
+
+def measure_delta_write(spark: Any, df: Any, *, runs: int = 3) -> dict[str, Any]:
+    """Best-of-`runs` plain Parquet write of `df` (recommendations rows, one ds) vs the embedded Delta overwrite."""
+    from llmrec_spark.io.tables import EmbeddedDeltaEngine
+
+    ds = df.select("ds").first()["ds"]
     scratch = tempfile.mkdtemp(prefix="llmrec-bench-")
     try:
         timings: dict[str, list[float]] = {"parquet": [], "delta": []}
         store = EmbeddedDeltaEngine(spark, os.path.join(scratch, "lake"))
-        for attempt in range(3):
+        for attempt in range(runs):
             started = time.perf_counter()
             df.write.mode("overwrite").partitionBy("ds").parquet(
                 os.path.join(scratch, f"plain{attempt}")
             )
             timings["parquet"].append(time.perf_counter() - started)
             started = time.perf_counter()
-            store.overwrite("recommendations", df, partitions={"ds": "2026-01-01"})
+            store.overwrite("recommendations", df, partitions={"ds": ds})
             timings["delta"].append(time.perf_counter() - started)
         parquet_s, delta_s = min(timings["parquet"]), min(timings["delta"])
         return {
-            "rows": rows,
             "parquet_seconds": round(parquet_s, 3),
             "delta_seconds": round(delta_s, 3),
             "delta_write_ratio": round(parquet_s / delta_s, 3),
             "target_delta_write_ratio": 0.8,
-            "runs": 3,
-            "timing": "best of 3",
+            "runs": runs,
+            "timing": f"best of {runs}",
         }
     finally:
-        df.unpersist()
-        spark.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench_topn(cfg: Config) -> dict[str, Any]:
+    """Blocked top-N against MLlib recommendForAllUsers + seen filtering, then the Delta write."""
+    from llmrec_spark.recommend import bench_topn
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        sizes, rows = bench_topn(
+            spark,
+            block_size=cfg.recommend.user_block_size,
+            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "2")),
+        )
+        write = measure_delta_write(spark, rows, runs=3)
+        write["rows"] = rows.count()
+        rows.unpersist()
+        return {
+            "sizes": sizes,
+            "speedup_vs_recommend_for_all": {
+                name: size["speedup_vs_recommend_for_all"] for name, size in sizes.items()
+            },
+            "delta_write_ratio": write["delta_write_ratio"],
+            "delta_write": write,
+        }
+    finally:
+        spark.stop()
 
 
 def _bench_embed(cfg: Config) -> dict[str, Any]:
@@ -87,9 +122,27 @@ def _bench_embed(cfg: Config) -> dict[str, Any]:
         spark.stop()
 
 
+def _bench_clean(cfg: Config) -> dict[str, Any]:
+    from llmrec_spark.clean import bench_clean
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        return bench_clean(
+            spark,
+            cfg,
+            n_events=int(os.environ.get("LLMREC_BENCH_EVENTS", "5000000")),
+            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "3")),
+        )
+    finally:
+        spark.stop()
+
+
 BENCHMARKS: dict[str, BenchFn] = {
+    "clean": _bench_clean,
     "delta-write": _bench_delta_write,
     "embed": _bench_embed,
+    "topn": _bench_topn,
 }
 
 
