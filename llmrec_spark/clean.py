@@ -25,6 +25,7 @@ from pyspark.sql.utils import AnalysisException
 from llmrec_spark.config import CleanConfig, Config
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, GateError, InputError
+from llmrec_spark.io.sources import read_event_lines, read_landing_lines
 from llmrec_spark.schema import CATALOG, EVENT_TYPES, RAW_EVENT
 
 log = logging.getLogger(__name__)
@@ -385,25 +386,6 @@ def _epoch_s(ds: str) -> int:
 # --------------------------------------------------------------------------- I/O and the stage
 
 
-def read_landing_lines(spark: SparkSession, path: str) -> DataFrame:
-    """Every line under `path` (recursively) as raw, source_file, line_seq; InputError if missing."""
-    try:
-        text = spark.read.option("recursiveFileLookup", "true").text(path)
-    except AnalysisException as exc:
-        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
-            raise InputError(
-                f"no landing data at {path}; run `llmrec generate-demo` for demo data "
-                "or check storage.landing"
-            ) from None
-        raise
-    # Within a file, line_seq follows line order; it breaks ties between identical timestamps.
-    return text.select(
-        F.col("value").alias("raw"),
-        F.input_file_name().alias("source_file"),
-        F.monotonically_increasing_id().alias("line_seq"),
-    )
-
-
 def read_catalog(spark: SparkSession, path: str) -> DataFrame:
     """The landing catalog (JSON lines, schema CATALOG); InputError if missing."""
     try:
@@ -446,7 +428,7 @@ def run_clean(ctx: RunContext) -> StageResult:
     spark = ctx.spark
 
     landing = ctx.landing("events", f"ds={ds}")
-    all_lines = read_landing_lines(spark, landing)
+    all_lines = read_event_lines(spark, cfg.source_format, events_root=ctx.landing("events"), ds=ds)
     catalog_path = ctx.landing("catalog")
     raw_catalog = read_catalog(spark, catalog_path)
 

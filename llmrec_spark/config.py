@@ -21,6 +21,8 @@ import yaml
 from llmrec_spark.errors import ConfigError
 
 ENVIRONMENTS = ("local", "cluster", "databricks")
+# Landing formats the clean stage reads (clean.source_format).
+SOURCE_FORMATS = ("json", "parquet", "delta")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class CleanConfig:
     max_quarantine_rate: float = 0.2
     # Fail when today's input volume differs from the previous run by more than this factor.
     max_volume_change: float = 5.0
+    # Landing events per date: JSON lines (json), Parquet files (parquet) or a Delta table
+    # partitioned by landing date ds (delta), mapped onto schema.RAW_EVENT.
+    source_format: str = "json"
 
 
 @dataclass(frozen=True)
@@ -383,6 +388,11 @@ def validate(cfg: Config) -> Config:
         (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
         (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
         (cfg.embed.batch_size >= 1, "embed.batch_size: must be at least 1"),
+        (
+            cfg.clean.source_format in SOURCE_FORMATS,
+            f"clean.source_format: choose {', '.join(SOURCE_FORMATS)}, "
+            f"got {cfg.clean.source_format!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

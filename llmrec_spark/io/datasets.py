@@ -1,0 +1,277 @@
+"""Loaders of public recommendation datasets onto the product's raw event and catalog schemas.
+
+Every loader returns a `Dataset`: `events` in `schema.RAW_EVENT` (ratings become
+event_type "rating" with value = the rating, event_ts ISO-8601 text) and `catalog` in
+`schema.CATALOG`, the item text (title, genres/categories, description, brand) coming from
+the dataset's item side. Supported layouts:
+
+* MovieLens ml-100k: `u.data` (tab-separated) + `u.item` (latin-1, `|`, 19 genre flags)
+* MovieLens ml-1m: `ratings.dat` + `movies.dat` (latin-1, `::`)
+* MovieLens ml-latest / ml-latest-small / ml-20m / ml-25m: `ratings.csv` + `movies.csv`
+* Amazon reviews: review JSON lines (reviewerID, asin, overall, unixReviewTime) + metadata
+  JSON lines (asin, title, description, categories or category, brand), plain or gzipped
+
+The layout is detected from the files in the folder; none matching is an InputError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from llmrec_spark.errors import InputError
+from llmrec_spark.schema import CATALOG, RAW_EVENT
+
+log = logging.getLogger(__name__)
+
+RATING = "rating"
+ML_100K, ML_1M, ML_LATEST, AMAZON = "ml-100k", "ml-1m", "ml-latest", "amazon"
+# (ratings file, movies file) per MovieLens layout, in detection order.
+MOVIELENS_LAYOUTS = {
+    ML_100K: ("u.data", "u.item"),
+    ML_1M: ("ratings.dat", "movies.dat"),
+    ML_LATEST: ("ratings.csv", "movies.csv"),
+}
+# u.item's 19 genre flag columns, in file order (as listed in ml-100k's u.genre).
+ML_100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+NO_GENRES = "(no genres listed)"
+AMAZON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+_LATIN1 = "ISO-8859-1"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One public dataset: its layout name, events (RAW_EVENT) and item catalog (CATALOG)."""
+
+    layout: str
+    events: DataFrame
+    catalog: DataFrame
+
+
+def load_public_dataset(spark: SparkSession, folder: str) -> Dataset:
+    """The dataset in `folder`, whichever supported layout it has; InputError when none matches."""
+    names = _list_names(folder)
+    layout = detect_layout(names)
+    if layout is None:
+        raise InputError(
+            f"no known dataset layout in {folder}: expected u.data + u.item (ml-100k), "
+            "ratings.dat + movies.dat (ml-1m), ratings.csv + movies.csv (ml-latest/ml-25m) "
+            "or review + meta*.json files (Amazon); found "
+            + (", ".join(sorted(names)[:10]) or "no files")
+        )
+    if layout == AMAZON:
+        reviews = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_reviews(n)]
+        metadata = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_metadata(n)]
+        return load_amazon_reviews(spark, reviews, metadata)
+    return load_movielens(spark, folder, layout=layout)
+
+
+def detect_layout(names: set[str]) -> str | None:
+    """The layout whose files are all among `names` (file names of one folder), else None."""
+    for layout, required in MOVIELENS_LAYOUTS.items():
+        if set(required) <= names:
+            return layout
+    if any(map(_is_amazon_reviews, names)) and any(map(_is_amazon_metadata, names)):
+        return AMAZON
+    return None
+
+
+def load_movielens(spark: SparkSession, folder: str, layout: str | None = None) -> Dataset:
+    """A MovieLens folder (layout detected unless given) as events + catalog."""
+    if layout is None:
+        layout = detect_layout(_list_names(folder))
+    if layout not in MOVIELENS_LAYOUTS:
+        expected = "; ".join(f"{' + '.join(f)} ({name})" for name, f in MOVIELENS_LAYOUTS.items())
+        raise InputError(f"no MovieLens layout in {folder}: expected {expected}")
+    ratings_file, movies_file = (os.path.join(folder, f) for f in MOVIELENS_LAYOUTS[layout])
+    if layout == ML_100K:
+        ratings = _delimited(
+            spark, ratings_file, "\t", "user string, item string, rating double, ts long"
+        )
+        items = _delimited(
+            spark,
+            movies_file,
+            "|",
+            "item string, title string, released string, video_released string, url string, "
+            + ", ".join(f"g{k} string" for k in range(len(ML_100K_GENRES))),
+            encoding=_LATIN1,
+        )
+        flags = [
+            F.when(F.col(f"g{k}") == "1", F.lit(genre)) for k, genre in enumerate(ML_100K_GENRES)
+        ]
+        movies = items.select("item", "title", F.concat_ws("|", *flags).alias("genres"))
+    elif layout == ML_1M:
+        ratings = _delimited(
+            spark, ratings_file, "::", "user string, item string, rating double, ts long"
+        )
+        movies = _delimited(
+            spark, movies_file, "::", "item string, title string, genres string", encoding=_LATIN1
+        )
+    else:
+        reader = spark.read.option("header", "true").option("escape", '"')
+        ratings = reader.schema("user string, item string, rating double, ts long").csv(
+            ratings_file
+        )
+        movies = reader.schema("item string, title string, genres string").csv(movies_file)
+    events = _rating_events(
+        ratings,
+        source=layout,
+        user=F.col("user"),
+        item=F.col("item"),
+        rating=F.col("rating"),
+        epoch_s=F.col("ts"),
+    )
+    genres = F.when((F.col("genres") != "") & (F.col("genres") != NO_GENRES), F.col("genres"))
+    catalog = _catalog(
+        movies.where(F.col("item").isNotNull()),
+        item=F.trim("item"),
+        title=F.trim("title"),
+        category=genres,
+        description=F.lit(None),
+        brand=F.lit(None),
+    )
+    log.info("MovieLens %s at %s", layout, folder)
+    return Dataset(layout=layout, events=events, catalog=catalog)
+
+
+def load_amazon_reviews(
+    spark: SparkSession, reviews: str | list[str], metadata: str | list[str]
+) -> Dataset:
+    """Amazon-review style JSON lines (plain or .gz) as rating events + catalog.
+
+    Reviews: reviewerID, asin, overall, unixReviewTime. Metadata: asin, title, description
+    (text or a list of texts), categories (list of category paths, 2014 files) or category
+    (one path, 2018 files), brand. The 2014 files' single-quoted records are accepted.
+    """
+    review_rows = spark.read.schema(
+        "reviewerID string, asin string, overall double, unixReviewTime long"
+    ).json(reviews)
+    events = _rating_events(
+        review_rows,
+        source=AMAZON,
+        user=F.col("reviewerID"),
+        item=F.col("asin"),
+        rating=F.col("overall"),
+        epoch_s=F.col("unixReviewTime"),
+    )
+    # Fields whose type differs between dataset versions are read as text and parsed here.
+    meta = spark.read.schema(
+        "asin string, title string, description string, categories string, category string, "
+        "brand string"
+    ).json(metadata)
+    path = F.coalesce(
+        F.element_at(F.from_json("categories", "array<array<string>>"), 1),
+        F.from_json("category", "array<string>"),
+    )
+    description = F.when(
+        F.ltrim("description").startswith("["),
+        F.concat_ws(" ", F.from_json("description", "array<string>")),
+    ).otherwise(F.col("description"))
+    catalog = _catalog(
+        meta.where(F.col("asin").isNotNull()),
+        item=F.trim("asin"),
+        title=F.col("title"),
+        category=F.when(F.size(path) > 0, F.concat_ws(" > ", path)),
+        description=description,
+        brand=F.col("brand"),
+    )
+    return Dataset(layout=AMAZON, events=events, catalog=catalog)
+
+
+def _rating_events(
+    rows: DataFrame, *, source: str, user: Column, item: Column, rating: Column, epoch_s: Column
+) -> DataFrame:
+    """Ratings in RAW_EVENT: event_id = source:user:item:epoch, event_ts = ISO-8601 text."""
+    event_id = F.concat_ws(":", F.lit(source), user, item, epoch_s.cast("string"))
+    # XXX prints the offset of the session time zone ("Z" in UTC), so the instant is exact.
+    ts_text = F.date_format(F.timestamp_seconds(epoch_s), "yyyy-MM-dd'T'HH:mm:ssXXX")
+    columns = {
+        "event_id": event_id,
+        "user_id": user,
+        "item_id": item,
+        "event_type": F.lit(RATING),
+        "event_ts": ts_text,
+        "value": rating,
+        "session_id": F.lit(None),
+        "source": F.lit(source),
+    }
+    return rows.select([columns[f.name].cast(f.dataType).alias(f.name) for f in RAW_EVENT.fields])
+
+
+def _catalog(
+    rows: DataFrame,
+    *,
+    item: Column,
+    title: Column,
+    category: Column,
+    description: Column,
+    brand: Column,
+) -> DataFrame:
+    columns = {
+        "item_id": item,
+        "title": title,
+        "description": description,
+        "category": category,
+        "brand": brand,
+        "available": F.lit("true"),
+        "added_ds": F.lit(None),
+    }
+    return rows.select([columns[f.name].cast(f.dataType).alias(f.name) for f in CATALOG.fields])
+
+
+def _delimited(
+    spark: SparkSession, path: str, sep: str, schema: str, encoding: str = "UTF-8"
+) -> DataFrame:
+    """A header-less delimited file; quoting off (MovieLens titles hold bare quotes)."""
+    return (
+        spark.read.schema(schema)
+        .option("sep", sep)
+        .option("quote", "")
+        .option("encoding", encoding)
+        .option("mode", "PERMISSIVE")
+        .csv(path)
+    )
+
+
+def _is_amazon_metadata(name: str) -> bool:
+    return name.startswith("meta") and name.endswith(AMAZON_SUFFIXES)
+
+
+def _is_amazon_reviews(name: str) -> bool:
+    return not name.startswith("meta") and name.endswith(AMAZON_SUFFIXES)
+
+
+def _list_names(folder: str) -> set[str]:
+    """File names directly in `folder` (local path or any pyarrow-supported URI)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(folder if "://" in folder else os.path.abspath(folder))
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=False))
+    except (FileNotFoundError, OSError, ValueError):
+        raise InputError(f"no dataset folder at {folder}") from None
+    return {os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File}
