@@ -4,11 +4,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DS ?= $(shell date -u +%F)
+# `make dist` installs the wheel into this virtualenv and packs it; VENV_PACK_FLAGS=--python-prefix=/usr
+# when the executors' Python lives elsewhere than this machine's.
+PACK_VENV := build/pack-venv
+VENV_PACK_FLAGS ?=
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install demo test test-slow check bench clean-data
+.PHONY: help install demo test test-slow check bench clean-data dist cluster-demo test-cluster
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +39,21 @@ check: install  ## lint, format check and type check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llmrec_spark
+
+dist: install  ## build the wheel and a packed virtualenv (dist/llmrec-venv.tar.gz) for spark-submit --archives
+	rm -f dist/llmrec_spark-*.whl
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	test -x $(PACK_VENV)/bin/python || $(BIN)/python -m venv $(PACK_VENV)
+	$(PACK_VENV)/bin/pip install -qq -c constraints.txt dist/llmrec_spark-*.whl
+	$(PACK_VENV)/bin/pip install -qq --no-deps --force-reinstall dist/llmrec_spark-*.whl
+	$(BIN)/venv-pack -q -p $(PACK_VENV) -o dist/llmrec-venv.tar.gz --force --compress-level 1 $(VENV_PACK_FLAGS)
+	@ls -lh dist/llmrec_spark-*.whl dist/llmrec-venv.tar.gz
+
+cluster-demo: install  ## start a standalone Spark master + 2 workers on 127.0.0.1, run the nightly on it, stop them
+	$(BIN)/python -m llmrec_spark.cluster demo --ds $(DS)
+
+test-cluster: install  ## the cluster tests (a standalone cluster on loopback)
+	$(BIN)/pytest -q -m cluster
 
 clean-data:  ## remove demo data, tables, MLflow store and reports
 	rm -rf landing lakehouse mlruns mlflow.db reports bench-results

@@ -39,13 +39,26 @@ def show(data: Any, rows: int = 20) -> None:
         return
     except LookupError:
         pass
-    if hasattr(data, "show"):
+    if hasattr(data, "savefig"):  # a matplotlib figure: nothing to draw on outside a notebook
+        log.info("figure: %s", ", ".join(ax.get_title() for ax in data.axes))
+    elif hasattr(data, "show"):
         data.show(rows, truncate=60)
     else:
         import pandas as pd
 
         with pd.option_context("display.max_columns", 20, "display.width", 160):
             log.info("\n%s", data.head(rows) if hasattr(data, "head") else data)
+
+
+def show_html(path: str) -> None:
+    """An HTML report inline on Databricks (`displayHTML`), else its path in the log."""
+    try:
+        display_html = _ipython_global("displayHTML")
+    except LookupError:
+        log.info("report: %s", path)
+        return
+    with open(path, encoding="utf-8") as fh:
+        display_html(fh.read())
 
 
 def _ipython_global(name: str) -> Any:
