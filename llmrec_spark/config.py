@@ -126,6 +126,9 @@ class EmbedConfig:
     device: str = "auto"
     cpu_threads: int = 0
     max_text_chars: int = 4000
+    # Landing sub-folder of user profiles (JSON lines: user_id, interests, bio); "" = none.
+    user_profiles: str = "users"
+    user_text_template: str = "{interests}. {bio}"
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,14 @@ class RecommendConfig:
     exclude_seen: bool = True
     exclude_categories: list[str] = field(default_factory=list)
     max_per_category: int = 0
+    # Partitions of `recommendations` older than this many days before the run date are
+    # dropped after publishing (0 = keep all); files unreferenced this long are vacuumed.
     retention_days: int = 30
+    vacuum_retention_hours: int = 168
+    # Offline-metric gate: the evaluate stage's metric for the run date (from MLflow) may be at
+    # most this share below the value recorded when the table was last published ("" = off).
+    gate_metric: str = "hybrid.ndcg@10"
+    max_metric_drop: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -376,6 +386,18 @@ def validate(cfg: Config) -> Config:
             "demo.n_items/n_users: at least 10 each",
         ),
         (cfg.recommend.user_block_size > 0, "recommend.user_block_size: must be positive"),
+        (
+            cfg.recommend.retention_days >= 0,
+            "recommend.retention_days: must be 0 (off) or positive",
+        ),
+        (
+            cfg.recommend.vacuum_retention_hours >= 0,
+            "recommend.vacuum_retention_hours: must not be negative",
+        ),
+        (
+            0.0 <= cfg.recommend.max_metric_drop <= 1.0,
+            "recommend.max_metric_drop: must be within [0, 1]",
+        ),
         (
             cfg.recommend.max_per_category >= 0,
             "recommend.max_per_category: must be 0 (off) or positive",

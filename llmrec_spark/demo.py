@@ -40,6 +40,8 @@ EPOCH = dt.date(1970, 1, 1)
 P_CLICK_BASE, P_CLICK_AFFINITY, P_CART, P_PURCHASE, P_RATING = 0.15, 0.25, 0.3, 0.5, 0.35
 UNKNOWN_EVENT_TYPES = ("wishlist", "share", "hover", "VIEWED")
 BAD_TIMESTAMPS = ("not-a-time", "2026-13-45T99:61:00Z", "", "yesterday 10pm", "1700000000")
+# Share of users who filled in a profile (interests and a short bio).
+PROFILE_SHARE = 0.7
 GARBAGE_LINES = (
     "ERROR 502 upstream timed out while reading response header",
     "<html><body>Service Unavailable</body></html>",
@@ -220,7 +222,8 @@ MISSING_BREAKDOWN = ("user_missing", "item_missing")
 
 
 def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, Any]:
-    """Write `catalog/items.jsonl` and `events/ds=*/part-00000.jsonl` for cfg.days days ending at end_ds.
+    """Write `catalog/items.jsonl`, `users/profiles.jsonl` and `events/ds=*/part-00000.jsonl`
+    for cfg.days days ending at end_ds.
 
     Returns counts of items, users and events written and of each kind of planted dirt.
     """
@@ -233,11 +236,15 @@ def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, A
     start = end - dt.timedelta(days=cfg.days - 1)
     world = build_world(cfg, start, end)
     _write_catalog(world, os.path.join(landing_dir, "catalog", "items.jsonl"))
+    profiles = _write_user_profiles(
+        world, cfg, os.path.join(landing_dir, "users", "profiles.jsonl")
+    )
 
     summary: dict[str, Any] = {
         "items": len(world.items),
         "new_items": cfg.new_items,
         "users": cfg.n_users,
+        "user_profiles": profiles,
         "bots": cfg.n_bots,
         "days": cfg.days,
         "first_ds": start.isoformat(),
@@ -383,6 +390,25 @@ def _write_catalog(world: DemoWorld, path: str) -> None:
     with open(path, "w", encoding="utf-8") as out:
         for item in world.items:
             out.write(json.dumps(item) + "\n")
+
+
+def _write_user_profiles(world: DemoWorld, cfg: DemoConfig, path: str) -> int:
+    """Self-described interests for a share of the users (their two strongest tastes); returns the count."""
+    rng = random.Random(_sub_seed(cfg.seed, "profiles"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for user_idx, user_id in enumerate(world.user_ids):
+            if rng.random() >= PROFILE_SHARE:
+                continue
+            favourites = np.argsort(-world.user_taste[user_idx], kind="stable")[:2]
+            topics = [TOPICS[int(k) % len(TOPICS)] for k in favourites]
+            interests = ", ".join(dict.fromkeys(t.name for t in topics))
+            noun = rng.choice(topics[0].nouns).lower()
+            bio = f"Shopping for {_article(noun).lower()} {noun} {rng.choice(topics[0].uses)}."
+            out.write(json.dumps({"user_id": user_id, "interests": interests, "bio": bio}) + "\n")
+            written += 1
+    return written
 
 
 def _day_chunks(

@@ -21,6 +21,7 @@ import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 ARROW_BATCHES_PER_UDF_CALL = 16
 # Upper bound on embedding partitions per Spark task slot (load balance vs per-task cost).
 PARTITIONS_PER_SLOT = 2
+# embedding_quarantine reason: every field of the template is null, blank or invisible.
+REASON_EMPTY_TEXT = "empty_text"
+# embedding_quarantine reason: a user-profile line without a user_id.
+REASON_MISSING_USER = "missing_user_id"
 # Characters removed from catalog text: control characters (Unicode Cc) and invisible
 # format marks (zero-width space, word joiner, BOM, LRM/RLM). ZWJ/ZWNJ stay: emoji
 # sequences and several scripts need them.
@@ -148,29 +153,27 @@ def _model_name(folder: Path) -> str:
 # Item text (Spark column functions only)
 
 
-def _template_pieces(template: str) -> tuple[str, list[tuple[str, str]]]:
+def _template_pieces(template: str, setting: str) -> tuple[str, list[tuple[str, str]]]:
     """Split "{a}. {b}" into the leading literal and (field, literal after it) pairs."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"embed.text_template: {exc} in {template!r}") from None
+        raise ConfigError(f"{setting}: {exc} in {template!r}") from None
     lead = ""
     pieces: list[tuple[str, str]] = []
     for literal, field_name, spec, conversion in parsed:
         if spec or conversion:
-            raise ConfigError(
-                f"embed.text_template: format specs are not supported in {template!r}"
-            )
+            raise ConfigError(f"{setting}: format specs are not supported in {template!r}")
         if pieces:
             pieces[-1] = (pieces[-1][0], pieces[-1][1] + literal)
         else:
             lead += literal
         if field_name is not None:
             if not field_name:
-                raise ConfigError(f"embed.text_template: empty field {{}} in {template!r}")
+                raise ConfigError(f"{setting}: empty field {{}} in {template!r}")
             pieces.append((field_name, ""))
     if not pieces:
-        raise ConfigError(f"embed.text_template: {template!r} names no catalog field")
+        raise ConfigError(f"{setting}: {template!r} names no catalog field")
     return lead, pieces
 
 
@@ -183,16 +186,25 @@ def _clean(column: Column) -> Column:
 
 
 def item_text(items: DataFrame, *, template: str, max_chars: int) -> DataFrame:
+    """Catalog rows plus `text` and `text_hash` from `embed.text_template` (see `template_text`)."""
+    return template_text(
+        items, template=template, max_chars=max_chars, setting="embed.text_template"
+    )
+
+
+def template_text(
+    rows: DataFrame, *, template: str, max_chars: int, setting: str = "template"
+) -> DataFrame:
     """Add `text` (template filled with cleaned fields, empty when every field is) and `text_hash`.
 
     A field that is empty drops out with the separator after it ("Shoe. Acme" rather than
     "Shoe. . Acme"); the result is whitespace-collapsed and cut to `max_chars` characters.
     """
-    lead, pieces = _template_pieces(template)
-    unknown = sorted({name for name, _ in pieces} - set(items.columns))
+    lead, pieces = _template_pieces(template, setting)
+    unknown = sorted({name for name, _ in pieces} - set(rows.columns))
     if unknown:
         raise ConfigError(
-            f"embed.text_template: unknown field(s) {unknown}; available: {', '.join(items.columns)}"
+            f"{setting}: unknown field(s) {unknown}; available: {', '.join(rows.columns)}"
         )
     if max_chars <= 0:
         raise ConfigError(f"embed.max_text_chars: must be positive, got {max_chars}")
@@ -205,7 +217,7 @@ def item_text(items: DataFrame, *, template: str, max_chars: int) -> DataFrame:
     filled = F.trim(F.regexp_replace(F.regexp_replace(filled, r"(?U)\s", " "), r" {2,}", " "))
     all_empty = F.concat(*cleaned.values()) == ""
     text = F.when(all_empty, F.lit("")).otherwise(F.rtrim(F.substring(filled, 1, max_chars)))
-    return items.withColumn("text", text).withColumn("text_hash", F.sha2(F.col("text"), 256))
+    return rows.withColumn("text", text).withColumn("text_hash", F.sha2(F.col("text"), 256))
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,8 +403,9 @@ def embed_items(
     ds: str,
     cfg: EmbedConfig,
     num_partitions: int,
+    key: str = "item_id",
 ) -> DataFrame:
-    """(item_id, text, text_hash) rows -> item_embeddings rows, spread over `num_partitions`."""
+    """(key, text, text_hash) rows -> item/user_embeddings rows, spread over `num_partitions`."""
     udf = embed_udf(
         model_path,
         device=cfg.device,
@@ -404,7 +417,7 @@ def embed_items(
         texts.repartition(num_partitions)
         .withColumn("embedding", udf(F.col("text")))
         .select(
-            "item_id",
+            key,
             "text_hash",
             F.lit(model_id).alias("model_id"),
             F.size("embedding").cast("int").alias("dim"),
@@ -414,15 +427,27 @@ def embed_items(
     )
 
 
-def pending_texts(texts: DataFrame, existing: DataFrame, *, model_id: str) -> DataFrame:
-    """Non-empty texts whose (item_id, text_hash) has no embedding under `model_id` yet."""
-    done = existing.where(F.col("model_id") == model_id).select("item_id", "text_hash")
+def pending_texts(
+    texts: DataFrame, existing: DataFrame, *, model_id: str, key: str = "item_id"
+) -> DataFrame:
+    """Non-empty texts whose (key, text_hash) has no embedding under `model_id` yet."""
+    done = existing.where(F.col("model_id") == model_id).select(key, "text_hash")
     return (
         texts.where(F.col("text") != "")
-        .select("item_id", "text", "text_hash")
-        .dropDuplicates(["item_id", "text_hash"])
-        .join(done, ["item_id", "text_hash"], "left_anti")
-        .select("item_id", "text", "text_hash")
+        .select(key, "text", "text_hash")
+        .dropDuplicates([key, "text_hash"])
+        .join(done, [key, "text_hash"], "left_anti")
+        .select(key, "text", "text_hash")
+    )
+
+
+def empty_text_quarantine(texts: DataFrame, *, key: str, kind: str, ds: str) -> DataFrame:
+    """embedding_quarantine rows for texts that are empty after normalisation."""
+    return texts.where(F.col("text") == "").select(
+        F.lit(kind).alias("kind"),
+        F.col(key).alias("id"),
+        F.lit(REASON_EMPTY_TEXT).alias("reason"),
+        F.lit(ds).alias("ds"),
     )
 
 
@@ -488,39 +513,45 @@ def _spark_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
             spark.conf.set(key, previous)
 
 
-def run_embed(ctx: RunContext) -> StageResult:
-    """Embed new or changed catalog texts and append them to `item_embeddings`."""
+@dataclass
+class EmbedCounts:
+    """What one incremental pass over a set of texts did."""
+
+    total: int
+    embedded: int
+    empty: int
+    seconds: float
+
+    @property
+    def unchanged(self) -> int:
+        return self.total - self.embedded - self.empty
+
+    @property
+    def per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed_new_texts(
+    ctx: RunContext,
+    texts: DataFrame,
+    *,
+    key: str,
+    table: str,
+    model_path: str,
+    model_id: str,
+) -> EmbedCounts:
+    """Embed the (key, text, text_hash) rows `table` lacks under `model_id`; append them in one commit."""
     cfg = ctx.cfg.embed
-    started = time.perf_counter()
-    model_path, model_id = resolve_model(cfg.model)
-    check_embed_config(cfg, model_path)
-    if not ctx.store.exists("items"):
-        raise InputError(
-            "no `items` table (the item catalog) yet; load the catalog before `llmrec embed`"
-        )
-    texts = (
-        item_text(ctx.store.read("items"), template=cfg.text_template, max_chars=cfg.max_text_chars)
-        .select("item_id", "text", "text_hash")
-        .cache()
-    )
+    texts = texts.select(key, "text", "text_hash").cache()
     pending: DataFrame | None = None
     try:
         counts = texts.agg(
-            F.count(F.lit(1)).alias("items"), F.count(F.when(F.col("text") == "", 1)).alias("empty")
+            F.count(F.lit(1)).alias("total"), F.count(F.when(F.col("text") == "", 1)).alias("empty")
         ).collect()[0]
-        n_items, n_empty = int(counts["items"]), int(counts["empty"])
-        empty_sample: list[str] = []
-        if n_empty:
-            empty = texts.where(F.col("text") == "").select("item_id")
-            empty_sample = sorted(r.item_id for r in empty.limit(20).collect())
-            log.warning(
-                "embed: %d items have no text after normalisation, not embedded (e.g. %s)",
-                n_empty,
-                ", ".join(empty_sample),
-            )
-        pending = pending_texts(texts, ctx.store.read("item_embeddings"), model_id=model_id).cache()
+        total, empty = int(counts["total"]), int(counts["empty"])
+        pending = pending_texts(texts, ctx.store.read(table), model_id=model_id, key=key).cache()
         n_pending = pending.count()
-        embed_s = 0.0
+        seconds = 0.0
         if n_pending:
             partitions = embedding_partitions(
                 n_pending,
@@ -528,9 +559,10 @@ def run_embed(ctx: RunContext) -> StageResult:
                 task_slots=ctx.spark.sparkContext.defaultParallelism,
             )
             log.info(
-                "embed: %d of %d items new or changed; %s on device=%s, %d partitions",
+                "embed %s: %d of %d texts new or changed; %s on device=%s, %d partitions",
+                table,
                 n_pending,
-                n_items,
+                total,
                 model_id,
                 cfg.device,
                 partitions,
@@ -542,51 +574,166 @@ def run_embed(ctx: RunContext) -> StageResult:
                 ds=ctx.ds,
                 cfg=cfg,
                 num_partitions=partitions,
+                key=key,
             )
             arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
-            embed_started = time.perf_counter()
+            started = time.perf_counter()
             with _spark_conf(
                 ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch
             ):
                 ctx.store.append(
-                    "item_embeddings",
-                    rows,
-                    metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id},
+                    table, rows, metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id}
                 )
-            embed_s = time.perf_counter() - embed_started
+            seconds = time.perf_counter() - started
     finally:
         if pending is not None:
             pending.unpersist()
         texts.unpersist()
-    items_per_s = n_pending / embed_s if embed_s > 0 else 0.0
+    result = EmbedCounts(total=total, embedded=n_pending, empty=empty, seconds=seconds)
     log.info(
-        "embed: %d items embedded in %.1fs (%.1f items/s), %d unchanged, %d empty",
-        n_pending,
-        embed_s,
-        items_per_s,
-        n_items - n_pending - n_empty,
-        n_empty,
+        "embed %s: %d embedded in %.1fs (%.1f/s), %d unchanged, %d empty (quarantined)",
+        table,
+        result.embedded,
+        result.seconds,
+        result.per_s,
+        result.unchanged,
+        result.empty,
     )
+    return result
+
+
+def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
+    """The landing user profiles (JSON lines, schema USER_PROFILE) in line order, or None.
+
+    Profiles are optional: a catalog without them has no such folder.
+    """
+    from llmrec_spark.schema import USER_PROFILE
+
+    if "://" not in path and not os.path.isdir(path):
+        return None
+    raw = spark.read.schema(USER_PROFILE).option("recursiveFileLookup", "true").json(path)
+    return raw.withColumn("line_seq", F.monotonically_increasing_id())
+
+
+def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
+    """(one profile per user, the last line wins; embedding_quarantine rows of lines without a user_id)."""
+    trimmed = raw.withColumn("user_id", _blank_to_null(F.trim("user_id")))
+    last = Window.partitionBy("user_id").orderBy(F.col("line_seq").desc())
+    profiles = (
+        trimmed.where(F.col("user_id").isNotNull())
+        .withColumn("_n", F.row_number().over(last))
+        .where(F.col("_n") == 1)
+        .drop("_n", "line_seq")
+    )
+    missing = trimmed.where(F.col("user_id").isNull()).select(
+        F.lit("user").alias("kind"),
+        F.lit("").alias("id"),
+        F.lit(REASON_MISSING_USER).alias("reason"),
+        F.lit(ds).alias("ds"),
+    )
+    return profiles, missing
+
+
+def _blank_to_null(column: Column) -> Column:
+    return F.when(column != "", column)
+
+
+def run_embed(ctx: RunContext) -> StageResult:
+    """Embed new or changed catalog (and user-profile) texts into item_embeddings/user_embeddings.
+
+    Texts that are empty after normalisation are not embedded; they go to
+    `embedding_quarantine` (this run date's partition, replaced on a rerun) with a reason.
+    """
+    cfg = ctx.cfg.embed
+    started = time.perf_counter()
+    model_path, model_id = resolve_model(cfg.model)
+    check_embed_config(cfg, model_path)
+    if not ctx.store.exists("items"):
+        raise InputError(
+            "no `items` table (the item catalog) yet; load the catalog before `llmrec embed`"
+        )
+    item_texts = item_text(
+        ctx.store.read("items"), template=cfg.text_template, max_chars=cfg.max_text_chars
+    )
+    items = embed_new_texts(
+        ctx,
+        item_texts,
+        key="item_id",
+        table="item_embeddings",
+        model_path=model_path,
+        model_id=model_id,
+    )
+    quarantine = empty_text_quarantine(item_texts, key="item_id", kind="item", ds=ctx.ds)
+
+    users: EmbedCounts | None = None
+    profiles_path = ctx.landing(cfg.user_profiles) if cfg.user_profiles else ""
+    raw_profiles = read_user_profiles(ctx.spark, profiles_path) if profiles_path else None
+    if raw_profiles is not None:
+        profiles, no_user = split_profiles(raw_profiles, ds=ctx.ds)
+        ctx.store.overwrite("user_profiles", profiles)
+        user_texts = template_text(
+            ctx.store.read("user_profiles"),
+            template=cfg.user_text_template,
+            max_chars=cfg.max_text_chars,
+            setting="embed.user_text_template",
+        )
+        users = embed_new_texts(
+            ctx,
+            user_texts,
+            key="user_id",
+            table="user_embeddings",
+            model_path=model_path,
+            model_id=model_id,
+        )
+        quarantine = quarantine.unionByName(
+            empty_text_quarantine(user_texts, key="user_id", kind="user", ds=ctx.ds)
+        ).unionByName(no_user)
+    elif profiles_path:
+        log.info("embed: no user profiles at %s; only items embedded", profiles_path)
+    ctx.store.overwrite("embedding_quarantine", quarantine, partitions={"ds": ctx.ds})
+    empty_items = sorted(
+        r.id
+        for r in ctx.store.read("embedding_quarantine", where={"ds": ctx.ds})
+        .where(F.col("kind") == "item")
+        .select("id")
+        .limit(20)
+        .collect()
+    )
+    if empty_items:
+        log.warning(
+            "embed: %d items have no text after normalisation, not embedded (e.g. %s)",
+            items.empty,
+            ", ".join(empty_items),
+        )
+    summary: dict[str, Any] = {
+        "model_id": model_id,
+        "items": items.total,
+        "embedded": items.embedded,
+        "unchanged": items.unchanged,
+        "empty_text": items.empty,
+        "empty_text_items": empty_items,
+        "items_per_s": round(items.per_s, 1),
+    }
+    metrics = {
+        "items_per_s": items.per_s,
+        "embed_seconds": items.seconds,
+        "stage_seconds": time.perf_counter() - started,
+    }
+    if users is not None:
+        summary |= {
+            "user_profiles": users.total,
+            "users_embedded": users.embedded,
+            "users_empty_text": users.empty,
+        }
+        metrics |= {"users_per_s": users.per_s, "user_embed_seconds": users.seconds}
     return StageResult(
-        rows_in=n_items,
-        rows_out=n_pending,
-        rows_quarantined=n_empty,
-        rows_excluded=n_items - n_pending - n_empty,
-        metrics={
-            "items_per_s": items_per_s,
-            "embed_seconds": embed_s,
-            "stage_seconds": time.perf_counter() - started,
-        },
+        rows_in=items.total,
+        rows_out=items.embedded,
+        rows_quarantined=items.empty,
+        rows_excluded=items.unchanged,
+        metrics=metrics,
         params={"embed.model_id": model_id, **{f"embed.{k}": v for k, v in vars(cfg).items()}},
-        summary={
-            "model_id": model_id,
-            "items": n_items,
-            "embedded": n_pending,
-            "unchanged": n_items - n_pending - n_empty,
-            "empty_text": n_empty,
-            "empty_text_items": empty_sample,
-            "items_per_s": round(items_per_s, 1),
-        },
+        summary=summary,
     )
 
 

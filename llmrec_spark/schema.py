@@ -87,6 +87,36 @@ ITEM_EMBEDDINGS = StructType(
     ]
 )
 
+# User profiles as they arrive in the landing zone (JSON lines, optional).
+USER_PROFILE = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("interests", StringType()),
+        StructField("bio", StringType()),
+    ]
+)
+
+USER_EMBEDDINGS = StructType(
+    [
+        StructField("user_id", StringType(), False),
+        StructField("text_hash", StringType(), False),
+        StructField("model_id", StringType(), False),
+        StructField("dim", IntegerType(), False),
+        StructField("embedding", ArrayType(FloatType()), False),
+        StructField("ds", StringType(), False),
+    ]
+)
+
+# Texts the embed stage did not embed, with the reason (kind: item or user).
+EMBEDDING_QUARANTINE = StructType(
+    [
+        StructField("kind", StringType(), False),
+        StructField("id", StringType(), False),
+        StructField("reason", StringType(), False),
+        StructField("ds", StringType(), False),
+    ]
+)
+
 ALS_FACTORS = StructType(
     [
         StructField("id", StringType(), False),
@@ -163,12 +193,33 @@ TABLES: dict[str, TableSpec] = {
             (),
             "L2-normalised text embeddings per (item_id, text_hash, model_id).",
         ),
+        TableSpec(
+            "user_profiles", USER_PROFILE, (), "User profile snapshot (self-described text)."
+        ),
+        TableSpec(
+            "user_embeddings",
+            USER_EMBEDDINGS,
+            (),
+            "L2-normalised profile-text embeddings per (user_id, text_hash, model_id).",
+        ),
+        TableSpec(
+            "embedding_quarantine",
+            EMBEDDING_QUARANTINE,
+            ("ds",),
+            "Items and users whose text was not embedded, with the reason; ds = run date.",
+        ),
         TableSpec("als_factors", ALS_FACTORS, ("ds",), "ALS user and item factors per run date."),
         TableSpec(
             "recommendations",
             RECOMMENDATIONS,
             ("ds",),
             "Nightly top-N per user; one partition per run date, rewritten atomically.",
+        ),
+        TableSpec(
+            "recommendations_latest",
+            RECOMMENDATIONS,
+            (),
+            "The rows of the newest published ds of `recommendations`, replaced atomically.",
         ),
         TableSpec(
             "pipeline_runs",

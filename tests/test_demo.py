@@ -72,6 +72,7 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
         "catalog/items.jsonl",
         "events/ds=2026-11-22/part-00000.jsonl",
         "events/ds=2026-11-23/part-00000.jsonl",
+        "users/profiles.jsonl",
     ]
     assert files_a == _files(tmp_path / "b")
     assert files_a != _files(tmp_path / "c")
@@ -262,3 +263,16 @@ def test_impossible_settings_are_config_errors(tmp_path, override, message):
         generate_demo(DemoConfig(**{**TINY.__dict__, **override}), str(tmp_path), END_DS)
     with pytest.raises(ConfigError, match="not a date"):
         generate_demo(TINY, str(tmp_path), "23/11/2026")
+
+
+def test_user_profiles_name_the_users_strongest_tastes(tmp_path):
+    summary = generate_demo(TINY, str(tmp_path), END_DS)
+    lines = (tmp_path / "users" / "profiles.jsonl").read_text().splitlines()
+    profiles = [json.loads(line) for line in lines]
+    assert len(profiles) == summary["user_profiles"] > 0
+    world = demo.build_world(TINY, dt.date(2026, 11, 22), dt.date(2026, 11, 23))
+    for profile in profiles:
+        assert set(profile) == {"user_id", "interests", "bio"}
+        idx = world.user_ids.index(profile["user_id"])
+        favourite = demo.TOPICS[int(world.user_taste[idx].argmax()) % len(demo.TOPICS)]
+        assert profile["interests"].split(", ")[0] == favourite.name

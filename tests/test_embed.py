@@ -268,3 +268,57 @@ def test_run_embed_is_incremental(spark, store, cfg, model, encode):
     assert (current["i04"].text_hash, current["i04"].ds) == (_sha(renamed), DS3)
     np.testing.assert_allclose(current["i04"].embedding, encode([renamed])[0], atol=1e-5)
     assert (current["i05"].ds, store.read("item_embeddings").count()) == (DS1, 20)
+
+
+@pytest.mark.spark
+def test_empty_item_texts_are_quarantined_with_a_reason(spark, store, cfg):
+    from llmrec_spark.context import RunContext
+
+    store.overwrite("items", _twenty_items(spark))
+    run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=DS1))
+    run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=DS1))  # a rerun replaces, never adds
+    assert store.read("embedding_quarantine").collect() == [("item", "i19", "empty_text", DS1)]
+
+
+@pytest.mark.spark
+def test_user_profiles_are_embedded_incrementally(spark, store, cfg, model, encode):
+    import json
+    import os
+
+    from llmrec_spark.context import RunContext
+
+    model_id = model[1]
+    profiles = [
+        {"user_id": "u1", "interests": "hiking", "bio": "Old bio."},
+        {"user_id": " u2 ", "interests": "coffee, baking", "bio": "Bakes 🥐 every Sunday."},
+        {"user_id": "u1", "interests": "hiking, running", "bio": "Trail runner."},  # last wins
+        {"user_id": "u3", "interests": " ", "bio": None},  # nothing to embed
+        {"interests": "gaming", "bio": "No id."},
+    ]
+    folder = os.path.join(cfg.path(cfg.storage.landing), "users")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "profiles.jsonl"), "w") as fh:
+        fh.write("\n".join(json.dumps(p) for p in profiles) + "\n")
+    store.overwrite("items", _twenty_items(spark))
+
+    first = run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=DS1))
+    assert (first.summary["user_profiles"], first.summary["users_embedded"]) == (3, 2)
+    rows = {r.user_id: r for r in store.read("user_embeddings").collect()}
+    assert sorted(rows) == ["u1", "u2"]
+    texts = {"u1": "hiking, running. Trail runner.", "u2": "coffee, baking. Bakes 🥐 every Sunday."}
+    for user, text in texts.items():
+        assert (rows[user].text_hash, rows[user].model_id, rows[user].dim) == (
+            _sha(text),
+            model_id,
+            384,
+        )
+        np.testing.assert_allclose(rows[user].embedding, encode([text])[0], atol=1e-5)
+    assert sorted(store.read("embedding_quarantine").collect()) == [
+        ("item", "i19", "empty_text", DS1),
+        ("user", "", "missing_user_id", DS1),
+        ("user", "u3", "empty_text", DS1),
+    ]
+
+    second = run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=DS2))
+    assert (second.summary["users_embedded"], second.rows_out) == (0, 0)
+    assert store.read("user_embeddings").count() == 2
