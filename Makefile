@@ -47,6 +47,7 @@ dist: install  ## build the wheel and a packed virtualenv (dist/llmrec-venv.tar.
 	$(PACK_VENV)/bin/pip install -qq -c constraints.txt dist/llmrec_spark-*.whl
 	$(PACK_VENV)/bin/pip install -qq --no-deps --force-reinstall dist/llmrec_spark-*.whl
 	$(BIN)/venv-pack -q -p $(PACK_VENV) -o dist/llmrec-venv.tar.gz --force --compress-level 1 $(VENV_PACK_FLAGS)
+	chmod 644 dist/llmrec-venv.tar.gz
 	@ls -lh dist/llmrec_spark-*.whl dist/llmrec-venv.tar.gz
 
 cluster-demo: install  ## start a standalone Spark master + 2 workers on 127.0.0.1, run the nightly on it, stop them

@@ -114,8 +114,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-demo":
         from llmrec_spark.demo import generate_demo
 
-        summary = generate_demo(cfg.demo, cfg.path(cfg.storage.landing), args.ds)
-        _write(json.dumps(summary, indent=2, default=str))
+        written = generate_demo(cfg.demo, cfg.path(cfg.storage.landing), args.ds)
+        _write(json.dumps(written, indent=2, default=str))
         return 0
     if args.command == "bench":
         from llmrec_spark.bench import run_benchmark

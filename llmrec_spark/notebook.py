@@ -27,8 +27,8 @@ def setup(conf_dir: str | None = None, env: str | None = None, overrides: list[s
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    conf_dir = conf_dir or os.environ.get("LLMREC_CONF_DIR", "conf")
-    cfg: Config = load_config(conf_dir, env=env, overrides=overrides)
+    folder = conf_dir or os.environ.get("LLMREC_CONF_DIR") or "conf"
+    cfg: Config = load_config(folder, env=env, overrides=overrides)
     return cfg, build_spark(cfg)
 
 
