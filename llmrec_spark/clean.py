@@ -149,35 +149,43 @@ def validate_events(
     )
 
 
-def split_valid(validated: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """(valid, quarantined) by whether a record has any reason code."""
-    has_reason = F.size("reasons") > 0
-    return validated.where(~has_reason), validated.where(has_reason)
-
-
-def dedup_events(events: DataFrame, *, window_s: int, prior: DataFrame | None = None) -> DataFrame:
+def dedup_events(
+    events: DataFrame,
+    *,
+    window_s: int,
+    prior: DataFrame | None = None,
+    eligible: Column | None = None,
+) -> DataFrame:
     """Add `duplicate`: null for the kept event, "exact" or "near" for a duplicate.
 
     Exact: same event_id as an earlier line (by event_ts, then source_file and line_seq) or as
     an event in `prior` (already clean). Near: same user, item and event type at most
     `window_s` seconds after the previous kept event (prior ones included), or at most
-    `window_s` seconds before a prior event. Two shuffles: by event_id, then by retry key;
-    rows stay rows (windows, no collect_list of whole rows).
+    `window_s` seconds before a prior event. Rows not matching `eligible` (e.g. quarantined
+    ones) pass through untouched with duplicate null, so one dataflow carries every line.
+    Two shuffles, by event_id then by user_id (which `flag_bots` reuses); rows stay rows
+    (windows, no collect_list of whole rows).
     """
     window_us = window_s * 1_000_000
     columns = events.columns
-    timeline = events.withColumn("_is_prior", F.lit(False))
+    # A line that takes no part gets a key of its own, so it never meets another line.
+    solo = (
+        F.lit(None) if eligible is None else F.when(~eligible, F.struct("source_file", "line_seq"))
+    )
+    timeline = events.withColumn("_is_prior", F.lit(False)).withColumn("_solo", solo)
     if prior is not None:
         anchors = prior.select("event_id", *RETRY_KEY, "event_ts").withColumn(
             "_is_prior", F.lit(True)
         )
         timeline = timeline.unionByName(anchors, allowMissingColumns=True)
     # Prior rows sort first, so a new line repeating an already clean event_id is never first.
-    first = Window.partitionBy("event_id").orderBy(
+    first = Window.partitionBy("event_id", "_solo").orderBy(
         F.col("_is_prior").desc(), "event_ts", "source_file", "line_seq"
     )
     # One retry key's timeline: by time, new lines before clean ones, then file and line.
-    by_key = Window.partitionBy(*RETRY_KEY).orderBy("_us", "_is_prior", "source_file", "line_seq")
+    by_key = Window.partitionBy(*RETRY_KEY, "_solo").orderBy(
+        "_us", "_is_prior", "source_file", "line_seq"
+    )
     so_far = by_key.rowsBetween(Window.unboundedPreceding, Window.currentRow)
     whole = by_key.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     entry = F.struct(
@@ -185,18 +193,18 @@ def dedup_events(events: DataFrame, *, window_s: int, prior: DataFrame | None = 
         F.col("_is_prior").alias("is_prior"),
         F.col("_exact").alias("exact"),
     )
+    kind = _duplicate_kind(F.col("_seq"), F.col("_prior_us"), window_us)
     return (
         timeline.withColumn("_us", F.unix_micros("event_ts"))
         .withColumn("_exact", ~F.col("_is_prior") & (F.row_number().over(first) > 1))
+        # Hash by user only: it clusters every retry key and every user's days for flag_bots.
+        .repartition("user_id")
         .withColumn("_seq", F.collect_list(entry).over(so_far))
         .withColumn(
             "_prior_us", F.collect_list(F.when(F.col("_is_prior"), F.col("_us"))).over(whole)
         )
         .where(~F.col("_is_prior"))
-        .select(
-            *columns,
-            _duplicate_kind(F.col("_seq"), F.col("_prior_us"), window_us).alias("duplicate"),
-        )
+        .select(*columns, F.when(F.col("_solo").isNull(), kind).alias("duplicate"))
     )
 
 
@@ -248,23 +256,19 @@ def flag_bots(
     """Add `bot`: true for every event of a user above either limit on any event date.
 
     Only rows matching `counted` (all when None) count toward the limits; every row is flagged.
+    Windows over user_id, so input already hashed by user (`dedup_events`) is not reshuffled.
     """
-    counting = events if counted is None else events.where(counted)
-    per_day = counting.groupBy("user_id", _event_date(F.col("event_ts")).alias("_day")).agg(
-        F.count(F.lit(1)).alias("_n"), F.countDistinct("item_id").alias("_items")
+    counts = F.lit(True) if counted is None else counted
+    day = Window.partitionBy("user_id", "_day")
+    over_limit = (F.count(F.when(counts, F.lit(1))).over(day) > max_events_per_day) | (
+        F.size(F.collect_set(F.when(counts, F.col("item_id"))).over(day))
+        > max_distinct_items_per_day
     )
-    bots = (
-        per_day.where(
-            (F.col("_n") > max_events_per_day) | (F.col("_items") > max_distinct_items_per_day)
-        )
-        .select(F.col("user_id").alias("_bot_user"))
-        .distinct()
-    )
-    # Bot users are few: broadcast them rather than shuffling every event by user.
     return (
-        events.join(F.broadcast(bots), F.col("user_id") == F.col("_bot_user"), "left")
-        .withColumn("bot", F.col("_bot_user").isNotNull())
-        .drop("_bot_user")
+        events.withColumn("_day", _event_date(F.col("event_ts")))
+        .withColumn("_over", over_limit)
+        .withColumn("bot", F.max("_over").over(Window.partitionBy("user_id")))
+        .drop("_day", "_over")
     )
 
 
@@ -296,12 +300,13 @@ def clean_events(
         max_future_skew_s=cfg.max_future_skew_s,
         max_late_days=cfg.max_late_days,
     )
-    # One shuffle by event_id up front: the exact-duplicate window needs it, and both the
-    # quarantined and the valid branch read it, so the input is parsed once, not per branch.
-    valid, quarantined = split_valid(validated.repartition("event_id"))
-    is_kept = F.col("duplicate").isNull()
-    deduped = (
-        valid.transform(dedup_events, window_s=cfg.near_duplicate_window_s, prior=prior)
+    is_valid = F.size("reasons") == 0
+    is_kept = is_valid & F.col("duplicate").isNull()
+    # One dataflow: quarantined lines ride along untouched, so the input is parsed once.
+    flagged = (
+        validated.transform(
+            dedup_events, window_s=cfg.near_duplicate_window_s, prior=prior, eligible=is_valid
+        )
         .transform(
             flag_bots,
             max_events_per_day=cfg.bot_max_events_per_day,
@@ -315,19 +320,19 @@ def clean_events(
         )
     )
     is_bot = is_kept & F.col("bot")
-    return quarantined.withColumn("outcome", F.lit(QUARANTINED)).unionByName(
-        deduped.withColumn(
-            "outcome",
-            F.when(~is_kept, F.lit(DUPLICATE))
-            .when(is_bot, F.lit(EXCLUDED))
-            .otherwise(F.lit(CLEAN)),
-        )
+    outcome = (
+        F.when(~is_valid, F.lit(QUARANTINED))
+        .when(~is_kept, F.lit(DUPLICATE))
+        .when(is_bot, F.lit(EXCLUDED))
+        .otherwise(F.lit(CLEAN))
+    )
+    return (
+        flagged.withColumn("outcome", outcome)
+        .withColumn("weight", F.when(is_kept, F.col("weight")))
         .withColumn(
             "reasons", F.when(is_bot, F.array(F.lit(BOT_REASON))).otherwise(F.col("reasons"))
         )
-        .withColumn("weight", F.when(is_kept, F.col("weight")))
-        .drop("bot"),
-        allowMissingColumns=True,
+        .drop("bot")
     )
 
 

@@ -374,6 +374,8 @@ def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
             event("good").encode() + b"\n",
             b"\xc3\x28\xa0\xa1" * 50 + b"\n",
             b"{" * 10_000 + b"\n",
+            event("huge", session_id="x" * 1_000_000).encode() + b"\n",  # a 1 MB line
+            event("good2", item_id="i2").encode() + b"\n",
         ]
     )
     _write_landing(
@@ -381,18 +383,20 @@ def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
     )
     result = run_clean(_ctx(cfg, spark, store))
     assert (result.rows_in, result.rows_out, result.rows_quarantined, result.rows_duplicate) == (
+        9,
+        2,
         7,
-        1,
-        6,
         0,
     )
     assert result.metrics["blank_lines"] == 2
     clean_rows = store.read("events_clean").collect()
-    assert [(r["event_id"], r["user_id"], r["ds"], r["ingest_ds"]) for r in clean_rows] == [
-        ("good", "u1", DS, DS)
+    assert sorted((r["event_id"], r["item_id"], r["ds"], r["ingest_ds"]) for r in clean_rows) == [
+        ("good", "i1", DS, DS),
+        ("good2", "i2", DS, DS),
     ]
     quarantine = store.read("events_quarantine", where={"ds": DS}).collect()
-    assert sorted(r["reasons"] for r in quarantine) == [["malformed"]] * 6
+    assert sorted(r["reasons"] for r in quarantine) == [["malformed"]] * 6 + [["oversized_field"]]
+    assert max(len(r["raw"]) for r in quarantine) > 1_000_000
     assert {os.path.basename(r["source_file"]) for r in quarantine} == {"part-0.jsonl", "nul.jsonl"}
     assert any("\ufffd" in r["raw"] for r in quarantine)
 
