@@ -132,7 +132,7 @@ def _bench_clean(cfg: Config) -> dict[str, Any]:
             spark,
             cfg,
             n_events=int(os.environ.get("LLMREC_BENCH_EVENTS", "5000000")),
-            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "3")),
+            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "2")),
         )
     finally:
         spark.stop()
