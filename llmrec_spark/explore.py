@@ -136,12 +136,16 @@ def stage_metrics(runs: pd.DataFrame, stage: str) -> pd.Series:
 
 
 def evaluation_frame(metrics: pd.Series | dict[str, float]) -> pd.DataFrame:
-    """Evaluate-stage metrics ("hybrid.ndcg@10" -> v) as rows of model, metric, k, value."""
+    """Evaluate-stage metrics as rows of model, metric, k, value.
+
+    Keys are "hybrid.ndcg@10" (the stage's result) or "hybrid.ndcg_10" (MLflow, which
+    allows no "@" in metric names).
+    """
     rows = []
     for key, value in dict(metrics).items():
         model, dot, rest = str(key).partition(".")
-        metric, at, k = rest.partition("@")
-        if dot and at and k.isdigit():
+        metric, sep, k = rest.rpartition("@") if "@" in rest else rest.rpartition("_")
+        if dot and sep and k.isdigit() and metric:
             rows.append((model, metric, int(k), float(value)))
     frame = pd.DataFrame(rows, columns=["model", "metric", "k", "value"])
     return frame.sort_values(["metric", "model", "k"]).reset_index(drop=True)
