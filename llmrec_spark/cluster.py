@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"cluster demo: {exc}\n")
         return 1
     sys.stdout.write(
-        f"\ncluster demo: nightly {args.ds} on {result.master_url} (2 workers) exited "
+        f"\ncluster demo: nightly {args.ds} on {result.master_url} ({spec.workers} workers) exited "
         f"{result.returncode} in {result.seconds:.0f}s; project in {result.root}\n"
     )
     return result.returncode
