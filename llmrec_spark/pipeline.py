@@ -30,7 +30,9 @@ STAGES: dict[str, str] = {
     "recommend": "llmrec_spark.recommend:run_recommend",
     "evaluate": "llmrec_spark.evaluate:run_evaluate",
 }
-NIGHTLY_AFTER_CLEAN = ["embed", "train-als", "train-contrastive", "recommend", "evaluate"]
+# evaluate before recommend: the recommend gate compares the run date's offline metrics with
+# those of the last published run before it replaces anything.
+NIGHTLY_AFTER_CLEAN = ["embed", "train-als", "train-contrastive", "evaluate", "recommend"]
 
 
 def stage_function(stage: str) -> Callable[[RunContext], StageResult]:

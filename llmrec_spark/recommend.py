@@ -10,6 +10,8 @@ users with the same functions.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import logging
 import math
 import time
@@ -37,6 +39,11 @@ _HYBRID, _ALS, _TEXT, _POPULAR = range(4)
 SCORED_SCHEMA = "user_id string, rank int, item_id string, score float, source string"
 # Below this many scores per block the torch import costs more than argpartition.
 _TORCH_MIN_CELLS = 200_000
+# Bound prefilter (`_select_prefiltered`): used when there are at least ITEMS_PER_N * n items;
+# rows keeping more than 1 / MAX_SHARE of the items as candidates fall back to a partial sort.
+_PREFILTER_ITEMS_PER_N = 32
+_PREFILTER_GROUPS_PER_N = 4
+_PREFILTER_MAX_SHARE = 8
 _UNAVAILABLE = ("false", "0", "no", "n", "f")
 
 
@@ -91,6 +98,51 @@ def select_top_n(
 
 
 def _select(scores: np.ndarray, n: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    if 0 < n < scores.shape[1] and scores.shape[1] >= _PREFILTER_ITEMS_PER_N * n:
+        return _select_prefiltered(scores, n, backend)
+    return _select_partial(scores, n, backend)
+
+
+def _select_prefiltered(scores: np.ndarray, n: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-n (ties to the lower index) that sorts only the columns above a per-row bound.
+
+    Cut a row into `_PREFILTER_GROUPS_PER_N * n` groups of columns: the n-th largest group
+    maximum is n distinct columns' scores, so at most the row's n-th best score. Every column
+    at least that bound (ties at the cut included) is a candidate -- a few times n per row --
+    and only candidates are sorted. Rows the bound does not thin out (mostly -inf, ties, NaN)
+    take the partial-sort path.
+    """
+    b, n_items = scores.shape
+    groups = _PREFILTER_GROUPS_PER_N * n
+    size = n_items // groups
+    maxima = scores[:, : groups * size].reshape(b, groups, size).max(axis=2)
+    bound = np.partition(maxima, groups - n, axis=1)[:, groups - n]
+    flat = np.flatnonzero(scores >= bound[:, None])
+    rows = flat // n_items
+    counts = np.bincount(rows, minlength=b)
+    heavy = (counts < n) | (counts * _PREFILTER_MAX_SHARE > n_items)
+    if heavy.any():
+        keep = ~heavy[rows]
+        flat, rows = flat[keep], rows[keep]
+        counts[heavy] = 0
+    width = max(int(counts.max()), n)
+    starts = np.cumsum(counts) - counts
+    slots = np.arange(flat.size) - starts[rows]
+    cols = np.full((b, width), n_items, dtype=np.int64)  # padding sorts after every real column
+    cols[rows, slots] = flat - rows * n_items
+    values = np.full((b, width), -np.inf, dtype=np.float32)
+    values[rows, slots] = scores.ravel()[flat]
+    # Candidates are in column order per row and padding trails, so a stable sort by score
+    # breaks ties by the lower column index.
+    order = np.argsort(-values, axis=1, kind="stable")[:, :n]
+    indices = np.take_along_axis(cols, order, axis=1)
+    top = np.take_along_axis(values, order, axis=1)
+    if heavy.any():
+        indices[heavy], top[heavy] = _select_partial(scores[heavy], n, backend)
+    return indices, top
+
+
+def _select_partial(scores: np.ndarray, n: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
     b, n_items = scores.shape
     if n == n_items:
         chosen = np.broadcast_to(np.arange(n_items), (b, n_items))
@@ -208,6 +260,45 @@ class ItemMatrices:
     def size(self) -> int:
         return len(self.item_ids)
 
+    # Computed once per Python worker (the broadcast value lives as long as the worker).
+    def score_buffer(self, rows: int) -> np.ndarray:
+        """A (rows, items) float32 buffer that every block scored in this process reuses.
+
+        A cache, not state: fresh (b, items) matrices per block cost page faults that are a
+        sizeable share of the matrix product itself.
+        """
+        buffer = self.__dict__.get("_score_buffer")
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = np.empty((rows, self.size), dtype=np.float32)
+            self.__dict__["_score_buffer"] = buffer
+        return buffer[:rows]
+
+    @functools.cached_property
+    def als_totals(self) -> ItemTotals | None:
+        if self.als is None or self.has_als is None:
+            return None
+        return item_totals(self.als, self.eligible & self.has_als)
+
+    @functools.cached_property
+    def text_totals(self) -> ItemTotals | None:
+        if self.text is None or self.has_text is None:
+            return None
+        return item_totals(self.text, self.eligible & self.has_text)
+
+
+@dataclass(frozen=True)
+class ItemTotals:
+    """Sum (d,) and Gram matrix (d, d) in float64 of some items' vectors, and how many."""
+
+    total: np.ndarray
+    gram: np.ndarray
+    count: int
+
+
+def item_totals(vectors: np.ndarray, columns: np.ndarray) -> ItemTotals:
+    chosen = vectors[columns].astype(np.float64)  # (m, d)
+    return ItemTotals(chosen.sum(axis=0), chosen.T @ chosen, int(columns.sum()))
+
 
 def user_text_vectors(
     histories: Sequence[np.ndarray], text: np.ndarray, has_text: np.ndarray
@@ -227,14 +318,37 @@ def user_text_vectors(
     return out, has
 
 
-def zscore_rows(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(raw - mean) / std per row, mean and std over the row's `mask` cells (std 0 -> 1)."""
-    count = np.maximum(mask.sum(axis=1, keepdims=True), 1)
-    mean = np.where(mask, raw, 0.0).sum(axis=1, keepdims=True) / count
-    var = np.where(mask, (raw - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / count
-    std = np.sqrt(var)
+def masked_moments(
+    users: np.ndarray,
+    items: np.ndarray,
+    columns: np.ndarray,
+    seen_rows: np.ndarray,
+    seen_cols: np.ndarray,
+    totals: ItemTotals | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of `users @ items.T` per row over `columns` minus that row's seen columns.
+
+    Without the score matrix: sums come from the items' sum and Gram matrix (`totals`, float64,
+    computed when not given), the seen cells' scores are subtracted. Returns ((b,), (b,))
+    float64; a std below 1e-12 is 1.
+    """
+    totals = totals or item_totals(items, columns)
+    users64 = users.astype(np.float64)  # (b, d)
+    total = users64 @ totals.total
+    squares = ((users64 @ totals.gram) * users64).sum(axis=1)
+    count = np.full(len(users), float(totals.count))
+    keep = columns[seen_cols]
+    if keep.any():
+        rows, cols = seen_rows[keep], seen_cols[keep]
+        dots = (users64[rows] * items[cols]).sum(axis=1)
+        total -= np.bincount(rows, dots, minlength=len(users))
+        squares -= np.bincount(rows, dots * dots, minlength=len(users))
+        count -= np.bincount(rows, minlength=len(users))
+    count = np.maximum(count, 1.0)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
     std[std < 1e-12] = 1.0
-    return ((raw - mean) / std).astype(np.float32)
+    return mean, std
 
 
 def hybrid_top_n(
@@ -248,47 +362,90 @@ def hybrid_top_n(
     exclude_seen: bool = True,
     max_per_category: int = 0,
     backend: str = "auto",
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-n per user of the calibrated ALS/text mix: (indices, scores, source codes), each (b, n).
 
-    Each source is z-scored per user over that user's candidate items; items with both
-    scores get (1 - w) * als_z + w * text_z, items with one get that one; users with
-    neither get popularity. Source codes index `SOURCES`; unfilled tail cells score -inf.
+    Each source is z-scored per user over that user's candidate items (eligible, unseen, with
+    that source's vector); items with both scores get (1 - w) * als_z + w * text_z, items with
+    one get that one; users with neither get popularity. Source codes index `SOURCES`;
+    unfilled tail cells score -inf.
+
+    A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
+    only) is one matrix product of per-user scaled vectors with [als | text | 1]: the
+    (b, items) matrix is written once, never rescaled in place -- into `out` when given
+    (float32, C-contiguous, at least (b, items); reusing it saves page faults per block).
     """
     b = len(histories)
-    candidates = np.broadcast_to(items.eligible, (b, items.size)).copy()
-    if exclude_seen:
-        _exclude_mask(candidates, histories)
+    none = np.zeros(b, dtype=bool)
+    seen_rows, seen_cols = _seen_pairs(histories) if exclude_seen else (_NO_PAIRS, _NO_PAIRS)
+    eligible = np.asarray(items.eligible, dtype=bool)
 
-    item_als, item_has_als = items.als, items.has_als
-    item_text, item_has_text = items.text, items.has_text
-    no_user = np.zeros(b, dtype=bool)
-    scores = np.full((b, items.size), -np.inf, dtype=np.float32)
+    # (is_als, user vectors (b, d), item matrix (items, d)) per score source present
+    parts: list[tuple[bool, np.ndarray, np.ndarray]] = []
+    scale_a, shift_a, scale_t, shift_t = (np.zeros(b) for _ in range(4))
+    has_als, item_a = none, np.zeros(items.size, dtype=bool)
+    if items.als is not None and items.has_als is not None and user_als is not None:
+        has_als = np.asarray(user_has_als, dtype=bool)
+        item_a = eligible & items.has_als
+        user_a = np.asarray(user_als, dtype=np.float32)
+        mean, std = masked_moments(
+            user_a, items.als, item_a, seen_rows, seen_cols, items.als_totals
+        )
+        scale_a, shift_a = np.where(has_als, 1.0 / std, 0.0), np.where(has_als, -mean / std, 0.0)
+        parts.append((True, user_a, items.als))
+    has_text, item_t = none, np.zeros(items.size, dtype=bool)
+    if items.text is not None and items.has_text is not None:
+        user_t, has_text = user_text_vectors(histories, items.text, items.has_text)
+        if has_text.any():
+            item_t = eligible & items.has_text
+            mean, std = masked_moments(
+                user_t, items.text, item_t, seen_rows, seen_cols, items.text_totals
+            )
+            scale_t = np.where(has_text, 1.0 / std, 0.0)
+            shift_t = np.where(has_text, -mean / std, 0.0)
+            parts.append((False, user_t, items.text))
 
-    als_mask = np.zeros_like(candidates)
-    if item_als is not None and item_has_als is not None and user_als is not None:
-        user_has_als = np.asarray(user_has_als, dtype=bool)
-        als_mask = candidates & user_has_als[:, None] & item_has_als[None, :]
-        if user_has_als.any():
-            als_z = zscore_rows(user_als.astype(np.float32) @ item_als.T, als_mask)
-            scores = np.where(als_mask, als_z, scores)
-    else:
-        user_has_als = no_user
+    # Per item group: the per-user weight of the ALS and the text z-score, and who may use it.
+    both = has_als & has_text
+    w = float(text_weight)
+    weight_a = np.where(both, 1.0 - w, 1.0) * has_als
+    weight_t = np.where(both, w, 1.0) * has_text
+    groups = [
+        (item_a & item_t, weight_a, weight_t, has_als | has_text),
+        (item_a & ~item_t, has_als * 1.0, np.zeros(b), has_als),
+        (item_t & ~item_a, np.zeros(b), has_text * 1.0, has_text),
+    ]
+    features = np.hstack(
+        [matrix for _, _, matrix in parts] + [np.ones((items.size, 1), dtype=np.float32)]
+    ).astype(np.float32, copy=False)  # (items, als + text + 1)
 
-    user_has_text = no_user
-    if item_text is not None and item_has_text is not None:
-        user_text, user_has_text = user_text_vectors(histories, item_text, item_has_text)
-        text_mask = candidates & user_has_text[:, None] & item_has_text[None, :]
-        if user_has_text.any():
-            text_z = zscore_rows(user_text @ item_text.T, text_mask)
-            scores = np.where(text_mask & ~als_mask, text_z, scores)
-            both = als_mask & text_mask
-            if both.any():
-                mixed = (1.0 - text_weight) * scores + text_weight * text_z
-                scores = np.where(both, mixed, scores)
-    popular = ~(user_has_als | user_has_text)
+    def user_side(wa: np.ndarray, wt: np.ndarray) -> np.ndarray:  # (b, als + text + 1)
+        columns = [
+            vectors * ((wa * scale_a) if is_als else (wt * scale_t))[:, None].astype(np.float32)
+            for is_als, vectors, _ in parts
+        ]
+        columns.append((wa * shift_a + wt * shift_t)[:, None].astype(np.float32))
+        return np.hstack(columns).astype(np.float32, copy=False)
+
+    counts = [int(g[0].sum()) for g in groups]
+    main = int(np.argmax(counts))
+    _, wa, wt, _ = groups[main]
+    # (b, items): the main group's formula everywhere, then the other groups' columns
+    scores = np.matmul(user_side(wa, wt), features.T, out=None if out is None else out[:b])
+    for k, (columns, wa, wt, users_ok) in enumerate(groups):
+        cols = np.flatnonzero(columns)
+        if k != main and len(cols):
+            scores[:, cols] = user_side(wa, wt) @ features[cols].T
+        bad_rows = np.flatnonzero(~users_ok)
+        if len(cols) and len(bad_rows):
+            scores[np.ix_(bad_rows, cols)] = -np.inf
+    scores[:, ~(item_a | item_t)] = -np.inf
+    popular = ~(has_als | has_text)
     if popular.any():
-        scores[popular] = np.where(candidates[popular], items.popularity[None, :], -np.inf)
+        scores[popular] = np.where(eligible, items.popularity, -np.inf)[None, :]
+    if len(seen_rows):
+        scores[seen_rows, seen_cols] = -np.inf
 
     indices, top = select_top_n(
         scores,
@@ -297,14 +454,21 @@ def hybrid_top_n(
         max_per_category=max_per_category,
         backend=backend,
     )
-    return indices, top, _source_codes(indices, user_has_als, user_has_text, items)
+    return indices, top, _source_codes(indices, has_als, has_text, items)
 
 
-def _exclude_mask(mask: np.ndarray, histories: Sequence[np.ndarray]) -> None:
+_NO_PAIRS = np.zeros(0, dtype=np.int64)
+
+
+def _seen_pairs(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of every distinct (user position, history item index) pair."""
     rows = [np.full(len(h), u, dtype=np.int64) for u, h in enumerate(histories) if len(h)]
-    if rows:
-        cols = [np.asarray(h, dtype=np.int64) for h in histories if len(h)]
-        mask[np.concatenate(rows), np.concatenate(cols)] = False
+    if not rows:
+        return _NO_PAIRS, _NO_PAIRS
+    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories if len(h)])
+    width = int(cols.max()) + 1
+    pairs = np.unique(np.concatenate(rows) * width + cols)
+    return pairs // width, pairs % width
 
 
 def _source_codes(
@@ -335,8 +499,12 @@ def score_block_frame(
     text_weight: float,
     exclude_seen: bool = True,
     max_per_category: int = 0,
+    scratch: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One block of users (user_id, als_features, history) -> rows of SCORED_SCHEMA."""
+    """One block of users (user_id, als_features, history) -> rows of SCORED_SCHEMA.
+
+    `scratch`: an optional reusable (block size, items) float32 buffer for the scores.
+    """
     histories = [
         np.asarray(h, dtype=np.int64) if h is not None else np.zeros(0, dtype=np.int64)
         for h in users["history"]
@@ -351,6 +519,7 @@ def score_block_frame(
         text_weight=text_weight,
         exclude_seen=exclude_seen,
         max_per_category=max_per_category,
+        out=scratch,
     )
     keep = np.isfinite(scores)
     rows, cols = np.nonzero(keep)
@@ -372,8 +541,8 @@ def _stack_factors(
     if items.als is None:
         return None, np.zeros(len(features), dtype=bool)
     out = np.zeros((len(features), items.als.shape[1]), dtype=np.float32)
-    for u in np.flatnonzero(has):
-        out[u] = np.asarray(features.iloc[u], dtype=np.float32)
+    if has.any():
+        out[has] = np.stack([np.asarray(f, dtype=np.float32) for f in features[has]])
     return out, has
 
 
@@ -523,6 +692,7 @@ def score_users(
                     text_weight=text_weight,
                     exclude_seen=exclude_seen,
                     max_per_category=max_per_category,
+                    scratch=matrices.score_buffer(block_size),
                 )
 
     frame = users.select("user_id", "als_features", "history")
@@ -539,10 +709,12 @@ def scoring_partitions(n_users: int, block_size: int, parallelism: int) -> int:
 def gate_report(
     recs: DataFrame, users: DataFrame, seen: DataFrame | None, *, top_n: int
 ) -> DataFrame:
-    """One row of gate counts: users, missing_users, short_lists, bad_ranks, score_increases, seen_items.
+    """One row of gate counts over `recs` (SCORED_SCHEMA rows) against the expected `users`.
 
-    One pass: each recommendation is flagged (seen pair, score above the previous rank's),
-    folded per user, then joined to the expected users.
+    Columns: users, missing_users, unexpected_users, duplicate_items, short_lists, bad_ranks,
+    non_finite_scores, score_increases, seen_items. One pass: each recommendation is flagged
+    (seen pair, score not finite, score above the previous rank's), folded per user, then
+    joined to the expected users.
     """
     flagged = recs.select("user_id", "item_id", "rank", "score")
     if seen is not None:
@@ -551,7 +723,12 @@ def gate_report(
     else:
         flagged = flagged.withColumn("_seen", F.lit(None).cast("int"))
     by_rank = Window.partitionBy("user_id").orderBy("rank")
-    flagged = flagged.withColumn("_up", (F.col("score") > F.lag("score").over(by_rank)).cast("int"))
+    score = F.col("score")
+    flagged = flagged.withColumn(
+        "_up", (score > F.lag("score").over(by_rank)).cast("int")
+    ).withColumn(
+        "_bad", (score.isNull() | F.isnan(score) | (F.abs(score) == float("inf"))).cast("int")
+    )
     per_user = flagged.groupBy("user_id").agg(
         F.count("*").alias("rows"),
         F.countDistinct("item_id").alias("items"),
@@ -559,6 +736,7 @@ def gate_report(
         F.min("rank").alias("min_rank"),
         F.max("rank").alias("max_rank"),
         F.sum(F.coalesce("_up", F.lit(0))).alias("increases"),
+        F.sum("_bad").alias("bad_scores"),
         F.count("_seen").alias("seen"),
     )
     expected = users.select("user_id").distinct().withColumn("_expected", F.lit(1))
@@ -573,27 +751,54 @@ def gate_report(
         F.count("_expected").alias("users"),
         F.sum((F.col("_expected").isNotNull() & ~covered).cast("long")).alias("missing_users"),
         F.sum((F.col("_expected").isNull()).cast("long")).alias("unexpected_users"),
+        F.coalesce(F.sum(F.col("rows") - F.col("items")), F.lit(0))
+        .cast("long")
+        .alias("duplicate_items"),
         F.sum(short.cast("long")).alias("short_lists"),
         F.sum(bad_ranks.cast("long")).alias("bad_ranks"),
+        F.coalesce(F.sum("bad_scores"), F.lit(0)).cast("long").alias("non_finite_scores"),
         F.coalesce(F.sum("increases"), F.lit(0)).cast("long").alias("score_increases"),
         F.coalesce(F.sum("seen"), F.lit(0)).cast("long").alias("seen_items"),
     )
 
 
 def check_gate(report: dict[str, int], *, top_n: int) -> None:
-    """Raise GateError naming the first failed check of a `gate_report` row."""
+    """Raise GateError naming the first failed check of a `gate_report` row, with its count."""
     users = report["users"]
     checks = [
         ("missing_users", f"users without recommendations (threshold 0 of {users})"),
         ("unexpected_users", "users with recommendations who are not known users (threshold 0)"),
+        ("duplicate_items", "repeated items within users' lists (threshold 0)"),
         ("short_lists", f"users with fewer than {top_n} distinct items (threshold 0 of {users})"),
         ("bad_ranks", "users whose ranks are not 1..N (threshold 0)"),
+        ("non_finite_scores", "rows whose score is null, NaN or infinite (threshold 0)"),
         ("score_increases", "rows whose score exceeds the previous rank's (threshold 0)"),
         ("seen_items", "recommended items the user already interacted with (threshold 0)"),
     ]
     for key, what in checks:
         if report.get(key):
             raise GateError(f"recommend gate '{key}' failed: {report[key]} {what}")
+
+
+def check_metric_gate(
+    metric: str, current: float | None, previous: float | None, *, max_drop: float
+) -> str:
+    """Raise GateError when `current` < `previous` * (1 - max_drop); else return a verdict line.
+
+    `current` is the evaluate stage's value for this run date, `previous` the value recorded
+    when the table was last published; either may be missing (then the check passes).
+    """
+    if current is None:
+        return f"{metric}: no evaluation of this run date found; metric check skipped"
+    if previous is None:
+        return f"{metric}={current:.4f}: nothing published with this metric before"
+    floor = previous * (1.0 - max_drop)
+    if current < floor:
+        raise GateError(
+            f"recommend gate 'offline_metric' failed: {metric} {current:.4f} is below "
+            f"{floor:.4f} (last published {previous:.4f} minus the allowed {max_drop:.0%})"
+        )
+    return f"{metric}={current:.4f} vs last published {previous:.4f} (floor {floor:.4f}): ok"
 
 
 # ---------------------------------------------------------------------------------------
@@ -712,16 +917,21 @@ def run_recommend(ctx: RunContext) -> StageResult:
         n_users / max(scoring_s, 1e-9),
     )
     check_gate(report.asDict(), top_n=cfg.top_n)
+    metric_value, metric_verdict = metric_gate(ctx)
 
-    ctx.store.overwrite(
-        "recommendations",
+    published = publish_recommendations(
+        ctx,
         recs,
-        partitions={"ds": ctx.ds},
-        metadata={
-            "model_version": model_version,
-            "mlflow_run_id": ctx.stage_run_id or "",
-            "text_model": text_model,
-        },
+        properties={
+            PROP_MODEL_VERSION: model_version,
+            PROP_MLFLOW_RUN_ID: ctx.stage_run_id or "",
+            PROP_TEXT_MODEL: text_model,
+        }
+        | (
+            {PROP_GATE_METRIC: cfg.gate_metric, PROP_GATE_METRIC_VALUE: repr(metric_value)}
+            if metric_value is not None
+            else {}
+        ),
     )
     by_source = {row["source"]: row["count"] for row in recs.groupBy("source").count().collect()}
     n_rows = sum(by_source.values())
@@ -746,16 +956,89 @@ def run_recommend(ctx: RunContext) -> StageResult:
         params={f"recommend.{k}": v for k, v in vars(cfg).items()}
         | {"recommend.text_model": text_model},
         metrics={"recommend_users": float(n_users), "scoring_seconds": scoring_s}
-        | {f"share_{s}": v for s, v in shares.items()},
+        | {f"share_{s}": v for s, v in shares.items()}
+        | {f"gate_{k}": float(v) for k, v in report.asDict().items()},
         summary={
             "users": n_users,
             "items": matrices.size,
             "share_by_source": shares,
             "text_model": text_model,
             "model_version": model_version,
+            "metric_gate": metric_verdict,
+            "published": published,
             "samples": samples,
         },
     )
+
+
+# Table properties of `recommendations` and `recommendations_latest`: what was last published.
+PROP_DS = "llmrec.ds"
+PROP_MODEL_VERSION = "llmrec.model_version"
+PROP_MLFLOW_RUN_ID = "llmrec.mlflow_run_id"
+PROP_TEXT_MODEL = "llmrec.text_model"
+PROP_GATE_METRIC = "llmrec.gate_metric"
+PROP_GATE_METRIC_VALUE = "llmrec.gate_metric_value"
+
+
+def metric_gate(ctx: RunContext) -> tuple[float | None, str]:
+    """Compare this run date's evaluate metric with the last published one: (value, verdict).
+
+    Raises GateError on a regression beyond `recommend.max_metric_drop`. The current value is
+    read from MLflow (the evaluate stage runs before recommend in the nightly), the previous
+    from the `recommendations` table properties written at the last publish.
+    """
+    from llmrec_spark.tracking import latest_stage_metrics, metric_key
+
+    cfg = ctx.cfg.recommend
+    if not cfg.gate_metric:
+        return None, "metric gate off (recommend.gate_metric is empty)"
+    metrics = (
+        latest_stage_metrics(ctx.cfg, stage="evaluate", ds=ctx.ds) if ctx.stage_run_id else None
+    )
+    current = (metrics or {}).get(metric_key(cfg.gate_metric))
+    properties = ctx.store.properties("recommendations")
+    previous = None
+    if properties.get(PROP_GATE_METRIC) == cfg.gate_metric:
+        previous = float(properties[PROP_GATE_METRIC_VALUE])
+    verdict = check_metric_gate(cfg.gate_metric, current, previous, max_drop=cfg.max_metric_drop)
+    log.info("recommend: metric gate: %s", verdict)
+    return current, verdict
+
+
+def publish_recommendations(
+    ctx: RunContext, recs: DataFrame, *, properties: dict[str, str]
+) -> dict[str, Any]:
+    """Publish gated rows for ctx.ds: its partition, the latest table, properties, retention.
+
+    1. `recommendations`: one atomic commit replaces the ds partition (readers see the old
+       rows or the new, never a mix; a crash before the commit leaves only invisible files).
+    2. When ctx.ds is the newest published date: `recommendations_latest` is replaced by the
+       same rows (one commit) and both tables' properties name what is now served.
+    3. Partitions older than `recommend.retention_days` are dropped (one commit), then files
+       no version within `recommend.vacuum_retention_hours` uses are vacuumed.
+    """
+    cfg = ctx.cfg.recommend
+    store = ctx.store
+    metadata = {k.removeprefix("llmrec."): v for k, v in properties.items()}
+    version = store.overwrite("recommendations", recs, partitions={"ds": ctx.ds}, metadata=metadata)
+    newest = store.read("recommendations").agg(F.max("ds").alias("ds")).collect()[0]["ds"]
+    out: dict[str, Any] = {"version": version, "latest_ds": newest}
+    if newest == ctx.ds:
+        served = dict(properties) | {PROP_DS: ctx.ds}
+        store.overwrite("recommendations_latest", recs, metadata=metadata)
+        store.set_properties("recommendations_latest", served)
+        out["version"] = store.set_properties("recommendations", served)
+    else:
+        log.info("recommend: %s is older than %s; recommendations_latest unchanged", ctx.ds, newest)
+    if cfg.retention_days > 0:
+        cutoff = (dt.date.fromisoformat(ctx.ds) - dt.timedelta(days=cfg.retention_days)).isoformat()
+        out["dropped_partitions"] = store.drop_partitions_before("recommendations", "ds", cutoff)
+    removed = []
+    for name in ("recommendations", "recommendations_latest"):
+        removed += store.vacuum(name, retention_hours=cfg.vacuum_retention_hours)
+    out["vacuumed_files"] = len(removed)
+    log.info("recommend: published %s", out)
+    return out
 
 
 def sample_lists(
@@ -822,3 +1105,194 @@ def sample_lists(
             }
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark: this stage against MLlib's recommendForAllUsers on the same factors
+
+# (name, users, items): the issue's large size and MovieLens-100K's shape (generated).
+BENCH_SIZES = (("50k_x_20k", 50_000, 20_000), ("movielens_100k", 943, 1_682))
+
+
+def bench_factors(
+    n_users: int, n_items: int, *, rank: int, seen_per_user: tuple[int, int], seed: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Seeded random factors and seen-item sets: (users (u, rank), items (i, rank), histories)."""
+    rng = np.random.default_rng(seed)
+    users = (rng.standard_normal((n_users, rank)) / math.sqrt(rank)).astype(np.float32)
+    items = rng.standard_normal((n_items, rank)).astype(np.float32)
+    low, high = seen_per_user
+    sizes = rng.integers(low, high + 1, size=n_users)
+    histories = [np.sort(rng.choice(n_items, size=int(k), replace=False)) for k in sizes]
+    return users, items, histories
+
+
+def mllib_top_n_unseen(model: Any, seen: DataFrame, *, n: int, max_seen: int) -> DataFrame:
+    """MLlib's reference: recommendForAllUsers(n + max_seen), seen items removed, first n kept.
+
+    `seen` has (user, item) int ids. Returns (user, rank, item, score).
+    """
+    ranked = model.recommendForAllUsers(n + max_seen).select(
+        "user", F.posexplode("recommendations").alias("pos", "rec")
+    )
+    unseen = ranked.select(
+        "user", "pos", F.col("rec.item").alias("item"), F.col("rec.rating").alias("score")
+    ).join(seen, ["user", "item"], "left_anti")
+    by_score = Window.partitionBy("user").orderBy("pos")
+    return (
+        unseen.withColumn("rank", F.row_number().over(by_score))
+        .where(F.col("rank") <= n)
+        .select("user", "rank", "item", "score")
+    )
+
+
+def als_model_from_factors(spark: Any, users: DataFrame, items: DataFrame, rank: int) -> Any:
+    """An MLlib ALSModel over given (id int, features array<float>) factor frames.
+
+    ALSModel's constructor is `private[ml]` in Scala, which is public in the JVM; this is how
+    MLlib's own tests build models from known factors.
+    """
+    from pyspark.ml.recommendation import ALSModel
+
+    java_model = spark.sparkContext._jvm.org.apache.spark.ml.recommendation.ALSModel(
+        "als_bench", rank, users._jdf, items._jdf
+    )
+    java_model.setUserCol("user").setItemCol("item")  # the output's column names
+    return ALSModel(java_model)
+
+
+def bench_topn(
+    spark: Any,
+    *,
+    sizes: Sequence[tuple[str, int, int]] = BENCH_SIZES,
+    rank: int = 64,
+    n: int = 20,
+    seen_per_user: tuple[int, int] = (5, 50),
+    block_size: int = 2048,
+    runs: int = 2,
+    seed: int = 17,
+) -> tuple[dict[str, Any], DataFrame]:
+    """Time MLlib's top-n + seen filtering against `score_users` per size, on the same factors.
+
+    Returns (results per size, this stage's rows for the first size as a cached DataFrame of
+    the `recommendations` shape, for the Delta write comparison).
+    """
+    results: dict[str, Any] = {}
+    first_rows: DataFrame | None = None
+    for name, n_users, n_items in sizes:
+        user_vecs, item_vecs, histories = bench_factors(
+            n_users, n_items, rank=rank, seen_per_user=seen_per_user, seed=seed
+        )
+        factor_schema = "id int, features array<float>"
+        user_df = spark.createDataFrame(
+            pd.DataFrame({"id": np.arange(n_users, dtype=np.int32), "features": list(user_vecs)}),
+            factor_schema,
+        ).cache()
+        item_df = spark.createDataFrame(
+            pd.DataFrame({"id": np.arange(n_items, dtype=np.int32), "features": list(item_vecs)}),
+            factor_schema,
+        ).cache()
+        seen_pairs = pd.DataFrame(
+            {
+                "user": np.repeat(np.arange(n_users, dtype=np.int32), [len(h) for h in histories]),
+                "item": np.concatenate(histories).astype(np.int32),
+            }
+        )
+        seen = spark.createDataFrame(seen_pairs, "user int, item int").cache()
+        item_ids = np.array([f"i{j:05d}" for j in range(n_items)], dtype=object)
+        matrices = ItemMatrices(
+            item_ids=item_ids,
+            eligible=np.ones(n_items, dtype=bool),
+            popularity=np.zeros(n_items, dtype=np.float32),
+            categories=np.zeros(n_items, dtype=np.int32),
+            als=item_vecs,
+            has_als=np.ones(n_items, dtype=bool),
+        )
+        users = spark.createDataFrame(
+            pd.DataFrame(
+                {
+                    "user_id": [f"u{u:06d}" for u in range(n_users)],
+                    "als_features": list(user_vecs),
+                    "history": [h.astype(np.int32) for h in histories],
+                }
+            ),
+            "user_id string, als_features array<float>, history array<int>",
+        ).cache()
+        for frame in (user_df, item_df, seen, users):
+            frame.count()
+        model = als_model_from_factors(spark, user_df, item_df, rank)
+        items_bc = spark.sparkContext.broadcast(matrices)
+
+        stage = functools.partial(
+            score_users,
+            users,
+            items_bc,
+            n=n,
+            text_weight=0.0,
+            block_size=block_size,
+            partitions=scoring_partitions(
+                n_users, block_size, spark.sparkContext.defaultParallelism
+            ),
+        )
+        reference = functools.partial(
+            mllib_top_n_unseen, model, seen, n=n, max_seen=max(len(h) for h in histories)
+        )
+
+        timings: dict[str, list[float]] = {"mllib": [], "stage": []}
+        for attempt in range(runs):
+            for label, job in (("mllib", reference), ("stage", stage)):
+                started = time.perf_counter()
+                job().write.format("noop").mode("overwrite").save()
+                timings[label].append(time.perf_counter() - started)
+                log.info(
+                    "bench topn %s: run %d %s %.2fs", name, attempt + 1, label, timings[label][-1]
+                )
+
+        agreement = _bench_agreement(stage(), reference(), n_users=n_users, sample=200, seed=seed)
+        mllib_s, stage_s = min(timings["mllib"]), min(timings["stage"])
+        results[name] = {
+            "users": n_users,
+            "items": n_items,
+            "rank": rank,
+            "top_n": n,
+            "seen_per_user": list(seen_per_user),
+            "recommend_for_all_seconds": round(mllib_s, 3),
+            "stage_seconds": round(stage_s, 3),
+            "speedup_vs_recommend_for_all": round(mllib_s / stage_s, 2),
+            "target_speedup": 10,
+            "top_n_agreement_with_mllib": agreement,
+            "runs": runs,
+            "timing": f"best of {runs}, noop sink",
+        }
+        log.info("bench topn %s: %s", name, results[name])
+        if first_rows is None:
+            first_rows = (
+                stage()
+                .withColumn("model_version", F.lit("bench"))
+                .withColumn("ds", F.lit("2026-01-01"))
+                .cache()
+            )
+            first_rows.count()
+        else:
+            items_bc.unpersist()
+        for frame in (user_df, item_df, seen, users):
+            frame.unpersist()
+    assert first_rows is not None
+    return results, first_rows
+
+
+def _bench_agreement(
+    stage: DataFrame, reference: DataFrame, *, n_users: int, sample: int, seed: int
+) -> float:
+    """Share of (user, item) pairs in the stage's lists also in MLlib's, over sampled users."""
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(n_users, size=min(sample, n_users), replace=False).tolist())
+    mine = {
+        (r["user_id"], r["item_id"])
+        for r in stage.where(F.col("user_id").isin([f"u{u:06d}" for u in picked])).collect()
+    }
+    theirs = {
+        (f"u{r['user']:06d}", f"i{r['item']:05d}")
+        for r in reference.where(F.col("user").isin(picked)).collect()
+    }
+    return round(len(mine & theirs) / max(len(theirs), 1), 4)

@@ -116,3 +116,33 @@ def _short(value: Any) -> str:
 def _metric_name(name: str) -> str:
     # MLflow allows alphanumerics, _ - . space : / only.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in name)
+
+
+def latest_stage_metrics(cfg: Config, *, stage: str, ds: str) -> dict[str, float] | None:
+    """Metrics of the newest finished MLflow run of `stage` for `ds`, or None (none, or disabled).
+
+    Keys are MLflow's metric names (see `_metric_name`: "hybrid.ndcg@10" is "hybrid.ndcg_10").
+    """
+    if not cfg.mlflow.enabled:
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=(
+            f"tags.stage = '{stage}' AND tags.ds = '{ds}' AND attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return dict(runs[0].data.metrics) if runs else None
+
+
+def metric_key(name: str) -> str:
+    """The name MLflow stores a metric under."""
+    return _metric_name(name)

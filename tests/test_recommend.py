@@ -10,6 +10,7 @@ import pytest
 
 from llmrec_spark.errors import GateError
 from llmrec_spark.recommend import (
+    SOURCES,
     ItemMatrices,
     hybrid_top_n,
     score_block_frame,
@@ -392,3 +393,74 @@ def test_gate_failure_raises_and_keeps_the_previous_version(spark, lakehouse, tm
     assert [(r["user_id"], r["item_id"], r["model_version"]) for r in rows] == [
         ("u1", "i00", "old-run")
     ]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_prefiltered_selection_equals_full_sort_with_ties_and_degenerate_rows(backend):
+    from llmrec_spark.recommend import _PREFILTER_ITEMS_PER_N
+
+    rng = np.random.default_rng(23)
+    n_items, n = 1000, 10
+    assert n_items >= _PREFILTER_ITEMS_PER_N * n  # the bound prefilter path, not the partial sort
+    users = rng.integers(-2, 3, size=(60, 3)).astype(np.float32)
+    items = rng.integers(-2, 3, size=(n_items, 3)).astype(np.float32)
+    exclude = [rng.choice(n_items, size=rng.integers(0, 300), replace=False) for _ in range(60)]
+    # User 0 has only items 996..999 left, scoring 1, 2, 2, -1: a tie, then -inf by index.
+    exclude[0] = np.arange(n_items - 4)
+    users[0] = [1.0, 0.0, 0.0]
+    items[996:, 0] = [1.0, 2.0, 2.0, -1.0]
+    users[1] = 0.0  # every score tied at 0: the lowest indices win
+
+    indices, scores = top_n_block(users, items, n, exclude, backend=backend)
+
+    expected_scores = users @ items.T
+    for u, seen in enumerate(exclude):
+        expected_scores[u, seen] = -np.inf
+    expected = full_sort_top(expected_scores, n)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, np.take_along_axis(expected_scores, expected, axis=1))
+    np.testing.assert_array_equal(indices[0], [997, 998, 996, 999, 0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(scores[0, :5], [2.0, 2.0, 1.0, -1.0, -np.inf])
+    np.testing.assert_array_equal(indices[1], np.arange(10))
+
+
+def test_hybrid_on_a_large_catalog_equals_brute_force():
+    # 400 items and n=5: selection takes the bound prefilter; mixed cold/warm items and users.
+    rng = np.random.default_rng(8)
+    n_items, n = 400, 5
+    has_als = rng.random(n_items) > 0.3
+    has_text = rng.random(n_items) > 0.2
+    text = rng.standard_normal((n_items, 6))
+    items = ItemMatrices(
+        item_ids=np.array([f"i{j:03d}" for j in range(n_items)], dtype=object),
+        eligible=rng.random(n_items) > 0.1,
+        popularity=rng.integers(0, 50, n_items).astype(np.float32),
+        categories=np.zeros(n_items, dtype=np.int32),
+        als=(rng.standard_normal((n_items, 4)) * has_als[:, None]).astype(np.float32),
+        has_als=has_als,
+        text=(text / np.linalg.norm(text, axis=1, keepdims=True) * has_text[:, None]).astype(
+            np.float32
+        ),
+        has_text=has_text,
+    )
+    user_als = rng.standard_normal((24, 4)).astype(np.float32)
+    user_has_als = np.arange(24) % 3 != 0
+    histories = [
+        np.array([], dtype=np.int64)
+        if u % 4 == 0
+        else np.sort(rng.choice(n_items, size=rng.integers(1, 40), replace=False))
+        for u in range(24)
+    ]
+
+    indices, scores, codes = hybrid_top_n(
+        user_als, user_has_als, histories, items, n=n, text_weight=0.3
+    )
+
+    for u in range(24):
+        expected = reference_hybrid(
+            user_als[u] if user_has_als[u] else None, histories[u].tolist(), items, n, 0.3
+        )
+        assert indices[u].tolist() == [j for j, _, _ in expected], u
+        np.testing.assert_allclose(scores[u], [s for _, s, _ in expected], atol=1e-4)
+        assert [SOURCES[c] for c in codes[u]] == [s for _, _, s in expected], u
+    assert {SOURCES[c] for c in codes[0]} == {"popular"}  # no factor, no history

@@ -78,6 +78,22 @@ class TableStore(ABC):
     def append(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None = None) -> int:
         """Atomically add the rows of `df`; returns the new version."""
 
+    @abstractmethod
+    def properties(self, name: str) -> dict[str, str]:
+        """The table's properties (Delta `configuration`); empty when it does not exist."""
+
+    @abstractmethod
+    def set_properties(self, name: str, properties: Mapping[str, str]) -> int:
+        """Set table properties in one commit; returns the new version."""
+
+    @abstractmethod
+    def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
+        """Remove, in one commit, every partition whose `column` sorts before `value`; returns them."""
+
+    @abstractmethod
+    def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
+        """Delete files that no version within `retention_hours` references; returns their paths."""
+
     def empty(self, name: str) -> DataFrame:
         return self.spark.createDataFrame([], self.spec(name).schema)
 
@@ -224,6 +240,41 @@ class EmbeddedDeltaEngine(TableStore):
         fs.delete_dir(f"{base}/{staging_rel}")
         return adds
 
+    def properties(self, name: str) -> dict[str, str]:
+        table = self._delta(name)
+        return {} if table is None else dict(table.metadata().configuration)
+
+    def set_properties(self, name: str, properties: Mapping[str, str]) -> int:
+        from deltalake import DeltaTable
+
+        table = DeltaTable(self.path(name))
+        table.alter.set_table_properties(dict(properties), raise_if_not_exists=False)
+        return DeltaTable(self.path(name)).version()
+
+    def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
+        from deltalake import Schema
+        from deltalake.transaction import CommitProperties
+
+        table = self._delta(name)
+        if table is None:
+            return []
+        old = sorted({p[column] for p in table.partitions() if p[column] < value})
+        if old:
+            spec = self.spec(name)
+            # An overwrite with no new files: removes the matching partitions' files, atomically.
+            table.create_write_transaction(
+                [],
+                mode="overwrite",
+                schema=Schema.from_json(spec.schema.json()),
+                partition_by=list(spec.partition_by) or None,
+                partition_filters=[(column, "in", old)],
+                commit_properties=CommitProperties(
+                    custom_metadata={"operation": f"retention: drop {column} < {value}"}
+                ),
+            )
+            log.info("%s: dropped %d partitions %s < %s", name, len(old), column, value)
+        return old
+
     def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
         """Delete files no version within `retention_hours` references, and stale staging folders."""
         table = self._delta(name)
@@ -278,6 +329,43 @@ class SparkDeltaEngine(TableStore):
     def append(self, name, df, metadata=None) -> int:
         self._writer(name, df, metadata).mode("append").save(self.path(name))
         return self.version(name) or 0
+
+    def properties(self, name: str) -> dict[str, str]:
+        if not self.exists(name):
+            return {}
+        rows = self.spark.sql(f"SHOW TBLPROPERTIES delta.`{self.path(name)}`").collect()
+        return {r["key"]: r["value"] for r in rows}
+
+    def set_properties(self, name: str, properties: Mapping[str, str]) -> int:
+        pairs = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in properties.items())
+        self.spark.sql(f"ALTER TABLE delta.`{self.path(name)}` SET TBLPROPERTIES ({pairs})")
+        return self.version(name) or 0
+
+    def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
+        if not self.exists(name):
+            return []
+        old = sorted(
+            r[column]
+            for r in self.read(name)
+            .where(F.col(column) < value)
+            .select(column)
+            .distinct()
+            .collect()
+        )
+        if old:
+            self.spark.sql(
+                f"DELETE FROM delta.`{self.path(name)}` WHERE `{column}` < {_sql_string(value)}"
+            )
+        return old
+
+    def vacuum(self, name: str, retention_hours: int = 168) -> list[str]:
+        if not self.exists(name):
+            return []
+        self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        rows = self.spark.sql(
+            f"VACUUM delta.`{self.path(name)}` RETAIN {int(retention_hours)} HOURS"
+        )
+        return [r[0] for r in rows.collect()]
 
     def _writer(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None):
         spec = self.spec(name)
@@ -347,6 +435,10 @@ def _partition_filters(where: PartitionValues) -> list[tuple[str, str, Any]]:
         values = _as_list(value)
         filters.append((column, "=", values[0]) if len(values) == 1 else (column, "in", values))
     return filters
+
+
+def _sql_string(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _sql_predicate(where: PartitionValues) -> str:
