@@ -10,7 +10,7 @@ Airflow workers' environment:
 * LLMREC_DRIVER_PYTHON: the Python on the Airflow worker that has the wheel installed
 
 Same task graph as `llmrec nightly` (llmrec_spark.pipeline): clean, embed, train-als,
-train-contrastive, recommend, evaluate. `{{ ds }}` is the start of the daily data interval,
+train-contrastive, evaluate, recommend. `{{ ds }}` is the start of the daily data interval,
 i.e. the landing date that is complete when the run starts; catchup with one active run
 and depends_on_past replays missed nights oldest first, as `llmrec nightly` does.
 """
@@ -101,4 +101,4 @@ with DAG(
         **SUBMIT,
     )
 
-    clean >> embed >> train_als >> train_contrastive >> recommend >> evaluate
+    clean >> embed >> train_als >> train_contrastive >> evaluate >> recommend
