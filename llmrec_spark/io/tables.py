@@ -269,7 +269,7 @@ class EmbeddedDeltaEngine(TableStore):
                 partition_by=list(spec.partition_by) or None,
                 partition_filters=[(column, "in", old)],
                 commit_properties=CommitProperties(
-                    custom_metadata={"operation": f"retention: drop {column} < {value}"}
+                    custom_metadata={"llmrec.retention": f"drop {column} < {value}"}
                 ),
             )
             log.info("%s: dropped %d partitions %s < %s", name, len(old), column, value)
