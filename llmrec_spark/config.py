@@ -213,7 +213,7 @@ class Config:
 
     def path(self, value: str) -> str:
         """Resolve a configured path: URIs and absolute paths as they are, others under `root`."""
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) or os.path.isabs(value):
+        if _is_uri(value) or os.path.isabs(value):
             return value
         return str((Path(self.root) / value).resolve())
 
@@ -228,6 +228,10 @@ class Config:
             else:
                 out[section.name] = value
         return out
+
+
+def _is_uri(value: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) is not None
 
 
 def load_config(
@@ -419,4 +423,32 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_paths(cfg)
     return cfg
+
+
+def _validate_paths(cfg: Config) -> None:
+    """Storage paths are set, and relative ones stay under `root` (no `..` out of the project)."""
+    storage = cfg.storage
+    paths = {
+        "storage.lakehouse": storage.lakehouse,
+        "storage.landing": storage.landing,
+        "storage.checkpoint_dir": storage.checkpoint_dir,
+        "storage.models_dir": storage.models_dir,
+        "storage.reports_dir": storage.reports_dir,
+    }
+    root = Path(cfg.root).resolve()
+    for key, value in paths.items():
+        if not value.strip() or "\0" in value:
+            raise ConfigError(f"{key}: must be a non-empty path, got {value!r}")
+        if _is_uri(value) or os.path.isabs(value):
+            continue
+        if not Path(cfg.path(value)).is_relative_to(root):
+            raise ConfigError(
+                f"{key}: {value!r} resolves outside root {str(root)!r}; "
+                "give an absolute path or a URI to write elsewhere"
+            )
+    if cfg.path(storage.lakehouse) == cfg.path(storage.landing):
+        raise ConfigError("storage.lakehouse and storage.landing must be different folders")
+    if cfg.path(storage.lakehouse) == str(root):
+        raise ConfigError("storage.lakehouse: must be a folder below root, not root itself")

@@ -231,7 +231,8 @@ def _load(model_path: str, device: str) -> tuple[Any, Any]:
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path).to(device).eval()
+    # safetensors only: a model folder's pytorch_model.bin is a pickle and could run code.
+    model = AutoModel.from_pretrained(model_path, use_safetensors=True).to(device).eval()
     log.info("loaded %s on %s in %.1fs", model_path, device, time.perf_counter() - started)
     return tokenizer, model
 
