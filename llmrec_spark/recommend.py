@@ -10,6 +10,7 @@ users with the same functions.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -340,7 +341,7 @@ def masked_moments(
     keep = columns[seen_cols]
     if keep.any():
         rows, cols = seen_rows[keep], seen_cols[keep]
-        dots = (users64[rows] * items[cols]).sum(axis=1)
+        dots = np.einsum("ij,ij->i", users64[rows], items[cols])
         total -= np.bincount(rows, dots, minlength=len(users))
         squares -= np.bincount(rows, dots * dots, minlength=len(users))
         count -= np.bincount(rows, minlength=len(users))
@@ -685,20 +686,38 @@ def score_users(
         matrices = items.value
         for batch in batches:
             for start in range(0, len(batch), block_size):
-                yield score_block_frame(
-                    batch.iloc[start : start + block_size],
-                    matrices,
-                    n=n,
-                    text_weight=text_weight,
-                    exclude_seen=exclude_seen,
-                    max_per_category=max_per_category,
-                    scratch=matrices.score_buffer(block_size),
-                )
+                with task_blas_threads():
+                    frame = score_block_frame(
+                        batch.iloc[start : start + block_size],
+                        matrices,
+                        n=n,
+                        text_weight=text_weight,
+                        exclude_seen=exclude_seen,
+                        max_per_category=max_per_category,
+                        scratch=matrices.score_buffer(block_size),
+                    )
+                yield frame
 
     frame = users.select("user_id", "als_features", "history")
     if partitions:
         frame = frame.repartition(partitions)
     return frame.mapInPandas(score, schema=SCORED_SCHEMA)
+
+
+def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
+    """Limit numpy's BLAS to the running Spark task's cores (spark.task.cpus).
+
+    Spark already runs one task per core; BLAS threads on top oversubscribe the cores, and
+    OpenBLAS's spinning threads then slow every task down. A no-op without threadpoolctl.
+    """
+    from pyspark import TaskContext
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    task = TaskContext.get()
+    return threadpool_limits(limits=task.cpus() if task else 1, user_api="blas")
 
 
 def scoring_partitions(n_users: int, block_size: int, parallelism: int) -> int:
