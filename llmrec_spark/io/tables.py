@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.errors import InputError
@@ -303,6 +303,7 @@ class SparkDeltaEngine(TableStore):
 
     def exists(self, name: str) -> bool:
         jvm = self.spark.sparkContext._jvm
+        assert jvm is not None  # a driver-side session always has its gateway
         return bool(
             jvm.io.delta.tables.DeltaTable.isDeltaTable(self.spark._jsparkSession, self.path(name))
         )
@@ -311,7 +312,7 @@ class SparkDeltaEngine(TableStore):
         if not self.exists(name):
             return None
         history = self.spark.sql(f"DESCRIBE HISTORY delta.`{self.path(name)}` LIMIT 1")
-        return int(history.first()["version"])
+        return int(history.collect()[0]["version"])
 
     def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
         if not self.exists(name):
@@ -382,8 +383,11 @@ def delta_extension_available(spark: SparkSession) -> bool:
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
     if "DeltaSparkSessionExtension" not in extensions:
         return False
+    jvm = spark.sparkContext._jvm
+    if jvm is None:
+        return False
     try:
-        spark.sparkContext._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
     except Exception:  # py4j wraps ClassNotFoundException
         return False
     return True
@@ -449,11 +453,12 @@ def _sql_predicate(where: PartitionValues) -> str:
     return " AND ".join(clauses)
 
 
-def _spark_predicate(where: PartitionValues):
-    condition = None
+def _spark_predicate(where: PartitionValues) -> Column:
+    condition: Column | None = None
     for column, value in where.items():
         clause = F.col(column).isin(_as_list(value))
         condition = clause if condition is None else condition & clause
+    assert condition is not None, "an empty partition filter selects nothing"
     return condition
 
 
