@@ -96,7 +96,16 @@ def test_rerun_same_date_is_idempotent(spark, nightly):
         .toPandas()
     )
     clean_before = ctx.store.read("events_clean").count()
-    run_nightly(cfg, spark, DS)
+    second = run_nightly(cfg, spark, DS)
+    # The metric gate found both runs' evaluations: the first published, the rerun compared.
+    gates = [
+        record.result.summary["metric_gate"]
+        for run in (first, second)
+        for record in run.records
+        if record.stage == "recommend"
+    ]
+    assert gates[0].startswith("hybrid.ndcg@10=") and "nothing published" in gates[0], gates
+    assert "vs last published" in gates[1] and gates[1].endswith(": ok"), gates
     # One data commit replaced the date; the publish then records what is served (properties).
     since = [h["operation"] for h in DeltaTable(table).history() if h["version"] > before_version]
     assert sorted(since) == ["SET TBLPROPERTIES", "WRITE"]
