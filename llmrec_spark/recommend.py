@@ -727,8 +727,13 @@ def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
 
 
 def scoring_partitions(n_users: int, block_size: int, parallelism: int) -> int:
-    """Tasks for scoring: one per `block_size` users, at least one per core."""
-    return max(1, parallelism, math.ceil(n_users / max(1, block_size)))
+    """Tasks for scoring: two per core, never more than there are blocks of `block_size` users.
+
+    Each task scores its blocks one after the other; more, smaller tasks only add per-task
+    overhead (measured at 50k users x 20k items on 2 cores: 25 tasks 7.8 s, 4 tasks 4.8 s).
+    """
+    blocks = max(1, math.ceil(n_users / max(1, block_size)))
+    return min(blocks, 2 * max(1, parallelism))
 
 
 def gate_report(

@@ -464,3 +464,12 @@ def test_hybrid_on_a_large_catalog_equals_brute_force():
         np.testing.assert_allclose(scores[u], [s for _, s, _ in expected], atol=1e-4)
         assert [SOURCES[c] for c in codes[u]] == [s for _, _, s in expected], u
     assert {SOURCES[c] for c in codes[0]} == {"popular"}  # no factor, no history
+
+
+def test_scoring_partitions_two_per_core_at_most_one_per_block():
+    from llmrec_spark.recommend import scoring_partitions
+
+    assert scoring_partitions(50_000, 2048, 2) == 4  # 25 blocks, 2 cores
+    assert scoring_partitions(943, 2048, 2) == 1  # one block: one task
+    assert scoring_partitions(10_000, 1000, 16) == 10  # fewer blocks than 2 x 16 cores
+    assert scoring_partitions(0, 2048, 8) == 1
