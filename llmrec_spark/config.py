@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from llmrec_spark.errors import ConfigError
 
@@ -222,7 +222,7 @@ class Config:
         out: dict[str, Any] = {}
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
-            if dataclasses.is_dataclass(value):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 for key, item in dataclasses.asdict(value).items():
                     out[f"{section.name}.{key}"] = item
             else:
@@ -323,7 +323,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

@@ -714,14 +714,11 @@ def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
     """Limit numpy's BLAS to the running Spark task's cores (spark.task.cpus).
 
     Spark already runs one task per core; BLAS threads on top oversubscribe the cores, and
-    OpenBLAS's spinning threads then slow every task down. A no-op without threadpoolctl.
+    OpenBLAS's spinning threads then slow every task down.
     """
     from pyspark import TaskContext
+    from threadpoolctl import threadpool_limits
 
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
     task = TaskContext.get()
     return threadpool_limits(limits=task.cpus() if task else 1, user_api="blas")
 

@@ -59,7 +59,9 @@ def test_nightly_runs_on_a_two_worker_standalone_cluster(tmp_path):
     assert result.master_url.startswith("spark://127.0.0.1:")
 
     # Executors ran on both workers: each worker's work folder holds the application.
-    apps = [sorted(p.name for p in (tmp_path / "cluster" / f"worker-{i}").iterdir()) for i in (1, 2)]
+    apps = [
+        sorted(p.name for p in (tmp_path / "cluster" / f"worker-{i}").iterdir()) for i in (1, 2)
+    ]
     assert all(len(a) == 1 and a[0].startswith("app-") for a in apps), apps
     assert apps[0] == apps[1]
 
