@@ -125,9 +125,13 @@ def run_nightly(
             "events_clean",
             "events_quarantine",
             "item_embeddings",
+            "user_embeddings",
+            "embedding_quarantine",
             "recommendations",
+            "recommendations_latest",
             "pipeline_runs",
         )
+        if ctx.store.exists(name)
     }
     return summary
 

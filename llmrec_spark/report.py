@@ -60,7 +60,7 @@ def format_nightly(summary: NightlySummary) -> str:
                     f"  {item.get('category', '')!s:<14} {item.get('score', 0):.3f} {item.get('source', '')}"
                 )
     out += ["", "tables:"]
-    out += [f"  {name:<18} {path}" for name, path in summary.tables.items()]
+    out += [f"  {name:<23} {path}" for name, path in summary.tables.items()]
     out += [
         "",
         f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}",
