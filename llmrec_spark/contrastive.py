@@ -329,13 +329,17 @@ def _train(
         if fail_after is not None and epoch + 1 == int(fail_after):
             raise RuntimeError(f"simulated failure after epoch {epoch + 1} (fail_after_epoch)")
 
-    head_path = ""
     if rank == 0:
-        head_path = save_head(
-            head, config["output_dir"], dict(config.get("head_metadata", {})), save_file
-        )
+        save_head(head, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
+    if distributed:
+        # Rank 0's step counter is the one checkpointed; shards may differ by a batch.
+        shared_step = torch.tensor([step], dtype=torch.int64, device=device)
+        dist.broadcast(shared_step, src=0)  # also: no rank returns before the head is on disk
+        step = int(shared_step.item())
+    # TorchDistributor's local mode keeps whichever rank's return value is written last, so
+    # every rank returns the same summary (losses are all-reduced, the head path is shared).
     return {
-        "head_path": head_path,
+        "head_path": config["output_dir"],
         "losses": losses,
         "epochs_run": epochs - start_epoch,
         "resumed_from": start_epoch if state is not None else None,
