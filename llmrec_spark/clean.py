@@ -111,8 +111,8 @@ def validate_events(
     longest = F.greatest(*[F.length(name) for name in STRING_FIELDS])
     df = (
         events.withColumn("_oversized", F.coalesce(longest > max_field_chars, F.lit(False)))
-        .withColumn("user_id", _blank_to_null(F.trim("user_id")))
-        .withColumn("item_id", _blank_to_null(F.trim("item_id")))
+        .withColumn("user_id", blank_to_null(F.trim("user_id")))
+        .withColumn("item_id", blank_to_null(F.trim("item_id")))
         .withColumn("event_type", F.lower(F.trim("event_type")))
         .withColumn("_ts", F.expr("try_cast(event_ts AS TIMESTAMP)"))
         .withColumn("_ts_s", F.unix_seconds("_ts"))
@@ -137,7 +137,7 @@ def validate_events(
         F.array_compact(F.array(*[F.when(cond, F.lit(code)) for code, cond in checks]))
     )
     event_id = F.coalesce(
-        _blank_to_null(F.trim("event_id")),
+        blank_to_null(F.trim("event_id")),
         F.concat(F.lit("raw-"), F.sha2("raw", 256).substr(1, 32)),
     )
     return (
@@ -365,7 +365,7 @@ def normalize_catalog(catalog: DataFrame) -> DataFrame:
         F.col("added_ds").desc_nulls_last(), F.col("title").asc_nulls_last()
     )
     return (
-        catalog.withColumn("item_id", _blank_to_null(F.trim("item_id")))
+        catalog.withColumn("item_id", blank_to_null(F.trim("item_id")))
         .where(F.col("item_id").isNotNull())
         .withColumn("_n", F.row_number().over(latest))
         .where(F.col("_n") == 1)
@@ -373,7 +373,8 @@ def normalize_catalog(catalog: DataFrame) -> DataFrame:
     )
 
 
-def _blank_to_null(col: Column) -> Column:
+def blank_to_null(col: Column) -> Column:
+    """An empty string becomes null (use after trimming ids)."""
     return F.when(col != "", col)
 
 

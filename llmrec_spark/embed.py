@@ -618,7 +618,9 @@ def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
 
 def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
     """(one profile per user, the last line wins; embedding_quarantine rows of lines without a user_id)."""
-    trimmed = raw.withColumn("user_id", _blank_to_null(F.trim("user_id")))
+    from llmrec_spark.clean import blank_to_null
+
+    trimmed = raw.withColumn("user_id", blank_to_null(F.trim("user_id")))
     last = Window.partitionBy("user_id").orderBy(F.col("line_seq").desc())
     profiles = (
         trimmed.where(F.col("user_id").isNotNull())
@@ -633,10 +635,6 @@ def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
         F.lit(ds).alias("ds"),
     )
     return profiles, missing
-
-
-def _blank_to_null(column: Column) -> Column:
-    return F.when(column != "", column)
 
 
 def run_embed(ctx: RunContext) -> StageResult:
