@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install demo test test-slow check bench clean-data dist cluster-demo test-cluster
+.PHONY: help install native-blas demo test test-slow check bench clean-data dist cluster-demo test-cluster
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,24 @@ $(BIN)/llmrec: pyproject.toml constraints.txt
 	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $(BIN)/llmrec
 
-install: $(BIN)/llmrec  ## create .venv and install the package with the pinned platform line
+install: $(BIN)/llmrec native-blas  ## create .venv and install the package with the pinned platform line
+
+# Spark MLlib (ALS) calls BLAS/LAPACK through dev.ludovic.netlib, which loads the system's
+# libblas.so.3/liblapack.so.3 when there is one and otherwise falls back to Java.
+NATIVE_BLAS_PACKAGE := libopenblas0-pthread
+native-blas:  ## native OpenBLAS for Spark MLlib (apt-get, when root); else a note and Java BLAS
+	@libs="$$(PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null)"; \
+	if grep -q 'libblas\.so\.3 ' <<<"$$libs" && grep -q 'liblapack\.so\.3 ' <<<"$$libs"; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(NATIVE_BLAS_PACKAGE) (native BLAS/LAPACK for Spark MLlib)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends $(NATIVE_BLAS_PACKAGE) >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $(NATIVE_BLAS_PACKAGE) >/dev/null; } \
+		|| echo "note: apt-get could not install $(NATIVE_BLAS_PACKAGE); Spark MLlib falls back to Java BLAS (slower ALS)"; \
+	else \
+		echo "note: no native BLAS (libblas.so.3) and no root apt-get; Spark MLlib uses Java BLAS (slower ALS). Install $(NATIVE_BLAS_PACKAGE) or another libblas.so.3 provider to fix"; \
+	fi
 
 demo: install  ## generate demo data and run the whole nightly pipeline on the embedded default
 	$(BIN)/llmrec generate-demo --ds $(DS)

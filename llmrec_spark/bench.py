@@ -138,7 +138,24 @@ def _bench_clean(cfg: Config) -> dict[str, Any]:
         spark.stop()
 
 
+def _bench_als(cfg: Config) -> dict[str, Any]:
+    from llmrec_spark.als import bench_als
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        return bench_als(
+            spark,
+            cfg.als,
+            n_interactions=int(os.environ.get("LLMREC_BENCH_INTERACTIONS", "5000000")),
+            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "1")),
+        )
+    finally:
+        spark.stop()
+
+
 BENCHMARKS: dict[str, BenchFn] = {
+    "als": _bench_als,
     "clean": _bench_clean,
     "delta-write": _bench_delta_write,
     "embed": _bench_embed,

@@ -23,6 +23,14 @@ from llmrec_spark.errors import ConfigError
 ENVIRONMENTS = ("local", "cluster", "databricks")
 # Landing formats the clean stage reads (clean.source_format).
 SOURCE_FORMATS = ("json", "parquet", "delta")
+# Storage levels MLlib's ALS accepts for its intermediate RDDs (NONE is refused).
+ALS_STORAGE_LEVELS = (
+    "MEMORY_AND_DISK",
+    "MEMORY_AND_DISK_SER",
+    "MEMORY_ONLY",
+    "MEMORY_ONLY_SER",
+    "DISK_ONLY",
+)
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,21 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class AlsSearchConfig:
+    """`llmrec tune-als`: the values tried for each ALS setting (a grid, or a seeded sample of it)."""
+
+    rank: list[int] = field(default_factory=lambda: [16, 32, 64])
+    reg_param: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.2])
+    alpha: list[float] = field(default_factory=lambda: [1.0, 10.0, 40.0])
+    max_iter: list[int] = field(default_factory=lambda: [10])
+    # Trials drawn from the grid without replacement (0 or more than the grid: the whole grid).
+    trials: int = 8
+    seed: int = 11
+    # Validation metric the best trial maximises ("ndcg@10", "recall@20", ...: evaluate's names).
+    metric: str = "ndcg@10"
+
+
+@dataclass(frozen=True)
 class AlsConfig:
     rank: int = 32
     reg_param: float = 0.05
@@ -140,6 +163,12 @@ class AlsConfig:
     train_days: int = 90
     seed: int = 42
     checkpoint_interval: int = 5
+    # User and item blocks of MLlib's ALS; 0 = the session's default parallelism (its cores).
+    # MLlib's default (10) leaves most tasks waiting on a machine with fewer cores.
+    num_blocks: int = 0
+    # Storage level of ALS's per-iteration RDDs (MLlib's default; MEMORY_ONLY when they fit).
+    intermediate_storage_level: str = "MEMORY_AND_DISK"
+    search: AlsSearchConfig = field(default_factory=AlsSearchConfig)
 
 
 @dataclass(frozen=True)
@@ -413,6 +442,22 @@ def validate(cfg: Config) -> Config:
         (cfg.contrastive.epochs >= 1, "contrastive.epochs: must be at least 1"),
         (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
         (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
+        (cfg.als.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),
+        (
+            cfg.als.intermediate_storage_level in ALS_STORAGE_LEVELS,
+            f"als.intermediate_storage_level: choose {', '.join(ALS_STORAGE_LEVELS)}, "
+            f"got {cfg.als.intermediate_storage_level!r}",
+        ),
+        (
+            all(r > 0 for r in cfg.als.search.rank)
+            and all(i >= 1 for i in cfg.als.search.max_iter),
+            "als.search: every rank must be positive and every max_iter at least 1",
+        ),
+        (
+            all(len(v) > 0 for v in vars(cfg.als.search).values() if isinstance(v, list)),
+            "als.search: every list of values needs at least one value",
+        ),
+        (cfg.als.search.trials >= 0, "als.search.trials: must be 0 (the whole grid) or positive"),
         (cfg.embed.batch_size >= 1, "embed.batch_size: must be at least 1"),
         (
             cfg.clean.source_format in SOURCE_FORMATS,

@@ -40,6 +40,11 @@ def build_spark(cfg: Config) -> SparkSession:
             "spark.sql.warehouse.dir", cfg.path(os.path.join(cfg.storage.lakehouse, "_warehouse"))
         )
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={_scratch(cfg)}")
+        # MLlib's guide: native BLAS single-threaded in each task, or every task's OpenBLAS
+        # threads compete for the executor's cores. (A local-mode executor is the driver JVM,
+        # which inherits this process's environment; measured on 2 cores, ALS at rank 64 is
+        # the same either way: OpenBLAS does not thread its small dspr/dppsv calls.)
+        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
     )
     for key, value in cfg.spark.extra.items():
         builder = builder.config(key, value)
