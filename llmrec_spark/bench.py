@@ -163,14 +163,36 @@ BENCHMARKS: dict[str, BenchFn] = {
 }
 
 
-def run_benchmark(name: str, cfg: Config, out_dir: str = "bench-results") -> dict[str, Any]:
+def _bench_quality(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
+    from llmrec_spark.quality_bench import bench_quality
+
+    if not options.get("path"):
+        raise InputError(
+            "bench quality needs the dataset folder: llmrec bench quality --dataset movielens --path DIR"
+        )
+    return bench_quality(cfg, dataset=options.get("dataset") or "movielens", path=options["path"])
+
+
+# Benchmarks that take command-line options (--dataset, --path).
+BENCHMARKS_WITH_OPTIONS: dict[str, Callable[[Config, dict[str, Any]], dict[str, Any]]] = {
+    "quality": _bench_quality,
+}
+
+
+def run_benchmark(
+    name: str, cfg: Config, out_dir: str = "bench-results", options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run benchmark `name`, write `<out_dir>/<name>.json`, return the result."""
+    names = sorted([*BENCHMARKS, *BENCHMARKS_WITH_OPTIONS])
     if name == "list":
-        return {"benchmarks": sorted(BENCHMARKS)}
-    if name not in BENCHMARKS:
-        raise InputError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+        return {"benchmarks": names}
+    if name not in names:
+        raise InputError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
     started = time.perf_counter()
-    result = BENCHMARKS[name](cfg)
+    if name in BENCHMARKS_WITH_OPTIONS:
+        result = BENCHMARKS_WITH_OPTIONS[name](cfg, dict(options or {}))
+    else:
+        result = BENCHMARKS[name](cfg)
     result = {
         "benchmark": name,
         **result,

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("name", help="benchmark name (see `llmrec bench list`)")
     bench.add_argument("--out-dir", default="bench-results")
+    bench.add_argument("--dataset", default=None, help="bench quality: dataset kind (movielens)")
+    bench.add_argument("--path", default=None, help="bench quality: the dataset's folder")
     return parser
 
 
@@ -120,7 +122,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from llmrec_spark.bench import run_benchmark
 
-        result = run_benchmark(args.name, cfg, out_dir=args.out_dir)
+        result = run_benchmark(
+            args.name,
+            cfg,
+            out_dir=args.out_dir,
+            options={"dataset": args.dataset, "path": args.path},
+        )
         _write(json.dumps(result, default=str))
         return 0
 

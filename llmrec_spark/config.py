@@ -200,8 +200,14 @@ class ContrastiveConfig:
 class RecommendConfig:
     top_n: int = 20
     user_block_size: int = 2048
+    # At most this many user x item scores, the users are scored in the driver process: below
+    # it one Spark job with Python workers costs more than the scoring (0 = always executors).
+    driver_max_cells: int = 50_000_000
     # Weight of the text score in the hybrid (ALS gets 1 - text_weight) for warm items.
     text_weight: float = 0.2
+    # Added to the score of items scored by text alone (no ALS factor: new items) for users
+    # with an ALS factor: the calibration of a text-only score against the mixed ones.
+    cold_offset: float = 0.0
     exclude_seen: bool = True
     exclude_categories: list[str] = field(default_factory=list)
     max_per_category: int = 0
@@ -222,6 +228,18 @@ class EvaluateConfig:
     positive_min_weight: float = 2.0
     seed: int = 5
     bootstrap_samples: int = 200
+    # user_temporal, cold_item, global_temporal (the first one's warm metrics feed the gate).
+    protocols: list[str] = field(default_factory=lambda: ["user_temporal", "cold_item"])
+    cold_fraction: float = 0.2  # cold_item: share of eligible items made cold
+    cold_min_positives: int = 5  # cold_item: an item needs this many positive users to be eligible
+    max_test_users: int = 20_000  # a seeded sample of test users beyond this (driver-side scoring)
+    # Choose the hybrids' text weight and cold offset on a validation split of the training part.
+    tune_hybrid: bool = False
+    tune_text_weights: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    tune_cold_offsets: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
+    tune_als_reg_params: list[float] = field(default_factory=list)
+    tune_als_alphas: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -412,6 +430,13 @@ def validate(cfg: Config) -> Config:
         (cfg.recommend.top_n > 0, "recommend.top_n: must be positive"),
         (0.0 <= cfg.recommend.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
         (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
+        (
+            bool(cfg.evaluate.protocols)
+            and set(cfg.evaluate.protocols) <= {"user_temporal", "cold_item", "global_temporal"},
+            "evaluate.protocols: a non-empty list of user_temporal, cold_item, global_temporal",
+        ),
+        (0.0 < cfg.evaluate.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
+        (cfg.evaluate.max_test_users > 0, "evaluate.max_test_users: must be positive"),
         (cfg.contrastive.temperature > 0, "contrastive.temperature: must be positive"),
         (cfg.contrastive.num_processes >= 1, "contrastive.num_processes: must be at least 1"),
         (
@@ -419,6 +444,10 @@ def validate(cfg: Config) -> Config:
             "demo.n_items/n_users: at least 10 each",
         ),
         (cfg.recommend.user_block_size > 0, "recommend.user_block_size: must be positive"),
+        (
+            cfg.recommend.driver_max_cells >= 0,
+            "recommend.driver_max_cells: must be 0 (always score on executors) or positive",
+        ),
         (
             cfg.recommend.retention_days >= 0,
             "recommend.retention_days: must be 0 (off) or positive",

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -517,54 +518,22 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
     base_id = embed.base_model_id(ctx.cfg.embed)
     model_id = tuned_model_id(base_id, ctx.ds)
     work_dir = ctx.model_dir("text_tower")
-    head_dir = os.path.join(work_dir, "head")
     device = _training_device(ctx, cfg)
-    num_processes = _process_count(cfg, device)
 
     # The same "current embedding per item" as the recommend stage reads (catalog's current text).
     current = with_item_index(embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed)).cache()
-    item_matrix_path = os.path.join(work_dir, "item_matrix.npy")
-    n_items, in_dim = _write_item_matrix(current, item_matrix_path, base_id)
-
     events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.train_days)
-    examples = training_examples(events, current, max_history=cfg.max_history).cache()
-    n_examples, signature = _examples_signature(examples)
-    if n_examples < num_processes:
-        raise InputError(
-            f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ctx.ds} "
-            f"(need at least {num_processes}); users need two or more items with base embeddings"
-        )
-    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
-    shuffled = shuffle_examples(examples, files=files, seed=cfg.seed)
-    fingerprint = _fingerprint(cfg, n_items, in_dim, signature, file_digest(item_matrix_path))
-    log.info(
-        "contrastive: %d examples, %d items, %d processes on %s, fingerprint %s",
-        n_examples,
-        n_items,
-        num_processes,
-        device,
-        fingerprint[:12],
-    )
-
     started = time.perf_counter()
-    cache_url = _cache_dir_url(os.path.join(work_dir, "petastorm"))
-    output = _run_distributed(
+    fit = fit_text_tower(
         ctx,
         cfg,
-        shuffled,
-        device,
-        num_processes,
-        cache_url,
-        {
-            "item_matrix_path": item_matrix_path,
-            "checkpoint_dir": os.path.join(work_dir, "checkpoints"),
-            "output_dir": head_dir,
-            "fingerprint": fingerprint,
-            "head_metadata": {"base_model_id": base_id, "model_id": model_id, "ds": ctx.ds},
-        },
+        events,
+        current,
+        work_dir=work_dir,
+        head_metadata={"base_model_id": base_id, "model_id": model_id, "ds": ctx.ds},
     )
     train_seconds = time.perf_counter() - started
-    examples.unpersist()
+    output, n_examples, n_items, head_dir = fit.output, fit.examples, fit.items, fit.head_dir
 
     tuned = tuned_embeddings(
         current,
@@ -612,6 +581,78 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
             "resumed_from": output["resumed_from"],
         },
     )
+
+
+@dataclass(frozen=True)
+class TowerFit:
+    """A trained head: its folder, the training summary, and the examples and items it saw."""
+
+    head_dir: str
+    output: dict[str, Any]
+    examples: int
+    items: int
+
+
+def fit_text_tower(
+    ctx: RunContext,
+    cfg: ContrastiveConfig,
+    events: DataFrame,
+    current: DataFrame,
+    *,
+    work_dir: str,
+    head_metadata: dict[str, Any],
+) -> TowerFit:
+    """Train the head on `events` under TorchDistributor; the head lands in work_dir/head.
+
+    `current` has one base embedding per item with a dense `item_idx` (`with_item_index`);
+    the item matrix, checkpoints and petastorm cache live under `work_dir`.
+    """
+    _check_config(cfg)
+    head_dir = os.path.join(work_dir, "head")
+    device = _training_device(ctx, cfg)
+    num_processes = _process_count(cfg, device)
+    item_matrix_path = os.path.join(work_dir, "item_matrix.npy")
+    n_items, in_dim = _write_item_matrix(
+        current, item_matrix_path, str(head_metadata.get("base_model_id", ""))
+    )
+    examples = training_examples(events, current, max_history=cfg.max_history).cache()
+    n_examples, signature = _examples_signature(examples)
+    if n_examples < num_processes:
+        raise InputError(
+            f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ctx.ds} "
+            f"(need at least {num_processes}); users need two or more items with base embeddings"
+        )
+    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
+    shuffled = shuffle_examples(examples, files=files, seed=cfg.seed)
+    fingerprint = _fingerprint(cfg, n_items, in_dim, signature, file_digest(item_matrix_path))
+    log.info(
+        "contrastive: %d examples, %d items, %d processes on %s, fingerprint %s",
+        n_examples,
+        n_items,
+        num_processes,
+        device,
+        fingerprint[:12],
+    )
+    cache_url = _cache_dir_url(os.path.join(work_dir, "petastorm"))
+    try:
+        output = _run_distributed(
+            ctx,
+            cfg,
+            shuffled,
+            device,
+            num_processes,
+            cache_url,
+            {
+                "item_matrix_path": item_matrix_path,
+                "checkpoint_dir": os.path.join(work_dir, "checkpoints"),
+                "output_dir": head_dir,
+                "fingerprint": fingerprint,
+                "head_metadata": head_metadata,
+            },
+        )
+    finally:
+        examples.unpersist()
+    return TowerFit(head_dir=head_dir, output=output, examples=n_examples, items=n_items)
 
 
 def _check_config(cfg: ContrastiveConfig) -> None:

@@ -1,332 +1,727 @@
-"""Offline evaluation: user-temporal holdout, full ranking with training items excluded.
+"""Offline evaluation: protocols, baselines and ablations on one split, full ranking, one report.
 
-Popularity, ALS, text (frozen base embeddings) and the hybrid are scored with the same
-blockwise code as the nightly recommendations (`llmrec_spark.recommend`); the metrics are
-plain functions over ranked lists and relevant sets, defined as Spark's RankingMetrics.
+Per protocol (`llmrec_spark.splits`) the models are fitted on the split's training events
+only -- ALS (`als.fit_als`) and the text tower (`contrastive.fit_text_tower`) -- and six
+models are ranked against the same candidates with the product's own scorer
+(`recommend.hybrid_scores`): popularity, ALS, frozen text, fine-tuned text, ALS + frozen text
+and the hybrid that ships (ALS + fine-tuned text). Metrics are Spark RankingMetrics
+definitions over the full candidate ranking with training items excluded (`metrics`).
+The test users are scored on the driver: at most `evaluate.max_test_users` (a seeded sample).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import math
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
-from functools import reduce
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pyspark.sql import DataFrame, Window
+import pandas as pd
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from llmrec_spark import als, recommend
+from llmrec_spark import als, recommend, splits
 from llmrec_spark.context import RunContext, StageResult
-from llmrec_spark.errors import InputError
+from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.evaluation_report import (
+    Claim,
+    ModelResult,
+    ProtocolResult,
+    ViewResult,
+    report_summary,
+    write_report,
+)
+from llmrec_spark.metrics import (
+    auc_from_ranks,
+    average_recommendation_popularity,
+    catalog_coverage,
+    mean_metrics,
+    ndcg_at_k,
+    novelty,
+    per_user_metrics,
+)
+from llmrec_spark.splits import user_temporal_split
 
 log = logging.getLogger(__name__)
 
-METRICS = ("precision", "recall", "ndcg", "map", "hit_rate")
-MODELS = ("popularity", "als", "text", "hybrid")
+__all__ = ["MODELS", "mean_metrics", "ndcg_at_k", "run_evaluate", "user_temporal_split"]
 
-
-# ---------------------------------------------------------------------------------------
-# Metrics over one ranked list
-
-
-def precision_at_k(recommended: Sequence[Hashable], relevant: set, k: int) -> float:
-    """Hits among the first k recommendations / k (a list shorter than k still divides by k)."""
-    return sum(1 for item in recommended[:k] if item in relevant) / k
-
-
-def recall_at_k(recommended: Sequence[Hashable], relevant: set, k: int) -> float:
-    """Hits among the first k / |relevant| (denominator |relevant|, not min(k, |relevant|))."""
-    if not relevant:
-        return 0.0
-    return sum(1 for item in recommended[:k] if item in relevant) / len(relevant)
-
-
-def ndcg_at_k(recommended: Sequence[Hashable], relevant: set, k: int) -> float:
-    """Binary-gain DCG with log2(rank + 1) discount over the ideal DCG of min(k, |relevant|) hits."""
-    if not relevant:
-        return 0.0
-    dcg = sum(1.0 / math.log2(i + 2) for i, item in enumerate(recommended[:k]) if item in relevant)
-    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(relevant))))
-    return dcg / ideal
-
-
-def average_precision_at_k(recommended: Sequence[Hashable], relevant: set, k: int) -> float:
-    """Sum of precision at each hit position within k / min(k, |relevant|) (Spark's MAP@k)."""
-    if not relevant:
-        return 0.0
-    hits, total = 0, 0.0
-    for i, item in enumerate(recommended[:k]):
-        if item in relevant:
-            hits += 1
-            total += hits / (i + 1)
-    return total / min(k, len(relevant))
-
-
-def hit_rate_at_k(recommended: Sequence[Hashable], relevant: set, k: int) -> float:
-    """1.0 when any of the first k recommendations is relevant, else 0.0."""
-    return 1.0 if any(item in relevant for item in recommended[:k]) else 0.0
-
-
-METRIC_FUNCTIONS = {
-    "precision": precision_at_k,
-    "recall": recall_at_k,
-    "ndcg": ndcg_at_k,
-    "map": average_precision_at_k,
-    "hit_rate": hit_rate_at_k,
+MODELS = ("popularity", "als", "text_frozen", "text_finetuned", "hybrid_frozen", "hybrid")
+DESCRIPTIONS = {
+    "user_temporal": "each user's last share of events by time is held out; the warm bar",
+    "cold_item": "a seeded share of items with enough positives lose all training events",
+    "global_temporal": "the last share of all events by time is held out (few test users)",
 }
+BLOCK = 512  # users per score matrix on the driver
 
 
-def per_user_metrics(
-    recommended: Mapping[Any, Sequence[Hashable]],
-    relevant: Mapping[Any, set],
-    ks: Sequence[int],
-) -> dict[str, np.ndarray]:
-    """ "metric@k" -> one value per user with a non-empty relevant set (sorted user order).
+@dataclass(frozen=True)
+class HybridParams:
+    """How a hybrid mixes: text weight for items with both scores, offset for text-only items."""
 
-    Users missing from `recommended` count as an empty list (every metric 0).
-    """
-    users = sorted(u for u, rel in relevant.items() if rel)
-    out: dict[str, np.ndarray] = {}
-    for k in ks:
-        for name, fn in METRIC_FUNCTIONS.items():
-            out[f"{name}@{k}"] = np.array(
-                [fn(list(recommended.get(u, ())), relevant[u], k) for u in users], dtype=np.float64
-            )
-    return out
+    text_weight: float
+    cold_offset: float
 
 
-def mean_metrics(
-    recommended: Mapping[Any, Sequence[Hashable]],
-    relevant: Mapping[Any, set],
-    ks: Sequence[int],
-) -> dict[str, float]:
-    """ "metric@k" -> mean over users with a non-empty relevant set (0.0 when there are none)."""
-    return {
-        key: float(values.mean()) if len(values) else 0.0
-        for key, values in per_user_metrics(recommended, relevant, ks).items()
-    }
+@dataclass
+class Fitted:
+    """One split with its models fitted: item matrices, tuned text, test users in a fixed order."""
 
+    items: recommend.ItemMatrices  # ALS factors + frozen text
+    tuned: np.ndarray | None  # (n, out_dim) unit rows of the fine-tuned tower, or None
+    users: list[str]
+    user_als: np.ndarray | None  # (u, rank)
+    user_has_als: np.ndarray  # (u,)
+    histories: list[np.ndarray]  # training item indices per user
+    relevant: list[np.ndarray]  # test positives (item indices) per user
+    cold: np.ndarray | None  # (n,) bool: cold items (cold_item protocol)
+    train_users_per_item: np.ndarray  # (n,) distinct training users per item
+    n_train_users: int
 
-def bootstrap_interval(
-    values: np.ndarray, *, samples: int, seed: int, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-user `values`."""
-    if len(values) == 0 or samples <= 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-# ---------------------------------------------------------------------------------------
-# Split (Spark, pure)
-
-
-def user_temporal_split(
-    events: DataFrame, *, test_fraction: float, positive_min_weight: float
-) -> tuple[DataFrame, DataFrame]:
-    """Per user, the last `test_fraction` of events by time (at least one) form the test part.
-
-    The cut is a timestamp, so every training event is strictly earlier than every test
-    event of the same user (events tied at the cut go to test). Returns (train, test):
-    train = every user's events before their cut (all users, for ALS); test = the events
-    after the cut with weight >= positive_min_weight on items the user did not touch in
-    train, only for users with >= 1 such event and >= 3 distinct training items.
-    """
-    per_user = Window.partitionBy("user_id")
-    by_time = per_user.orderBy("event_ts", "item_id", "weight")
-    n_test = F.greatest(F.lit(1), F.floor(F.col("_n") * F.lit(test_fraction)))
-    labeled = (
-        events.withColumn("_pos", F.row_number().over(by_time))
-        .withColumn("_n", F.count("*").over(per_user))
-        .withColumn(
-            "_cut",
-            F.min(F.when(F.col("_pos") > F.col("_n") - n_test, F.col("event_ts"))).over(per_user),
-        )
-    )
-    helpers = ["_pos", "_n", "_cut"]
-    train = labeled.where(F.col("event_ts") < F.col("_cut")).drop(*helpers)
-    train_pairs = train.select("user_id", "item_id").distinct()
-    candidates = (
-        labeled.where(
-            (F.col("event_ts") >= F.col("_cut")) & (F.col("weight") >= positive_min_weight)
-        )
-        .drop(*helpers)
-        .join(train_pairs, ["user_id", "item_id"], "left_anti")
-    )
-    enough_history = (
-        train_pairs.groupBy("user_id").count().where(F.col("count") >= 3).select("user_id")
-    )
-    test = candidates.join(enough_history, "user_id", "left_semi")
-    return train, test
+    def variant(self, model: str) -> recommend.ItemMatrices | None:
+        """The item matrices model `model` scores with (None: the model cannot be built)."""
+        m = self.items
+        tuned: dict[str, Any] = {}
+        if self.tuned is not None:
+            tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
+        if model == "popularity":
+            return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
+        if model == "als":
+            return None if m.als is None else dataclasses.replace(m, text=None, has_text=None)
+        if model == "text_frozen":
+            return None if m.text is None else dataclasses.replace(m, als=None, has_als=None)
+        if model == "text_finetuned":
+            return dataclasses.replace(m, als=None, has_als=None, **tuned) if tuned else None
+        if model == "hybrid_frozen":
+            return m if m.als is not None and m.text is not None else None
+        if model == "hybrid":
+            return dataclasses.replace(m, **tuned) if tuned and m.als is not None else None
+        raise ValueError(f"unknown model {model!r}")
 
 
 # ---------------------------------------------------------------------------------------
-# Stage
+# Fitting on a split (Spark for ALS and the tower; the rest collected to the driver)
 
 
-def run_evaluate(ctx: RunContext) -> StageResult:
-    """Hold out each user's latest events, refit ALS, score four models, write an HTML table."""
-    from llmrec_spark import embed
+def fit_split(
+    ctx: RunContext,
+    split: splits.Split,
+    *,
+    catalog: DataFrame,
+    embeddings: DataFrame | None,
+    work_dir: str,
+    max_test_users: int,
+    seed: int,
+    tower: bool = True,
+) -> Fitted:
+    """Fit ALS and (with `tower`) the text tower on split.train; collect the test users."""
+    from llmrec_spark import contrastive
 
-    cfg = ctx.cfg.evaluate
-    ks = sorted(set(cfg.ks))
-    if not ks or ks[0] <= 0:
-        raise InputError(f"evaluate.ks must be positive integers, got {cfg.ks}")
-    window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
-    train, test = user_temporal_split(
-        window, test_fraction=cfg.test_fraction, positive_min_weight=cfg.positive_min_weight
-    )
-    train = train.cache()
-    relevant_rows = test.select("user_id", "item_id").distinct().collect()
-    if not relevant_rows:
-        raise InputError(
-            f"no user has a held-out positive (weight >= {cfg.positive_min_weight}) and 3 training "
-            f"items in the {ctx.cfg.als.train_days} days up to {ctx.ds}; nothing to evaluate"
-        )
-    relevant: dict[str, set] = {}
-    for row in relevant_rows:
-        relevant.setdefault(row["user_id"], set()).add(row["item_id"])
-
+    train = split.train.cache()
     pairs = als.interactions(train).cache()
     factors = als.fit_als(pairs, ctx.cfg.als)
-    base_id = embed.base_model_id(ctx.cfg.embed)
-    embeddings = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
-        "item_id", "embedding"
-    )
-    items = recommend.item_frame(
-        ctx.store.read("items"),
+    frame = recommend.item_frame(
+        catalog,
         popularity=recommend.popularity_frame(train),
         item_factors=factors.items,
         embeddings=embeddings,
         apply_rules=False,
     ).cache()
-    full = recommend.item_matrices(items.toPandas())
-    test_users = ctx.spark.createDataFrame([(u,) for u in sorted(relevant)], "user_id string")
-    users = recommend.user_frame(
-        test_users,
-        history=pairs.select("user_id", "item_id"),
-        item_index=items.select("item_id", "item_idx"),
-        user_factors=factors.users,
-    ).cache()
-    partitions = recommend.scoring_partitions(
-        len(relevant), ctx.cfg.recommend.user_block_size, ctx.spark.sparkContext.defaultParallelism
-    )
+    item_pd = frame.toPandas()
+    items = recommend.item_matrices(item_pd)
+    index = {item: k for k, item in enumerate(items.item_ids)}
 
-    variants = {
-        "popularity": dataclasses.replace(full, als=None, has_als=None, text=None, has_text=None)
-    }
-    if full.als is not None:
-        variants["als"] = dataclasses.replace(full, text=None, has_text=None)
-    if full.text is not None:
-        variants["text"] = dataclasses.replace(full, als=None, has_als=None)
-    else:
-        log.warning(
-            "evaluate: no %s embeddings in item_embeddings; text and hybrid skipped", base_id
+    tuned = None
+    if tower and embeddings is not None and items.text is not None:
+        current = contrastive.with_item_index(embeddings.select("item_id", "embedding"))
+        current = current.withColumn("dim", F.size("embedding")).cache()
+        fit = contrastive.fit_text_tower(
+            ctx,
+            ctx.cfg.contrastive,
+            train,
+            current,
+            work_dir=os.path.join(work_dir, "tower"),
+            head_metadata={"base_model_id": "evaluation", "protocol": split.protocol},
         )
-    if full.als is not None and full.text is not None:
-        variants["hybrid"] = full
-    broadcasts = {model: ctx.spark.sparkContext.broadcast(m) for model, m in variants.items()}
-    scored = reduce(
-        DataFrame.unionByName,
-        [
-            recommend.score_users(
-                users,
-                bc,
-                n=ks[-1],
-                text_weight=ctx.cfg.recommend.text_weight,
-                block_size=ctx.cfg.recommend.user_block_size,
-                partitions=partitions,
-            ).select(F.lit(model).alias("model"), "user_id", "rank", "item_id")
-            for model, bc in broadcasts.items()
-        ],
+        current.unpersist()
+        embedder = contrastive.load_head(fit.head_dir)
+        assert items.has_text is not None
+        tuned = _apply_head(embedder, items.text, items.has_text)
+
+    test: pd.DataFrame = split.test.toPandas()
+    users = sorted(test["user_id"].unique())
+    if len(users) > max_test_users:
+        rng = np.random.default_rng(seed)
+        users = sorted(rng.choice(np.array(users, dtype=object), max_test_users, replace=False))
+    test = test[test["user_id"].isin(set(users))]
+    relevant_by_user = {
+        u: np.array(sorted(index[i] for i in g["item_id"] if i in index), dtype=np.int64)
+        for u, g in test.groupby("user_id")
+    }
+    user_pd: pd.DataFrame = (
+        recommend.user_frame(
+            ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
+            history=pairs.select("user_id", "item_id"),
+            item_index=frame.select("item_id", "item_idx"),
+            user_factors=factors.users,
+        )
+        .toPandas()
     )
-    ranked: dict[str, dict[str, list[tuple[int, str]]]] = {model: {} for model in variants}
-    for row in scored.collect():  # every model in one job
-        ranked[row["model"]].setdefault(row["user_id"], []).append((row["rank"], row["item_id"]))
-    for bc in broadcasts.values():
-        bc.unpersist()
-
-    per_user: dict[str, dict[str, np.ndarray]] = {}
-    metrics: dict[str, float] = {}
-    for model, lists in ranked.items():
-        in_order = {user: [item for _, item in sorted(hits)] for user, hits in lists.items()}
-        per_user[model] = per_user_metrics(in_order, relevant, ks)
-        for key, values in per_user[model].items():
-            metrics[f"{model}.{key}"] = float(values.mean())
-        log.info("evaluate: %s ndcg@%d=%.4f", model, ks[-1], metrics[f"{model}.ndcg@{ks[-1]}"])
-    for df in (users, items, pairs, train):
+    user_pd = user_pd.set_index("user_id").loc[users]
+    has_als = user_pd["als_features"].map(lambda v: v is not None and len(v) > 0).to_numpy(bool)
+    user_als = None
+    if items.als is not None:
+        user_als = np.zeros((len(users), items.als.shape[1]), dtype=np.float32)
+        for row, vector in enumerate(user_pd["als_features"]):
+            if vector is not None and len(vector):
+                user_als[row] = np.asarray(vector, dtype=np.float32)
+    histories = [np.asarray(h if h is not None else [], dtype=np.int64) for h in user_pd["history"]]
+    per_item: pd.DataFrame = (
+        pairs.join(frame.select("item_id", "item_idx"), "item_id")
+        .groupBy("item_idx")
+        .agg(F.countDistinct("user_id").alias("users"))
+        .toPandas()
+    )
+    train_users_per_item = np.zeros(items.size, dtype=np.float64)
+    train_users_per_item[per_item["item_idx"].to_numpy()] = per_item["users"].to_numpy()
+    n_train_users = int(pairs.select("user_id").distinct().count())
+    cold = None
+    if split.cold_items is not None:
+        cold_ids = {r["item_id"] for r in split.cold_items.collect()}
+        cold = np.array([i in cold_ids for i in items.item_ids], dtype=bool)
+        if items.has_als is not None and (items.has_als & cold).any():
+            raise AssertionError("cold items have ALS factors: they leaked into training")
+    for df in (frame, pairs, train):
         df.unpersist()
+    return Fitted(
+        items=items,
+        tuned=tuned,
+        users=list(users),
+        user_als=user_als,
+        user_has_als=has_als,
+        histories=histories,
+        relevant=[relevant_by_user.get(u, np.zeros(0, np.int64)) for u in users],
+        cold=cold,
+        train_users_per_item=train_users_per_item,
+        n_train_users=max(n_train_users, 1),
+    )
 
-    n_users = len(relevant)
-    metrics["test_users"] = float(n_users)
+
+def _apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:
+    import torch
+
+    out = np.zeros((len(text), head.out_dim), dtype=np.float32)
+    with torch.inference_mode():
+        out[has_text] = head(torch.from_numpy(np.ascontiguousarray(text[has_text]))).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Ranking one view
+
+
+@dataclass
+class Ranked:
+    """Top-k item indices per user (-1 padded) and each user's positive ranks among candidates."""
+
+    top: np.ndarray  # (u, k)
+    auc: np.ndarray  # (u,) NaN where undefined
+
+
+def rank_view(
+    fitted: Fitted,
+    matrices: recommend.ItemMatrices,
+    params: HybridParams,
+    *,
+    rows: np.ndarray,
+    relevant: Sequence[np.ndarray],
+    candidates: np.ndarray | None,
+    k: int,
+) -> Ranked:
+    """Rank the candidates (None: every item) for the users at `rows`, training items excluded."""
+    top = np.full((len(rows), k), -1, dtype=np.int64)
+    auc = np.full(len(rows), np.nan)
+    for start in range(0, len(rows), BLOCK):
+        block = rows[start : start + BLOCK]
+        scores, _, _ = recommend.hybrid_scores(
+            None if fitted.user_als is None else fitted.user_als[block],
+            fitted.user_has_als[block],
+            [fitted.histories[r] for r in block],
+            matrices,
+            text_weight=params.text_weight,
+            cold_offset=params.cold_offset,
+        )
+        in_view = np.ones(scores.shape, dtype=bool)
+        for j, r in enumerate(block):
+            in_view[j, fitted.histories[r]] = False
+        if candidates is not None:
+            in_view[:, ~candidates] = False
+        scores = np.where(in_view, scores, -np.inf).astype(np.float32)
+        indices, best = recommend.select_top_n(scores, k)
+        for j in range(len(block)):
+            keep = np.isfinite(best[j])
+            top[start + j, : int(keep.sum())] = indices[j][keep]
+            auc[start + j] = _auc(scores[j], in_view[j], relevant[start + j])
+    return Ranked(top=top, auc=auc)
+
+
+def _auc(scores: np.ndarray, candidates: np.ndarray, positives: np.ndarray) -> float:
+    """AUC over the candidates' total order (score, then lower index first; unscorable last)."""
+    cols = np.flatnonzero(candidates)
+    positives = positives[candidates[positives]]
+    if len(positives) == 0 or len(positives) == len(cols):
+        return float("nan")
+    values = np.where(np.isfinite(scores[cols]), scores[cols], -np.inf)
+    order = np.lexsort((cols, -values))  # best first, ties to the lower index
+    position = np.empty(len(cols), dtype=np.int64)
+    position[order] = np.arange(len(cols))
+    ranks = position[np.searchsorted(cols, positives)]
+    return auc_from_ranks(ranks, len(cols))
+
+
+def view_result(
+    fitted: Fitted,
+    *,
+    name: str,
+    description: str,
+    models: Mapping[str, tuple[recommend.ItemMatrices, HybridParams]],
+    relevant: Sequence[np.ndarray],
+    candidates: np.ndarray | None,
+    ks: Sequence[int],
+    cold_share: bool = False,
+) -> ViewResult:
+    """Every model ranked for the users with a relevant item in this view, metrics per user."""
+    rows = np.array([r for r, rel in enumerate(relevant) if len(rel)], dtype=np.int64)
+    rel_rows = [relevant[r] for r in rows]
+    relevant_sets = {int(r): set(relevant[r].tolist()) for r in rows}
+    n_candidates = int(candidates.sum()) if candidates is not None else fitted.items.size
+    popularity: dict[Hashable, float] = dict(enumerate(fitted.train_users_per_item.tolist()))
+    out: dict[str, ModelResult] = {}
+    for model, (matrices, params) in models.items():
+        ranked = rank_view(
+            fitted,
+            matrices,
+            params,
+            rows=rows,
+            relevant=rel_rows,
+            candidates=candidates,
+            k=max([*ks, 20]) if cold_share else max(ks),
+        )
+        lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
+        per_user = per_user_metrics(lists, relevant_sets, ks)
+        scalars = {
+            "auc": float(np.nanmean(ranked.auc)) if np.isfinite(ranked.auc).any() else math.nan
+        }
+        for k in ks:
+            scalars[f"coverage@{k}"] = catalog_coverage(lists, max(n_candidates, 1), k)
+        headline = 20 if 20 in ks else max(ks)
+        scalars[f"novelty@{headline}"] = novelty(lists, popularity, fitted.n_train_users, headline)
+        scalars[f"arp@{headline}"] = average_recommendation_popularity(lists, popularity, headline)
+        if cold_share and fitted.cold is not None:
+            cold_rel = {int(r): set(relevant[r][fitted.cold[relevant[r]]].tolist()) for r in rows}
+            cold_users = [r for r in lists if cold_rel[r]]
+            shares = np.array(
+                [len(set(lists[r][:20]) & cold_rel[r]) / len(cold_rel[r]) for r in cold_users]
+            )
+            scalars["cold_recall@20"] = float(shares.mean()) if len(shares) else math.nan
+        out[model] = ModelResult(per_user=per_user, scalars=scalars)
+    return ViewResult(name=name, description=description, users=len(rows), models=out)
+
+
+def protocol_result(
+    fitted: Fitted,
+    protocol: str,
+    *,
+    params: Mapping[str, HybridParams],
+    ks: Sequence[int],
+    models: Sequence[str] = MODELS,
+) -> ProtocolResult:
+    """The protocol's views (warm; or cold-only and mixed for cold_item) for every buildable model."""
+    built = {}
+    for model in models:
+        matrices = fitted.variant(model)
+        if matrices is not None:
+            built[model] = (matrices, params.get(model, HybridParams(0.0, 0.0)))
+    description = DESCRIPTIONS.get(protocol, protocol)
+    if fitted.cold is None:
+        view = view_result(
+            fitted,
+            name="warm",
+            description="candidates: every item the user has not trained on; relevant: held-out positives",
+            models=built,
+            relevant=fitted.relevant,
+            candidates=None,
+            ks=ks,
+        )
+        return ProtocolResult(protocol, description, [view])
+    cold = fitted.cold
+    cold_relevant = [rel[cold[rel]] for rel in fitted.relevant]
+    cold_models = {m: v for m, v in built.items() if m != "als"}  # ALS cannot score cold items
+    views = [
+        view_result(
+            fitted,
+            name="cold_only",
+            description="candidates: the cold items; relevant: the user's positives on them",
+            models=cold_models,
+            relevant=cold_relevant,
+            candidates=cold,
+            ks=ks,
+        ),
+        view_result(
+            fitted,
+            name="mixed",
+            description=(
+                "candidates: every item the user has not trained on, cold included; relevant: "
+                "all the user's test positives"
+            ),
+            models=built,
+            relevant=fitted.relevant,
+            candidates=None,
+            ks=ks,
+            cold_share=True,
+        ),
+    ]
+    return ProtocolResult(protocol, description, views)
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing the hybrids' mix on a validation split (never on the test split)
+
+
+def tune_hybrid(
+    fitted: Fitted,
+    model: str,
+    *,
+    text_weights: Sequence[float],
+    cold_offsets: Sequence[float],
+    k: int = 10,
+) -> tuple[HybridParams, dict[str, float]]:
+    """The (text_weight, cold_offset) with the best mean NDCG@k on a validation split's users."""
+    matrices = fitted.variant(model)
+    if matrices is None:
+        return HybridParams(0.0, 0.0), {}
+    rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
+    offsets = cold_offsets if fitted.cold is not None else [0.0]
+    trials: dict[str, float] = {}
+    best = (-1.0, HybridParams(0.0, 0.0))
+    for weight in text_weights:
+        for offset in offsets:
+            params = HybridParams(float(weight), float(offset))
+            ranked = rank_view(
+                fitted,
+                matrices,
+                params,
+                rows=rows,
+                relevant=[fitted.relevant[r] for r in rows],
+                candidates=None,
+                k=k,
+            )
+            lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
+            value = mean_metrics(lists, relevant, [k])[f"ndcg@{k}"]
+            trials[f"w={weight:g},b={offset:g}"] = round(value, 5)
+            if value > best[0] + 1e-12:
+                best = (value, params)
+    log.info("evaluate: %s tuned on validation: %s (ndcg@%d %.4f)", model, best[1], k, best[0])
+    return best[1], trials
+
+
+# ---------------------------------------------------------------------------------------
+# Running protocols end to end
+
+
+def make_split(events: DataFrame, protocol: str, cfg: Any, *, seed: int) -> splits.Split:
+    """Protocol `protocol` of `events` under evaluate config `cfg` (seeded)."""
+    if protocol == "user_temporal":
+        return splits.user_temporal(
+            events, test_fraction=cfg.test_fraction, positive_min_weight=cfg.positive_min_weight
+        )
+    if protocol == "cold_item":
+        return splits.cold_item(
+            events,
+            cold_fraction=cfg.cold_fraction,
+            min_item_positives=cfg.cold_min_positives,
+            test_fraction=cfg.test_fraction,
+            positive_min_weight=cfg.positive_min_weight,
+            seed=seed,
+        )
+    if protocol == "global_temporal":
+        return splits.global_temporal(
+            events, test_fraction=cfg.test_fraction, positive_min_weight=cfg.positive_min_weight
+        )
+    raise ConfigError(
+        f"evaluate.protocols: unknown protocol {protocol!r}; choose from {splits.PROTOCOLS}"
+    )
+
+
+@dataclass
+class Evaluation:
+    """Every protocol's results, the hybrids' parameters and where the report is."""
+
+    protocols: list[ProtocolResult]
+    params: dict[str, HybridParams]
+    tuning: dict[str, Any]
+    report: str
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return report_summary(self.protocols)
+
+
+def evaluate_events(
+    ctx: RunContext,
+    events: DataFrame,
+    *,
+    catalog: DataFrame,
+    frozen: DataFrame | None,
+    protocols: Sequence[str],
+    tune: bool,
+    work_dir: str,
+    title: str,
+) -> Evaluation:
+    """Run `protocols` on `events`: fit on each train part, rank, write the report."""
+    cfg = ctx.cfg.evaluate
+    ks = sorted(set(cfg.ks))
+    if not ks or ks[0] <= 0:
+        raise InputError(f"evaluate.ks must be positive integers, got {cfg.ks}")
+    started = time.perf_counter()
+    events = events.select("user_id", "item_id", "event_ts", "weight").cache()
+    shipped = HybridParams(ctx.cfg.recommend.text_weight, ctx.cfg.recommend.cold_offset)
+    params = {"hybrid": shipped, "hybrid_frozen": shipped}
+    tuning: dict[str, Any] = {}
+    if tune:
+        ctx, params, tuning = _tune(ctx, events, catalog, frozen, protocols, work_dir)
+    results = []
+    for protocol in protocols:
+        split = make_split(events, protocol, cfg, seed=cfg.seed)
+        fitted = fit_split(
+            ctx,
+            split,
+            catalog=catalog,
+            embeddings=frozen,
+            work_dir=os.path.join(work_dir, protocol),
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+        )
+        if not any(len(r) for r in fitted.relevant):
+            log.warning("evaluate: %s has no test users; skipped", protocol)
+            continue
+        results.append(protocol_result(fitted, protocol, params=params, ks=ks))
+        log.info("evaluate: %s done (%.0fs so far)", protocol, time.perf_counter() - started)
+    events.unpersist()
+    if not results:
+        raise InputError(
+            f"no user has a held-out positive (weight >= {cfg.positive_min_weight}) and "
+            f"{splits.MIN_TRAIN_POSITIVES} training positives; nothing to evaluate"
+        )
+    notes = [
+        f"hybrid: text_weight={params['hybrid'].text_weight:g}, cold_offset={params['hybrid'].cold_offset:g}; "
+        f"hybrid_frozen: text_weight={params['hybrid_frozen'].text_weight:g}, "
+        f"cold_offset={params['hybrid_frozen'].cold_offset:g}"
+        + (" (chosen on a validation split of the training part)" if tune else " (from config)"),
+        f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
+        f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs, "
+        f"temperature {ctx.cfg.contrastive.temperature}",
+    ]
     path = write_report(
         ctx.cfg.path(ctx.cfg.storage.reports_dir),
+        title=title,
         ds=ctx.ds,
-        per_user=per_user,
-        ks=ks,
+        protocols=results,
+        claims=_claims(results),
         bootstrap_samples=cfg.bootstrap_samples,
         seed=cfg.seed,
-        n_users=n_users,
+        notes=notes,
     )
-    headline = f"ndcg@{10 if 10 in ks else ks[0]}"
+    return Evaluation(results, params, tuning, path, time.perf_counter() - started)
+
+
+def _tune(
+    ctx: RunContext,
+    events: DataFrame,
+    catalog: DataFrame,
+    frozen: DataFrame | None,
+    protocols: Sequence[str],
+    work_dir: str,
+) -> tuple[RunContext, dict[str, HybridParams], dict[str, Any]]:
+    """ALS and text weights on user_temporal validation, cold offsets on cold_item validation.
+
+    Returns the context to fit the test splits with (its ALS config the chosen one), the
+    hybrids' parameters and every trial's validation NDCG@10.
+    """
+    cfg = ctx.cfg.evaluate
+    tuning: dict[str, Any] = {}
+    chosen: dict[str, HybridParams] = {}
+    weights = {"hybrid": 0.0, "hybrid_frozen": 0.0}
+    for protocol in ("user_temporal", "cold_item"):
+        if protocol not in protocols and protocol != "user_temporal":
+            continue
+        outer = make_split(events, protocol, cfg, seed=cfg.seed)
+        # Validation: the same protocol applied to the training part, with another seed.
+        inner = make_split(outer.train, protocol, cfg, seed=cfg.seed + 1)
+        if protocol == "user_temporal" and cfg.tune_als_reg_params and cfg.tune_als_alphas:
+            ctx, tuning["als"] = _tune_als(ctx, inner, catalog, cfg)
+        fitted = fit_split(
+            ctx,
+            inner,
+            catalog=catalog,
+            embeddings=frozen,
+            work_dir=os.path.join(work_dir, "validation", protocol),
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+        )
+        for model in ("hybrid", "hybrid_frozen"):
+            if protocol == "user_temporal":
+                params, trials = tune_hybrid(
+                    fitted, model, text_weights=cfg.tune_text_weights, cold_offsets=[0.0]
+                )
+                weights[model] = params.text_weight
+            else:
+                params, trials = tune_hybrid(
+                    fitted,
+                    model,
+                    text_weights=[weights[model]],
+                    cold_offsets=cfg.tune_cold_offsets,
+                )
+            chosen[model] = HybridParams(weights[model], params.cold_offset)
+            tuning[f"{protocol}.{model}"] = trials
+    return ctx, chosen, tuning
+
+
+def _tune_als(
+    ctx: RunContext, inner: splits.Split, catalog: DataFrame, cfg: Any
+) -> tuple[RunContext, dict[str, Any]]:
+    """ALS reg_param x alpha with the best validation NDCG@10 (ALS alone); ctx with that ALS config."""
+    trials: dict[str, float] = {}
+    best: tuple[float, Any] = (-1.0, ctx.cfg.als)
+    for reg in cfg.tune_als_reg_params:
+        for alpha in cfg.tune_als_alphas:
+            als_cfg = dataclasses.replace(ctx.cfg.als, reg_param=float(reg), alpha=float(alpha))
+            trial = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, als=als_cfg))
+            fitted = fit_split(
+                trial,
+                inner,
+                catalog=catalog,
+                embeddings=None,
+                work_dir="",
+                max_test_users=cfg.max_test_users,
+                seed=cfg.seed,
+                tower=False,
+            )
+            _, scores = tune_hybrid(fitted, "als", text_weights=[0.0], cold_offsets=[0.0])
+            value = next(iter(scores.values()), -1.0)
+            trials[f"reg={reg:g},alpha={alpha:g}"] = value
+            if value > best[0] + 1e-12:
+                best = (value, als_cfg)
+    log.info("evaluate: ALS tuned on validation: reg %s alpha %s", best[1].reg_param, best[1].alpha)
+    tuned = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, als=best[1]))
+    return tuned, {"trials": trials, "reg_param": best[1].reg_param, "alpha": best[1].alpha}
+
+
+def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
+    wanted = [
+        ("user_temporal", "warm", "ndcg@10", "hybrid", "als"),
+        ("user_temporal", "warm", "ndcg@10", "hybrid", "hybrid_frozen"),
+        ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen"),
+        ("cold_item", "mixed", "ndcg@10", "hybrid", "als"),
+        ("cold_item", "mixed", "ndcg@10", "hybrid", "hybrid_frozen"),
+    ]
+    present = {(p.name, v.name, m) for p in results for v in p.views for m in v.models}
+    return [
+        Claim(protocol=p, view=v, metric=metric, model=a, baseline=b)
+        for p, v, metric, a, b in wanted
+        if (p, v, a) in present and (p, v, b) in present
+    ]
+
+
+def run_evaluate(ctx: RunContext) -> StageResult:
+    """The nightly evaluation: configured protocols on the training window ending at ctx.ds."""
+    from llmrec_spark import embed
+
+    cfg = ctx.cfg.evaluate
+    window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
+    base_id = embed.base_model_id(ctx.cfg.embed)
+    frozen: DataFrame | None = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
+        "item_id", "embedding"
+    )
+    if frozen is not None and frozen.limit(1).count() == 0:
+        log.warning("evaluate: no %s embeddings in item_embeddings; text models skipped", base_id)
+        frozen = None
+    evaluation = evaluate_events(
+        ctx,
+        window,
+        catalog=ctx.store.read("items"),
+        frozen=frozen,
+        protocols=cfg.protocols,
+        tune=cfg.tune_hybrid,
+        work_dir=ctx.model_dir("evaluation"),
+        title=f"llmrec offline evaluation {ctx.ds}",
+    )
+    summary = evaluation.summary()
+    first = evaluation.protocols[0]
+    metrics: dict[str, float] = {}
+    for protocol in evaluation.protocols:
+        for view in protocol.views:
+            for model, values in summary[protocol.name][view.name].items():
+                for key, value in values.items():
+                    if value is None:
+                        continue
+                    metrics[f"{protocol.name}.{view.name}.{model}.{key}"] = float(value)
+                    if protocol is first and view is first.views[0]:
+                        metrics[f"{model}.{key}"] = float(value)  # the gate's names
+    metrics["test_users"] = float(first.views[0].users)
+    headline = f"ndcg@{10 if 10 in cfg.ks else min(cfg.ks)}"
+    warm = summary[first.name][first.views[0].name]
     return StageResult(
-        rows_in=n_users,
+        rows_in=first.views[0].users,
         metrics=metrics,
         params={f"evaluate.{k}": v for k, v in vars(cfg).items()}
         | {"evaluate.text_model": base_id},
-        artifacts={"evaluation_report": path},
+        artifacts={"evaluation_report": evaluation.report},
         summary={
-            "test_users": n_users,
-            "relevant_items": sum(len(r) for r in relevant.values()),
-            headline: {m: round(metrics[f"{m}.{headline}"], 4) for m in per_user},
-            "report": path,
+            "protocols": ", ".join(p.name for p in evaluation.protocols),
+            "test_users": first.views[0].users,
+            headline: {m: round(v[headline], 4) for m, v in warm.items() if headline in v},
+            "seconds": round(evaluation.seconds, 1),
+            "report": evaluation.report,
         },
     )
 
 
-def write_report(
-    folder: str,
-    *,
-    ds: str,
-    per_user: Mapping[str, Mapping[str, np.ndarray]],
-    ks: Sequence[int],
-    bootstrap_samples: int,
-    seed: int,
-    n_users: int,
-) -> str:
-    """Write evaluation-<ds>.html (mean and bootstrap 95% interval per model and metric); return its path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"evaluation-{ds}.html")
-    columns = [f"{m}@{k}" for k in ks for m in METRICS]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for model, values in per_user.items():
-        cells = []
-        for column in columns:
-            low, high = bootstrap_interval(values[column], samples=bootstrap_samples, seed=seed)
-            cells.append(
-                f"<td>{values[column].mean():.4f}<br><small>[{low:.4f}, {high:.4f}]</small></td>"
-            )
-        body.append(f"<tr><th>{html.escape(model)}</th>{''.join(cells)}</tr>")
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>llmrec evaluation {html.escape(ds)}</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:4px 8px;text-align:right;"
-        "border-bottom:1px solid #ddd}small{color:#777}</style></head><body>"
-        f"<h1>Offline evaluation, {html.escape(ds)}</h1>"
-        f"<p>{n_users} test users; user-temporal holdout; full ranking over the catalog with "
-        "training items excluded; relevant = held-out positives on items new to the user. "
-        f"Cells: mean and bootstrap 95% interval ({bootstrap_samples} resamples of users).</p>"
-        f"<table><tr><th>model</th>{head}</tr>{''.join(body)}</table></body></html>"
-    )
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    return path
+# ---------------------------------------------------------------------------------------
+# `llmrec bench quality`: a public dataset through the pipeline, both bar protocols
+
+
+def quality_json(evaluation: Evaluation) -> dict[str, Any]:
+    """The bench's JSON: per protocol and model the bar's metrics (cold_item: cold-only + mixed)."""
+    summary = evaluation.summary()
+    out: dict[str, Any] = {}
+    if "user_temporal" in summary:
+        out["user_temporal"] = {
+            model: {k: round(v, 4) for k, v in values.items() if not _nan(v)}
+            for model, values in summary["user_temporal"]["warm"].items()
+        }
+    if "cold_item" in summary:
+        cold_only = summary["cold_item"].get("cold_only", {})
+        mixed = summary["cold_item"].get("mixed", {})
+        out["cold_item"] = {}
+        for model in MODELS:
+            if model not in cold_only and model not in mixed:
+                continue
+            row = {
+                "recall@20": cold_only.get(model, {}).get("recall@20"),
+                "ndcg@20": cold_only.get(model, {}).get("ndcg@20"),
+                "mixed_ndcg@10": mixed.get(model, {}).get("ndcg@10"),
+                "mixed_cold_recall@20": mixed.get(model, {}).get("cold_recall@20"),
+            }
+            out["cold_item"][model] = {k: round(v, 4) for k, v in row.items() if not _nan(v)}
+    return out
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

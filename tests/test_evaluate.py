@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import (
+from llmrec_spark.evaluate import user_temporal_split
+from llmrec_spark.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
     mean_metrics,
     ndcg_at_k,
     precision_at_k,
     recall_at_k,
-    user_temporal_split,
 )
 from llmrec_spark.recommend import top_n_block
 
@@ -66,7 +66,9 @@ def test_mean_metrics_skips_users_without_positives_and_zeroes_missing_lists():
     assert means["precision@2"] == pytest.approx(0.25)
     assert means["map@2"] == pytest.approx(0.25)
     assert set(means) == {
-        f"{m}@{k}" for m in ("precision", "recall", "ndcg", "map", "hit_rate") for k in (1, 2)
+        f"{m}@{k}"
+        for m in ("precision", "recall", "f1", "ndcg", "map", "hit_rate")
+        for k in (1, 2)
     }
 
 
@@ -114,13 +116,13 @@ def ts(hours: int) -> dt.datetime:
 def test_user_temporal_split_cuts_by_time_and_leaks_nothing(spark):
     rows = (
         # ua: 10 events -> last 2 to test; the weight-1 one is not a positive.
-        [("ua", f"a{h}", ts(h), 1.0) for h in range(8)]
+        [("ua", f"a{h}", ts(h), 2.0) for h in range(8)]
         + [("ua", "a8", ts(8), 4.0), ("ua", "a9", ts(9), 1.0)]
         # ub: 5 events, the last two tied in time -> both on the test side of the cut.
         + [
-            ("ub", "b0", ts(0), 1.0),
-            ("ub", "b1", ts(1), 1.0),
-            ("ub", "b2", ts(2), 1.0),
+            ("ub", "b0", ts(0), 2.0),
+            ("ub", "b1", ts(1), 2.0),
+            ("ub", "b2", ts(2), 2.0),
             ("ub", "b3", ts(3), 2.0),
             ("ub", "b4", ts(3), 8.0),
         ]
@@ -132,7 +134,10 @@ def test_user_temporal_split_cuts_by_time_and_leaks_nothing(spark):
             ("uc", "c0", ts(3), 8.0),
         ]
         # ud: only two training items -> not evaluated, but its training events stay.
-        + [("ud", "d0", ts(0), 1.0), ("ud", "d1", ts(1), 1.0), ("ud", "d2", ts(2), 8.0)]
+        + [("ud", "d0", ts(0), 2.0), ("ud", "d1", ts(1), 2.0), ("ud", "d2", ts(2), 8.0)]
+        # ue: five training items but only two positives (weight >= 2) -> not evaluated.
+        + [("ue", f"e{h}", ts(h), 2.0 if h < 2 else 1.0) for h in range(5)]
+        + [("ue", "e5", ts(6), 8.0)]
     )
     events = spark.createDataFrame(
         rows, "user_id string, item_id string, event_ts timestamp, weight double"
@@ -148,6 +153,7 @@ def test_user_temporal_split_cuts_by_time_and_leaks_nothing(spark):
         | {("ub", "b0"), ("ub", "b1"), ("ub", "b2")}
         | {("uc", "c0"), ("uc", "c1"), ("uc", "c2")}
         | {("ud", "d0"), ("ud", "d1")}
+        | {("ue", f"e{h}") for h in range(5)}
     )
     for user, item in got_test:
         assert (user, item) not in {(u, i) for u, i, _ in got_train}
@@ -172,7 +178,7 @@ def unit(*parts: tuple[int, float], dim: int = 12) -> list[float]:
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp_path):
+def test_run_evaluate_scores_six_models_and_writes_the_report(spark, store, tmp_path):
     from llmrec_spark import embed
     from llmrec_spark.context import RunContext
     from llmrec_spark.evaluate import run_evaluate
@@ -183,6 +189,9 @@ def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp
         "evaluate.ks=[1, 5]",
         "evaluate.test_fraction=0.25",
         "evaluate.bootstrap_samples=20",
+        "evaluate.protocols=[user_temporal]",
+        "contrastive.epochs=1",
+        "contrastive.num_processes=1",
         "als.rank=4",
         "als.max_iter=3",
         "als.train_days=7",
@@ -198,7 +207,7 @@ def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp
     for u in range(8):
         history, bought = (["i1", "i2", "i3"], "i0") if u < 4 else (["i0", "i2", "i3"], "i9")
         for h, item in enumerate(history):
-            events.append((f"u{u}", item, day + dt.timedelta(hours=h), 1.0))
+            events.append((f"u{u}", item, day + dt.timedelta(hours=h), 2.0))
         events.append((f"u{u}", bought, day + dt.timedelta(days=2), 8.0))
     store.append(
         "events_clean",
@@ -253,13 +262,14 @@ def test_run_evaluate_scores_four_models_and_writes_the_report(spark, store, tmp
     assert m["popularity.ndcg@5"] == pytest.approx(0.5)
     assert m["popularity.recall@5"] == pytest.approx(0.5)
     # Text puts each held-out item first: u0-u3 cosine 0.5 to i0 vs 0; u4-u7 0.69 to i9 vs 0.5 to i1.
-    assert m["text.hit_rate@1"] == pytest.approx(1.0)
-    assert m["text.map@5"] == pytest.approx(1.0)
-    for model in ("popularity", "als", "text", "hybrid"):
-        for metric in ("precision", "recall", "ndcg", "map", "hit_rate"):
+    assert m["text_frozen.hit_rate@1"] == pytest.approx(1.0)
+    assert m["text_frozen.map@5"] == pytest.approx(1.0)
+    assert m["user_temporal.warm.text_frozen.map@5"] == pytest.approx(1.0)
+    for model in ("popularity", "als", "text_frozen", "text_finetuned", "hybrid_frozen", "hybrid"):
+        for metric in ("precision", "recall", "f1", "ndcg", "map", "hit_rate"):
             for k in (1, 5):
                 assert 0.0 <= m[f"{model}.{metric}@{k}"] <= 1.0
     report = result.artifacts["evaluation_report"]
     assert report == os.path.join(cfg.path(cfg.storage.reports_dir), f"evaluation-{DS}.html")
     page = Path(report).read_text(encoding="utf-8")
-    assert "<th>hybrid</th>" in page and "ndcg@5" in page and "8 test users" in page
+    assert "hybrid" in page and "text_finetuned" in page and "user_temporal" in page

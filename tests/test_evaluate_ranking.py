@@ -1,0 +1,105 @@
+"""Evaluation ranking without Spark: candidates, training items excluded, AUC, cold views, tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmrec_spark.evaluate import Fitted, HybridParams, protocol_result, rank_view, tune_hybrid
+from llmrec_spark.recommend import ItemMatrices
+
+
+def fitted(cold: np.ndarray | None = None) -> Fitted:
+    """Two users, five items; ALS on items 0-3 (item 4 has none: it is "new"), text on all."""
+    als = np.array([[1.0, 0], [0.8, 0], [0.2, 0], [0.0, 1], [0, 0]], dtype=np.float32)
+    text = np.array(
+        [[1.0, 0], [0.9, 0.1], [0.5, 0.5], [0.0, 1], [0.95, 0.05]], dtype=np.float32
+    )
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    items = ItemMatrices(
+        item_ids=np.array([f"i{j}" for j in range(5)], dtype=object),
+        eligible=np.ones(5, dtype=bool),
+        popularity=np.array([5, 4, 3, 2, 0], dtype=np.float32),
+        categories=np.zeros(5, dtype=np.int32),
+        als=als,
+        has_als=np.array([True, True, True, True, False]),
+        text=text,
+        has_text=np.ones(5, dtype=bool),
+    )
+    return Fitted(
+        items=items,
+        tuned=None,
+        users=["u0", "u1"],
+        user_als=np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+        user_has_als=np.array([True, True]),
+        histories=[np.array([0]), np.array([3])],
+        relevant=[np.array([1, 4]), np.array([2])],
+        cold=cold,
+        train_users_per_item=np.array([1, 0, 0, 1, 0], dtype=np.float64),
+        n_train_users=2,
+    )
+
+
+def test_als_ranking_excludes_training_items_and_cannot_reach_an_item_without_factors():
+    f = fitted()
+    ranked = rank_view(
+        f,
+        f.variant("als"),
+        HybridParams(0.0, 0.0),
+        rows=np.array([0, 1]),
+        relevant=f.relevant,
+        candidates=None,
+        k=5,
+    )
+    # u0 (history i0): ALS scores i1 0.8 > i2 0.2 > i3 0; i4 has no factor -> not listed.
+    assert ranked.top[0].tolist() == [1, 2, 3, -1, -1]
+    # u1 (history i3): i0, i1, i2 all score 0 -> ties go to the lower index.
+    assert ranked.top[1].tolist() == [0, 1, 2, -1, -1]
+    # AUC over the 4 candidates of u0 in order i1, i2, i3, i4(unscored, last): positives i1
+    # (rank 0) and i4 (rank 3) against negatives i2, i3: 2 of 4 pairs won -> 0.5.
+    assert ranked.auc[0] == pytest.approx(0.5)
+    # u1: candidates i0, i1, i2, i4 in that order; positive i2 at rank 2 beats only i4 -> 1/3.
+    assert ranked.auc[1] == pytest.approx(1 / 3)
+
+
+def test_cold_only_view_ranks_only_cold_items_and_skips_als():
+    cold = np.array([False, False, True, False, True])
+    f = fitted(cold)
+    result = protocol_result(
+        f, "cold_item", params={"hybrid_frozen": HybridParams(0.5, 0.0)}, ks=[1, 2]
+    )
+    cold_only, mixed = result.views
+    assert [v.name for v in result.views] == ["cold_only", "mixed"]
+    assert "als" not in cold_only.models and "als" in mixed.models
+    # Cold positives: u0 has i4, u1 has i2. Frozen text: u0 (i0-like) ranks i4 (0.999) over
+    # i2 (0.707) -> hit at 1; u1 (i3-like) ranks i2 (0.707) over i4 (0.05) -> hit at 1.
+    assert cold_only.users == 2
+    assert cold_only.models["text_frozen"].per_user["hit_rate@1"].tolist() == [1.0, 1.0]
+    # Mixed view, ALS: i4 has no factor, so u0's cold positive never shows (share 0); u1's
+    # cold positive i2 has one and is listed (share 1).
+    assert mixed.models["als"].scalars["cold_recall@20"] == pytest.approx(0.5)
+
+
+def test_tune_hybrid_picks_the_cold_offset_that_lets_the_new_item_in():
+    cold = np.array([False, False, False, False, True])
+    f = fitted(cold)
+    f.relevant = [np.array([4]), np.array([])]  # u0 wants the new item i4
+
+    params, trials = tune_hybrid(
+        f, "hybrid_frozen", text_weights=[0.5], cold_offsets=[0.0, 5.0], k=1
+    )
+
+    assert params == HybridParams(0.5, 5.0)
+    assert trials["w=0.5,b=5"] == pytest.approx(1.0)
+    assert trials["w=0.5,b=0"] < 1.0
+
+
+def test_variants_drop_what_a_model_does_not_use():
+    f = fitted()
+    assert f.variant("popularity").als is None and f.variant("popularity").text is None
+    assert f.variant("als").text is None and f.variant("als").als is not None
+    assert f.variant("text_frozen").als is None
+    assert f.variant("text_finetuned") is None  # no tower was trained
+    assert f.variant("hybrid") is None
+    with pytest.raises(ValueError, match="unknown model"):
+        f.variant("nope")
