@@ -40,6 +40,7 @@ def format_nightly(summary: NightlySummary) -> str:
     if evaluation is not None:
         out += ["", "evaluation (user-temporal holdout, full ranking, seen items excluded):"]
         out += _metric_table(evaluation.result.metrics)
+        out += _cold_table(evaluation.result.metrics)
         for name, path in evaluation.result.artifacts.items():
             out.append(f"  {name}: {path}")
     recommend = next((r for r in summary.records if r.stage == "recommend"), None)
@@ -86,6 +87,35 @@ def _metric_table(metrics: dict[str, float]) -> list[str]:
             + "".join(
                 f"{values[m]:>14.4f}" if m in values else f"{'':>14}" for m in HEADLINE_METRICS
             )
+        )
+    return rows
+
+
+COLD_METRICS = (
+    ("cold_only", "recall@20"),
+    ("cold_only", "ndcg@20"),
+    ("mixed", "ndcg@10"),
+    ("mixed", "cold_recall@20"),
+)
+
+
+def _cold_table(metrics: dict[str, float]) -> list[str]:
+    """cold_item protocol lines (cold-only ranking and the mixed view), when it ran."""
+    models: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split(".", 3)
+        if len(parts) == 4 and parts[0] == "cold_item" and (parts[1], parts[3]) in COLD_METRICS:
+            models.setdefault(parts[2], {})[f"{parts[1]} {parts[3]}"] = value
+    if not models:
+        return []
+    names = [f"{view} {metric}" for view, metric in COLD_METRICS]
+    rows = ["", "cold items (cold_item protocol: cold-only ranking, and mixed with known items):"]
+    rows.append("  " + f"{'model':<16}" + "".join(f"{n:>26}" for n in names))
+    for model, values in models.items():
+        rows.append(
+            "  "
+            + f"{model:<16}"
+            + "".join(f"{values[n]:>26.4f}" if n in values else f"{'':>26}" for n in names)
         )
     return rows
 
