@@ -7,16 +7,19 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from llmrec_spark.config import AlsConfig
+from llmrec_spark.config import AlsConfig, AlsSearchConfig
 from llmrec_spark.context import RunContext, StageResult
-from llmrec_spark.errors import InputError
+from llmrec_spark.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from llmrec_spark.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +225,7 @@ class PlantedInteractions:
     n_users: int
     n_items: int
     n_topics: int
+    item_topics: np.ndarray  # (n_items,) the planted topic of each item
 
 
 def planted_interactions(
@@ -277,6 +281,7 @@ def planted_interactions(
         n_users=n_users,
         n_items=n_items,
         n_topics=n_topics,
+        item_topics=np.argsort(topic_items.ravel()) // per_topic,
     )
 
 
@@ -322,12 +327,14 @@ def bench_als(
     holdout: float = 0.1,
     eval_users: int = 10_000,
     seed: int = 17,
+    with_cholesky: bool = False,
 ) -> dict[str, Any]:
     """Fit time of the product's ALS against `implicit`'s CPU ALS on the same planted data.
 
     `n_interactions` training pairs (plus `holdout` more, held out per user at random) at
     rank `rank` with cfg's iterations, reg_param and alpha; best of `runs` fit times each,
     and NDCG@10 of both on the held-out pairs (full ranking, training items excluded).
+    `with_cholesky` also times `implicit` with its exact solver (MLlib's algorithm; slow).
     """
     import pandas as pd
 
@@ -348,6 +355,7 @@ def bench_als(
         n_users=data.n_users,
         n_items=data.n_items,
         n_topics=data.n_topics,
+        item_topics=data.item_topics,
     )
     log.info(
         "bench als: %d training pairs (%d users x %d items, %d topics), %d held out, in %.1fs",
@@ -382,12 +390,15 @@ def bench_als(
     lam = implicit_regularization(
         cfg.reg_param, n_pairs=len(train.users), n_users=data.n_users, n_items=data.n_items
     )
-    timings: dict[str, list[float]] = {"spark": [], "implicit_cg": [], "implicit_cholesky": []}
+    sides = (
+        ("implicit_cg", "implicit_cholesky", "spark") if with_cholesky else ("implicit_cg", "spark")
+    )
+    timings: dict[str, list[float]] = {name: [] for name in sides}
     spark_model = None
     implicit_models: dict[str, Any] = {}
     implicit_blas: list[dict[str, Any]] = []
     for attempt in range(runs):
-        for name in ("implicit_cg", "implicit_cholesky", "spark"):
+        for name in sides:
             started = time.perf_counter()
             if name == "spark":
                 spark_model = estimator.fit(indexed)
@@ -438,9 +449,15 @@ def bench_als(
         "max_iter": cfg.max_iter,
         "spark_fit_seconds": round(best["spark"], 2),
         "implicit_fit_seconds": round(best["implicit_cg"], 2),
-        "implicit_cholesky_fit_seconds": round(best["implicit_cholesky"], 2),
         "ratio_vs_implicit": round(best["spark"] / best["implicit_cg"], 2),
-        "ratio_vs_implicit_cholesky": round(best["spark"] / best["implicit_cholesky"], 2),
+        **(
+            {
+                "implicit_cholesky_fit_seconds": round(best["implicit_cholesky"], 2),
+                "ratio_vs_implicit_cholesky": round(best["spark"] / best["implicit_cholesky"], 2),
+            }
+            if with_cholesky
+            else {}
+        ),
         "target_ratio_vs_implicit": 6.0,
         "ndcg@10": ndcg,
         "evaluation": (
@@ -487,7 +504,7 @@ def bench_als(
             "timed": "AlternatingLeastSquares.fit on a prebuilt CSR matrix",
         },
         "runs": runs,
-        "timing": f"best of {runs}; all three fits in the same process and session, one after another",
+        "timing": f"best of {runs}; the fits run in the same process and session, one after another",
         "all_seconds": {k: [round(x, 2) for x in v] for k, v in timings.items()},
     }
 
@@ -575,3 +592,214 @@ def _implicit_version() -> str:
     from importlib.metadata import version
 
     return version("implicit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameter search (`llmrec tune-als`)
+
+SEARCHED = ("rank", "reg_param", "alpha", "max_iter")
+
+
+def search_trials(search: AlsSearchConfig) -> list[dict[str, Any]]:
+    """The settings to try: every combination of the listed values (rank varying slowest), or a
+    seeded sample of `search.trials` of them without replacement, kept in that grid order."""
+    grid = [
+        {"rank": rank, "reg_param": reg_param, "alpha": alpha, "max_iter": max_iter}
+        for rank in search.rank
+        for reg_param in search.reg_param
+        for alpha in search.alpha
+        for max_iter in search.max_iter
+    ]
+    if search.trials == 0 or search.trials >= len(grid):
+        return grid
+    picked = np.random.default_rng(search.seed).choice(len(grid), size=search.trials, replace=False)
+    return [grid[i] for i in sorted(picked)]
+
+
+def best_trial(trials: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The trial with the highest `metrics[metric]`; the earliest among equals."""
+    if not trials:
+        raise InputError("als search: no trials to choose from")
+    return max(trials, key=lambda t: (t["metrics"][metric], -t["trial"]))
+
+
+@dataclass
+class ValidationSplit:
+    """A temporal validation split, indexed for ALS, with the driver-side lists to score."""
+
+    indexed: DataFrame  # user_idx, item_idx, weight (cached)
+    user_ids: list[str]  # test users, in the order of `user_idx`
+    user_idx: np.ndarray  # (n_test_users,) their ALS ids
+    item_ids: np.ndarray  # (n_items,) item_id by item_idx
+    seen: list[np.ndarray]  # per test user, the item_idx of their training items
+    relevant: dict[str, set[str]]  # per test user, held-out item_ids
+    train_pairs: int
+
+
+def validation_split(
+    events: DataFrame, *, test_fraction: float, positive_min_weight: float
+) -> ValidationSplit:
+    """Per-user temporal split of `events` (evaluate's), the training part indexed and cached;
+    collects the test users' training items and held-out items to the driver."""
+    from llmrec_spark.evaluate import user_temporal_split
+
+    train, test = user_temporal_split(
+        events, test_fraction=test_fraction, positive_min_weight=positive_min_weight
+    )
+    indexed, users, items = index_ids(interactions(train))
+    indexed = indexed.select("user_idx", "item_idx", "weight").cache()
+    train_pairs = indexed.count()
+    held_out = test.select("user_id", "item_id").distinct().join(users, "user_id").collect()
+    relevant: dict[str, set[str]] = {}
+    idx_of: dict[str, int] = {}
+    for row in held_out:
+        relevant.setdefault(row["user_id"], set()).add(row["item_id"])
+        idx_of[row["user_id"]] = int(row["user_idx"])
+    user_ids = sorted(relevant)
+    test_idx = np.array([idx_of[u] for u in user_ids], dtype=np.int64)
+    seen_rows = (
+        indexed.where(F.col("user_idx").isin([int(i) for i in test_idx]))
+        .select("user_idx", "item_idx")
+        .collect()
+    )
+    seen_by_user: dict[int, list[int]] = {}
+    for row in seen_rows:
+        seen_by_user.setdefault(int(row["user_idx"]), []).append(int(row["item_idx"]))
+    item_rows = items.collect()
+    item_ids = np.empty(len(item_rows), dtype=object)
+    for row in item_rows:
+        item_ids[int(row["item_idx"])] = row["item_id"]
+    return ValidationSplit(
+        indexed=indexed,
+        user_ids=user_ids,
+        user_idx=test_idx,
+        item_ids=item_ids,
+        seen=[np.array(seen_by_user.get(int(i), []), dtype=np.int64) for i in test_idx],
+        relevant=relevant,
+        train_pairs=train_pairs,
+    )
+
+
+def score_trial(model: ALSModel, split: ValidationSplit, ks: Sequence[int]) -> dict[str, float]:
+    """Mean ranking metrics of `model` on `split`'s test users (top max(ks), seen excluded)."""
+    from llmrec_spark.evaluate import mean_metrics
+
+    rank = model.rank
+    users = _factor_matrix(model.userFactors, split.user_idx, rank)
+    items = _factor_matrix(model.itemFactors, np.arange(len(split.item_ids)), rank)
+    top = top_k_unseen(users, items, split.seen, max(ks))
+    recommended = {
+        user: [str(split.item_ids[i]) for i in best]
+        for user, best in zip(split.user_ids, top, strict=True)
+    }
+    return mean_metrics(recommended, split.relevant, list(ks))
+
+
+def _factor_matrix(factors: DataFrame, ids: np.ndarray, rank: int) -> np.ndarray:
+    """(len(ids), rank) float32 rows of `factors` (id, features) in the order of `ids`; zero
+    for ids without a factor."""
+    wanted = factors.where(F.col("id").isin([int(i) for i in ids])).collect()
+    position = {int(i): row for row, i in enumerate(ids)}
+    out = np.zeros((len(ids), rank), dtype=np.float32)
+    for row in wanted:
+        out[position[int(row["id"])]] = row["features"]
+    return out
+
+
+def tune_als(
+    ctx: RunContext, *, trials: int | None = None, tracker: Tracker | None = None
+) -> dict[str, Any]:
+    """Search ALS settings (`als.search`) on a temporal validation split of the training window
+    ending at ctx.ds; one nested MLflow run per trial under a parent run. Returns the trials and
+    the best one (by `als.search.metric`); writes no table."""
+    from llmrec_spark.tracking import Tracker, metric_key
+
+    cfg = ctx.cfg
+    search = cfg.als.search if trials is None else replace(cfg.als.search, trials=trials)
+    name, _, k = search.metric.partition("@")
+    if name not in ("precision", "recall", "ndcg", "map", "hit_rate") or not k.isdigit():
+        raise ConfigError(
+            f"als.search.metric: a metric@k (precision, recall, ndcg, map, hit_rate), got {search.metric!r}"
+        )
+    ks = sorted({*cfg.evaluate.ks, int(k)})
+    events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.als.train_days)
+    split = validation_split(
+        events,
+        test_fraction=cfg.evaluate.test_fraction,
+        positive_min_weight=cfg.evaluate.positive_min_weight,
+    )
+    if not split.user_ids:
+        split.indexed.unpersist()
+        raise InputError(
+            f"tune-als: no validation users in the {cfg.als.train_days} days up to {ctx.ds} "
+            "(users need 3+ training items and a held-out positive); run `llmrec clean` first"
+        )
+    settings = search_trials(search)
+    blocks = als_blocks(ctx.spark, cfg.als)
+    tracker = tracker or Tracker(cfg)
+    log.info(
+        "tune-als: %d trials, %d training pairs, %d validation users, metric %s",
+        len(settings),
+        split.train_pairs,
+        len(split.user_ids),
+        search.metric,
+    )
+    results: list[dict[str, Any]] = []
+    try:
+        with tracker.run(f"tune-als {ctx.ds}", tags={"stage": "tune-als", "ds": ctx.ds}) as parent:
+            tracker.log_params(
+                {f"search.{k}": v for k, v in vars(search).items()}
+                | {"validation_users": len(split.user_ids), "train_pairs": split.train_pairs}
+            )
+            for number, params in enumerate(settings, start=1):
+                started = time.perf_counter()
+                trial_cfg = replace(cfg.als, **params)
+                model = als_estimator(trial_cfg, num_blocks=blocks).fit(split.indexed)
+                metrics = score_trial(model, split, ks)
+                seconds = time.perf_counter() - started
+                with tracker.run(
+                    f"trial {number}", nested=True, tags={"stage": "tune-als", "trial": str(number)}
+                ) as run_id:
+                    tracker.log_params(params)
+                    tracker.log_metrics({**metrics, "seconds": seconds})
+                results.append(
+                    {
+                        "trial": number,
+                        "params": params,
+                        "metrics": metrics,
+                        "seconds": round(seconds, 2),
+                        "run_id": run_id,
+                    }
+                )
+                log.info(
+                    "tune-als: trial %d/%d %s %s %.4f (%.1fs)",
+                    number,
+                    len(settings),
+                    " ".join(f"{k}={v}" for k, v in params.items()),
+                    search.metric,
+                    metrics[search.metric],
+                    seconds,
+                )
+            best = best_trial(results, search.metric)
+            tracker.log_params({f"best.{k}": v for k, v in best["params"].items()})
+            tracker.log_metrics({f"best.{search.metric}": best["metrics"][search.metric]})
+            tracker.set_tags({"best_trial": str(best["trial"])})
+    finally:
+        split.indexed.unpersist()
+    log.info(
+        "tune-als: best trial %d: %s (%s %.4f)",
+        best["trial"],
+        best["params"],
+        search.metric,
+        best["metrics"][search.metric],
+    )
+    return {
+        "ds": ctx.ds,
+        "metric": search.metric,
+        "metric_key": metric_key(search.metric),
+        "best": {k: best[k] for k in ("trial", "params", "metrics", "run_id")},
+        "conf": " ".join(f"--conf als.{k}={v}" for k, v in best["params"].items()),
+        "trials": results,
+        "validation": {"users": len(split.user_ids), "train_pairs": split.train_pairs},
+        "parent_run_id": parent,
+    }

@@ -149,6 +149,24 @@ def _bench_als(cfg: Config) -> dict[str, Any]:
             cfg.als,
             n_interactions=int(os.environ.get("LLMREC_BENCH_INTERACTIONS", "5000000")),
             runs=int(os.environ.get("LLMREC_BENCH_RUNS", "1")),
+            with_cholesky=os.environ.get("LLMREC_BENCH_ALS_CHOLESKY", "0") == "1",
+        )
+    finally:
+        spark.stop()
+
+
+def _bench_distributor(cfg: Config) -> dict[str, Any]:
+    from llmrec_spark.bench_training import bench_distributor
+    from llmrec_spark.session import build_spark
+
+    spark = build_spark(cfg)
+    try:
+        return bench_distributor(
+            spark,
+            cfg,
+            n_users=int(os.environ.get("LLMREC_BENCH_USERS", "12000")),
+            n_items=int(os.environ.get("LLMREC_BENCH_ITEMS", "5000")),
+            runs=int(os.environ.get("LLMREC_BENCH_RUNS", "1")),
         )
     finally:
         spark.stop()
@@ -156,6 +174,7 @@ def _bench_als(cfg: Config) -> dict[str, Any]:
 
 BENCHMARKS: dict[str, BenchFn] = {
     "als": _bench_als,
+    "distributor": _bench_distributor,
     "clean": _bench_clean,
     "delta-write": _bench_delta_write,
     "embed": _bench_embed,

@@ -1,4 +1,4 @@
-"""The `llmrec` command: one sub-command per stage, `nightly`, `generate-demo` and `bench`."""
+"""The `llmrec` command: one sub-command per stage, `nightly`, `generate-demo`, `tune-als` and `bench`."""
 
 from __future__ import annotations
 
@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument(
         "--stages", default=None, help="comma-separated stages after clean (default: all)"
     )
+    tune = sub.add_parser(
+        "tune-als",
+        parents=[common],
+        help="search ALS settings (als.search) on a temporal validation split; MLflow run per trial",
+    )
+    tune.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials drawn from the grid (0 = all; default: conf)",
+    )
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark, write bench-results/NAME.json"
     )
@@ -137,7 +148,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     stages = _stage_list(args.stages) if args.command == "nightly" else None
     spark = build_spark(cfg)
     try:
-        if args.command == "nightly":
+        if args.command == "tune-als":
+            from llmrec_spark.als import tune_als
+
+            result = tune_als(make_context(cfg, spark, args.ds), trials=args.trials)
+            _write(json.dumps(result, default=str))
+        elif args.command == "nightly":
             summary = run_nightly(cfg, spark, args.ds, stages)
             from llmrec_spark.report import format_nightly
 
