@@ -716,10 +716,13 @@ def tune_als(
 
     cfg = ctx.cfg
     search = cfg.als.search if trials is None else replace(cfg.als.search, trials=trials)
-    name, _, k = search.metric.partition("@")
-    if name not in ("precision", "recall", "ndcg", "map", "hit_rate") or not k.isdigit():
+    from llmrec_spark.evaluate import mean_metrics
+
+    _, _, k = search.metric.partition("@")
+    known = sorted({m.partition("@")[0] for m in mean_metrics({}, {"u": {"i"}}, [1])})
+    if search.metric.partition("@")[0] not in known or not k.isdigit():
         raise ConfigError(
-            f"als.search.metric: a metric@k (precision, recall, ndcg, map, hit_rate), got {search.metric!r}"
+            f"als.search.metric: a metric@k of {', '.join(known)}, got {search.metric!r}"
         )
     ks = sorted({*cfg.evaluate.ks, int(k)})
     events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.als.train_days)

@@ -99,7 +99,7 @@ def test_mllib_loads_native_blas_when_the_system_has_it(spark):
 
 
 @pytest.mark.spark
-def test_fit_als_writes_checkpoints_under_the_session_checkpoint_dir(spark):
+def test_als_writes_checkpoints_under_the_session_checkpoint_dir(spark):
     checkpoint_dir = spark.sparkContext.getCheckpointDir()
     assert checkpoint_dir is not None
     root = checkpoint_dir.removeprefix("file:")
@@ -108,17 +108,19 @@ def test_fit_als_writes_checkpoints_under_the_session_checkpoint_dir(spark):
         return {name for name in os.listdir(root) if name.startswith("rdd-")}
 
     before = rdd_folders()
-    pairs = spark.createDataFrame(
-        [(f"u{u}", f"i{(u + j) % 6}", 1.0) for u in range(6) for j in range(3)],
-        "user_id string, item_id string, weight double",
+    indexed = spark.createDataFrame(
+        [(u, (u + j) % 6, 1.0) for u in range(6) for j in range(3)],
+        "user_idx int, item_idx int, weight double",
     )
-    factors = als.fit_als(pairs, AlsConfig(rank=2, max_iter=2, checkpoint_interval=1))
+    # fit_als's estimator; iteration 1 is a multiple of the interval, so it checkpoints.
+    cfg = AlsConfig(rank=2, max_iter=1, checkpoint_interval=1)
+    model = als.als_estimator(cfg, num_blocks=als.als_blocks(spark, cfg)).fit(indexed)
     written = rdd_folders() - before
     assert written, f"no checkpoint written under {root}"
     assert any(
         name.startswith("part-") for folder in written for name in os.listdir(f"{root}/{folder}")
     )
-    assert sorted(r["id"] for r in factors.users.collect()) == [f"u{u}" for u in range(6)]
+    assert sorted(r["id"] for r in model.itemFactors.collect()) == list(range(6))
 
 
 def _grouped_events(spark, store):
@@ -185,3 +187,18 @@ def test_tune_als_picks_the_best_trial_and_logs_one_mlflow_run_per_trial(spark, 
         run = by_id[trial["run_id"]]
         assert run.data.params == {k: str(v) for k, v in trial["params"].items()}
         assert run.data.metrics["ndcg_10"] == pytest.approx(trial["metrics"]["ndcg@10"])
+
+
+@pytest.mark.spark
+def test_tune_als_names_the_known_metrics_for_an_unknown_one(spark, tmp_path, store):
+    from llmrec_spark.errors import ConfigError
+    from llmrec_spark.pipeline import make_context
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, "als.search.metric=ndgc@10")
+    with pytest.raises(ConfigError) as error:
+        als.tune_als(make_context(cfg, spark, DS, store))
+    assert str(error.value) == (
+        "als.search.metric: a metric@k of f1, hit_rate, map, ndcg, precision, recall, "
+        "got 'ndgc@10'"
+    )
