@@ -163,15 +163,12 @@ def fit_split(
         u: np.array(sorted(index[i] for i in g["item_id"] if i in index), dtype=np.int64)
         for u, g in test.groupby("user_id")
     }
-    user_pd: pd.DataFrame = (
-        recommend.user_frame(
-            ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
-            history=pairs.select("user_id", "item_id"),
-            item_index=frame.select("item_id", "item_idx"),
-            user_factors=factors.users,
-        )
-        .toPandas()
-    )
+    user_pd: pd.DataFrame = recommend.user_frame(
+        ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
+        history=pairs.select("user_id", "item_id"),
+        item_index=frame.select("item_id", "item_idx"),
+        user_factors=factors.users,
+    ).toPandas()
     user_pd = user_pd.set_index("user_id").loc[users]
     has_als = user_pd["als_features"].map(lambda v: v is not None and len(v) > 0).to_numpy(bool)
     user_als = None

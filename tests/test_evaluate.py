@@ -66,9 +66,7 @@ def test_mean_metrics_skips_users_without_positives_and_zeroes_missing_lists():
     assert means["precision@2"] == pytest.approx(0.25)
     assert means["map@2"] == pytest.approx(0.25)
     assert set(means) == {
-        f"{m}@{k}"
-        for m in ("precision", "recall", "f1", "ndcg", "map", "hit_rate")
-        for k in (1, 2)
+        f"{m}@{k}" for m in ("precision", "recall", "f1", "ndcg", "map", "hit_rate") for k in (1, 2)
     }
 
 

@@ -12,9 +12,7 @@ from llmrec_spark.recommend import ItemMatrices
 def fitted(cold: np.ndarray | None = None) -> Fitted:
     """Two users, five items; ALS on items 0-3 (item 4 has none: it is "new"), text on all."""
     als = np.array([[1.0, 0], [0.8, 0], [0.2, 0], [0.0, 1], [0, 0]], dtype=np.float32)
-    text = np.array(
-        [[1.0, 0], [0.9, 0.1], [0.5, 0.5], [0.0, 1], [0.95, 0.05]], dtype=np.float32
-    )
+    text = np.array([[1.0, 0], [0.9, 0.1], [0.5, 0.5], [0.0, 1], [0.95, 0.05]], dtype=np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     items = ItemMatrices(
         item_ids=np.array([f"i{j}" for j in range(5)], dtype=object),
