@@ -370,13 +370,50 @@ def hybrid_top_n(
     max_per_category: int = 0,
     backend: str = "auto",
     out: np.ndarray | None = None,
+    cold_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-n per user of the calibrated ALS/text mix: (indices, scores, source codes), each (b, n).
 
+    See `hybrid_scores` for the score; this selects the top n (category cap applied).
+    """
+    scores, has_als, has_text = hybrid_scores(
+        user_als,
+        user_has_als,
+        histories,
+        items,
+        text_weight=text_weight,
+        exclude_seen=exclude_seen,
+        out=out,
+        cold_offset=cold_offset,
+    )
+    indices, top = select_top_n(
+        scores,
+        n,
+        categories=items.categories,
+        max_per_category=max_per_category,
+        backend=backend,
+    )
+    return indices, top, _source_codes(indices, has_als, has_text, items)
+
+
+def hybrid_scores(
+    user_als: np.ndarray | None,
+    user_has_als: np.ndarray,
+    histories: Sequence[np.ndarray],
+    items: ItemMatrices,
+    *,
+    text_weight: float,
+    exclude_seen: bool = True,
+    out: np.ndarray | None = None,
+    cold_offset: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(b, items) scores of the calibrated ALS/text mix, -inf where not a candidate; and has_als, has_text (b,).
+
     Each source is z-scored per user over that user's candidate items (eligible, unseen, with
     that source's vector); items with both scores get (1 - w) * als_z + w * text_z, items with
-    one get that one; users with neither get popularity. Source codes index `SOURCES`;
-    unfilled tail cells score -inf.
+    one get that one, plus `cold_offset` for items scored by text alone (no ALS factor: the
+    calibration of a text-only score against the mixed ones); users with neither get
+    popularity. Non-candidates (ineligible, seen, no vector) score -inf.
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | text | 1]: the
@@ -418,32 +455,35 @@ def hybrid_top_n(
     w = float(text_weight)
     weight_a = np.where(both, 1.0 - w, 1.0) * has_als
     weight_t = np.where(both, w, 1.0) * has_text
+    # Text-only items are offset only for users whose other candidates carry an ALS score.
+    offset_t = np.where(has_als & has_text, float(cold_offset), 0.0)
     groups = [
-        (item_a & item_t, weight_a, weight_t, has_als | has_text),
-        (item_a & ~item_t, has_als * 1.0, np.zeros(b), has_als),
-        (item_t & ~item_a, np.zeros(b), has_text * 1.0, has_text),
+        (item_a & item_t, weight_a, weight_t, has_als | has_text, np.zeros(b)),
+        (item_a & ~item_t, has_als * 1.0, np.zeros(b), has_als, np.zeros(b)),
+        (item_t & ~item_a, np.zeros(b), has_text * 1.0, has_text, offset_t),
     ]
     features = np.hstack(
         [matrix for _, _, matrix in parts] + [np.ones((items.size, 1), dtype=np.float32)]
     ).astype(np.float32, copy=False)  # (items, als + text + 1)
 
-    def user_side(wa: np.ndarray, wt: np.ndarray) -> np.ndarray:  # (b, als + text + 1)
+    def user_side(wa: np.ndarray, wt: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        # (b, als + text + 1)
         columns = [
             vectors * ((wa * scale_a) if is_als else (wt * scale_t))[:, None].astype(np.float32)
             for is_als, vectors, _ in parts
         ]
-        columns.append((wa * shift_a + wt * shift_t)[:, None].astype(np.float32))
+        columns.append((wa * shift_a + wt * shift_t + offset)[:, None].astype(np.float32))
         return np.hstack(columns).astype(np.float32, copy=False)
 
     counts = [int(g[0].sum()) for g in groups]
     main = int(np.argmax(counts))
-    _, wa, wt, _ = groups[main]
+    _, wa, wt, _, offset = groups[main]
     # (b, items): the main group's formula everywhere, then the other groups' columns
-    scores = np.matmul(user_side(wa, wt), features.T, out=None if out is None else out[:b])
-    for k, (columns, wa, wt, users_ok) in enumerate(groups):
+    scores = np.matmul(user_side(wa, wt, offset), features.T, out=None if out is None else out[:b])
+    for k, (columns, wa, wt, users_ok, offset) in enumerate(groups):
         cols = np.flatnonzero(columns)
         if k != main and len(cols):
-            scores[:, cols] = user_side(wa, wt) @ features[cols].T
+            scores[:, cols] = user_side(wa, wt, offset) @ features[cols].T
         bad_rows = np.flatnonzero(~users_ok)
         if len(cols) and len(bad_rows):
             scores[np.ix_(bad_rows, cols)] = -np.inf
@@ -453,15 +493,7 @@ def hybrid_top_n(
         scores[popular] = np.where(eligible, items.popularity, -np.inf)[None, :]
     if len(seen_rows):
         scores[seen_rows, seen_cols] = -np.inf
-
-    indices, top = select_top_n(
-        scores,
-        n,
-        categories=items.categories,
-        max_per_category=max_per_category,
-        backend=backend,
-    )
-    return indices, top, _source_codes(indices, has_als, has_text, items)
+    return scores, has_als, has_text
 
 
 _NO_PAIRS = np.zeros(0, dtype=np.int64)
