@@ -22,7 +22,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import pandas as pd
 from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
 from llmrec_spark.config import RecommendConfig
 from llmrec_spark.context import RunContext, StageResult
@@ -43,7 +44,16 @@ log = logging.getLogger(__name__)
 SOURCES = (SOURCE_HYBRID, SOURCE_ALS, SOURCE_TEXT, SOURCE_POPULAR)
 _HYBRID, _ALS, _TEXT, _POPULAR = range(4)
 
-SCORED_SCHEMA = "user_id string, rank int, item_id string, score float, source string"
+# A StructType, not DDL: parsing DDL is a JVM round trip (~10 ms) per small driver-path call.
+SCORED_SCHEMA = StructType(
+    [
+        StructField("user_id", StringType()),
+        StructField("rank", IntegerType()),
+        StructField("item_id", StringType()),
+        StructField("score", FloatType()),
+        StructField("source", StringType()),
+    ]
+)
 # Below this many scores per block the torch import costs more than argpartition.
 _TORCH_MIN_CELLS = 200_000
 # Bound prefilter (`_select_prefiltered`): used when there are at least ITEMS_PER_N * n items;
@@ -501,12 +511,14 @@ _NO_PAIRS = np.zeros(0, dtype=np.int64)
 
 def _seen_pairs(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of every distinct (user position, history item index) pair."""
-    rows = [np.full(len(h), u, dtype=np.int64) for u, h in enumerate(histories) if len(h)]
-    if not rows:
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    if not lengths.any():
         return _NO_PAIRS, _NO_PAIRS
-    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories if len(h)])
+    # One repeat, not an array per user: at ~1k users the per-user arrays cost more than the sort.
+    rows = np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
+    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
     width = int(cols.max()) + 1
-    pairs = np.unique(np.concatenate(rows) * width + cols)
+    pairs = np.unique(rows * width + cols)
     return pairs // width, pairs % width
 
 
@@ -713,12 +725,29 @@ def score_users(
     max_per_category: int = 0,
     block_size: int = 2048,
     partitions: int | None = None,
+    driver_max_cells: int = 0,
+    n_users: int | None = None,
 ) -> DataFrame:
     """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, scored `block_size` users at a time.
 
     `items` is a broadcast `ItemMatrices` (deserialized once per Python worker). With
-    `partitions`, users are first spread evenly (round robin) over that many tasks.
+    `partitions`, users are first spread evenly (round robin) over that many tasks. When users
+    x items is at most `driver_max_cells` (0 = never), the users are collected and scored in
+    the driver instead (`score_on_driver`, eager; the same rows): `n_users`, when the caller
+    knows it, saves counting them.
     """
+    if driver_max_cells > 0:
+        n_users = users.count() if n_users is None else n_users
+        if scoring_path(n_users, items.value.size, driver_max_cells) == "driver":
+            return score_on_driver(
+                users,
+                items.value,
+                n=n,
+                text_weight=text_weight,
+                exclude_seen=exclude_seen,
+                max_per_category=max_per_category,
+                block_size=block_size,
+            )
 
     def score(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
         matrices = items.value
@@ -740,6 +769,76 @@ def score_users(
     if partitions:
         frame = frame.repartition(partitions)
     return frame.mapInPandas(score, schema=SCORED_SCHEMA)
+
+
+def scoring_path(n_users: int, n_items: int, driver_max_cells: int) -> str:
+    """Where `score_users` scores: "driver" or "executors".
+
+    "driver" when users x items is at most `driver_max_cells`; a threshold of 0 means never.
+    """
+    if driver_max_cells > 0 and n_users * n_items <= driver_max_cells:
+        return "driver"
+    return "executors"
+
+
+def score_on_driver(
+    users: DataFrame,
+    items: ItemMatrices,
+    *,
+    n: int,
+    text_weight: float,
+    exclude_seen: bool = True,
+    max_per_category: int = 0,
+    block_size: int = 2048,
+) -> DataFrame:
+    """`score_users` in the driver process: collect the user frame, score it block by block.
+
+    Returns a DataFrame of SCORED_SCHEMA over the rows scored here. For problems small enough
+    that one Spark job with Python workers costs more than the scoring itself.
+    """
+    columns = ["user_id", "als_features", "history"]
+    # A projection is one more round of analysis on the driver (~30 ms on 2 busy cores).
+    frame = users if set(users.columns) == set(columns) else users.select(*columns)
+    collected: pd.DataFrame = frame.toPandas()
+    scratch = np.empty((min(block_size, len(collected)), items.size), dtype=np.float32)
+    # One BLAS thread, as in a task: the product is a small share of the scoring, and in
+    # local mode the driver shares its cores with the executors' JVM threads.
+    with task_blas_threads():
+        blocks = [
+            score_block_frame(
+                collected.iloc[start : start + block_size],
+                items,
+                n=n,
+                text_weight=text_weight,
+                exclude_seen=exclude_seen,
+                max_per_category=max_per_category,
+                scratch=scratch,
+            )
+            for start in range(0, len(collected), block_size)
+        ]
+    spark = users.sparkSession
+    if not blocks:
+        return spark.createDataFrame([], SCORED_SCHEMA)
+    # The rows stay Arrow batches in an RDD, decoded by the tasks that read them. Below the
+    # threshold Spark turns them into a LocalRelation instead: every row converted on the driver
+    # JVM and shipped inside the tasks, which made creating and writing 943 x 20 rows take
+    # ~0.4 s more on 2 busy cores (`llmrec bench topn`).
+    with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
+        return spark.createDataFrame(pd.concat(blocks, ignore_index=True), SCORED_SCHEMA)
+
+
+@contextlib.contextmanager
+def session_conf(spark: Any, key: str, value: str) -> Iterator[None]:
+    """Set one SQL conf of `spark` for the duration of the block, then restore its value."""
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
 
 
 def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
@@ -947,6 +1046,9 @@ def run_recommend(ctx: RunContext) -> StageResult:
         user_factors=factors.where(F.col("kind") == "user"),
     )
     model_version = ctx.parent_run_id or ctx.stage_run_id or "local"
+    path = scoring_path(n_users, matrices.size, cfg.driver_max_cells)
+    # On the driver path `score_users` scores (and collects the users) before it returns.
+    scoring_started = time.perf_counter()
     recs = (
         score_users(
             user_rows,
@@ -959,18 +1061,20 @@ def run_recommend(ctx: RunContext) -> StageResult:
             partitions=scoring_partitions(
                 n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
             ),
+            driver_max_cells=cfg.driver_max_cells,
+            n_users=n_users,
         )
         .withColumn("model_version", F.lit(model_version))
         .withColumn("ds", F.lit(ctx.ds))
         .cache()
     )
-    scoring_started = time.perf_counter()
     report = gate_report(
         recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n
     ).collect()[0]
     scoring_s = time.perf_counter() - scoring_started
     log.info(
-        "recommend: scored and gated %d users in %.1fs (%.0f users/s)",
+        "recommend: scored (on the %s) and gated %d users in %.1fs (%.0f users/s)",
+        path,
         n_users,
         scoring_s,
         n_users / max(scoring_s, 1e-9),
@@ -1228,13 +1332,16 @@ def bench_topn(
     n: int = 20,
     seen_per_user: tuple[int, int] = (5, 50),
     block_size: int = 2048,
+    driver_max_cells: int = RecommendConfig.driver_max_cells,
     runs: int = 2,
     seed: int = 17,
 ) -> tuple[dict[str, Any], DataFrame]:
     """Time MLlib's top-n + seen filtering against `score_users` per size, on the same factors.
 
-    Returns (results per size, this stage's rows for the first size as a cached DataFrame of
-    the `recommendations` shape, for the Delta write comparison).
+    The stage is called as `run_recommend` calls it, so a size of at most `driver_max_cells`
+    scores on the driver (collecting the cached user frame is part of its time). Returns
+    (results per size, this stage's rows for the first size as a cached DataFrame of the
+    `recommendations` shape, for the Delta write comparison).
     """
     results: dict[str, Any] = {}
     first_rows: DataFrame | None = None
@@ -1292,6 +1399,8 @@ def bench_topn(
             partitions=scoring_partitions(
                 n_users, block_size, spark.sparkContext.defaultParallelism
             ),
+            driver_max_cells=driver_max_cells,
+            n_users=n_users,
         )
         reference = functools.partial(
             mllib_top_n_unseen, model, seen, n=n, max_seen=max(len(h) for h in histories)
@@ -1319,6 +1428,8 @@ def bench_topn(
             "stage_seconds": round(stage_s, 3),
             "speedup_vs_recommend_for_all": round(mllib_s / stage_s, 2),
             "target_speedup": 10,
+            "path": scoring_path(n_users, n_items, driver_max_cells),
+            "driver_max_cells": driver_max_cells,
             "top_n_agreement_with_mllib": agreement,
             "runs": runs,
             "timing": f"best of {runs}, noop sink",

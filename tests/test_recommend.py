@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import numpy as np
 import pandas as pd
@@ -170,10 +171,14 @@ def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
     return sorted(scored, key=lambda t: (-t[1], t[0]))[:n]
 
 
-@pytest.mark.spark
-def test_spark_block_scoring_equals_brute_force(spark):
-    rng = np.random.default_rng(3)
-    n_users, n_items, n = 30, 50, 7
+USER_FRAME_SCHEMA = "user_id string, als_features array<float>, history array<int>"
+
+
+def random_scoring_problem(
+    rng: np.random.Generator, n_users: int, n_items: int
+) -> tuple[ItemMatrices, list[tuple]]:
+    """Items with some ALS/text vectors missing, and user_frame rows (every 7th user without a
+    factor, every 5th without history, so u00 has neither)."""
     has_als = rng.random(n_items) > 0.2
     has_text = rng.random(n_items) > 0.1
     items = ItemMatrices(
@@ -198,9 +203,14 @@ def test_spark_block_scoring_equals_brute_force(spark):
             else sorted(rng.choice(n_items, size=rng.integers(1, 8), replace=False).tolist())
         )
         rows.append((f"u{u:02d}", factor, history))
-    users = spark.createDataFrame(
-        rows, "user_id string, als_features array<float>, history array<int>"
-    )
+    return items, rows
+
+
+@pytest.mark.spark
+def test_spark_block_scoring_equals_brute_force(spark):
+    n = 7
+    items, rows = random_scoring_problem(np.random.default_rng(3), n_users=30, n_items=50)
+    users = spark.createDataFrame(rows, USER_FRAME_SCHEMA)
 
     bc = spark.sparkContext.broadcast(items)
     # Three tasks, blocks of 4 users: scoring must not depend on how users are grouped.
@@ -334,14 +344,24 @@ def lakehouse(spark, tmp_path_factory):
 
 
 @pytest.mark.spark
-def test_run_recommend_publishes_gated_lists(spark, lakehouse, tmp_path):
+@pytest.mark.parametrize(
+    ("driver_max_cells", "path"), [(0, "executors"), (50_000_000, "driver")], ids=["exec", "drv"]
+)
+def test_run_recommend_publishes_gated_lists(
+    spark, lakehouse, tmp_path, caplog, driver_max_cells, path
+):
     from llmrec_spark.context import RunContext
     from llmrec_spark.recommend import run_recommend
 
     store, seen = lakehouse
-    cfg = stage_config(tmp_path, "recommend.top_n=3")
+    cfg = stage_config(
+        tmp_path, "recommend.top_n=3", f"recommend.driver_max_cells={driver_max_cells}"
+    )
 
-    result = run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+    with caplog.at_level(logging.INFO, logger="llmrec_spark.recommend"):
+        result = run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+
+    assert f"scored (on the {path}) and gated 6 users" in caplog.text
 
     recs = (
         store.read("recommendations", where={"ds": DS}).toPandas().sort_values(["user_id", "rank"])
@@ -464,6 +484,66 @@ def test_hybrid_on_a_large_catalog_equals_brute_force():
         np.testing.assert_allclose(scores[u], [s for _, s, _ in expected], atol=1e-4)
         assert [SOURCES[c] for c in codes[u]] == [s for _, _, s in expected], u
     assert {SOURCES[c] for c in codes[0]} == {"popular"}  # no factor, no history
+
+
+def uses_python_workers(frame) -> bool:
+    return "MapInPandas" in frame._jdf.queryExecution().optimizedPlan().toString()
+
+
+@pytest.mark.spark
+def test_driver_path_returns_the_executor_rows_and_the_threshold_picks_it(spark):
+    from pyspark.testing import assertDataFrameEqual
+
+    from llmrec_spark.recommend import SCORED_SCHEMA
+
+    items, rows = random_scoring_problem(np.random.default_rng(8), n_users=30, n_items=50)
+    users = spark.createDataFrame(rows, USER_FRAME_SCHEMA)
+    bc = spark.sparkContext.broadcast(items)
+    threshold_key = "spark.sql.execution.arrow.localRelationThreshold"
+    local_relation_threshold = spark.conf.get(threshold_key)
+    # All users in one block on both paths (one task, as for <= user_block_size users).
+    one_block = {"n": 7, "text_weight": 0.3, "block_size": 64, "partitions": 1}
+
+    on_executors = score_users(users, bc, **one_block)  # driver_max_cells 0: never the driver
+    at_threshold = score_users(users, bc, **one_block, driver_max_cells=30 * 50)  # counts users
+    over_threshold = score_users(users, bc, **one_block, driver_max_cells=30 * 50 - 1, n_users=30)
+
+    assert uses_python_workers(on_executors)
+    assert uses_python_workers(over_threshold)
+    assert not uses_python_workers(at_threshold)
+    assert spark.conf.get(threshold_key) == local_relation_threshold  # set only while creating
+    assert at_threshold.schema == spark.createDataFrame([], SCORED_SCHEMA).schema
+    # The same function over the same block of users: the same rows, scores to the bit.
+    assertDataFrameEqual(at_threshold, on_executors, rtol=0.0, atol=0.0)
+    assert at_threshold.where("user_id = 'u00'").select("source").distinct().collect() == [
+        ("popular",)
+    ]
+
+    # Blocks of 4 over three tasks vs blocks of 4 in collection order: BLAS rounds a user's
+    # scores by its place in the block, so the lists are the same and scores agree to float32.
+    blocks = {"n": 7, "text_weight": 0.3, "block_size": 4, "partitions": 3}
+    assertDataFrameEqual(
+        score_users(users, bc, **blocks, driver_max_cells=30 * 50, n_users=30),
+        score_users(users, bc, **blocks),
+        rtol=1e-6,
+        atol=0.0,
+    )
+
+    no_users = score_users(users.limit(0), bc, **one_block, driver_max_cells=1)
+    assert not uses_python_workers(no_users)
+    assertDataFrameEqual(no_users, spark.createDataFrame([], SCORED_SCHEMA))
+    bc.unpersist()
+
+
+def test_scoring_path_is_driver_up_to_the_threshold_and_never_at_zero():
+    from llmrec_spark.recommend import scoring_path
+
+    assert scoring_path(943, 1_682, 50_000_000) == "driver"  # MovieLens-100K: 1.6M cells
+    assert scoring_path(50_000, 20_000, 50_000_000) == "executors"  # 1e9 cells
+    assert scoring_path(1_000, 50, 50_000) == "driver"  # at the threshold itself
+    assert scoring_path(1_000, 51, 50_000) == "executors"
+    assert scoring_path(943, 1_682, 0) == "executors"  # 0 switches the driver path off
+    assert scoring_path(0, 1_682, 0) == "executors"
 
 
 def test_scoring_partitions_two_per_core_at_most_one_per_block():
