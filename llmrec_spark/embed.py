@@ -34,6 +34,7 @@ from pyspark.sql.types import ArrayType, FloatType
 from llmrec_spark.config import Config, EmbedConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.session import session_conf
 
 if TYPE_CHECKING:
     from llmrec_spark.io.tables import TableStore
@@ -501,19 +502,6 @@ def latest_embeddings(
 # Stage
 
 
-@contextlib.contextmanager
-def _spark_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
-    previous = spark.conf.get(key, None)
-    spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        if previous is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, previous)
-
-
 @dataclass
 class EmbedCounts:
     """What one incremental pass over a set of texts did."""
@@ -579,7 +567,7 @@ def embed_new_texts(
             )
             arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
             started = time.perf_counter()
-            with _spark_conf(
+            with session_conf(
                 ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch
             ):
                 ctx.store.append(

@@ -22,7 +22,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from llmrec_spark.config import RecommendConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import GateError, InputError
 from llmrec_spark.schema import SOURCE_ALS, SOURCE_HYBRID, SOURCE_POPULAR, SOURCE_TEXT
+from llmrec_spark.session import session_conf
 
 log = logging.getLogger(__name__)
 
@@ -825,20 +826,6 @@ def score_on_driver(
     # ~0.4 s more on 2 busy cores (`llmrec bench topn`).
     with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
         return spark.createDataFrame(pd.concat(blocks, ignore_index=True), SCORED_SCHEMA)
-
-
-@contextlib.contextmanager
-def session_conf(spark: Any, key: str, value: str) -> Iterator[None]:
-    """Set one SQL conf of `spark` for the duration of the block, then restore its value."""
-    previous = spark.conf.get(key, None)
-    spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        if previous is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, previous)
 
 
 def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
