@@ -89,15 +89,23 @@ def bench_distributor(
         events = spark.createDataFrame(
             pd.DataFrame(
                 [
-                    (f"u{u:07d}", item_ids[i], start + dt.timedelta(minutes=step))
+                    (f"u{u:07d}", item_ids[i], start + dt.timedelta(minutes=step), 1.0)
                     for u, i, step in planted_histories(
                         clusters, n_users=n_users, items_per_user=12, seed=tower.seed
                     )
                 ],
-                columns=["user_id", "item_id", "event_ts"],
+                columns=["user_id", "item_id", "event_ts", "weight"],
             )
         )
-        examples = contrastive.training_examples(events, items, max_history=tower.max_history)
+        # Every planted event is a positive.
+        examples = contrastive.training_examples(
+            events,
+            items,
+            max_history=tower.max_history,
+            examples=tower.examples,
+            positive_min_weight=0.0,
+            seed=tower.seed,
+        )
         n_examples = examples.count()
         files = max(2 * processes, math.ceil(n_examples / contrastive.EXAMPLES_PER_FILE))
         spark.conf.set(

@@ -177,11 +177,15 @@ class ContrastiveConfig:
     epochs: int = 3
     batch_size: int = 256
     learning_rate: float = 0.002
-    temperature: float = 0.05
+    temperature: float = 0.1
     num_sampled_negatives: int = 256
     hidden_dim: int = 512
     out_dim: int = 128
     max_history: int = 50
+    # "user_item": a row per (user, item with an event of weight >= positive_min_weight), the
+    # anchor the user's other items; "next_item": the items before -> the next new item.
+    examples: str = "user_item"
+    positive_min_weight: float = 2.0
     num_processes: int = 2
     seed: int = 13
     # Days of clean events (ending at the run date) the training examples come from.
@@ -208,6 +212,9 @@ class RecommendConfig:
     # Added to the score of items scored by text alone (no ALS factor: new items) for users
     # with an ALS factor: the calibration of a text-only score against the mixed ones.
     cold_offset: float = 0.0
+    # The user's text vector weighs the history item k places from the newest 0.5 ** (k / h)
+    # (h in items; 0 = the plain mean of the history).
+    text_half_life: float = 10.0
     exclude_seen: bool = True
     exclude_categories: list[str] = field(default_factory=list)
     max_per_category: int = 0
@@ -236,6 +243,7 @@ class EvaluateConfig:
     # Choose the hybrids' text weight and cold offset on a validation split of the training part.
     tune_hybrid: bool = False
     tune_text_weights: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    tune_text_half_lives: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0])
     tune_cold_offsets: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
     tune_als_reg_params: list[float] = field(default_factory=list)
@@ -429,6 +437,11 @@ def validate(cfg: Config) -> Config:
         (cfg.als.rank > 0, "als.rank: must be positive"),
         (cfg.recommend.top_n > 0, "recommend.top_n: must be positive"),
         (0.0 <= cfg.recommend.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
+        (
+            cfg.recommend.text_half_life >= 0
+            and all(h >= 0 for h in cfg.evaluate.tune_text_half_lives),
+            "recommend.text_half_life, evaluate.tune_text_half_lives: must not be negative (0 = plain mean)",
+        ),
         (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
         (
             bool(cfg.evaluate.protocols)

@@ -1,7 +1,8 @@
 """Contrastive fine-tuning of the text tower: a trainable head on frozen base item embeddings.
 
-Training examples come from user histories (the items a user touched before -> the next new
-item). The head is trained with InfoNCE (in-batch plus sampled negatives, the user's own
+Training examples come from user histories: by default one per (user, positive item), the
+anchor being the user's other items (`contrastive.examples=next_item`: the items touched before
+-> the next new item). The head is trained with InfoNCE (in-batch plus sampled negatives, the user's own
 history masked out) under TorchDistributor, fed by petastorm. The trained head then maps
 every item's base embedding -- items with no interactions included -- to a tuned embedding
 appended to `item_embeddings` under its own model_id.
@@ -40,6 +41,9 @@ HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
 ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
+# user_item: (user, positive item) with the user's other items as the anchor's history;
+# next_item: (items touched so far -> the next new item), the sequential variant.
+EXAMPLE_KINDS = ("user_item", "next_item")
 PETASTORM_CACHE_CONF = "petastorm.spark.converter.parentCacheDirUrl"
 # Rows per training-data file; petastorm shards files/row groups across ranks.
 EXAMPLES_PER_FILE = 50_000
@@ -447,11 +451,70 @@ def with_item_index(current: DataFrame) -> DataFrame:
     )
 
 
-def training_examples(events: DataFrame, items: DataFrame, *, max_history: int) -> DataFrame:
-    """One row per (user, next new item): `history` (previous items, oldest first, PAD-filled) and `pos`.
+def training_examples(
+    events: DataFrame,
+    items: DataFrame,
+    *,
+    max_history: int,
+    examples: str = "user_item",
+    positive_min_weight: float = 0.0,
+    seed: int = 0,
+) -> DataFrame:
+    """Training rows `history` (item indices, PAD-filled to max_history) and `pos`; see EXAMPLE_KINDS.
 
-    A user's sequence is their distinct items in order of first interaction; events on items
-    without a base embedding are ignored. history has exactly max_history entries.
+    Events on items without a base embedding are ignored.
+    """
+    if examples == "user_item":
+        return user_item_examples(
+            events,
+            items,
+            max_history=max_history,
+            positive_min_weight=positive_min_weight,
+            seed=seed,
+        )
+    if examples == "next_item":
+        return next_item_examples(events, items, max_history=max_history)
+    raise ValueError(f"examples must be one of {', '.join(EXAMPLE_KINDS)}, got {examples!r}")
+
+
+def user_item_examples(
+    events: DataFrame, items: DataFrame, *, max_history: int, positive_min_weight: float, seed: int
+) -> DataFrame:
+    """One row per (user, positive item): `pos`, and the user's other items as `history`.
+
+    A positive is an item the user has an event of weight >= positive_min_weight on. The
+    history is every other item the user touched, in a seeded hash order cut at max_history
+    (the same order for each of the user's rows), so the anchor is the whole user, as it is
+    when the tuned embeddings are scored, not the prefix before one event.
+    """
+    touched = (
+        events.join(items.select("item_id", "item_idx"), "item_id")
+        .groupBy("user_id", "item_idx")
+        .agg(F.max("weight").alias("weight"))
+    )
+    per_user = touched.groupBy("user_id").agg(
+        F.array_sort(
+            F.collect_list(
+                F.struct(F.xxhash64("user_id", "item_idx", F.lit(seed)).alias("h"), "item_idx")
+            )
+        ).alias("ordered"),
+        F.collect_list(F.when(F.col("weight") >= positive_min_weight, F.col("item_idx"))).alias(
+            "positives"
+        ),
+    )
+    pairs = per_user.select(
+        F.transform("ordered", lambda x: x["item_idx"]).alias("touched"),
+        F.explode("positives").alias("pos"),
+    )
+    others = F.slice(F.filter("touched", lambda x: x != F.col("pos")), 1, max_history)
+    with_history = pairs.select(others.alias("h"), "pos").where(F.size("h") > 0)
+    return _padded(with_history, max_history)
+
+
+def next_item_examples(events: DataFrame, items: DataFrame, *, max_history: int) -> DataFrame:
+    """One row per (user, next new item): the items touched before it, oldest first, as `history`.
+
+    A user's sequence is their distinct items in order of first interaction.
     """
     first_touch = (
         events.join(items.select("item_id", "item_idx"), "item_id")
@@ -462,12 +525,16 @@ def training_examples(events: DataFrame, items: DataFrame, *, max_history: int) 
         Window.partitionBy("user_id").orderBy("first_ts", "item_idx").rowsBetween(-max_history, -1)
     )
     with_history = first_touch.select(
-        F.collect_list("item_idx").over(previous).alias("h"), "item_idx"
-    )
+        F.collect_list("item_idx").over(previous).alias("h"), F.col("item_idx").alias("pos")
+    ).where(F.size("h") > 0)
+    return _padded(with_history, max_history)
+
+
+def _padded(with_history: DataFrame, max_history: int) -> DataFrame:
     padding = F.array_repeat(F.lit(PAD), F.lit(max_history) - F.size("h"))
-    return with_history.where(F.size("h") > 0).select(
+    return with_history.select(
         F.concat("h", padding).cast("array<int>").alias("history"),
-        F.col("item_idx").cast("int").alias("pos"),
+        F.col("pos").cast("int").alias("pos"),
     )
 
 
@@ -615,12 +682,24 @@ def fit_text_tower(
     n_items, in_dim = _write_item_matrix(
         current, item_matrix_path, str(head_metadata.get("base_model_id", ""))
     )
-    examples = training_examples(events, current, max_history=cfg.max_history).cache()
+    examples = training_examples(
+        events,
+        current,
+        max_history=cfg.max_history,
+        examples=cfg.examples,
+        positive_min_weight=cfg.positive_min_weight,
+        seed=cfg.seed,
+    ).cache()
     n_examples, signature = _examples_signature(examples)
     if n_examples < num_processes:
         raise InputError(
             f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ctx.ds} "
             f"(need at least {num_processes}); users need two or more items with base embeddings"
+            + (
+                f", one of them with an event of weight >= {cfg.positive_min_weight}"
+                if cfg.examples == "user_item"
+                else ""
+            )
         )
     files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
     shuffled = shuffle_examples(examples, files=files, seed=cfg.seed)
@@ -659,6 +738,10 @@ def _check_config(cfg: ContrastiveConfig) -> None:
     if cfg.anchor_pooling not in ANCHOR_POOLINGS:
         raise ConfigError(
             f"contrastive.anchor_pooling: choose one of {', '.join(ANCHOR_POOLINGS)}, got {cfg.anchor_pooling!r}"
+        )
+    if cfg.examples not in EXAMPLE_KINDS:
+        raise ConfigError(
+            f"contrastive.examples: choose one of {', '.join(EXAMPLE_KINDS)}, got {cfg.examples!r}"
         )
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"contrastive.device: choose auto, cpu or cuda, got {cfg.device!r}")

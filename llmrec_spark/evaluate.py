@@ -62,10 +62,12 @@ BLOCK = 512  # users per score matrix on the driver
 
 @dataclass(frozen=True)
 class HybridParams:
-    """How a hybrid mixes: text weight for items with both scores, offset for text-only items."""
+    """How a hybrid mixes: text weight for items with both scores, offset for text-only items,
+    and the recency half-life (in history items; 0 = plain mean) of the user's text vector."""
 
     text_weight: float
     cold_offset: float
+    text_half_life: float = 0.0
 
 
 @dataclass
@@ -165,7 +167,7 @@ def fit_split(
     }
     user_pd: pd.DataFrame = recommend.user_frame(
         ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
-        history=pairs.select("user_id", "item_id"),
+        history=train.select("user_id", "item_id", "event_ts"),
         item_index=frame.select("item_id", "item_idx"),
         user_factors=factors.users,
     ).toPandas()
@@ -252,6 +254,7 @@ def rank_view(
             matrices,
             text_weight=params.text_weight,
             cold_offset=params.cold_offset,
+            text_half_life=params.text_half_life,
         )
         in_view = np.ones(scores.shape, dtype=bool)
         for j, r in enumerate(block):
@@ -396,9 +399,10 @@ def tune_hybrid(
     *,
     text_weights: Sequence[float],
     cold_offsets: Sequence[float],
+    half_lives: Sequence[float] = (0.0,),
     k: int = 10,
 ) -> tuple[HybridParams, dict[str, float]]:
-    """The (text_weight, cold_offset) with the best mean NDCG@k on a validation split's users."""
+    """The (text_weight, cold_offset, text_half_life) with the best mean NDCG@k on a validation split's users."""
     matrices = fitted.variant(model)
     if matrices is None:
         return HybridParams(0.0, 0.0), {}
@@ -407,23 +411,23 @@ def tune_hybrid(
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
     best = (-1.0, HybridParams(0.0, 0.0))
-    for weight in text_weights:
-        for offset in offsets:
-            params = HybridParams(float(weight), float(offset))
-            ranked = rank_view(
-                fitted,
-                matrices,
-                params,
-                rows=rows,
-                relevant=[fitted.relevant[r] for r in rows],
-                candidates=None,
-                k=k,
-            )
-            lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
-            value = mean_metrics(lists, relevant, [k])[f"ndcg@{k}"]
-            trials[f"w={weight:g},b={offset:g}"] = round(value, 5)
-            if value > best[0] + 1e-12:
-                best = (value, params)
+    grid = [(w, b, h) for w in text_weights for b in offsets for h in half_lives]
+    for weight, offset, half_life in grid:
+        params = HybridParams(float(weight), float(offset), float(half_life))
+        ranked = rank_view(
+            fitted,
+            matrices,
+            params,
+            rows=rows,
+            relevant=[fitted.relevant[r] for r in rows],
+            candidates=None,
+            k=k,
+        )
+        lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
+        value = mean_metrics(lists, relevant, [k])[f"ndcg@{k}"]
+        trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(value, 5)
+        if value > best[0] + 1e-12:
+            best = (value, params)
     log.info("evaluate: %s tuned on validation: %s (ndcg@%d %.4f)", model, best[1], k, best[0])
     return best[1], trials
 
@@ -488,7 +492,11 @@ def evaluate_events(
         raise InputError(f"evaluate.ks must be positive integers, got {cfg.ks}")
     started = time.perf_counter()
     events = events.select("user_id", "item_id", "event_ts", "weight").cache()
-    shipped = HybridParams(ctx.cfg.recommend.text_weight, ctx.cfg.recommend.cold_offset)
+    shipped = HybridParams(
+        ctx.cfg.recommend.text_weight,
+        ctx.cfg.recommend.cold_offset,
+        ctx.cfg.recommend.text_half_life,
+    )
     params = {"hybrid": shipped, "hybrid_frozen": shipped}
     tuning: dict[str, Any] = {}
     if tune:
@@ -517,9 +525,11 @@ def evaluate_events(
             f"{splits.MIN_TRAIN_POSITIVES} training positives; nothing to evaluate"
         )
     notes = [
-        f"hybrid: text_weight={params['hybrid'].text_weight:g}, cold_offset={params['hybrid'].cold_offset:g}; "
+        f"hybrid: text_weight={params['hybrid'].text_weight:g}, cold_offset={params['hybrid'].cold_offset:g}, "
+        f"text_half_life={params['hybrid'].text_half_life:g}; "
         f"hybrid_frozen: text_weight={params['hybrid_frozen'].text_weight:g}, "
-        f"cold_offset={params['hybrid_frozen'].cold_offset:g}"
+        f"cold_offset={params['hybrid_frozen'].cold_offset:g}, "
+        f"text_half_life={params['hybrid_frozen'].text_half_life:g}"
         + (" (chosen on a validation split of the training part)" if tune else " (from config)"),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
         f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs, "
@@ -555,6 +565,7 @@ def _tune(
     tuning: dict[str, Any] = {}
     chosen: dict[str, HybridParams] = {}
     weights = {"hybrid": 0.0, "hybrid_frozen": 0.0}
+    half_lives = {"hybrid": 0.0, "hybrid_frozen": 0.0}
     for protocol in ("user_temporal", "cold_item"):
         if protocol not in protocols and protocol != "user_temporal":
             continue
@@ -575,17 +586,22 @@ def _tune(
         for model in ("hybrid", "hybrid_frozen"):
             if protocol == "user_temporal":
                 params, trials = tune_hybrid(
-                    fitted, model, text_weights=cfg.tune_text_weights, cold_offsets=[0.0]
+                    fitted,
+                    model,
+                    text_weights=cfg.tune_text_weights,
+                    cold_offsets=[0.0],
+                    half_lives=cfg.tune_text_half_lives,
                 )
-                weights[model] = params.text_weight
+                weights[model], half_lives[model] = params.text_weight, params.text_half_life
             else:
                 params, trials = tune_hybrid(
                     fitted,
                     model,
                     text_weights=[weights[model]],
                     cold_offsets=cfg.tune_cold_offsets,
+                    half_lives=[half_lives[model]],
                 )
-            chosen[model] = HybridParams(weights[model], params.cold_offset)
+            chosen[model] = HybridParams(weights[model], params.cold_offset, half_lives[model])
             tuning[f"{protocol}.{model}"] = trials
     return ctx, chosen, tuning
 

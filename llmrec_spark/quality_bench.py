@@ -59,7 +59,9 @@ def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
     als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)
-    contrastive = dataclasses.replace(cfg.contrastive, train_days=span_days + 2)
+    contrastive = dataclasses.replace(
+        cfg.contrastive, train_days=span_days + 2, positive_min_weight=4.0 * scale
+    )
     return dataclasses.replace(
         cfg, storage=storage, clean=clean, evaluate=evaluate, als=als, contrastive=contrastive
     )

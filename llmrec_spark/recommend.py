@@ -319,16 +319,28 @@ def item_totals(vectors: np.ndarray, columns: np.ndarray) -> ItemTotals:
 
 
 def user_text_vectors(
-    histories: Sequence[np.ndarray], text: np.ndarray, has_text: np.ndarray
+    histories: Sequence[np.ndarray], text: np.ndarray, has_text: np.ndarray, half_life: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of each user's history item embeddings, L2-normalised: ((b, dim), has (b,) bool)."""
+    """Weighted mean of each user's history item embeddings, L2-normalised: ((b, dim), has (b,) bool).
+
+    Histories are oldest first. With `half_life` h > 0 the item k places from the newest
+    weighs 0.5 ** (k / h) (recent taste counts more); 0 is the plain mean.
+    """
     out = np.zeros((len(histories), text.shape[1]), dtype=np.float32)
     has = np.zeros(len(histories), dtype=bool)
     for u, history in enumerate(histories):
-        known = history[has_text[history]] if len(history) else history
-        if len(known) == 0:
+        history = np.asarray(history, dtype=np.int64)
+        if len(history) == 0:
             continue
-        mean = text[known].mean(axis=0)
+        known = has_text[history]
+        if not known.any():
+            continue
+        if half_life > 0:
+            age = np.arange(len(history) - 1, -1, -1, dtype=np.float64)[known]  # (k,)
+            weights = 0.5 ** (age / half_life)
+            mean = (text[history[known]] * weights[:, None]).sum(axis=0)
+        else:
+            mean = text[history[known]].mean(axis=0)
         norm = float(np.linalg.norm(mean))
         if norm > 0:
             out[u] = mean / norm
@@ -382,6 +394,7 @@ def hybrid_top_n(
     backend: str = "auto",
     out: np.ndarray | None = None,
     cold_offset: float = 0.0,
+    text_half_life: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-n per user of the calibrated ALS/text mix: (indices, scores, source codes), each (b, n).
 
@@ -396,6 +409,7 @@ def hybrid_top_n(
         exclude_seen=exclude_seen,
         out=out,
         cold_offset=cold_offset,
+        text_half_life=text_half_life,
     )
     indices, top = select_top_n(
         scores,
@@ -417,6 +431,7 @@ def hybrid_scores(
     exclude_seen: bool = True,
     out: np.ndarray | None = None,
     cold_offset: float = 0.0,
+    text_half_life: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(b, items) scores of the calibrated ALS/text mix, -inf where not a candidate; and has_als, has_text (b,).
 
@@ -424,7 +439,8 @@ def hybrid_scores(
     that source's vector); items with both scores get (1 - w) * als_z + w * text_z, items with
     one get that one, plus `cold_offset` for items scored by text alone (no ALS factor: the
     calibration of a text-only score against the mixed ones); users with neither get
-    popularity. Non-candidates (ineligible, seen, no vector) score -inf.
+    popularity. Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector
+    is the (recency-weighted, `text_half_life`) mean of their history's (`user_text_vectors`).
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | text | 1]: the
@@ -451,7 +467,7 @@ def hybrid_scores(
         parts.append((True, user_a, items.als))
     has_text, item_t = none, np.zeros(items.size, dtype=bool)
     if items.text is not None and items.has_text is not None:
-        user_t, has_text = user_text_vectors(histories, items.text, items.has_text)
+        user_t, has_text = user_text_vectors(histories, items.text, items.has_text, text_half_life)
         if has_text.any():
             item_t = eligible & items.has_text
             mean, std = masked_moments(
@@ -552,6 +568,8 @@ def score_block_frame(
     exclude_seen: bool = True,
     max_per_category: int = 0,
     scratch: np.ndarray | None = None,
+    cold_offset: float = 0.0,
+    text_half_life: float = 0.0,
 ) -> pd.DataFrame:
     """One block of users (user_id, als_features, history) -> rows of SCORED_SCHEMA.
 
@@ -572,6 +590,8 @@ def score_block_frame(
         exclude_seen=exclude_seen,
         max_per_category=max_per_category,
         out=scratch,
+        cold_offset=cold_offset,
+        text_half_life=text_half_life,
     )
     keep = np.isfinite(scores)
     rows, cols = np.nonzero(keep)
@@ -695,12 +715,18 @@ def user_frame(
 ) -> DataFrame:
     """One row per user: user_id, als_features (null without a factor), history (item indices).
 
-    `history` has (user_id, item_id) pairs; `item_index` (item_id, item_idx).
+    `history` has (user_id, item_id, event_ts) events; `item_index` (item_id, item_idx). A
+    history lists each item once, oldest last touch first (ties in item_idx order).
     """
-    seen = (
+    last_touch = (
         history.join(item_index, "item_id")
-        .groupBy("user_id")
-        .agg(F.array_sort(F.collect_set("item_idx")).alias("history"))
+        .groupBy("user_id", "item_idx")
+        .agg(F.max("event_ts").alias("last_ts"))
+    )
+    seen = last_touch.groupBy("user_id").agg(
+        F.transform(
+            F.array_sort(F.collect_list(F.struct("last_ts", "item_idx"))), lambda x: x["item_idx"]
+        ).alias("history")
     )
     frame = users.select("user_id").distinct().join(seen, "user_id", "left")
     if user_factors is not None:
@@ -728,6 +754,8 @@ def score_users(
     partitions: int | None = None,
     driver_max_cells: int = 0,
     n_users: int | None = None,
+    cold_offset: float = 0.0,
+    text_half_life: float = 0.0,
 ) -> DataFrame:
     """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, scored `block_size` users at a time.
 
@@ -748,6 +776,8 @@ def score_users(
                 exclude_seen=exclude_seen,
                 max_per_category=max_per_category,
                 block_size=block_size,
+                cold_offset=cold_offset,
+                text_half_life=text_half_life,
             )
 
     def score(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
@@ -763,6 +793,8 @@ def score_users(
                         exclude_seen=exclude_seen,
                         max_per_category=max_per_category,
                         scratch=matrices.score_buffer(block_size),
+                        cold_offset=cold_offset,
+                        text_half_life=text_half_life,
                     )
                 yield frame
 
@@ -791,6 +823,8 @@ def score_on_driver(
     exclude_seen: bool = True,
     max_per_category: int = 0,
     block_size: int = 2048,
+    cold_offset: float = 0.0,
+    text_half_life: float = 0.0,
 ) -> DataFrame:
     """`score_users` in the driver process: collect the user frame, score it block by block.
 
@@ -814,6 +848,8 @@ def score_on_driver(
                 exclude_seen=exclude_seen,
                 max_per_category=max_per_category,
                 scratch=scratch,
+                cold_offset=cold_offset,
+                text_half_life=text_half_life,
             )
             for start in range(0, len(collected), block_size)
         ]
@@ -1028,7 +1064,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
         raise InputError(f"no users in events_clean up to {ctx.ds}; run `llmrec clean` first")
     user_rows = user_frame(
         users,
-        history=seen,
+        history=window.select("user_id", "item_id", "event_ts"),
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.where(F.col("kind") == "user"),
     )
@@ -1042,6 +1078,8 @@ def run_recommend(ctx: RunContext) -> StageResult:
             items_bc,
             n=cfg.top_n,
             text_weight=cfg.text_weight,
+            cold_offset=cfg.cold_offset,
+            text_half_life=cfg.text_half_life,
             exclude_seen=cfg.exclude_seen,
             max_per_category=cfg.max_per_category,
             block_size=cfg.user_block_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import os
 import time
 
@@ -144,8 +145,45 @@ def _ts(minute: int) -> dt.datetime:
     return dt.datetime(2026, 11, 20, 12, minute)
 
 
-def _event(user: str, item: str, minute: int, ds: str = "2026-11-20"):
-    return (f"{user}-{item}-{minute}", user, item, "view", _ts(minute), None, None, 1.0, ds, ds)
+def _event(user: str, item: str, minute: int, ds: str = "2026-11-20", weight: float = 1.0):
+    return (f"{user}-{item}-{minute}", user, item, "view", _ts(minute), None, None, weight, ds, ds)
+
+
+@pytest.mark.spark
+def test_user_item_examples_pair_each_positive_with_the_users_other_items(spark):
+    events = spark.createDataFrame(
+        [
+            _event("u1", "i1", 1),  # weight 1.0: history only
+            _event("u1", "i2", 2, weight=3.0),
+            _event("u1", "i3", 3, weight=2.0),
+            _event("u1", "i3", 4),  # the max weight of a pair counts: i3 stays positive
+            _event("u1", "i9", 5, weight=5.0),  # no base embedding: ignored
+            _event("u2", "i2", 1, weight=4.0),  # a positive with no other item: no example
+            _event("u3", "i1", 1),  # no positive: no example
+            _event("u3", "i2", 2),
+        ],
+        EVENTS_CLEAN,
+    )
+    items = spark.createDataFrame([("i1", 0), ("i2", 1), ("i3", 2)], "item_id string, item_idx int")
+    examples = training_examples(
+        events, items, max_history=3, examples="user_item", positive_min_weight=2.0, seed=1
+    )
+    rows = sorted((r.pos, r.history) for r in examples.collect())
+    assert [pos for pos, _ in rows] == [1, 2]
+    # The history is the user's other items (any weight) in a seeded order, PAD-filled.
+    assert sorted(rows[0][1][:2]) == [0, 2] and rows[0][1][2] == PAD
+    assert sorted(rows[1][1][:2]) == [0, 1] and rows[1][1][2] == PAD
+    # Cut at max_history: one of the user's other items, the same order for every positive.
+    cut = training_examples(
+        events, items, max_history=1, examples="user_item", positive_min_weight=2.0, seed=1
+    )
+    histories = {r.pos: r.history for r in cut.collect()}
+    orders_that_fit = [
+        order
+        for order in itertools.permutations([0, 1, 2])
+        if all(h == [next(i for i in order if i != pos)] for pos, h in histories.items())
+    ]
+    assert set(histories) == {1, 2} and len(orders_that_fit) >= 1
 
 
 @pytest.mark.spark
@@ -164,11 +202,11 @@ def test_training_examples_are_next_new_item_after_the_history(spark):
     items = spark.createDataFrame([("i1", 0), ("i2", 1), ("i3", 2)], "item_id string, item_idx int")
     expected_schema = "history array<int>, pos int"
     assertDataFrameEqual(
-        training_examples(events, items, max_history=2),
+        training_examples(events, items, max_history=2, examples="next_item"),
         spark.createDataFrame([([0, PAD], 1), ([0, 1], 2)], expected_schema),
     )
     assertDataFrameEqual(
-        training_examples(events, items, max_history=1),
+        training_examples(events, items, max_history=1, examples="next_item"),
         spark.createDataFrame([([0], 1), ([1], 2)], expected_schema),
     )
 
@@ -401,7 +439,7 @@ def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg
 
     result = run_train_contrastive(ctx)
     model_id = tuned_model_id(base_id, ds)
-    assert result.rows_in == 12 * 3  # 12 users x 4 items -> 3 examples each
+    assert result.rows_in == 12 * 4  # 12 users x 4 positive items -> 4 (user, item) examples each
     assert result.rows_out == 9
     assert set(result.metrics) >= {"contrastive_first_epoch_loss", "contrastive_last_epoch_loss"}
     head_dir = result.artifacts["text_tower"]

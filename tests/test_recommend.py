@@ -18,6 +18,8 @@ from llmrec_spark.recommend import (
     score_users,
     select_top_n,
     top_n_block,
+    user_frame,
+    user_text_vectors,
 )
 
 
@@ -553,3 +555,41 @@ def test_scoring_partitions_two_per_core_at_most_one_per_block():
     assert scoring_partitions(943, 2048, 2) == 1  # one block: one task
     assert scoring_partitions(10_000, 1000, 16) == 10  # fewer blocks than 2 x 16 cores
     assert scoring_partitions(0, 2048, 8) == 1
+
+
+def test_user_text_vector_weighs_recent_history_items_by_half_life():
+    text = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    has_text = np.array([True, True, False])
+    histories = [np.array([0, 1]), np.array([0, 2, 1]), np.array([2]), np.array([], dtype=np.int64)]
+    plain, has = user_text_vectors(histories, text, has_text)
+    np.testing.assert_allclose(plain[0], [0.70711, 0.70711], atol=1e-5)
+    # Half-life 1: the newest item weighs 1, the one before 0.5, two before 0.25. Item 2 has
+    # no text but still ages the items before it.
+    recent, has = user_text_vectors(histories, text, has_text, half_life=1.0)
+    np.testing.assert_allclose(recent[0], [0.5, 1.0] / np.hypot(0.5, 1.0), atol=1e-5)
+    np.testing.assert_allclose(recent[1], [0.25, 1.0] / np.hypot(0.25, 1.0), atol=1e-5)
+    assert has.tolist() == [True, True, False, False]
+    np.testing.assert_array_equal(recent[2:], 0.0)
+
+
+@pytest.mark.spark
+def test_user_frame_history_is_oldest_last_touch_first(spark):
+    at = dt.datetime(2026, 11, 20)
+    events = spark.createDataFrame(
+        [
+            ("u1", "b", at),
+            ("u1", "a", at + dt.timedelta(hours=2)),
+            ("u1", "b", at + dt.timedelta(hours=3)),  # b touched again: now the newest
+            ("u2", "b", at),
+            ("u2", "a", at + dt.timedelta(hours=5)),
+            ("u2", "z", at),  # not in the item index
+        ],
+        "user_id string, item_id string, event_ts timestamp",
+    )
+    index = spark.createDataFrame([("a", 0), ("b", 1)], "item_id string, item_idx int")
+    users = spark.createDataFrame([("u1",), ("u2",), ("u3",)], "user_id string")
+    rows = {
+        r.user_id: r.history
+        for r in user_frame(users, history=events, item_index=index, user_factors=None).collect()
+    }
+    assert rows == {"u1": [0, 1], "u2": [1, 0], "u3": None}
