@@ -244,6 +244,9 @@ class EvaluateConfig:
     tune_hybrid: bool = False
     tune_text_weights: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
     tune_text_half_lives: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0])
+    # Pick the smallest text weight / cold offset within one standard error of the best
+    # validation NDCG (a validation split trains on less data, so it leans towards text).
+    tune_one_standard_error: bool = True
     tune_cold_offsets: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
     tune_als_reg_params: list[float] = field(default_factory=list)

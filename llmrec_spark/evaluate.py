@@ -400,9 +400,16 @@ def tune_hybrid(
     text_weights: Sequence[float],
     cold_offsets: Sequence[float],
     half_lives: Sequence[float] = (0.0,),
+    one_standard_error: bool = False,
     k: int = 10,
 ) -> tuple[HybridParams, dict[str, float]]:
-    """The (text_weight, cold_offset, text_half_life) with the best mean NDCG@k on a validation split's users."""
+    """The (text_weight, cold_offset, text_half_life) chosen by mean NDCG@k on a validation split.
+
+    The best mean wins; with `one_standard_error`, the trial with the smallest text weight
+    (then offset) whose mean is within one standard error of the paired per-user difference
+    from the best (the "one-SE rule": the choice closest to ALS alone that the validation
+    cannot tell apart from the best). Returns the choice and every trial's mean.
+    """
     matrices = fitted.variant(model)
     if matrices is None:
         return HybridParams(0.0, 0.0), {}
@@ -410,7 +417,7 @@ def tune_hybrid(
     relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
-    best = (-1.0, HybridParams(0.0, 0.0))
+    scored: list[tuple[HybridParams, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
     grid = [(w, b, h) for w in text_weights for b in offsets for h in half_lives]
     for weight, offset, half_life in grid:
         params = HybridParams(float(weight), float(offset), float(half_life))
@@ -424,12 +431,44 @@ def tune_hybrid(
             k=k,
         )
         lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
-        value = mean_metrics(lists, relevant, [k])[f"ndcg@{k}"]
-        trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(value, 5)
-        if value > best[0] + 1e-12:
-            best = (value, params)
-    log.info("evaluate: %s tuned on validation: %s (ndcg@%d %.4f)", model, best[1], k, best[0])
-    return best[1], trials
+        values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
+        trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(float(values.mean()), 5)
+        scored.append((params, values))
+    if not scored or len(rows) == 0:
+        return HybridParams(0.0, 0.0), trials
+    chosen, best = pick_trial(scored, one_standard_error=one_standard_error)
+    log.info(
+        "evaluate: %s tuned on validation: %s (ndcg@%d %.4f; best %.4f)",
+        model,
+        chosen,
+        k,
+        _trial_mean(scored, chosen),
+        best,
+    )
+    return chosen, trials
+
+
+def pick_trial(
+    scored: Sequence[tuple[HybridParams, np.ndarray]], *, one_standard_error: bool
+) -> tuple[HybridParams, float]:
+    """(chosen params, best mean) from per-user values of each trial (see `tune_hybrid`)."""
+    means = np.array([values.mean() for _, values in scored])
+    best = int(np.argmax(means))  # the first of equal means
+    if not one_standard_error:
+        return scored[best][0], float(means[best])
+    best_values = scored[best][1]
+    n = len(best_values)
+    close = []
+    for k, (params, values) in enumerate(scored):
+        diff = values - best_values
+        se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+        if means[k] >= means[best] - se:
+            close.append((params.text_weight, params.cold_offset, -means[k], k))
+    return scored[min(close)[3]][0], float(means[best])
+
+
+def _trial_mean(scored: Sequence[tuple[HybridParams, np.ndarray]], params: HybridParams) -> float:
+    return float(next(values.mean() for p, values in scored if p == params))
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,6 +630,7 @@ def _tune(
                     text_weights=cfg.tune_text_weights,
                     cold_offsets=[0.0],
                     half_lives=cfg.tune_text_half_lives,
+                    one_standard_error=cfg.tune_one_standard_error,
                 )
                 weights[model], half_lives[model] = params.text_weight, params.text_half_life
             else:
@@ -600,6 +640,7 @@ def _tune(
                     text_weights=[weights[model]],
                     cold_offsets=cfg.tune_cold_offsets,
                     half_lives=[half_lives[model]],
+                    one_standard_error=cfg.tune_one_standard_error,
                 )
             chosen[model] = HybridParams(weights[model], params.cold_offset, half_lives[model])
             tuning[f"{protocol}.{model}"] = trials
