@@ -243,7 +243,9 @@ class EvaluateConfig:
     # Choose the hybrids' text weight and cold offset on a validation split of the training part.
     tune_hybrid: bool = False
     tune_text_weights: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
-    tune_text_half_lives: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0])
+    tune_text_half_lives: list[float] = field(
+        default_factory=lambda: [0.0, 2.0, 3.0, 5.0, 10.0, 20.0]
+    )
     # Pick the smallest text weight / cold offset within one standard error of the best
     # validation NDCG (a validation split trains on less data, so it leans towards text).
     tune_one_standard_error: bool = True

@@ -539,8 +539,13 @@ def _padded(with_history: DataFrame, max_history: int) -> DataFrame:
 
 
 def shuffle_examples(examples: DataFrame, *, files: int, seed: int) -> DataFrame:
-    """Spread examples over `files` partitions in a seeded random order (users' rows interleave)."""
-    return examples.repartition(files).sortWithinPartitions(F.rand(seed))
+    """Spread examples over `files` partitions in a seeded order that depends on content only.
+
+    Partition and in-partition order come from a seeded hash of each row, not from the order
+    rows arrive in after a shuffle, so the same examples give the same files on every run.
+    """
+    key = F.xxhash64("history", "pos", F.lit(seed))
+    return examples.repartition(files, key).sortWithinPartitions(key, "pos")
 
 
 def tuned_embeddings(

@@ -28,6 +28,7 @@ from llmrec_spark.contrastive import (
     load_head,
     negative_mask,
     save_head,
+    shuffle_examples,
     train_text_tower,
     training_examples,
     tuned_model_id,
@@ -209,6 +210,22 @@ def test_training_examples_are_next_new_item_after_the_history(spark):
         training_examples(events, items, max_history=1, examples="next_item"),
         spark.createDataFrame([([0], 1), ([1], 2)], expected_schema),
     )
+
+
+@pytest.mark.spark
+def test_shuffled_examples_do_not_depend_on_the_input_order(spark):
+    rows = [([k, (k * 7) % 11, PAD], k % 5) for k in range(40)]
+    schema = "history array<int>, pos int"
+
+    def files(frame):
+        shuffled = shuffle_examples(frame, files=3, seed=9)
+        return shuffled.rdd.glom().map(lambda part: [(r.history, r.pos) for r in part]).collect()
+
+    forward = files(spark.createDataFrame(rows, schema).repartition(4))
+    backward = files(spark.createDataFrame(rows[::-1], schema).coalesce(1))
+    assert forward == backward
+    assert sorted(r for part in forward for r in part) == sorted((h, p) for h, p in rows)
+    assert len(forward) == 3 and all(forward)
 
 
 @pytest.mark.spark

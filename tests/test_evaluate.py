@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import user_temporal_split
+from llmrec_spark.evaluate import HybridParams, pick_trial, user_temporal_split
 from llmrec_spark.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
@@ -271,3 +271,18 @@ def test_run_evaluate_scores_six_models_and_writes_the_report(spark, store, tmp_
     assert report == os.path.join(cfg.path(cfg.storage.reports_dir), f"evaluation-{DS}.html")
     page = Path(report).read_text(encoding="utf-8")
     assert "hybrid" in page and "text_finetuned" in page and "user_temporal" in page
+
+
+def test_one_standard_error_rule_picks_the_smallest_weight_close_to_the_best():
+    w2, w5, w8 = HybridParams(0.2, 0.0), HybridParams(0.5, 0.0), HybridParams(0.8, 0.0)
+    best = np.array([0.5, 0.3, 0.4, 0.2])  # mean 0.35
+    # w=0.5 differs from the best by [-0.1, 0.02, 0, 0]: mean -0.02, SE 0.0542 / 2 = 0.027 -> in.
+    close = best + np.array([-0.1, 0.02, 0.0, 0.0])
+    # w=0.2 differs by [-0.2, -0.2, -0.2, 0.0]: mean -0.15, SE 0.1 / 2 = 0.05 -> out.
+    far = best + np.array([-0.2, -0.2, -0.2, 0.0])
+    scored = [(w2, far), (w5, close), (w8, best)]
+    assert pick_trial(scored, one_standard_error=False) == (w8, pytest.approx(0.35))
+    assert pick_trial(scored, one_standard_error=True) == (w5, pytest.approx(0.35))
+    # Equal means: the first trial wins without the rule, the smallest weight with it.
+    assert pick_trial([(w8, best), (w2, best)], one_standard_error=False)[0] == w8
+    assert pick_trial([(w8, best), (w2, best)], one_standard_error=True)[0] == w2
