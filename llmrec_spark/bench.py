@@ -164,7 +164,7 @@ def _bench_distributor(cfg: Config) -> dict[str, Any]:
         return bench_distributor(
             spark,
             cfg,
-            n_users=int(os.environ.get("LLMREC_BENCH_USERS", "12000")),
+            n_users=int(os.environ.get("LLMREC_BENCH_USERS", "24000")),
             n_items=int(os.environ.get("LLMREC_BENCH_ITEMS", "5000")),
             runs=int(os.environ.get("LLMREC_BENCH_RUNS", "1")),
         )
