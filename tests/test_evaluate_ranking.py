@@ -88,8 +88,8 @@ def test_tune_hybrid_picks_the_cold_offset_that_lets_the_new_item_in():
     )
 
     assert params == HybridParams(0.5, 5.0)
-    assert trials["w=0.5,b=5"] == pytest.approx(1.0)
-    assert trials["w=0.5,b=0"] < 1.0
+    assert trials["w=0.5,b=5,h=0"] == pytest.approx(1.0)
+    assert trials["w=0.5,b=0,h=0"] < 1.0
 
 
 def test_variants_drop_what_a_model_does_not_use():
