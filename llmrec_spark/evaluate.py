@@ -45,6 +45,7 @@ from llmrec_spark.metrics import (
     novelty,
     per_user_metrics,
 )
+from llmrec_spark.recommend import Mix
 from llmrec_spark.splits import user_temporal_split
 
 log = logging.getLogger(__name__)
@@ -58,16 +59,6 @@ DESCRIPTIONS = {
     "global_temporal": "the last share of all events by time is held out (few test users)",
 }
 BLOCK = 512  # users per score matrix on the driver
-
-
-@dataclass(frozen=True)
-class HybridParams:
-    """How a hybrid mixes: text weight for items with both scores, offset for text-only items,
-    and the recency half-life (in history items; 0 = plain mean) of the user's text vector."""
-
-    text_weight: float
-    cold_offset: float
-    text_half_life: float = 0.0
 
 
 @dataclass
@@ -235,7 +226,7 @@ class Ranked:
 def rank_view(
     fitted: Fitted,
     matrices: recommend.ItemMatrices,
-    params: HybridParams,
+    params: Mix,
     *,
     rows: np.ndarray,
     relevant: Sequence[np.ndarray],
@@ -252,9 +243,7 @@ def rank_view(
             fitted.user_has_als[block],
             [fitted.histories[r] for r in block],
             matrices,
-            text_weight=params.text_weight,
-            cold_offset=params.cold_offset,
-            text_half_life=params.text_half_life,
+            mix=params,
         )
         in_view = np.ones(scores.shape, dtype=bool)
         for j, r in enumerate(block):
@@ -289,7 +278,7 @@ def view_result(
     *,
     name: str,
     description: str,
-    models: Mapping[str, tuple[recommend.ItemMatrices, HybridParams]],
+    models: Mapping[str, tuple[recommend.ItemMatrices, Mix]],
     relevant: Sequence[np.ndarray],
     candidates: np.ndarray | None,
     ks: Sequence[int],
@@ -337,7 +326,7 @@ def protocol_result(
     fitted: Fitted,
     protocol: str,
     *,
-    params: Mapping[str, HybridParams],
+    params: Mapping[str, Mix],
     ks: Sequence[int],
     models: Sequence[str] = MODELS,
 ) -> ProtocolResult:
@@ -346,7 +335,7 @@ def protocol_result(
     for model in models:
         matrices = fitted.variant(model)
         if matrices is not None:
-            built[model] = (matrices, params.get(model, HybridParams(0.0, 0.0)))
+            built[model] = (matrices, params.get(model, Mix(0.0)))
     description = DESCRIPTIONS.get(protocol, protocol)
     if fitted.cold is None:
         view = view_result(
@@ -402,7 +391,7 @@ def tune_hybrid(
     half_lives: Sequence[float] = (0.0,),
     one_standard_error: bool = False,
     k: int = 10,
-) -> tuple[HybridParams, dict[str, float]]:
+) -> tuple[Mix, dict[str, float]]:
     """The (text_weight, cold_offset, text_half_life) chosen by mean NDCG@k on a validation split.
 
     The best mean wins; with `one_standard_error`, the trial with the smallest text weight
@@ -412,15 +401,15 @@ def tune_hybrid(
     """
     matrices = fitted.variant(model)
     if matrices is None:
-        return HybridParams(0.0, 0.0), {}
+        return Mix(0.0), {}
     rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
     relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
-    scored: list[tuple[HybridParams, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
+    scored: list[tuple[Mix, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
     grid = [(w, b, h) for w in text_weights for b in offsets for h in half_lives]
     for weight, offset, half_life in grid:
-        params = HybridParams(float(weight), float(offset), float(half_life))
+        params = Mix(float(weight), float(offset), float(half_life))
         ranked = rank_view(
             fitted,
             matrices,
@@ -435,7 +424,7 @@ def tune_hybrid(
         trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(float(values.mean()), 5)
         scored.append((params, values))
     if not scored or len(rows) == 0:
-        return HybridParams(0.0, 0.0), trials
+        return Mix(0.0), trials
     chosen, best = pick_trial(scored, one_standard_error=one_standard_error)
     log.info(
         "evaluate: %s tuned on validation: %s (ndcg@%d %.4f; best %.4f)",
@@ -449,8 +438,8 @@ def tune_hybrid(
 
 
 def pick_trial(
-    scored: Sequence[tuple[HybridParams, np.ndarray]], *, one_standard_error: bool
-) -> tuple[HybridParams, float]:
+    scored: Sequence[tuple[Mix, np.ndarray]], *, one_standard_error: bool
+) -> tuple[Mix, float]:
     """(chosen params, best mean) from per-user values of each trial (see `tune_hybrid`)."""
     means = np.array([values.mean() for _, values in scored])
     best = int(np.argmax(means))  # the first of equal means
@@ -467,7 +456,7 @@ def pick_trial(
     return scored[min(close)[3]][0], float(means[best])
 
 
-def _trial_mean(scored: Sequence[tuple[HybridParams, np.ndarray]], params: HybridParams) -> float:
+def _trial_mean(scored: Sequence[tuple[Mix, np.ndarray]], params: Mix) -> float:
     return float(next(values.mean() for p, values in scored if p == params))
 
 
@@ -504,7 +493,7 @@ class Evaluation:
     """Every protocol's results, the hybrids' parameters and where the report is."""
 
     protocols: list[ProtocolResult]
-    params: dict[str, HybridParams]
+    params: dict[str, Mix]
     tuning: dict[str, Any]
     report: str
     seconds: float
@@ -531,7 +520,7 @@ def evaluate_events(
         raise InputError(f"evaluate.ks must be positive integers, got {cfg.ks}")
     started = time.perf_counter()
     events = events.select("user_id", "item_id", "event_ts", "weight").cache()
-    shipped = HybridParams(
+    shipped = Mix(
         ctx.cfg.recommend.text_weight,
         ctx.cfg.recommend.cold_offset,
         ctx.cfg.recommend.text_half_life,
@@ -594,7 +583,7 @@ def _tune(
     frozen: DataFrame | None,
     protocols: Sequence[str],
     work_dir: str,
-) -> tuple[RunContext, dict[str, HybridParams], dict[str, Any]]:
+) -> tuple[RunContext, dict[str, Mix], dict[str, Any]]:
     """ALS and text weights on user_temporal validation, cold offsets on cold_item validation.
 
     Returns the context to fit the test splits with (its ALS config the chosen one), the
@@ -602,7 +591,7 @@ def _tune(
     """
     cfg = ctx.cfg.evaluate
     tuning: dict[str, Any] = {}
-    chosen: dict[str, HybridParams] = {}
+    chosen: dict[str, Mix] = {}
     weights = {"hybrid": 0.0, "hybrid_frozen": 0.0}
     half_lives = {"hybrid": 0.0, "hybrid_frozen": 0.0}
     for protocol in ("user_temporal", "cold_item"):
@@ -642,7 +631,7 @@ def _tune(
                     half_lives=[half_lives[model]],
                     one_standard_error=cfg.tune_one_standard_error,
                 )
-            chosen[model] = HybridParams(weights[model], params.cold_offset, half_lives[model])
+            chosen[model] = Mix(weights[model], params.cold_offset, half_lives[model])
             tuning[f"{protocol}.{model}"] = trials
     return ctx, chosen, tuning
 

@@ -262,6 +262,17 @@ def _exclude(scores: np.ndarray, exclude: Sequence[np.ndarray]) -> None:
 
 
 @dataclass(frozen=True)
+class Mix:
+    """How `hybrid_scores` mixes: the text weight for items with both scores, the offset for
+    items scored by text alone, the recency half-life (history items; 0 = plain mean) of the
+    user's text vector."""
+
+    text_weight: float
+    cold_offset: float = 0.0
+    text_half_life: float = 0.0
+
+
+@dataclass(frozen=True)
 class ItemMatrices:
     """Everything the scorer needs about the items, row i = item index i (broadcast once)."""
 
@@ -388,13 +399,11 @@ def hybrid_top_n(
     items: ItemMatrices,
     *,
     n: int,
-    text_weight: float,
+    mix: Mix,
     exclude_seen: bool = True,
     max_per_category: int = 0,
     backend: str = "auto",
     out: np.ndarray | None = None,
-    cold_offset: float = 0.0,
-    text_half_life: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-n per user of the calibrated ALS/text mix: (indices, scores, source codes), each (b, n).
 
@@ -405,11 +414,9 @@ def hybrid_top_n(
         user_has_als,
         histories,
         items,
-        text_weight=text_weight,
+        mix=mix,
         exclude_seen=exclude_seen,
         out=out,
-        cold_offset=cold_offset,
-        text_half_life=text_half_life,
     )
     indices, top = select_top_n(
         scores,
@@ -427,20 +434,18 @@ def hybrid_scores(
     histories: Sequence[np.ndarray],
     items: ItemMatrices,
     *,
-    text_weight: float,
+    mix: Mix,
     exclude_seen: bool = True,
     out: np.ndarray | None = None,
-    cold_offset: float = 0.0,
-    text_half_life: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(b, items) scores of the calibrated ALS/text mix, -inf where not a candidate; and has_als, has_text (b,).
 
     Each source is z-scored per user over that user's candidate items (eligible, unseen, with
     that source's vector); items with both scores get (1 - w) * als_z + w * text_z, items with
-    one get that one, plus `cold_offset` for items scored by text alone (no ALS factor: the
+    one get that one, plus `mix.cold_offset` for items scored by text alone (no ALS factor: the
     calibration of a text-only score against the mixed ones); users with neither get
     popularity. Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector
-    is the (recency-weighted, `text_half_life`) mean of their history's (`user_text_vectors`).
+    is the (recency-weighted, `mix.text_half_life`) mean of their history's (`user_text_vectors`).
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | text | 1]: the
@@ -467,7 +472,9 @@ def hybrid_scores(
         parts.append((True, user_a, items.als))
     has_text, item_t = none, np.zeros(items.size, dtype=bool)
     if items.text is not None and items.has_text is not None:
-        user_t, has_text = user_text_vectors(histories, items.text, items.has_text, text_half_life)
+        user_t, has_text = user_text_vectors(
+            histories, items.text, items.has_text, mix.text_half_life
+        )
         if has_text.any():
             item_t = eligible & items.has_text
             mean, std = masked_moments(
@@ -479,11 +486,11 @@ def hybrid_scores(
 
     # Per item group: the per-user weight of the ALS and the text z-score, and who may use it.
     both = has_als & has_text
-    w = float(text_weight)
+    w = float(mix.text_weight)
     weight_a = np.where(both, 1.0 - w, 1.0) * has_als
     weight_t = np.where(both, w, 1.0) * has_text
     # Text-only items are offset only for users whose other candidates carry an ALS score.
-    offset_t = np.where(has_als & has_text, float(cold_offset), 0.0)
+    offset_t = np.where(has_als & has_text, float(mix.cold_offset), 0.0)
     groups = [
         (item_a & item_t, weight_a, weight_t, has_als | has_text, np.zeros(b)),
         (item_a & ~item_t, has_als * 1.0, np.zeros(b), has_als, np.zeros(b)),
@@ -564,12 +571,10 @@ def score_block_frame(
     items: ItemMatrices,
     *,
     n: int,
-    text_weight: float,
+    mix: Mix,
     exclude_seen: bool = True,
     max_per_category: int = 0,
     scratch: np.ndarray | None = None,
-    cold_offset: float = 0.0,
-    text_half_life: float = 0.0,
 ) -> pd.DataFrame:
     """One block of users (user_id, als_features, history) -> rows of SCORED_SCHEMA.
 
@@ -586,12 +591,10 @@ def score_block_frame(
         histories,
         items,
         n=n,
-        text_weight=text_weight,
+        mix=mix,
         exclude_seen=exclude_seen,
         max_per_category=max_per_category,
         out=scratch,
-        cold_offset=cold_offset,
-        text_half_life=text_half_life,
     )
     keep = np.isfinite(scores)
     rows, cols = np.nonzero(keep)
@@ -747,15 +750,13 @@ def score_users(
     items: Broadcast,
     *,
     n: int,
-    text_weight: float,
+    mix: Mix,
     exclude_seen: bool = True,
     max_per_category: int = 0,
     block_size: int = 2048,
     partitions: int | None = None,
     driver_max_cells: int = 0,
     n_users: int | None = None,
-    cold_offset: float = 0.0,
-    text_half_life: float = 0.0,
 ) -> DataFrame:
     """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, scored `block_size` users at a time.
 
@@ -772,12 +773,10 @@ def score_users(
                 users,
                 items.value,
                 n=n,
-                text_weight=text_weight,
+                mix=mix,
                 exclude_seen=exclude_seen,
                 max_per_category=max_per_category,
                 block_size=block_size,
-                cold_offset=cold_offset,
-                text_half_life=text_half_life,
             )
 
     def score(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
@@ -789,12 +788,10 @@ def score_users(
                         batch.iloc[start : start + block_size],
                         matrices,
                         n=n,
-                        text_weight=text_weight,
+                        mix=mix,
                         exclude_seen=exclude_seen,
                         max_per_category=max_per_category,
                         scratch=matrices.score_buffer(block_size),
-                        cold_offset=cold_offset,
-                        text_half_life=text_half_life,
                     )
                 yield frame
 
@@ -819,12 +816,10 @@ def score_on_driver(
     items: ItemMatrices,
     *,
     n: int,
-    text_weight: float,
+    mix: Mix,
     exclude_seen: bool = True,
     max_per_category: int = 0,
     block_size: int = 2048,
-    cold_offset: float = 0.0,
-    text_half_life: float = 0.0,
 ) -> DataFrame:
     """`score_users` in the driver process: collect the user frame, score it block by block.
 
@@ -844,12 +839,10 @@ def score_on_driver(
                 collected.iloc[start : start + block_size],
                 items,
                 n=n,
-                text_weight=text_weight,
+                mix=mix,
                 exclude_seen=exclude_seen,
                 max_per_category=max_per_category,
                 scratch=scratch,
-                cold_offset=cold_offset,
-                text_half_life=text_half_life,
             )
             for start in range(0, len(collected), block_size)
         ]
@@ -1077,9 +1070,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
             user_rows,
             items_bc,
             n=cfg.top_n,
-            text_weight=cfg.text_weight,
-            cold_offset=cfg.cold_offset,
-            text_half_life=cfg.text_half_life,
+            mix=Mix(cfg.text_weight, cfg.cold_offset, cfg.text_half_life),
             exclude_seen=cfg.exclude_seen,
             max_per_category=cfg.max_per_category,
             block_size=cfg.user_block_size,
@@ -1419,7 +1410,7 @@ def bench_topn(
             users,
             items_bc,
             n=n,
-            text_weight=0.0,
+            mix=Mix(0.0),
             block_size=block_size,
             partitions=scoring_partitions(
                 n_users, block_size, spark.sparkContext.defaultParallelism

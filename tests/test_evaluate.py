@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import HybridParams, pick_trial, user_temporal_split
+from llmrec_spark.evaluate import pick_trial, user_temporal_split
 from llmrec_spark.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
@@ -18,7 +18,7 @@ from llmrec_spark.metrics import (
     precision_at_k,
     recall_at_k,
 )
-from llmrec_spark.recommend import top_n_block
+from llmrec_spark.recommend import Mix, top_n_block
 
 LOG2_3, LOG2_6 = np.log2(3), np.log2(6)
 
@@ -274,7 +274,7 @@ def test_run_evaluate_scores_six_models_and_writes_the_report(spark, store, tmp_
 
 
 def test_one_standard_error_rule_picks_the_smallest_weight_close_to_the_best():
-    w2, w5, w8 = HybridParams(0.2, 0.0), HybridParams(0.5, 0.0), HybridParams(0.8, 0.0)
+    w2, w5, w8 = Mix(0.2, 0.0), Mix(0.5, 0.0), Mix(0.8, 0.0)
     best = np.array([0.5, 0.3, 0.4, 0.2])  # mean 0.35
     # w=0.5 differs from the best by [-0.1, 0.02, 0, 0]: mean -0.02, SE 0.0542 / 2 = 0.027 -> in.
     close = best + np.array([-0.1, 0.02, 0.0, 0.0])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import Fitted, HybridParams, protocol_result, rank_view, tune_hybrid
-from llmrec_spark.recommend import ItemMatrices
+from llmrec_spark.evaluate import Fitted, protocol_result, rank_view, tune_hybrid
+from llmrec_spark.recommend import ItemMatrices, Mix
 
 
 def fitted(cold: np.ndarray | None = None) -> Fitted:
@@ -43,7 +43,7 @@ def test_als_ranking_excludes_training_items_and_cannot_reach_an_item_without_fa
     ranked = rank_view(
         f,
         f.variant("als"),
-        HybridParams(0.0, 0.0),
+        Mix(0.0, 0.0),
         rows=np.array([0, 1]),
         relevant=f.relevant,
         candidates=None,
@@ -63,9 +63,7 @@ def test_als_ranking_excludes_training_items_and_cannot_reach_an_item_without_fa
 def test_cold_only_view_ranks_only_cold_items_and_skips_als():
     cold = np.array([False, False, True, False, True])
     f = fitted(cold)
-    result = protocol_result(
-        f, "cold_item", params={"hybrid_frozen": HybridParams(0.5, 0.0)}, ks=[1, 2]
-    )
+    result = protocol_result(f, "cold_item", params={"hybrid_frozen": Mix(0.5, 0.0)}, ks=[1, 2])
     cold_only, mixed = result.views
     assert [v.name for v in result.views] == ["cold_only", "mixed"]
     assert "als" not in cold_only.models and "als" in mixed.models
@@ -87,7 +85,7 @@ def test_tune_hybrid_picks_the_cold_offset_that_lets_the_new_item_in():
         f, "hybrid_frozen", text_weights=[0.5], cold_offsets=[0.0, 5.0], k=1
     )
 
-    assert params == HybridParams(0.5, 5.0)
+    assert params == Mix(0.5, 5.0)
     assert trials["w=0.5,b=5,h=0"] == pytest.approx(1.0)
     assert trials["w=0.5,b=0,h=0"] < 1.0
 

@@ -13,6 +13,7 @@ from llmrec_spark.errors import GateError
 from llmrec_spark.recommend import (
     SOURCES,
     ItemMatrices,
+    Mix,
     hybrid_top_n,
     score_block_frame,
     score_users,
@@ -101,7 +102,7 @@ def test_hybrid_calibrates_each_source_per_user_and_falls_back_to_popularity():
         [np.array([4]), np.array([], dtype=np.int64)],
         hand_items(),
         n=4,
-        text_weight=0.5,
+        mix=Mix(0.5),
     )
     # User 0: ALS raw 1, 2, 3 on a, b, c -> z -1.2247, 0, 1.2247; text cos 1, 0, 0, 1 on
     # a, b, c, d -> z 1, -1, -1, 1. Hybrid = 0.5 * als_z + 0.5 * text_z; d is cold (text only).
@@ -126,7 +127,7 @@ def test_hybrid_excludes_ineligible_and_seen_items():
         ),
         hand_items(eligible=(True, True, False, True, True)),
         n=5,
-        text_weight=0.5,
+        mix=Mix(0.5),
     )
     # c is unavailable, e seen. ALS over a, b: raw 1, 2 -> z -1, 1. Text over a, b, d:
     # cos 1, 0, 1 -> z 0.7071, -1.4142, 0.7071. a = -0.1464, b = -0.2071, d (cold) = 0.7071.
@@ -216,7 +217,7 @@ def test_spark_block_scoring_equals_brute_force(spark):
 
     bc = spark.sparkContext.broadcast(items)
     # Three tasks, blocks of 4 users: scoring must not depend on how users are grouped.
-    scored = score_users(users, bc, n=n, text_weight=0.3, block_size=4, partitions=3)
+    scored = score_users(users, bc, n=n, mix=Mix(0.3), block_size=4, partitions=3)
     got = scored.toPandas().sort_values(["user_id", "rank"])
     bc.unpersist()
 
@@ -475,7 +476,7 @@ def test_hybrid_on_a_large_catalog_equals_brute_force():
     ]
 
     indices, scores, codes = hybrid_top_n(
-        user_als, user_has_als, histories, items, n=n, text_weight=0.3
+        user_als, user_has_als, histories, items, n=n, mix=Mix(0.3)
     )
 
     for u in range(24):
@@ -504,7 +505,7 @@ def test_driver_path_returns_the_executor_rows_and_the_threshold_picks_it(spark)
     threshold_key = "spark.sql.execution.arrow.localRelationThreshold"
     local_relation_threshold = spark.conf.get(threshold_key)
     # All users in one block on both paths (one task, as for <= user_block_size users).
-    one_block = {"n": 7, "text_weight": 0.3, "block_size": 64, "partitions": 1}
+    one_block = {"n": 7, "mix": Mix(0.3), "block_size": 64, "partitions": 1}
 
     on_executors = score_users(users, bc, **one_block)  # driver_max_cells 0: never the driver
     at_threshold = score_users(users, bc, **one_block, driver_max_cells=30 * 50)  # counts users
@@ -523,7 +524,7 @@ def test_driver_path_returns_the_executor_rows_and_the_threshold_picks_it(spark)
 
     # Blocks of 4 over three tasks vs blocks of 4 in collection order: BLAS rounds a user's
     # scores by its place in the block, so the lists are the same and scores agree to float32.
-    blocks = {"n": 7, "text_weight": 0.3, "block_size": 4, "partitions": 3}
+    blocks = {"n": 7, "mix": Mix(0.3), "block_size": 4, "partitions": 3}
     assertDataFrameEqual(
         score_users(users, bc, **blocks, driver_max_cells=30 * 50, n_users=30),
         score_users(users, bc, **blocks),
