@@ -403,6 +403,8 @@ def tune_hybrid(
     if matrices is None:
         return Mix(0.0), {}
     rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    if len(rows) == 0:
+        return Mix(0.0), {}
     relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
@@ -423,7 +425,7 @@ def tune_hybrid(
         values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
         trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(float(values.mean()), 5)
         scored.append((params, values))
-    if not scored or len(rows) == 0:
+    if not scored:
         return Mix(0.0), trials
     chosen, best = pick_trial(scored, one_standard_error=one_standard_error)
     log.info(
@@ -520,11 +522,7 @@ def evaluate_events(
         raise InputError(f"evaluate.ks must be positive integers, got {cfg.ks}")
     started = time.perf_counter()
     events = events.select("user_id", "item_id", "event_ts", "weight").cache()
-    shipped = Mix(
-        ctx.cfg.recommend.text_weight,
-        ctx.cfg.recommend.cold_offset,
-        ctx.cfg.recommend.text_half_life,
-    )
+    shipped = Mix.configured(ctx.cfg.recommend)
     params = {"hybrid": shipped, "hybrid_frozen": shipped}
     tuning: dict[str, Any] = {}
     if tune:
@@ -592,8 +590,8 @@ def _tune(
     cfg = ctx.cfg.evaluate
     tuning: dict[str, Any] = {}
     chosen: dict[str, Mix] = {}
-    weights = {"hybrid": 0.0, "hybrid_frozen": 0.0}
-    half_lives = {"hybrid": 0.0, "hybrid_frozen": 0.0}
+    # The text weight and half-life chosen on user_temporal, kept for the cold_offset search.
+    warm = {"hybrid": Mix(0.0), "hybrid_frozen": Mix(0.0)}
     for protocol in ("user_temporal", "cold_item"):
         if protocol not in protocols and protocol != "user_temporal":
             continue
@@ -621,17 +619,17 @@ def _tune(
                     half_lives=cfg.tune_text_half_lives,
                     one_standard_error=cfg.tune_one_standard_error,
                 )
-                weights[model], half_lives[model] = params.text_weight, params.text_half_life
+                warm[model] = params  # its cold_offset is 0.0
             else:
                 params, trials = tune_hybrid(
                     fitted,
                     model,
-                    text_weights=[weights[model]],
+                    text_weights=[warm[model].text_weight],
                     cold_offsets=cfg.tune_cold_offsets,
-                    half_lives=[half_lives[model]],
+                    half_lives=[warm[model].text_half_life],
                     one_standard_error=cfg.tune_one_standard_error,
                 )
-            chosen[model] = Mix(weights[model], params.cold_offset, half_lives[model])
+            chosen[model] = dataclasses.replace(warm[model], cold_offset=params.cold_offset)
             tuning[f"{protocol}.{model}"] = trials
     return ctx, chosen, tuning
 

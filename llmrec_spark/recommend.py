@@ -271,6 +271,11 @@ class Mix:
     cold_offset: float = 0.0
     text_half_life: float = 0.0
 
+    @classmethod
+    def configured(cls, cfg: RecommendConfig) -> Mix:
+        """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life)."""
+        return cls(cfg.text_weight, cfg.cold_offset, cfg.text_half_life)
+
 
 @dataclass(frozen=True)
 class ItemMatrices:
@@ -1070,7 +1075,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
             user_rows,
             items_bc,
             n=cfg.top_n,
-            mix=Mix(cfg.text_weight, cfg.cold_offset, cfg.text_half_life),
+            mix=Mix.configured(cfg),
             exclude_seen=cfg.exclude_seen,
             max_per_category=cfg.max_per_category,
             block_size=cfg.user_block_size,
