@@ -69,7 +69,6 @@ def bench_distributor(
     import datetime as dt
 
     import pandas as pd
-    from petastorm.spark import make_spark_converter
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from llmrec_spark import contrastive
@@ -111,7 +110,7 @@ def bench_distributor(
         spark.conf.set(
             contrastive.PETASTORM_CACHE_CONF, "file://" + os.path.join(scratch, "petastorm")
         )
-        converter = make_spark_converter(
+        converter = contrastive.spark_converter(
             contrastive.shuffle_examples(examples, files=files, seed=tower.seed)
         )
         log.info(

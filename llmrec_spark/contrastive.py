@@ -830,6 +830,21 @@ def _cache_dir_url(path: str) -> str:
     return path if "://" in path or path.startswith("dbfs:") else "file://" + os.path.abspath(path)
 
 
+def spark_converter(examples: DataFrame) -> Any:
+    """petastorm's Spark converter for `examples`, its files in part-number order.
+
+    petastorm numbers row groups in the order of `converter.file_urls`, which comes from
+    `Dataset.inputFiles()`, a set: its order changes with the files' random names on every
+    run, and with it the seeded row-group shuffle and each process's shard. Sorted by name
+    (`part-NNNNN-...`), the same examples train the same model on every run.
+    """
+    from petastorm.spark import make_spark_converter
+
+    converter = make_spark_converter(examples)
+    converter.file_urls = sorted(converter.file_urls)
+    return converter
+
+
 def _run_distributed(
     ctx: RunContext,
     cfg: ContrastiveConfig,
@@ -840,13 +855,12 @@ def _run_distributed(
     paths: dict[str, Any],
 ) -> dict[str, Any]:
     """Materialise the examples with petastorm and run `train_text_tower` under TorchDistributor."""
-    from petastorm.spark import make_spark_converter
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from llmrec_spark.tracking import tracking_uri
 
     ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
-    converter = make_spark_converter(examples)
+    converter = spark_converter(examples)
     try:
         # petastorm shards by file/row group: every process needs at least one.
         if len(converter.file_urls) < num_processes:
