@@ -215,6 +215,11 @@ class RecommendConfig:
     # The user's text vector weighs the history item k places from the newest 0.5 ** (k / h)
     # (h in items; 0 = the plain mean of the history).
     text_half_life: float = 10.0
+    # The collaborative score of a warm item: (1 - r) * ALS z-score + r * the z-score of the
+    # item's unit ALS factor against the recency-weighted (half-life in items, 0 = plain
+    # mean) mean of the unit factors of the user's history (r = 0: ALS alone).
+    recent_weight: float = 0.5
+    recent_half_life: float = 3.0
     exclude_seen: bool = True
     exclude_categories: list[str] = field(default_factory=list)
     max_per_category: int = 0
@@ -246,6 +251,12 @@ class EvaluateConfig:
     tune_text_half_lives: list[float] = field(
         default_factory=lambda: [0.0, 2.0, 3.0, 5.0, 10.0, 20.0]
     )
+    # The recent-items term (recommend.recent_weight, recent_half_life), chosen before the text
+    # weight on the same validation split, with ALS alone.
+    tune_recent_weights: list[float] = field(
+        default_factory=lambda: [0.0, 0.2, 0.35, 0.5, 0.65, 0.8]
+    )
+    tune_recent_half_lives: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 10.0])
     # Pick the smallest text weight / cold offset within one standard error of the best
     # validation NDCG (a validation split trains on less data, so it leans towards text).
     tune_one_standard_error: bool = True
@@ -446,6 +457,16 @@ def validate(cfg: Config) -> Config:
             cfg.recommend.text_half_life >= 0
             and all(h >= 0 for h in cfg.evaluate.tune_text_half_lives),
             "recommend.text_half_life, evaluate.tune_text_half_lives: must not be negative (0 = plain mean)",
+        ),
+        (
+            0.0 <= cfg.recommend.recent_weight <= 1.0
+            and all(0.0 <= r <= 1.0 for r in cfg.evaluate.tune_recent_weights),
+            "recommend.recent_weight, evaluate.tune_recent_weights: must be within [0, 1]",
+        ),
+        (
+            cfg.recommend.recent_half_life >= 0
+            and all(h >= 0 for h in cfg.evaluate.tune_recent_half_lives),
+            "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be negative (0 = plain mean)",
         ),
         (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
         (

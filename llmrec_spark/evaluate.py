@@ -52,7 +52,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MODELS", "mean_metrics", "ndcg_at_k", "run_evaluate", "user_temporal_split"]
 
-MODELS = ("popularity", "als", "text_frozen", "text_finetuned", "hybrid_frozen", "hybrid")
+MODELS = (
+    "popularity",
+    "als",
+    "als_recent",
+    "text_frozen",
+    "text_finetuned",
+    "hybrid_frozen",
+    "hybrid",
+)
+# The models that score with ALS factors alone (they cannot rank cold items).
+ALS_ONLY = ("als", "als_recent")
 DESCRIPTIONS = {
     "user_temporal": "each user's last share of events by time is held out; the warm bar",
     "cold_item": "a seeded share of items with enough positives lose all training events",
@@ -84,7 +94,7 @@ class Fitted:
             tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
         if model == "popularity":
             return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
-        if model == "als":
+        if model in ALS_ONLY:  # als_recent: its Mix adds the recent-items term
             return None if m.als is None else dataclasses.replace(m, text=None, has_text=None)
         if model == "text_frozen":
             return None if m.text is None else dataclasses.replace(m, als=None, has_als=None)
@@ -350,7 +360,7 @@ def protocol_result(
         return ProtocolResult(protocol, description, [view])
     cold = fitted.cold
     cold_relevant = [rel[cold[rel]] for rel in fitted.relevant]
-    cold_models = {m: v for m, v in built.items() if m != "als"}  # ALS cannot score cold items
+    cold_models = {m: v for m, v in built.items() if m not in ALS_ONLY}  # no cold item has a factor
     views = [
         view_result(
             fitted,
@@ -389,15 +399,18 @@ def tune_hybrid(
     text_weights: Sequence[float],
     cold_offsets: Sequence[float],
     half_lives: Sequence[float] = (0.0,),
+    recent_weights: Sequence[float] = (0.0,),
+    recent_half_lives: Sequence[float] = (0.0,),
     one_standard_error: bool = False,
     k: int = 10,
 ) -> tuple[Mix, dict[str, float]]:
-    """The (text_weight, cold_offset, text_half_life) chosen by mean NDCG@k on a validation split.
+    """The `Mix` chosen by mean NDCG@k on a validation split, over the grid of every given
+    text weight, cold offset, text half-life, recent weight and recent half-life.
 
     The best mean wins; with `one_standard_error`, the trial with the smallest text weight
-    (then offset) whose mean is within one standard error of the paired per-user difference
-    from the best (the "one-SE rule": the choice closest to ALS alone that the validation
-    cannot tell apart from the best). Returns the choice and every trial's mean.
+    (then recent weight, then offset) whose mean is within one standard error of the paired
+    per-user difference from the best (the "one-SE rule": the choice closest to ALS alone that
+    the validation cannot tell apart from the best). Returns the choice and every trial's mean.
     """
     matrices = fitted.variant(model)
     if matrices is None:
@@ -409,9 +422,15 @@ def tune_hybrid(
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
     scored: list[tuple[Mix, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
-    grid = [(w, b, h) for w in text_weights for b in offsets for h in half_lives]
-    for weight, offset, half_life in grid:
-        params = Mix(float(weight), float(offset), float(half_life))
+    grid = [
+        Mix(float(w), float(b), float(h), float(r), float(hr))
+        for w in text_weights
+        for b in offsets
+        for h in half_lives
+        for r in recent_weights
+        for hr in (recent_half_lives if r > 0 else recent_half_lives[:1])
+    ]
+    for params in grid:
         ranked = rank_view(
             fitted,
             matrices,
@@ -423,7 +442,7 @@ def tune_hybrid(
         )
         lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
         values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
-        trials[f"w={weight:g},b={offset:g},h={half_life:g}"] = round(float(values.mean()), 5)
+        trials[trial_key(params)] = round(float(values.mean()), 5)
         scored.append((params, values))
     if not scored:
         return Mix(0.0), trials
@@ -437,6 +456,23 @@ def tune_hybrid(
         best,
     )
     return chosen, trials
+
+
+def describe_mix(params: Mix) -> str:
+    """The mix as the report's notes print it."""
+    return (
+        f"text_weight={params.text_weight:g}, cold_offset={params.cold_offset:g}, "
+        f"text_half_life={params.text_half_life:g}, recent_weight={params.recent_weight:g}, "
+        f"recent_half_life={params.recent_half_life:g}"
+    )
+
+
+def trial_key(params: Mix) -> str:
+    """A trial's name in the tuning record: w, b, h; and r, hr when the recent term is on."""
+    key = f"w={params.text_weight:g},b={params.cold_offset:g},h={params.text_half_life:g}"
+    if params.recent_weight > 0:
+        key += f",r={params.recent_weight:g},hr={params.recent_half_life:g}"
+    return key
 
 
 def pick_trial(
@@ -454,8 +490,9 @@ def pick_trial(
         diff = values - best_values
         se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
         if means[k] >= means[best] - se:
-            close.append((params.text_weight, params.cold_offset, -means[k], k))
-    return scored[min(close)[3]][0], float(means[best])
+            simpler = (params.text_weight, params.recent_weight, params.cold_offset)
+            close.append((simpler, -means[k], k))
+    return scored[min(close)[2]][0], float(means[best])
 
 
 def _trial_mean(scored: Sequence[tuple[Mix, np.ndarray]], params: Mix) -> float:
@@ -523,7 +560,13 @@ def evaluate_events(
     started = time.perf_counter()
     events = events.select("user_id", "item_id", "event_ts", "weight").cache()
     shipped = Mix.configured(ctx.cfg.recommend)
-    params = {"hybrid": shipped, "hybrid_frozen": shipped}
+    params = {
+        "hybrid": shipped,
+        "hybrid_frozen": shipped,
+        "als_recent": Mix(
+            0.0, recent_weight=shipped.recent_weight, recent_half_life=shipped.recent_half_life
+        ),
+    }
     tuning: dict[str, Any] = {}
     if tune:
         ctx, params, tuning = _tune(ctx, events, catalog, frozen, protocols, work_dir)
@@ -551,11 +594,11 @@ def evaluate_events(
             f"{splits.MIN_TRAIN_POSITIVES} training positives; nothing to evaluate"
         )
     notes = [
-        f"hybrid: text_weight={params['hybrid'].text_weight:g}, cold_offset={params['hybrid'].cold_offset:g}, "
-        f"text_half_life={params['hybrid'].text_half_life:g}; "
-        f"hybrid_frozen: text_weight={params['hybrid_frozen'].text_weight:g}, "
-        f"cold_offset={params['hybrid_frozen'].cold_offset:g}, "
-        f"text_half_life={params['hybrid_frozen'].text_half_life:g}"
+        "; ".join(
+            f"{model}: {describe_mix(params[model])}"
+            for model in ("als_recent", "hybrid", "hybrid_frozen")
+            if model in params
+        )
         + (" (chosen on a validation split of the training part)" if tune else " (from config)"),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
         f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs, "
@@ -590,7 +633,7 @@ def _tune(
     cfg = ctx.cfg.evaluate
     tuning: dict[str, Any] = {}
     chosen: dict[str, Mix] = {}
-    # The text weight and half-life chosen on user_temporal, kept for the cold_offset search.
+    # The recent term and text choices made on user_temporal, kept for the cold_offset search.
     warm = {"hybrid": Mix(0.0), "hybrid_frozen": Mix(0.0)}
     for protocol in ("user_temporal", "cold_item"):
         if protocol not in protocols and protocol != "user_temporal":
@@ -609,6 +652,19 @@ def _tune(
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
+        if protocol == "user_temporal":
+            # First the collaborative score alone: ALS with the recent-items term.
+            recent, trials = tune_hybrid(
+                fitted,
+                "als_recent",
+                text_weights=[0.0],
+                cold_offsets=[0.0],
+                recent_weights=cfg.tune_recent_weights,
+                recent_half_lives=cfg.tune_recent_half_lives,
+                one_standard_error=cfg.tune_one_standard_error,
+            )
+            chosen["als_recent"] = recent
+            tuning[f"{protocol}.als_recent"] = trials
         for model in ("hybrid", "hybrid_frozen"):
             if protocol == "user_temporal":
                 params, trials = tune_hybrid(
@@ -617,6 +673,8 @@ def _tune(
                     text_weights=cfg.tune_text_weights,
                     cold_offsets=[0.0],
                     half_lives=cfg.tune_text_half_lives,
+                    recent_weights=[chosen["als_recent"].recent_weight],
+                    recent_half_lives=[chosen["als_recent"].recent_half_life],
                     one_standard_error=cfg.tune_one_standard_error,
                 )
                 warm[model] = params  # its cold_offset is 0.0
@@ -627,6 +685,8 @@ def _tune(
                     text_weights=[warm[model].text_weight],
                     cold_offsets=cfg.tune_cold_offsets,
                     half_lives=[warm[model].text_half_life],
+                    recent_weights=[warm[model].recent_weight],
+                    recent_half_lives=[warm[model].recent_half_life],
                     one_standard_error=cfg.tune_one_standard_error,
                 )
             chosen[model] = dataclasses.replace(warm[model], cold_offset=params.cold_offset)
@@ -668,6 +728,8 @@ def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
     wanted = [
         ("user_temporal", "warm", "ndcg@10", "hybrid", "als"),
         ("user_temporal", "warm", "ndcg@10", "hybrid", "hybrid_frozen"),
+        ("user_temporal", "warm", "ndcg@10", "hybrid", "als_recent"),
+        ("user_temporal", "warm", "ndcg@10", "als_recent", "als"),
         ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen"),
         ("cold_item", "mixed", "ndcg@10", "hybrid", "als"),
         ("cold_item", "mixed", "ndcg@10", "hybrid", "hybrid_frozen"),

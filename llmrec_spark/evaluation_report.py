@@ -26,17 +26,26 @@ from llmrec_spark.metrics import METRIC_FUNCTIONS, bootstrap_interval, paired_bo
 
 log = logging.getLogger(__name__)
 
-MODEL_ORDER = ("popularity", "als", "text_frozen", "text_finetuned", "hybrid_frozen", "hybrid")
+MODEL_ORDER = (
+    "popularity",
+    "als",
+    "als_recent",
+    "text_frozen",
+    "text_finetuned",
+    "hybrid_frozen",
+    "hybrid",
+)
 # Okabe-Ito (colour-blind safe); a frozen variant shares its family's hue family and is dashed.
 MODEL_COLORS = {
     "popularity": "#7f7f7f",
     "als": "#0072b2",
+    "als_recent": "#56b4e9",
     "text_frozen": "#e69f00",
     "text_finetuned": "#d55e00",
     "hybrid_frozen": "#cc79a7",
     "hybrid": "#009e73",
 }
-OTHER_COLORS = ("#56b4e9", "#000000", "#8c6d31", "#6b6ecf", "#b5cf6b")
+OTHER_COLORS = ("#000000", "#8c6d31", "#6b6ecf", "#b5cf6b")
 SERIES_COLORS = ("#3b5b92", "#e3a33b", "#6a9f6e", "#b56576", "#5fa8d3", "#8e7dbe", "#c9a227")
 LIST_METRICS = tuple(METRIC_FUNCTIONS)  # precision, recall, f1, ndcg, map, hit_rate
 METRIC_LABELS = {

@@ -265,16 +265,26 @@ def _exclude(scores: np.ndarray, exclude: Sequence[np.ndarray]) -> None:
 class Mix:
     """How `hybrid_scores` mixes: the text weight for items with both scores, the offset for
     items scored by text alone, the recency half-life (history items; 0 = plain mean) of the
-    user's text vector."""
+    user's text vector; the weight and half-life of the recent-items term in the
+    collaborative score (the user's recent items' ALS factors; weight 0 = ALS alone)."""
 
     text_weight: float
     cold_offset: float = 0.0
     text_half_life: float = 0.0
+    recent_weight: float = 0.0
+    recent_half_life: float = 0.0
 
     @classmethod
     def configured(cls, cfg: RecommendConfig) -> Mix:
-        """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life)."""
-        return cls(cfg.text_weight, cfg.cold_offset, cfg.text_half_life)
+        """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life,
+        recent_weight, recent_half_life)."""
+        return cls(
+            cfg.text_weight,
+            cfg.cold_offset,
+            cfg.text_half_life,
+            cfg.recent_weight,
+            cfg.recent_half_life,
+        )
 
 
 @dataclass(frozen=True)
@@ -314,6 +324,20 @@ class ItemMatrices:
         return item_totals(self.als, self.eligible & self.has_als)
 
     @functools.cached_property
+    def als_unit(self) -> np.ndarray | None:
+        """The ALS factors L2-normalised (zero rows stay zero): the recent-items term's items."""
+        if self.als is None:
+            return None
+        norms = np.linalg.norm(self.als, axis=1, keepdims=True)
+        return (self.als / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    @functools.cached_property
+    def als_unit_totals(self) -> ItemTotals | None:
+        if self.als_unit is None or self.has_als is None:
+            return None
+        return item_totals(self.als_unit, self.eligible & self.has_als)
+
+    @functools.cached_property
     def text_totals(self) -> ItemTotals | None:
         if self.text is None or self.has_text is None:
             return None
@@ -334,29 +358,33 @@ def item_totals(vectors: np.ndarray, columns: np.ndarray) -> ItemTotals:
     return ItemTotals(chosen.sum(axis=0), chosen.T @ chosen, int(columns.sum()))
 
 
-def user_text_vectors(
-    histories: Sequence[np.ndarray], text: np.ndarray, has_text: np.ndarray, half_life: float = 0.0
+def history_vectors(
+    histories: Sequence[np.ndarray],
+    vectors: np.ndarray,
+    has_vector: np.ndarray,
+    half_life: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean of each user's history item embeddings, L2-normalised: ((b, dim), has (b,) bool).
+    """Weighted mean of each user's history item vectors, L2-normalised: ((b, dim), has (b,) bool).
 
-    Histories are oldest first. With `half_life` h > 0 the item k places from the newest
+    The vectors are the items' text embeddings, or their unit ALS factors for the recent-items
+    term. Histories are oldest first. With `half_life` h > 0 the item k places from the newest
     weighs 0.5 ** (k / h) (recent taste counts more); 0 is the plain mean.
     """
-    out = np.zeros((len(histories), text.shape[1]), dtype=np.float32)
+    out = np.zeros((len(histories), vectors.shape[1]), dtype=np.float32)
     has = np.zeros(len(histories), dtype=bool)
     for u, history in enumerate(histories):
         history = np.asarray(history, dtype=np.int64)
         if len(history) == 0:
             continue
-        known = has_text[history]
+        known = has_vector[history]
         if not known.any():
             continue
         if half_life > 0:
             age = np.arange(len(history) - 1, -1, -1, dtype=np.float64)[known]  # (k,)
             weights = 0.5 ** (age / half_life)
-            mean = (text[history[known]] * weights[:, None]).sum(axis=0)
+            mean = (vectors[history[known]] * weights[:, None]).sum(axis=0)
         else:
-            mean = text[history[known]].mean(axis=0)
+            mean = vectors[history[known]].mean(axis=0)
         norm = float(np.linalg.norm(mean))
         if norm > 0:
             out[u] = mean / norm
@@ -443,18 +471,25 @@ def hybrid_scores(
     exclude_seen: bool = True,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(b, items) scores of the calibrated ALS/text mix, -inf where not a candidate; and has_als, has_text (b,).
+    """(b, items) scores of the calibrated ALS/text mix, -inf where not a candidate; and
+    has_collaborative, has_text (b,).
 
     Each source is z-scored per user over that user's candidate items (eligible, unseen, with
-    that source's vector); items with both scores get (1 - w) * als_z + w * text_z, items with
-    one get that one, plus `mix.cold_offset` for items scored by text alone (no ALS factor: the
-    calibration of a text-only score against the mixed ones); users with neither get
-    popularity. Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector
-    is the (recency-weighted, `mix.text_half_life`) mean of their history's (`user_text_vectors`).
+    that source's vector). The collaborative score of an item with an ALS factor is the ALS
+    z-score, or with `mix.recent_weight` r > 0, (1 - r) * als_z + r * recent_z: recent_z
+    scores the item's unit ALS factor against the (`mix.recent_half_life`) recency-weighted
+    mean of the unit factors of the user's history -- what the user did last, which the ALS
+    user factor does not know (a user with no factor of their own but factored history items
+    gets recent_z alone). Items with both a collaborative and a text score get
+    (1 - w) * collaborative + w * text_z, items with one get that one, plus
+    `mix.cold_offset` for items scored by text alone (no ALS factor: the calibration of a
+    text-only score against the mixed ones); users with neither get popularity.
+    Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector is the
+    (recency-weighted, `mix.text_half_life`) mean of their history's (`history_vectors`).
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
-    only) is one matrix product of per-user scaled vectors with [als | text | 1]: the
-    (b, items) matrix is written once, never rescaled in place -- into `out` when given
+    only) is one matrix product of per-user scaled vectors with [als | unit als | text | 1]:
+    the (b, items) matrix is written once, never rescaled in place -- into `out` when given
     (float32, C-contiguous, at least (b, items); reusing it saves page faults per block).
     """
     b = len(histories)
@@ -462,77 +497,102 @@ def hybrid_scores(
     seen_rows, seen_cols = _seen_pairs(histories) if exclude_seen else (_NO_PAIRS, _NO_PAIRS)
     eligible = np.asarray(items.eligible, dtype=bool)
 
-    # (is_als, user vectors (b, d), item matrix (items, d)) per score source present
-    parts: list[tuple[bool, np.ndarray, np.ndarray]] = []
-    scale_a, shift_a, scale_t, shift_t = (np.zeros(b) for _ in range(4))
-    has_als, item_a = none, np.zeros(items.size, dtype=bool)
-    if items.als is not None and items.has_als is not None and user_als is not None:
-        has_als = np.asarray(user_has_als, dtype=bool)
+    # Per score source present: (source, user vectors (b, d), item matrix (items, d), the
+    # z-score's per-user scale and shift (b,), which users have it (b,)).
+    parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add_part(
+        source: str,
+        users: np.ndarray,
+        has: np.ndarray,
+        matrix: np.ndarray,
+        columns: np.ndarray,
+        totals: ItemTotals | None,
+    ) -> None:
+        mean, std = masked_moments(users, matrix, columns, seen_rows, seen_cols, totals)
+        scale, shift = np.where(has, 1.0 / std, 0.0), np.where(has, -mean / std, 0.0)
+        parts.append((source, users, matrix, scale, shift, has))
+
+    item_a = np.zeros(items.size, dtype=bool)
+    has_als, has_recent = none, none
+    if items.als is not None and items.has_als is not None:
         item_a = eligible & items.has_als
-        user_a = np.asarray(user_als, dtype=np.float32)
-        mean, std = masked_moments(
-            user_a, items.als, item_a, seen_rows, seen_cols, items.als_totals
-        )
-        scale_a, shift_a = np.where(has_als, 1.0 / std, 0.0), np.where(has_als, -mean / std, 0.0)
-        parts.append((True, user_a, items.als))
+        if user_als is not None:
+            has_als = np.asarray(user_has_als, dtype=bool)
+            user_a = np.asarray(user_als, dtype=np.float32)
+            add_part("als", user_a, has_als, items.als, item_a, items.als_totals)
+        if mix.recent_weight > 0 and items.als_unit is not None:
+            user_r, has_recent = history_vectors(
+                histories, items.als_unit, items.has_als, mix.recent_half_life
+            )
+            if has_recent.any():
+                add_part(
+                    "recent", user_r, has_recent, items.als_unit, item_a, items.als_unit_totals
+                )
     has_text, item_t = none, np.zeros(items.size, dtype=bool)
     if items.text is not None and items.has_text is not None:
-        user_t, has_text = user_text_vectors(
+        user_t, has_text = history_vectors(
             histories, items.text, items.has_text, mix.text_half_life
         )
         if has_text.any():
             item_t = eligible & items.has_text
-            mean, std = masked_moments(
-                user_t, items.text, item_t, seen_rows, seen_cols, items.text_totals
-            )
-            scale_t = np.where(has_text, 1.0 / std, 0.0)
-            shift_t = np.where(has_text, -mean / std, 0.0)
-            parts.append((False, user_t, items.text))
+            add_part("text", user_t, has_text, items.text, item_t, items.text_totals)
 
-    # Per item group: the per-user weight of the ALS and the text z-score, and who may use it.
-    both = has_als & has_text
+    # Per item group: each source's per-user weight, who may use the group, and an offset.
+    has_collab = has_als | has_recent
+    r = float(mix.recent_weight)
+    collab = {
+        "als": np.where(has_recent, 1.0 - r, 1.0) * has_als,
+        "recent": np.where(has_als, r, 1.0) * has_recent,
+    }
     w = float(mix.text_weight)
-    weight_a = np.where(both, 1.0 - w, 1.0) * has_als
-    weight_t = np.where(both, w, 1.0) * has_text
+    collab_share = np.where(has_text, 1.0 - w, 1.0)
+    both_weights = {
+        "als": collab["als"] * collab_share,
+        "recent": collab["recent"] * collab_share,
+        "text": np.where(has_collab, w, 1.0) * has_text,
+    }
     # Text-only items are offset only for users whose other candidates carry an ALS score.
-    offset_t = np.where(has_als & has_text, float(mix.cold_offset), 0.0)
+    offset_t = np.where(has_collab & has_text, float(mix.cold_offset), 0.0)
+    zeros = np.zeros(b)
     groups = [
-        (item_a & item_t, weight_a, weight_t, has_als | has_text, np.zeros(b)),
-        (item_a & ~item_t, has_als * 1.0, np.zeros(b), has_als, np.zeros(b)),
-        (item_t & ~item_a, np.zeros(b), has_text * 1.0, has_text, offset_t),
+        (item_a & item_t, both_weights, has_collab | has_text, zeros),
+        (item_a & ~item_t, collab, has_collab, zeros),
+        (item_t & ~item_a, {"text": has_text * 1.0}, has_text, offset_t),
     ]
     features = np.hstack(
-        [matrix for _, _, matrix in parts] + [np.ones((items.size, 1), dtype=np.float32)]
-    ).astype(np.float32, copy=False)  # (items, als + text + 1)
+        [matrix for _, _, matrix, _, _, _ in parts] + [np.ones((items.size, 1), dtype=np.float32)]
+    ).astype(np.float32, copy=False)  # (items, sum of dims + 1)
 
-    def user_side(wa: np.ndarray, wt: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        # (b, als + text + 1)
-        columns = [
-            vectors * ((wa * scale_a) if is_als else (wt * scale_t))[:, None].astype(np.float32)
-            for is_als, vectors, _ in parts
-        ]
-        columns.append((wa * shift_a + wt * shift_t + offset)[:, None].astype(np.float32))
+    def user_side(weights: dict[str, np.ndarray], offset: np.ndarray) -> np.ndarray:
+        # (b, sum of dims + 1)
+        columns, constant = [], offset.copy()
+        for source, users, _, scale, shift, _ in parts:
+            weight = weights.get(source, zeros)
+            columns.append(users * (weight * scale)[:, None].astype(np.float32))
+            constant += weight * shift
+        columns.append(constant[:, None].astype(np.float32))
         return np.hstack(columns).astype(np.float32, copy=False)
 
     counts = [int(g[0].sum()) for g in groups]
     main = int(np.argmax(counts))
-    _, wa, wt, _, offset = groups[main]
+    _, weights, _, offset = groups[main]
     # (b, items): the main group's formula everywhere, then the other groups' columns
-    scores = np.matmul(user_side(wa, wt, offset), features.T, out=None if out is None else out[:b])
-    for k, (columns, wa, wt, users_ok, offset) in enumerate(groups):
+    scores = np.matmul(user_side(weights, offset), features.T, out=None if out is None else out[:b])
+    for k, (columns, weights, users_ok, offset) in enumerate(groups):
         cols = np.flatnonzero(columns)
         if k != main and len(cols):
-            scores[:, cols] = user_side(wa, wt, offset) @ features[cols].T
+            scores[:, cols] = user_side(weights, offset) @ features[cols].T
         bad_rows = np.flatnonzero(~users_ok)
         if len(cols) and len(bad_rows):
             scores[np.ix_(bad_rows, cols)] = -np.inf
     scores[:, ~(item_a | item_t)] = -np.inf
-    popular = ~(has_als | has_text)
+    popular = ~(has_collab | has_text)
     if popular.any():
         scores[popular] = np.where(eligible, items.popularity, -np.inf)[None, :]
     if len(seen_rows):
         scores[seen_rows, seen_cols] = -np.inf
-    return scores, has_als, has_text
+    return scores, has_collab, has_text
 
 
 _NO_PAIRS = np.zeros(0, dtype=np.int64)

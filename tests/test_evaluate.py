@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import pick_trial, user_temporal_split
+from llmrec_spark.evaluate import MODELS, pick_trial, user_temporal_split
 from llmrec_spark.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
@@ -263,7 +263,7 @@ def test_run_evaluate_scores_six_models_and_writes_the_report(spark, store, tmp_
     assert m["text_frozen.hit_rate@1"] == pytest.approx(1.0)
     assert m["text_frozen.map@5"] == pytest.approx(1.0)
     assert m["user_temporal.warm.text_frozen.map@5"] == pytest.approx(1.0)
-    for model in ("popularity", "als", "text_frozen", "text_finetuned", "hybrid_frozen", "hybrid"):
+    for model in MODELS:
         for metric in ("precision", "recall", "f1", "ndcg", "map", "hit_rate"):
             for k in (1, 5):
                 assert 0.0 <= m[f"{model}.{metric}@{k}"] <= 1.0

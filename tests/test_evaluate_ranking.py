@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,30 @@ def test_variants_drop_what_a_model_does_not_use():
     assert f.variant("hybrid") is None
     with pytest.raises(ValueError, match="unknown model"):
         f.variant("nope")
+
+
+def test_tune_recent_term_picks_the_weight_that_follows_the_users_last_item():
+    f = fitted()
+    # u0's ALS factor likes dimension 0; its newest history item (i3) lies on dimension 1.
+    als = np.array([[1.0, 0], [0.9, 0.1], [0.1, 0.9], [0.0, 1], [0, 0]], dtype=np.float32)
+    f.items = dataclasses.replace(f.items, als=als)
+    f.histories = [np.array([0, 3]), np.array([3])]  # oldest first
+    f.relevant = [np.array([2]), np.array([])]
+    # Candidates with factors: i1, i2. ALS: i1 0.9 > i2 0.1 -> z +1, -1. The recent vector
+    # (half-life 1: i3 weighs 1, i0 0.5) is unit([0.5, 1]): cosine 0.54 to i1, 0.94 to i2 ->
+    # z -1, +1. So the mix puts i2 first exactly when the recent weight is above 0.5.
+    params, trials = tune_hybrid(
+        f,
+        "als_recent",
+        text_weights=[0.0],
+        cold_offsets=[0.0],
+        recent_weights=[0.0, 0.4, 0.8],
+        recent_half_lives=[1.0],
+        k=1,
+    )
+    assert params == Mix(0.0, 0.0, 0.0, 0.8, 1.0)
+    assert trials == {
+        "w=0,b=0,h=0": 0.0,
+        "w=0,b=0,h=0,r=0.4,hr=1": 0.0,
+        "w=0,b=0,h=0,r=0.8,hr=1": 1.0,
+    }

@@ -14,13 +14,13 @@ from llmrec_spark.recommend import (
     SOURCES,
     ItemMatrices,
     Mix,
+    history_vectors,
     hybrid_top_n,
     score_block_frame,
     score_users,
     select_top_n,
     top_n_block,
     user_frame,
-    user_text_vectors,
 )
 
 
@@ -137,9 +137,23 @@ def test_hybrid_excludes_ineligible_and_seen_items():
     assert frame["source"].tolist() == ["text", "hybrid", "hybrid"]
 
 
-def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
-    """Brute-force hybrid for one user with loops and a full sort: [(item_idx, score, source)]."""
+def reference_hybrid(
+    user_als, history, items: ItemMatrices, n: int, w: float, r: float = 0.0, hr: float = 0.0
+):
+    """Brute-force hybrid for one user with loops and a full sort: [(item_idx, score, source)].
+
+    History is oldest first; with r > 0 the collaborative score is (1 - r) * als_z + r * the
+    z-score of unit ALS factors against their 0.5 ** (age / hr)-weighted mean over the history.
+    """
     candidates = [j for j in range(items.size) if items.eligible[j] and j not in set(history)]
+    user_recent = None
+    if r > 0:
+        unit = {j: items.als[j] / np.linalg.norm(items.als[j]) for j in history if items.has_als[j]}
+        ages = {j: len(history) - 1 - k for k, j in enumerate(history)}
+        if unit:
+            weights = {j: 0.5 ** (ages[j] / hr) if hr > 0 else 1.0 for j in unit}
+            mean = sum(weights[j] * unit[j] for j in unit)
+            user_recent = mean / np.linalg.norm(mean)
     text_hist = [j for j in history if items.has_text[j]]
     user_text = None
     if text_hist:
@@ -156,6 +170,21 @@ def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
         if user_als is not None
         else {}
     )
+    recent_z = (
+        zs(
+            {
+                j: float(user_recent @ (items.als[j] / np.linalg.norm(items.als[j])))
+                for j in candidates
+                if items.has_als[j]
+            }
+        )
+        if user_recent is not None
+        else {}
+    )
+    if als_z and recent_z:
+        als_z = {j: (1 - r) * als_z[j] + r * recent_z[j] for j in als_z}
+    elif recent_z:
+        als_z = recent_z
     text_z = (
         zs({j: float(user_text @ items.text[j]) for j in candidates if items.has_text[j]})
         if user_text is not None
@@ -169,7 +198,7 @@ def reference_hybrid(user_als, history, items: ItemMatrices, n: int, w: float):
             scored.append((j, als_z[j], "als"))
         elif j in text_z:
             scored.append((j, text_z[j], "text"))
-        elif user_als is None and user_text is None:
+        elif not als_z and user_text is None:
             scored.append((j, float(items.popularity[j]), "popular"))
     return sorted(scored, key=lambda t: (-t[1], t[0]))[:n]
 
@@ -447,7 +476,8 @@ def test_prefiltered_selection_equals_full_sort_with_ties_and_degenerate_rows(ba
     np.testing.assert_array_equal(indices[1], np.arange(10))
 
 
-def test_hybrid_on_a_large_catalog_equals_brute_force():
+@pytest.mark.parametrize(("recent_weight", "recent_half_life"), [(0.0, 0.0), (0.4, 2.0)])
+def test_hybrid_on_a_large_catalog_equals_brute_force(recent_weight, recent_half_life):
     # 400 items and n=5: selection takes the bound prefilter; mixed cold/warm items and users.
     rng = np.random.default_rng(8)
     n_items, n = 400, 5
@@ -468,20 +498,25 @@ def test_hybrid_on_a_large_catalog_equals_brute_force():
     )
     user_als = rng.standard_normal((24, 4)).astype(np.float32)
     user_has_als = np.arange(24) % 3 != 0
-    histories = [
+    histories = [  # oldest first: a random order, so the recency weights matter
         np.array([], dtype=np.int64)
         if u % 4 == 0
-        else np.sort(rng.choice(n_items, size=rng.integers(1, 40), replace=False))
+        else rng.choice(n_items, size=rng.integers(1, 40), replace=False)
         for u in range(24)
     ]
+    mix = Mix(0.3, recent_weight=recent_weight, recent_half_life=recent_half_life)
 
-    indices, scores, codes = hybrid_top_n(
-        user_als, user_has_als, histories, items, n=n, mix=Mix(0.3)
-    )
+    indices, scores, codes = hybrid_top_n(user_als, user_has_als, histories, items, n=n, mix=mix)
 
     for u in range(24):
         expected = reference_hybrid(
-            user_als[u] if user_has_als[u] else None, histories[u].tolist(), items, n, 0.3
+            user_als[u] if user_has_als[u] else None,
+            histories[u].tolist(),
+            items,
+            n,
+            0.3,
+            recent_weight,
+            recent_half_life,
         )
         assert indices[u].tolist() == [j for j, _, _ in expected], u
         np.testing.assert_allclose(scores[u], [s for _, s, _ in expected], atol=1e-4)
@@ -562,11 +597,11 @@ def test_user_text_vector_weighs_recent_history_items_by_half_life():
     text = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
     has_text = np.array([True, True, False])
     histories = [np.array([0, 1]), np.array([0, 2, 1]), np.array([2]), np.array([], dtype=np.int64)]
-    plain, has = user_text_vectors(histories, text, has_text)
+    plain, has = history_vectors(histories, text, has_text)
     np.testing.assert_allclose(plain[0], [0.70711, 0.70711], atol=1e-5)
     # Half-life 1: the newest item weighs 1, the one before 0.5, two before 0.25. Item 2 has
     # no text but still ages the items before it.
-    recent, has = user_text_vectors(histories, text, has_text, half_life=1.0)
+    recent, has = history_vectors(histories, text, has_text, half_life=1.0)
     np.testing.assert_allclose(recent[0], [0.5, 1.0] / np.hypot(0.5, 1.0), atol=1e-5)
     np.testing.assert_allclose(recent[1], [0.25, 1.0] / np.hypot(0.25, 1.0), atol=1e-5)
     assert has.tolist() == [True, True, False, False]
