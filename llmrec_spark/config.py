@@ -247,7 +247,7 @@ class EvaluateConfig:
     max_test_users: int = 20_000  # a seeded sample of test users beyond this (driver-side scoring)
     # Choose the hybrids' text weight and cold offset on a validation split of the training part.
     tune_hybrid: bool = False
-    tune_text_weights: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    tune_text_weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.65, 0.8])
     tune_text_half_lives: list[float] = field(
         default_factory=lambda: [0.0, 2.0, 3.0, 5.0, 10.0, 20.0]
     )
@@ -260,7 +260,12 @@ class EvaluateConfig:
     # Pick the smallest text weight / cold offset within one standard error of the best
     # validation NDCG (a validation split trains on less data, so it leans towards text).
     tune_one_standard_error: bool = True
-    tune_cold_offsets: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    tune_cold_offsets: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
+    )
+    # The tower's temperatures tried on a cold_item validation split (text_finetuned's
+    # cold-only Recall@20), before the hybrids are tuned ([] = contrastive.temperature).
+    tune_tower_temperatures: list[float] = field(default_factory=list)
     # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
     tune_als_reg_params: list[float] = field(default_factory=list)
     tune_als_alphas: list[float] = field(default_factory=list)
@@ -462,6 +467,10 @@ def validate(cfg: Config) -> Config:
             0.0 <= cfg.recommend.recent_weight <= 1.0
             and all(0.0 <= r <= 1.0 for r in cfg.evaluate.tune_recent_weights),
             "recommend.recent_weight, evaluate.tune_recent_weights: must be within [0, 1]",
+        ),
+        (
+            all(t > 0 for t in cfg.evaluate.tune_tower_temperatures),
+            "evaluate.tune_tower_temperatures: must be positive",
         ),
         (
             cfg.recommend.recent_half_life >= 0

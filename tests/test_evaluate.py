@@ -176,7 +176,7 @@ def unit(*parts: tuple[int, float], dim: int = 12) -> list[float]:
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_run_evaluate_scores_six_models_and_writes_the_report(spark, store, tmp_path):
+def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp_path):
     from llmrec_spark import embed
     from llmrec_spark.context import RunContext
     from llmrec_spark.evaluate import run_evaluate
