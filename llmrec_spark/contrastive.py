@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,15 @@ def encode_batch(
 # Training function (runs in each TorchDistributor process)
 
 
+def quiet_petastorm() -> None:
+    """Silence petastorm 0.12's per-epoch noise in this process: its deprecation warnings
+    about the pyarrow it must run on, unclosed-file warnings from its reader threads, and
+    its INFO lines about a dataset not written by petastorm (ours never is). Hundreds of
+    lines per training run buried the epoch losses; petastorm's errors still show."""
+    warnings.filterwarnings("ignore", module=r"petastorm(\..*)?$")
+    logging.getLogger("petastorm").setLevel(logging.WARNING)
+
+
 def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
     """Train the head with DDP on petastorm batches; checkpoint per epoch, resume, save safetensors.
 
@@ -198,6 +208,7 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s"
         )
+    quiet_petastorm()
     use_cuda = config.get("device", "cpu") == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
