@@ -29,6 +29,7 @@ from llmrec_spark import als, recommend, splits
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.evaluation_report import (
+    MODEL_ORDER,
     Claim,
     ModelResult,
     ProtocolResult,
@@ -52,15 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MODELS", "mean_metrics", "ndcg_at_k", "run_evaluate", "user_temporal_split"]
 
-MODELS = (
-    "popularity",
-    "als",
-    "als_recent",
-    "text_frozen",
-    "text_finetuned",
-    "hybrid_frozen",
-    "hybrid",
-)
+MODELS = MODEL_ORDER  # every model evaluate ranks, in the report's order
 # The models that score with ALS factors alone (they cannot rank cold items).
 ALS_ONLY = ("als", "als_recent")
 DESCRIPTIONS = {
