@@ -295,7 +295,10 @@ def _train(
         join_cm = (
             model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
         )
-        with loader_cm as loader, join_cm:
+        # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
+        # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
+        with warnings.catch_warnings(), loader_cm as loader, join_cm:
+            quiet_petastorm()
             for batch in loader:
                 history = batch["history"].long().to(device)
                 positive_ids = batch["pos"].long().to(device)
