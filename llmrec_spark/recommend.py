@@ -498,8 +498,8 @@ def hybrid_scores(
     eligible = np.asarray(items.eligible, dtype=bool)
 
     # Per score source present: (source, user vectors (b, d), item matrix (items, d), the
-    # z-score's per-user scale and shift (b,), which users have it (b,)).
-    parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    # z-score's per-user scale and shift (b,), 0 for users without that source).
+    parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add_part(
         source: str,
@@ -511,7 +511,7 @@ def hybrid_scores(
     ) -> None:
         mean, std = masked_moments(users, matrix, columns, seen_rows, seen_cols, totals)
         scale, shift = np.where(has, 1.0 / std, 0.0), np.where(has, -mean / std, 0.0)
-        parts.append((source, users, matrix, scale, shift, has))
+        parts.append((source, users, matrix, scale, shift))
 
     item_a = np.zeros(items.size, dtype=bool)
     has_als, has_recent = none, none
@@ -561,13 +561,13 @@ def hybrid_scores(
         (item_t & ~item_a, {"text": has_text * 1.0}, has_text, offset_t),
     ]
     features = np.hstack(
-        [matrix for _, _, matrix, _, _, _ in parts] + [np.ones((items.size, 1), dtype=np.float32)]
+        [matrix for _, _, matrix, _, _ in parts] + [np.ones((items.size, 1), dtype=np.float32)]
     ).astype(np.float32, copy=False)  # (items, sum of dims + 1)
 
     def user_side(weights: dict[str, np.ndarray], offset: np.ndarray) -> np.ndarray:
         # (b, sum of dims + 1)
         columns, constant = [], offset.copy()
-        for source, users, _, scale, shift, _ in parts:
+        for source, users, _, scale, shift in parts:
             weight = weights.get(source, zeros)
             columns.append(users * (weight * scale)[:, None].astype(np.float32))
             constant += weight * shift
