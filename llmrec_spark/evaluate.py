@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -701,65 +701,98 @@ def _tune_tower(
     cfg = ctx.cfg.evaluate
     outer = make_split(events, "cold_item", cfg, seed=cfg.seed)
     inner = make_split(outer.train, "cold_item", cfg, seed=cfg.seed + 1)
-    trials: dict[str, float] = {}
-    best: tuple[float, Any] = (-1.0, ctx.cfg.contrastive)
-    for temperature in cfg.tune_tower_temperatures:
-        tower_cfg = dataclasses.replace(ctx.cfg.contrastive, temperature=float(temperature))
-        trial = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, contrastive=tower_cfg))
+
+    def cold_recall(trial: RunContext) -> float | None:
         fitted = fit_split(
             trial,
             inner,
             catalog=catalog,
             embeddings=frozen,
-            work_dir=os.path.join(work_dir, "validation", f"tower-{temperature:g}"),
+            work_dir=os.path.join(
+                work_dir, "validation", f"tower-{trial.cfg.contrastive.temperature:g}"
+            ),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
         if fitted.tuned is None:
-            continue
+            return None
         view = protocol_result(
             fitted, "cold_item", params={}, ks=[20], models=["text_finetuned"]
         ).views[0]
         result = view.models.get("text_finetuned")
-        value = float(result.per_user["recall@20"].mean()) if result is not None else -1.0
-        trials[f"temperature={temperature:g}"] = round(value, 5)
-        if value > best[0] + 1e-12:
-            best = (value, tower_cfg)
-    log.info(
-        "evaluate: tower tuned on validation: temperature %s (%s)", best[1].temperature, trials
-    )
-    tuned = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, contrastive=best[1]))
-    return tuned, {"trials": trials, "temperature": best[1].temperature}
+        return float(result.per_user["recall@20"].mean()) if result is not None else -1.0
+
+    candidates = [
+        (
+            f"temperature={t:g}",
+            dataclasses.replace(
+                ctx.cfg,
+                contrastive=dataclasses.replace(ctx.cfg.contrastive, temperature=float(t)),
+            ),
+        )
+        for t in cfg.tune_tower_temperatures
+    ]
+    tuned, trials = _best_config(ctx, candidates, cold_recall)
+    temperature = tuned.cfg.contrastive.temperature
+    log.info("evaluate: tower tuned on validation: temperature %s (%s)", temperature, trials)
+    return tuned, {"trials": trials, "temperature": temperature}
 
 
 def _tune_als(
     ctx: RunContext, inner: splits.Split, catalog: DataFrame, cfg: Any
 ) -> tuple[RunContext, dict[str, Any]]:
     """ALS reg_param x alpha with the best validation NDCG@10 (ALS alone); ctx with that ALS config."""
+
+    def als_ndcg(trial: RunContext) -> float:
+        fitted = fit_split(
+            trial,
+            inner,
+            catalog=catalog,
+            embeddings=None,
+            work_dir="",
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+            tower=False,
+        )
+        _, scores = tune_hybrid(fitted, "als", text_weights=[0.0], cold_offsets=[0.0])
+        return next(iter(scores.values()), -1.0)
+
+    candidates = [
+        (
+            f"reg={reg:g},alpha={alpha:g}",
+            dataclasses.replace(
+                ctx.cfg,
+                als=dataclasses.replace(ctx.cfg.als, reg_param=float(reg), alpha=float(alpha)),
+            ),
+        )
+        for reg in cfg.tune_als_reg_params
+        for alpha in cfg.tune_als_alphas
+    ]
+    tuned, trials = _best_config(ctx, candidates, als_ndcg)
+    chosen = tuned.cfg.als
+    log.info("evaluate: ALS tuned on validation: reg %s alpha %s", chosen.reg_param, chosen.alpha)
+    return tuned, {"trials": trials, "reg_param": chosen.reg_param, "alpha": chosen.alpha}
+
+
+def _best_config(
+    ctx: RunContext,
+    candidates: Sequence[tuple[str, Any]],
+    score: Callable[[RunContext], float | None],
+) -> tuple[RunContext, dict[str, float]]:
+    """ctx with the candidate config (label, Config) of the highest validation score (the first
+    of equal scores; ctx itself when none scores), and every scored trial's value. A score of
+    None (the trial could not be built) is left out."""
     trials: dict[str, float] = {}
-    best: tuple[float, Any] = (-1.0, ctx.cfg.als)
-    for reg in cfg.tune_als_reg_params:
-        for alpha in cfg.tune_als_alphas:
-            als_cfg = dataclasses.replace(ctx.cfg.als, reg_param=float(reg), alpha=float(alpha))
-            trial = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, als=als_cfg))
-            fitted = fit_split(
-                trial,
-                inner,
-                catalog=catalog,
-                embeddings=None,
-                work_dir="",
-                max_test_users=cfg.max_test_users,
-                seed=cfg.seed,
-                tower=False,
-            )
-            _, scores = tune_hybrid(fitted, "als", text_weights=[0.0], cold_offsets=[0.0])
-            value = next(iter(scores.values()), -1.0)
-            trials[f"reg={reg:g},alpha={alpha:g}"] = value
-            if value > best[0] + 1e-12:
-                best = (value, als_cfg)
-    log.info("evaluate: ALS tuned on validation: reg %s alpha %s", best[1].reg_param, best[1].alpha)
-    tuned = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, als=best[1]))
-    return tuned, {"trials": trials, "reg_param": best[1].reg_param, "alpha": best[1].alpha}
+    best: tuple[float, RunContext] = (-1.0, ctx)
+    for label, config in candidates:
+        trial = dataclasses.replace(ctx, cfg=config)
+        value = score(trial)
+        if value is None:
+            continue
+        trials[label] = round(value, 5)
+        if value > best[0] + 1e-12:
+            best = (value, trial)
+    return best[1], trials
 
 
 def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
