@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install native-blas demo test test-slow check bench clean-data dist cluster-demo test-cluster
+.PHONY: help install native-blas demo test test-slow check bench clean-data dist cluster-demo test-cluster chromium screenshot
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -72,6 +72,27 @@ cluster-demo: install  ## start a standalone Spark master + 2 workers on 127.0.0
 
 test-cluster: install  ## the cluster tests (a standalone cluster on loopback)
 	$(BIN)/pytest -q -m cluster
+
+# A report as a reader sees it: headless Chromium renders it to a PNG beside the HTML.
+REPORT ?= $(shell ls -t reports/*.html 2>/dev/null | head -1)
+chromium:  ## Debian's Chromium for `make screenshot` (apt-get, when root)
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (headless rendering of the reports; a few minutes)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	else \
+		echo "no chromium and no root apt-get: install Debian's chromium package, then rerun"; exit 1; \
+	fi
+
+screenshot: chromium  ## render a report (REPORT=path.html; default the newest in reports/) to path.png
+	@test -n "$(REPORT)" && test -f "$(REPORT)" || { echo "no report to render: run \`make demo\` or pass REPORT=path.html"; exit 1; }
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+		--disable-background-networking --disable-component-update --disable-sync \
+		--user-data-dir="$$(mktemp -d)" --hide-scrollbars --window-size=1280,$${HEIGHT:-3200} \
+		--screenshot="$(abspath $(basename $(REPORT))).png" "file://$(abspath $(REPORT))" 2>/dev/null
+	@echo "wrote $(basename $(REPORT)).png"
 
 clean-data:  ## remove demo data, tables, MLflow store and reports
 	rm -rf landing lakehouse mlruns mlflow.db reports bench-results

@@ -367,7 +367,8 @@ def _cold_warm_chart(protocols: Sequence[ProtocolResult], stats: _Stats) -> str:
 def _popularity_charts(protocols: Sequence[ProtocolResult], stats: _Stats) -> list[str]:
     charts = []
     for family, title, caption in POPULARITY_SCALARS:
-        series = []
+        series: list[tuple[str, dict[str, Stat]]] = []
+        constant: list[str] = []
         for protocol in protocols:
             for view in protocol.views:
                 keys = {
@@ -381,7 +382,19 @@ def _popularity_charts(protocols: Sequence[ProtocolResult], stats: _Stats) -> li
                 ks = {key: _split_key(key)[1] or 0 for key in keys}
                 key = min(keys, key=lambda k: (abs(ks[k] - 20), -ks[k]))  # @20 when present
                 values = {m: stats.get(r, key) for m, r in view.models.items()}
-                series.append((f"{protocol.name} / {view.name}: {key}", values))
+                label = f"{protocol.name} / {view.name}: {key}"
+                means = {v[0] for v in values.values() if math.isfinite(v[0])}
+                if len(values) > 1 and len(means) == 1:
+                    # e.g. cold-only ARP: every list holds only items no training user touched
+                    constant.append(f"{label} is {round(means.pop(), 4):g} for every model")
+                    continue
+                series.append((label, values))
+        if constant:
+            caption += (
+                " Not drawn (the same value for every model, so nothing to compare): "
+                + "; ".join(constant)
+                + "."
+            )
         if series:
             charts.append(
                 _bar_chart(

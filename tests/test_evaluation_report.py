@@ -128,10 +128,14 @@ def hand_built_protocols() -> list[ProtocolResult]:
         description="Cold items only <b>&</b> their held-out positives.",
         users=3,
         models={
+            # ARP is 0 for every model here: cold items have no training users.
             "popularity": ModelResult(
-                per_user={"recall@20": np.zeros(3), "ndcg@20": np.array([0.0, 0.3, 0.0])}
+                per_user={"recall@20": np.zeros(3), "ndcg@20": np.array([0.0, 0.3, 0.0])},
+                scalars={"arp@20": 0.0},
             ),
-            "text_finetuned": ModelResult(per_user={"recall@20": np.array([0.2, 0.4, 0.6])}),
+            "text_finetuned": ModelResult(
+                per_user={"recall@20": np.array([0.2, 0.4, 0.6])}, scalars={"arp@20": 0.0}
+            ),
         },
     )
     empty = ViewResult(name="mixed", description="Warm and cold items.", users=0, models={})
@@ -222,7 +226,7 @@ def test_best_cell_per_column_is_marked(report):
 
 
 def test_charts_have_one_series_per_model(report):
-    _, page = report
+    path, page = report
     for metric in ("ndcg", "recall"):
         assert sorted(page.polylines[f"chart-user_temporal-warm-{metric}"]) == [
             "als",
@@ -248,6 +252,11 @@ def test_charts_have_one_series_per_model(report):
         ("popularity", "user_temporal / warm: arp@20"),
     ]
     assert "chart-novelty" not in page.bars  # no novelty scalar anywhere
+    # The cold-only ARP (0 for both models) is named in the caption instead of drawn as bars.
+    html = path.read_text()
+    arp_figure = html[html.index("id='chart-arp'") :]
+    caption = arp_figure[: arp_figure.index("</figure>")]
+    assert "cold_item / cold_only: arp@20 is 0 for every model" in caption
 
 
 def test_claims_state_the_paired_interval(report):
@@ -301,7 +310,10 @@ def test_report_summary_nests_means_by_protocol_view_model():
     assert warm["als"]["ndcg@10"] == pytest.approx(0.65)
     assert warm["popularity"]["recall@5"] == pytest.approx(0.25)
     assert warm["als"]["arp@20"] == 45.5
-    assert summary["cold_item"]["cold_only"]["text_finetuned"] == {"recall@20": pytest.approx(0.4)}
+    assert summary["cold_item"]["cold_only"]["text_finetuned"] == {
+        "recall@20": pytest.approx(0.4),
+        "arp@20": 0.0,
+    }
     assert summary["cold_item"]["mixed"] == {"als": {"ndcg@10": None}}  # no users: no mean
     assert list(summary) == ["user_temporal", "cold_item", "global_temporal"]
 
