@@ -96,7 +96,7 @@ def _bench_topn(cfg: Config) -> dict[str, Any]:
             block_size=cfg.recommend.user_block_size,
             runs=int(os.environ.get("LLMREC_BENCH_RUNS", "2")),
         )
-        write = measure_delta_write(spark, rows, runs=3)
+        write = measure_delta_write(spark, rows, runs=5)
         write["rows"] = rows.count()
         rows.unpersist()
         return {

@@ -1497,6 +1497,10 @@ def bench_topn(
                     "bench topn %s: run %d %s %.2fs", name, attempt + 1, label, timings[label][-1]
                 )
 
+        path = scoring_path(n_users, n_items, driver_max_cells)
+        floor = None
+        if path == "driver":
+            floor = min(_driver_path_floor(users, stage().toPandas()) for _ in range(max(runs, 3)))
         agreement = _bench_agreement(stage(), reference(), n_users=n_users, sample=200, seed=seed)
         mllib_s, stage_s = min(timings["mllib"]), min(timings["stage"])
         results[name] = {
@@ -1509,8 +1513,13 @@ def bench_topn(
             "stage_seconds": round(stage_s, 3),
             "speedup_vs_recommend_for_all": round(mllib_s / stage_s, 2),
             "target_speedup": 10,
-            "path": scoring_path(n_users, n_items, driver_max_cells),
+            "path": path,
             "driver_max_cells": driver_max_cells,
+            # The Spark jobs alone of a driver-side stage: collect the users, create and write
+            # a DataFrame of the same rows (no scoring); MLlib's time over it bounds any such
+            # stage's speedup on this machine.
+            "driver_path_floor_seconds": None if floor is None else round(floor, 3),
+            "speedup_ceiling_on_driver_path": None if floor is None else round(mllib_s / floor, 2),
             "top_n_agreement_with_mllib": agreement,
             "runs": runs,
             "timing": f"best of {runs}, noop sink",
@@ -1530,6 +1539,16 @@ def bench_topn(
             frame.unpersist()
     assert first_rows is not None
     return results, first_rows
+
+
+def _driver_path_floor(users: DataFrame, rows: pd.DataFrame) -> float:
+    """Seconds of what `score_on_driver` does besides scoring: collect, create, write (noop)."""
+    spark = users.sparkSession
+    started = time.perf_counter()
+    users.toPandas()
+    with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
+        spark.createDataFrame(rows, SCORED_SCHEMA).write.format("noop").mode("overwrite").save()
+    return time.perf_counter() - started
 
 
 def _bench_agreement(
