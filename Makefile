@@ -86,12 +86,11 @@ chromium:  ## Debian's Chromium for `make screenshot` (apt-get, when root)
 		echo "no chromium and no root apt-get: install Debian's chromium package, then rerun"; exit 1; \
 	fi
 
-screenshot: chromium  ## render a report (REPORT=path.html; default the newest in reports/) to path.png
+screenshot: install chromium  ## render a report (REPORT=path.html; default the newest in reports/) to path.png
 	@test -n "$(REPORT)" && test -f "$(REPORT)" || { echo "no report to render: run \`make demo\` or pass REPORT=path.html"; exit 1; }
-	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
-		--disable-background-networking --disable-component-update --disable-sync \
-		--user-data-dir="$$(mktemp -d)" --hide-scrollbars --window-size=1280,$${HEIGHT:-3200} \
-		--screenshot="$(abspath $(basename $(REPORT))).png" "file://$(abspath $(REPORT))" 2>/dev/null
+	$(BIN)/python -c 'import sys; from llmrec_spark.evaluation_report import screenshot; \
+		sys.exit(0 if screenshot(sys.argv[1], sys.argv[2], height=int(sys.argv[3])) else 1)' \
+		"$(REPORT)" "$(basename $(REPORT)).png" "$${HEIGHT:-3000}"
 	@echo "wrote $(basename $(REPORT)).png"
 
 clean-data:  ## remove demo data, tables, MLflow store and reports

@@ -269,6 +269,9 @@ class EvaluateConfig:
     # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
     tune_als_reg_params: list[float] = field(default_factory=list)
     tune_als_alphas: list[float] = field(default_factory=list)
+    # cold_item refitted on this many other seeded picks of the cold items (seed + 100 k): the
+    # report's spread of cold-only Recall@20 over the picks (each costs one ALS + tower fit).
+    cold_item_draws: int = 0
 
 
 @dataclass(frozen=True)
@@ -485,6 +488,7 @@ def validate(cfg: Config) -> Config:
         ),
         (0.0 < cfg.evaluate.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
         (cfg.evaluate.max_test_users > 0, "evaluate.max_test_users: must be positive"),
+        (cfg.evaluate.cold_item_draws >= 0, "evaluate.cold_item_draws: must not be negative"),
         (cfg.contrastive.temperature > 0, "contrastive.temperature: must be positive"),
         (cfg.contrastive.num_processes >= 1, "contrastive.num_processes: must be at least 1"),
         (

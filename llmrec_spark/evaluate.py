@@ -31,6 +31,7 @@ from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.evaluation_report import (
     MODEL_ORDER,
     Claim,
+    Draw,
     ModelResult,
     ProtocolResult,
     ViewResult,
@@ -529,6 +530,7 @@ class Evaluation:
     tuning: dict[str, Any]
     report: str
     seconds: float
+    draws: list[Draw] = dataclasses.field(default_factory=list)  # cold_item on other picks
 
     def summary(self) -> dict[str, Any]:
         return report_summary(self.protocols)
@@ -564,6 +566,7 @@ def evaluate_events(
     if tune:
         ctx, params, tuning = _tune(ctx, events, catalog, frozen, protocols, work_dir)
     results = []
+    cold_items = 0
     for protocol in protocols:
         split = make_split(events, protocol, cfg, seed=cfg.seed)
         fitted = fit_split(
@@ -579,7 +582,28 @@ def evaluate_events(
             log.warning("evaluate: %s has no test users; skipped", protocol)
             continue
         results.append(protocol_result(fitted, protocol, params=params, ks=ks))
+        if fitted.cold is not None:
+            cold_items = int(fitted.cold.sum())
         log.info("evaluate: %s done (%.0fs so far)", protocol, time.perf_counter() - started)
+    draws: list[Draw] = []
+    primary = next((p for p in results if p.name == "cold_item"), None)
+    if primary is not None and cfg.cold_item_draws > 0:
+        draws = [_draw(primary, cfg.seed, cold_items, primary=True)]
+        for k in range(1, cfg.cold_item_draws + 1):
+            seed = cfg.seed + 100 * k
+            fitted = fit_split(
+                ctx,
+                make_split(events, "cold_item", cfg, seed=seed),
+                catalog=catalog,
+                embeddings=frozen,
+                work_dir=os.path.join(work_dir, f"cold_item-draw-{seed}"),
+                max_test_users=cfg.max_test_users,
+                seed=cfg.seed,
+            )
+            result = protocol_result(fitted, "cold_item", params=params, ks=[20])
+            assert fitted.cold is not None
+            draws.append(_draw(result, seed, int(fitted.cold.sum())))
+            log.info("evaluate: cold_item draw %d: %s", seed, draws[-1].recall)
     events.unpersist()
     if not results:
         raise InputError(
@@ -606,8 +630,25 @@ def evaluate_events(
         bootstrap_samples=cfg.bootstrap_samples,
         seed=cfg.seed,
         notes=notes,
+        draws=draws,
     )
-    return Evaluation(results, params, tuning, path, time.perf_counter() - started)
+    return Evaluation(results, params, tuning, path, time.perf_counter() - started, draws)
+
+
+def _draw(result: ProtocolResult, seed: int, cold_items: int, *, primary: bool = False) -> Draw:
+    """The cold-only view of a cold_item result as a `Draw` (mean Recall@20 per model)."""
+    view = next(v for v in result.views if v.name == "cold_only")
+    return Draw(
+        seed=seed,
+        users=view.users,
+        cold_items=cold_items,
+        recall={
+            m: float(np.mean(r.per_user["recall@20"]))
+            for m, r in view.models.items()
+            if "recall@20" in r.per_user and len(r.per_user["recall@20"])
+        },
+        primary=primary,
+    )
 
 
 def _tune(
@@ -894,6 +935,22 @@ def quality_json(evaluation: Evaluation) -> dict[str, Any]:
                 "mixed_cold_recall@20": mixed.get(model, {}).get("cold_recall@20"),
             }
             out["cold_item"][model] = {k: round(v, 4) for k, v in row.items() if not _nan(v)}
+    if evaluation.draws:
+        models = [m for m in MODELS if any(m in d.recall for d in evaluation.draws)]
+        out["cold_item_draws"] = {
+            "seeds": [d.seed for d in evaluation.draws],
+            "cold_items": [d.cold_items for d in evaluation.draws],
+            "recall@20": {
+                m: [round(d.recall[m], 4) if m in d.recall else None for d in evaluation.draws]
+                for m in models
+            },
+            "mean_recall@20": {
+                m: round(
+                    float(np.mean([d.recall[m] for d in evaluation.draws if m in d.recall])), 4
+                )
+                for m in models
+            },
+        }
     return out
 
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,17 @@ class Claim:
     baseline: str
 
 
+@dataclass
+class Draw:
+    """The cold_item protocol on one seeded pick of cold items: cold-only means per model."""
+
+    seed: int
+    users: int  # test users with a positive on a cold item
+    cold_items: int
+    recall: dict[str, float]  # model -> mean cold-only Recall@20
+    primary: bool = False  # the draw the rest of the report is about
+
+
 Stat = tuple[float, float, float]  # mean, interval low, interval high (NaN when absent)
 NAN_STAT: Stat = (math.nan, math.nan, math.nan)
 
@@ -137,6 +148,7 @@ def write_report(
     bootstrap_samples: int,
     seed: int,
     notes: Sequence[str] = (),
+    draws: Sequence[Draw] = (),
 ) -> str:
     """Write `<folder>/evaluation-<ds>.html` and return its path."""
     stats = _Stats(bootstrap_samples=bootstrap_samples, seed=seed)
@@ -144,6 +156,7 @@ def write_report(
         _header(title, ds, protocols, bootstrap_samples, seed, notes),
         _overview(protocols, stats),
         _claims_section(protocols, claims, bootstrap_samples, seed),
+        _draws_section(draws),
         *(_protocol_section(p, stats) for p in protocols),
     ]
     page = (
@@ -407,6 +420,48 @@ def _popularity_charts(protocols: Sequence[ProtocolResult], stats: _Stats) -> li
                 )
             )
     return charts
+
+
+def _draws_section(draws: Sequence[Draw]) -> str:
+    """One row per cold-item draw, then the mean and range over the draws, per model."""
+    if len(draws) < 2:
+        return ""
+    models = _ordered({m for d in draws for m in d.recall})
+    head = "".join(f"<th>{_e(m)}</th>" for m in models)
+    rows = []
+    for d in draws:
+        values = "".join(f"<td class='num'>{_fmt(d.recall.get(m, math.nan))}</td>" for m in models)
+        label = f"{d.seed}" + (" (this report)" if d.primary else "")
+        rows.append(
+            f"<tr class='draw' data-seed='{d.seed}'><td>{_e(label)}</td><td class='num'>"
+            f"{d.cold_items}</td><td class='num'>{d.users}</td>{values}</tr>"
+        )
+    finite = {
+        m: [d.recall[m] for d in draws if math.isfinite(d.recall.get(m, math.nan))] for m in models
+    }
+    folds: list[tuple[str, Callable[[list[float]], float]]] = [
+        ("mean", lambda v: sum(v) / len(v)),
+        ("min", min),
+        ("max", max),
+    ]
+    summary = []
+    for label, fold in folds:
+        cells = "".join(
+            f"<td class='num'>{_fmt(fold(finite[m]) if finite[m] else math.nan)}</td>"
+            for m in models
+        )
+        summary.append(f"<tr class='draw-{label}'><th>{label}</th><td></td><td></td>{cells}</tr>")
+    return (
+        "<section id='draws'><h2>cold_item on other draws</h2><p class='muted'>Cold-only "
+        "Recall@20 (mean over users) with the same models fitted on other seeded picks of the "
+        "cold items. The intervals above resample users, not which items are cold; this table "
+        "shows how much the cold-only numbers depend on that pick.</p><table class='draws'>"
+        f"<thead><tr><th>seed</th><th>cold items</th><th>users</th>{head}</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody><tfoot>"
+        + "".join(summary)
+        + "</tfoot></table></section>"
+    )
 
 
 def _claims_section(

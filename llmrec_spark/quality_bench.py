@@ -33,6 +33,8 @@ ALS_REG_PARAMS = (0.1, 0.3)
 ALS_ALPHAS = (0.3, 1.0)
 # The tower's temperatures tried on the cold_item validation split unless set in config.
 TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
+# Other seeded picks of the cold items refitted for the report's spread (unless set in config).
+COLD_ITEM_DRAWS = 2
 
 
 def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
@@ -59,6 +61,7 @@ def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
         tune_als_reg_params=cfg.evaluate.tune_als_reg_params or list(ALS_REG_PARAMS),
         tune_als_alphas=cfg.evaluate.tune_als_alphas or list(ALS_ALPHAS),
         tune_tower_temperatures=(cfg.evaluate.tune_tower_temperatures or list(TOWER_TEMPERATURES)),
+        cold_item_draws=cfg.evaluate.cold_item_draws or COLD_ITEM_DRAWS,
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
     als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)

@@ -150,3 +150,32 @@ def test_best_config_keeps_the_first_of_the_highest_scores_and_skips_unbuilt_tri
     # Nothing scored: the context comes back unchanged.
     untouched, none = _best_config(ctx, [("d", configs["d"])], lambda trial: None)
     assert untouched is ctx and none == {}
+
+
+def test_cold_item_draws_summarise_the_cold_only_recall_per_model():
+    from llmrec_spark.evaluate import Evaluation, _draw, quality_json
+
+    # Draw A: cold i2, i4 -> frozen text hits both users' cold positives at 1 (see above).
+    a = protocol_result(
+        fitted(np.array([False, False, True, False, True])), "cold_item", params={}, ks=[20]
+    )
+    # Draw B: only i4 is cold -> u0's cold positive i4 is found, u1 has no cold positive.
+    b = protocol_result(
+        fitted(np.array([False, False, False, False, True])), "cold_item", params={}, ks=[20]
+    )
+    draws = [_draw(a, 5, 2, primary=True), _draw(b, 105, 1)]
+    assert (draws[0].users, draws[0].cold_items, draws[0].primary) == (2, 2, True)
+    assert (draws[1].users, draws[1].cold_items, draws[1].primary) == (1, 1, False)
+    assert draws[0].recall["text_frozen"] == pytest.approx(1.0)
+    assert draws[1].recall["text_frozen"] == pytest.approx(1.0)
+    # Popularity over the cold candidates: u0's list is i2 then i4 (popularity 3 > 0), both in
+    # the top 20 -> recall 1; the ALS-only models cannot rank cold items and are absent.
+    assert draws[0].recall["popularity"] == pytest.approx(1.0)
+    assert "als" not in draws[0].recall
+
+    out = quality_json(Evaluation([a], {}, {}, "report.html", 1.0, draws))
+    assert out["cold_item_draws"]["seeds"] == [5, 105]
+    assert out["cold_item_draws"]["cold_items"] == [2, 1]
+    assert out["cold_item_draws"]["recall@20"]["text_frozen"] == [1.0, 1.0]
+    assert out["cold_item_draws"]["mean_recall@20"]["text_frozen"] == pytest.approx(1.0)
+    assert "cold_item_draws" not in quality_json(Evaluation([a], {}, {}, "report.html", 1.0))

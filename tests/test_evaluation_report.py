@@ -11,6 +11,7 @@ import pytest
 
 from llmrec_spark.evaluation_report import (
     Claim,
+    Draw,
     ModelResult,
     ProtocolResult,
     ViewResult,
@@ -346,3 +347,58 @@ def test_screenshot_runs_headless_chromium_on_the_file(tmp_path, monkeypatch):
     assert {"--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1200"} <= set(args)
     assert f"file://{html_path}" in args
     assert any(a.startswith("--user-data-dir=") for a in args)
+
+
+def test_draws_table_lists_each_cold_item_pick_with_mean_and_range(tmp_path):
+    draws = [
+        Draw(
+            seed=5,
+            users=900,
+            cold_items=202,
+            recall={"text_frozen": 0.2, "text_finetuned": 0.31},
+            primary=True,
+        ),
+        Draw(
+            seed=105,
+            users=910,
+            cold_items=202,
+            recall={"text_frozen": 0.24, "text_finetuned": 0.35},
+        ),
+        Draw(seed=205, users=905, cold_items=201, recall={"text_frozen": 0.22}),
+    ]
+    path = write_report(
+        str(tmp_path),
+        title="draws",
+        ds="2024-06-30",
+        protocols=hand_built_protocols(),
+        claims=[],
+        bootstrap_samples=20,
+        seed=7,
+        draws=draws,
+    )
+    html = Path(path).read_text()
+    section = html[html.index("<section id='draws'>") :]
+    section = section[: section.index("</section>")]
+    rows = [
+        [c for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+        for row in re.findall(r"<tr[^>]*>(.*?)</tr>", section)
+    ]
+    # Models in the report's order (frozen before fine-tuned), a dash where a draw lacks one.
+    assert rows[0] == ["seed", "cold items", "users", "text_frozen", "text_finetuned"]
+    assert rows[1] == ["5 (this report)", "202", "900", "0.2000", "0.3100"]
+    assert rows[3] == ["205", "201", "905", "0.2200", "—"]
+    assert rows[4] == ["mean", "", "", "0.2200", "0.3300"]
+    assert rows[5] == ["min", "", "", "0.2000", "0.3100"]
+    assert rows[6] == ["max", "", "", "0.2400", "0.3500"]
+    # One draw (or none) is no spread: no section.
+    single = write_report(
+        str(tmp_path / "one"),
+        title="one",
+        ds="2024-06-30",
+        protocols=hand_built_protocols(),
+        claims=[],
+        bootstrap_samples=20,
+        seed=7,
+        draws=draws[:1],
+    )
+    assert "id='draws'" not in Path(single).read_text()
