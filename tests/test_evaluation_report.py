@@ -366,17 +366,21 @@ def test_draws_table_lists_each_cold_item_pick_with_mean_and_range(tmp_path):
         ),
         Draw(seed=205, users=905, cold_items=201, recall={"text_frozen": 0.22}),
     ]
-    path = write_report(
-        str(tmp_path),
-        title="draws",
-        ds="2024-06-30",
-        protocols=hand_built_protocols(),
-        claims=[],
-        bootstrap_samples=20,
-        seed=7,
-        draws=draws,
-    )
-    html = Path(path).read_text()
+
+    def page(folder: Path, picks: list[Draw]) -> str:
+        path = write_report(
+            str(folder),
+            title="draws",
+            ds="2024-06-30",
+            protocols=hand_built_protocols(),
+            claims=[],
+            bootstrap_samples=20,
+            seed=7,
+            draws=picks,
+        )
+        return Path(path).read_text()
+
+    html = page(tmp_path, draws)
     section = html[html.index("<section id='draws'>") :]
     section = section[: section.index("</section>")]
     rows = [
@@ -391,14 +395,4 @@ def test_draws_table_lists_each_cold_item_pick_with_mean_and_range(tmp_path):
     assert rows[5] == ["min", "", "", "0.2000", "0.3100"]
     assert rows[6] == ["max", "", "", "0.2400", "0.3500"]
     # One draw (or none) is no spread: no section.
-    single = write_report(
-        str(tmp_path / "one"),
-        title="one",
-        ds="2024-06-30",
-        protocols=hand_built_protocols(),
-        claims=[],
-        bootstrap_samples=20,
-        seed=7,
-        draws=draws[:1],
-    )
-    assert "id='draws'" not in Path(single).read_text()
+    assert "id='draws'" not in page(tmp_path / "one", draws[:1])
