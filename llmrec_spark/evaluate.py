@@ -35,6 +35,7 @@ from llmrec_spark.evaluation_report import (
     ModelResult,
     ProtocolResult,
     ViewResult,
+    draw_summary,
     report_summary,
     write_report,
 )
@@ -565,45 +566,36 @@ def evaluate_events(
     tuning: dict[str, Any] = {}
     if tune:
         ctx, params, tuning = _tune(ctx, events, catalog, frozen, protocols, work_dir)
-    results = []
-    cold_items = 0
-    for protocol in protocols:
-        split = make_split(events, protocol, cfg, seed=cfg.seed)
-        fitted = fit_split(
+
+    def fit(protocol: str, seed: int, folder: str) -> Fitted:
+        return fit_split(
             ctx,
-            split,
+            make_split(events, protocol, cfg, seed=seed),
             catalog=catalog,
             embeddings=frozen,
-            work_dir=os.path.join(work_dir, protocol),
+            work_dir=os.path.join(work_dir, folder),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
+
+    results = []
+    draws: list[Draw] = []  # cold_item on other seeded picks of the cold items
+    for protocol in protocols:
+        fitted = fit(protocol, cfg.seed, protocol)
         if not any(len(r) for r in fitted.relevant):
             log.warning("evaluate: %s has no test users; skipped", protocol)
             continue
         results.append(protocol_result(fitted, protocol, params=params, ks=ks))
-        if fitted.cold is not None:
-            cold_items = int(fitted.cold.sum())
+        if protocol == "cold_item" and cfg.cold_item_draws > 0:
+            draws.append(_draw(fitted, results[-1], cfg.seed, primary=True))
         log.info("evaluate: %s done (%.0fs so far)", protocol, time.perf_counter() - started)
-    draws: list[Draw] = []
-    primary = next((p for p in results if p.name == "cold_item"), None)
-    if primary is not None and cfg.cold_item_draws > 0:
-        draws = [_draw(primary, cfg.seed, cold_items, primary=True)]
-        for k in range(1, cfg.cold_item_draws + 1):
-            seed = cfg.seed + 100 * k
-            fitted = fit_split(
-                ctx,
-                make_split(events, "cold_item", cfg, seed=seed),
-                catalog=catalog,
-                embeddings=frozen,
-                work_dir=os.path.join(work_dir, f"cold_item-draw-{seed}"),
-                max_test_users=cfg.max_test_users,
-                seed=cfg.seed,
-            )
-            result = protocol_result(fitted, "cold_item", params=params, ks=[20])
-            assert fitted.cold is not None
-            draws.append(_draw(result, seed, int(fitted.cold.sum())))
-            log.info("evaluate: cold_item draw %d: %s", seed, draws[-1].recall)
+    for k in range(1, cfg.cold_item_draws + 1 if draws else 0):
+        seed = cfg.seed + 100 * k
+        fitted = fit("cold_item", seed, f"cold_item-draw-{seed}")
+        draws.append(
+            _draw(fitted, protocol_result(fitted, "cold_item", params=params, ks=[20]), seed)
+        )
+        log.info("evaluate: cold_item draw %d: %s", seed, draws[-1].recall)
     events.unpersist()
     if not results:
         raise InputError(
@@ -635,13 +627,13 @@ def evaluate_events(
     return Evaluation(results, params, tuning, path, time.perf_counter() - started, draws)
 
 
-def _draw(result: ProtocolResult, seed: int, cold_items: int, *, primary: bool = False) -> Draw:
+def _draw(fitted: Fitted, result: ProtocolResult, seed: int, *, primary: bool = False) -> Draw:
     """The cold-only view of a cold_item result as a `Draw` (mean Recall@20 per model)."""
     view = next(v for v in result.views if v.name == "cold_only")
     return Draw(
         seed=seed,
         users=view.users,
-        cold_items=cold_items,
+        cold_items=0 if fitted.cold is None else int(fitted.cold.sum()),
         recall={
             m: float(np.mean(r.per_user["recall@20"]))
             for m, r in view.models.items()
@@ -945,10 +937,7 @@ def quality_json(evaluation: Evaluation) -> dict[str, Any]:
                 for m in models
             },
             "mean_recall@20": {
-                m: round(
-                    float(np.mean([d.recall[m] for d in evaluation.draws if m in d.recall])), 4
-                )
-                for m in models
+                m: round(v["mean"], 4) for m, v in draw_summary(evaluation.draws).items()
             },
         }
     return out

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -422,6 +422,16 @@ def _popularity_charts(protocols: Sequence[ProtocolResult], stats: _Stats) -> li
     return charts
 
 
+def draw_summary(draws: Sequence[Draw]) -> dict[str, dict[str, float]]:
+    """Per model with a finite value in some draw: the mean, min and max over the draws."""
+    out = {}
+    for model in _ordered({m for d in draws for m in d.recall}):
+        values = [d.recall[model] for d in draws if math.isfinite(d.recall.get(model, math.nan))]
+        if values:
+            out[model] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return out
+
+
 def _draws_section(draws: Sequence[Draw]) -> str:
     """One row per cold-item draw, then the mean and range over the draws, per model."""
     if len(draws) < 2:
@@ -436,18 +446,11 @@ def _draws_section(draws: Sequence[Draw]) -> str:
             f"<tr class='draw' data-seed='{d.seed}'><td>{_e(label)}</td><td class='num'>"
             f"{d.cold_items}</td><td class='num'>{d.users}</td>{values}</tr>"
         )
-    finite = {
-        m: [d.recall[m] for d in draws if math.isfinite(d.recall.get(m, math.nan))] for m in models
-    }
-    folds: list[tuple[str, Callable[[list[float]], float]]] = [
-        ("mean", lambda v: sum(v) / len(v)),
-        ("min", min),
-        ("max", max),
-    ]
+    spread = draw_summary(draws)
     summary = []
-    for label, fold in folds:
+    for label in ("mean", "min", "max"):
         cells = "".join(
-            f"<td class='num'>{_fmt(fold(finite[m]) if finite[m] else math.nan)}</td>"
+            f"<td class='num'>{_fmt(spread[m][label] if m in spread else math.nan)}</td>"
             for m in models
         )
         summary.append(f"<tr class='draw-{label}'><th>{label}</th><td></td><td></td>{cells}</tr>")

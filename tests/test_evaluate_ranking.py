@@ -156,14 +156,12 @@ def test_cold_item_draws_summarise_the_cold_only_recall_per_model():
     from llmrec_spark.evaluate import Evaluation, _draw, quality_json
 
     # Draw A: cold i2, i4 -> frozen text hits both users' cold positives at 1 (see above).
-    a = protocol_result(
-        fitted(np.array([False, False, True, False, True])), "cold_item", params={}, ks=[20]
-    )
+    fa = fitted(np.array([False, False, True, False, True]))
+    a = protocol_result(fa, "cold_item", params={}, ks=[20])
     # Draw B: only i4 is cold -> u0's cold positive i4 is found, u1 has no cold positive.
-    b = protocol_result(
-        fitted(np.array([False, False, False, False, True])), "cold_item", params={}, ks=[20]
-    )
-    draws = [_draw(a, 5, 2, primary=True), _draw(b, 105, 1)]
+    fb = fitted(np.array([False, False, False, False, True]))
+    b = protocol_result(fb, "cold_item", params={}, ks=[20])
+    draws = [_draw(fa, a, 5, primary=True), _draw(fb, b, 105)]
     assert (draws[0].users, draws[0].cold_items, draws[0].primary) == (2, 2, True)
     assert (draws[1].users, draws[1].cold_items, draws[1].primary) == (1, 1, False)
     assert draws[0].recall["text_frozen"] == pytest.approx(1.0)
