@@ -914,12 +914,19 @@ def score_on_driver(
     spark = users.sparkSession
     if not blocks:
         return spark.createDataFrame([], SCORED_SCHEMA)
-    # The rows stay Arrow batches in an RDD, decoded by the tasks that read them. Below the
-    # threshold Spark turns them into a LocalRelation instead: every row converted on the driver
-    # JVM and shipped inside the tasks, which made creating and writing 943 x 20 rows take
-    # ~0.4 s more on 2 busy cores (`llmrec bench topn`).
+    return scored_frame(spark, pd.concat(blocks, ignore_index=True))
+
+
+def scored_frame(spark: Any, rows: pd.DataFrame) -> DataFrame:
+    """A DataFrame of SCORED_SCHEMA over rows scored in the driver process.
+
+    The rows stay Arrow batches in an RDD, decoded by the tasks that read them. Below the
+    threshold Spark turns them into a LocalRelation instead: every row converted on the driver
+    JVM and shipped inside the tasks, which made creating and writing 943 x 20 rows take
+    ~0.4 s more on 2 busy cores (`llmrec bench topn`).
+    """
     with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
-        return spark.createDataFrame(pd.concat(blocks, ignore_index=True), SCORED_SCHEMA)
+        return spark.createDataFrame(rows, SCORED_SCHEMA)
 
 
 def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
@@ -1550,11 +1557,9 @@ def bench_topn(
 
 def _driver_path_floor(users: DataFrame, rows: pd.DataFrame) -> float:
     """Seconds of what `score_on_driver` does besides scoring: collect, create, write (noop)."""
-    spark = users.sparkSession
     started = time.perf_counter()
     users.toPandas()
-    with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
-        spark.createDataFrame(rows, SCORED_SCHEMA).write.format("noop").mode("overwrite").save()
+    scored_frame(users.sparkSession, rows).write.format("noop").mode("overwrite").save()
     return time.perf_counter() - started
 
 
