@@ -22,7 +22,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,6 @@ from llmrec_spark.config import RecommendConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import GateError, InputError
 from llmrec_spark.schema import SOURCE_ALS, SOURCE_HYBRID, SOURCE_POPULAR, SOURCE_TEXT
-from llmrec_spark.session import session_conf
 
 log = logging.getLogger(__name__)
 
@@ -820,29 +819,12 @@ def score_users(
     max_per_category: int = 0,
     block_size: int = 2048,
     partitions: int | None = None,
-    driver_max_cells: int = 0,
-    n_users: int | None = None,
 ) -> DataFrame:
     """Top-n rows (SCORED_SCHEMA) for every row of `user_frame`, scored `block_size` users at a time.
 
     `items` is a broadcast `ItemMatrices` (deserialized once per Python worker). With
-    `partitions`, users are first spread evenly (round robin) over that many tasks. When users
-    x items is at most `driver_max_cells` (0 = never), the users are collected and scored in
-    the driver instead (`score_on_driver`, eager; the same rows): `n_users`, when the caller
-    knows it, saves counting them.
+    `partitions`, users are first spread evenly (round robin) over that many tasks.
     """
-    if driver_max_cells > 0:
-        n_users = users.count() if n_users is None else n_users
-        if scoring_path(n_users, items.value.size, driver_max_cells) == "driver":
-            return score_on_driver(
-                users,
-                items.value,
-                n=n,
-                mix=mix,
-                exclude_seen=exclude_seen,
-                max_per_category=max_per_category,
-                block_size=block_size,
-            )
 
     def score(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
         matrices = items.value
@@ -867,7 +849,7 @@ def score_users(
 
 
 def scoring_path(n_users: int, n_items: int, driver_max_cells: int) -> str:
-    """Where `score_users` scores: "driver" or "executors".
+    """Where the stage scores: "driver" (`score_on_driver`) or "executors" (`score_users`).
 
     "driver" when users x items is at most `driver_max_cells`; a threshold of 0 means never.
     """
@@ -885,16 +867,20 @@ def score_on_driver(
     exclude_seen: bool = True,
     max_per_category: int = 0,
     block_size: int = 2048,
-) -> DataFrame:
+) -> pd.DataFrame:
     """`score_users` in the driver process: collect the user frame, score it block by block.
 
-    Returns a DataFrame of SCORED_SCHEMA over the rows scored here. For problems small enough
-    that one Spark job with Python workers costs more than the scoring itself.
+    Returns the rows (SCORED_SCHEMA columns) as a pandas frame, held by the driver: the gate
+    (`gate_counts`) and the embedded table engine take them from there without another Spark
+    job. For problems small enough that one Spark job with Python workers costs more than
+    the scoring itself.
     """
     columns = ["user_id", "als_features", "history"]
     # A projection is one more round of analysis on the driver (~30 ms on 2 busy cores).
     frame = users if set(users.columns) == set(columns) else users.select(*columns)
     collected: pd.DataFrame = frame.toPandas()
+    if collected.empty:
+        return empty_scored_rows()
     scratch = np.empty((min(block_size, len(collected)), items.size), dtype=np.float32)
     # One BLAS thread, as in a task: the product is a small share of the scoring, and in
     # local mode the driver shares its cores with the executors' JVM threads.
@@ -911,22 +897,20 @@ def score_on_driver(
             )
             for start in range(0, len(collected), block_size)
         ]
-    spark = users.sparkSession
-    if not blocks:
-        return spark.createDataFrame([], SCORED_SCHEMA)
-    return scored_frame(spark, pd.concat(blocks, ignore_index=True))
+    return pd.concat(blocks, ignore_index=True)
 
 
-def scored_frame(spark: Any, rows: pd.DataFrame) -> DataFrame:
-    """A DataFrame of SCORED_SCHEMA over rows scored in the driver process.
-
-    The rows stay Arrow batches in an RDD, decoded by the tasks that read them. Below the
-    threshold Spark turns them into a LocalRelation instead: every row converted on the driver
-    JVM and shipped inside the tasks, which made creating and writing 943 x 20 rows take
-    ~0.4 s more on 2 busy cores (`llmrec bench topn`).
-    """
-    with session_conf(spark, "spark.sql.execution.arrow.localRelationThreshold", "0"):
-        return spark.createDataFrame(rows, SCORED_SCHEMA)
+def empty_scored_rows() -> pd.DataFrame:
+    """No rows, with the column dtypes `score_block_frame` gives."""
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(dtype=object),
+            "rank": pd.Series(dtype=np.int32),
+            "item_id": pd.Series(dtype=object),
+            "score": pd.Series(dtype=np.float32),
+            "source": pd.Series(dtype=object),
+        }
+    )
 
 
 def task_blas_threads() -> contextlib.AbstractContextManager[Any]:
@@ -1006,6 +990,56 @@ def gate_report(
         F.coalesce(F.sum("increases"), F.lit(0)).cast("long").alias("score_increases"),
         F.coalesce(F.sum("seen"), F.lit(0)).cast("long").alias("seen_items"),
     )
+
+
+def gate_counts(
+    recs: pd.DataFrame, users: Iterable[str], seen: pd.DataFrame | None, *, top_n: int
+) -> dict[str, int]:
+    """`gate_report` over rows the driver holds (the driver scoring path): the same counts.
+
+    `recs` has SCORED_SCHEMA columns, `users` the expected user ids, `seen` (user_id, item_id)
+    pairs or None. As in Spark's ordering, a NaN score counts as above every number.
+    """
+    expected = pd.Index(pd.unique(pd.Series(list(users), dtype=object)))
+    ordered = recs[["user_id", "item_id", "rank", "score"]].sort_values(
+        ["user_id", "rank"], kind="stable"
+    )
+    user = ordered["user_id"].to_numpy()
+    score = ordered["score"].to_numpy(dtype=np.float64)
+    nan = np.isnan(score)
+    same_user = np.zeros(len(score), dtype=bool)
+    same_user[1:] = user[1:] == user[:-1]
+    prev, prev_nan = np.roll(score, 1), np.roll(nan, 1)
+    with np.errstate(invalid="ignore"):
+        up = same_user & ~prev_nan & (nan | (score > prev))
+    if seen is not None and len(seen):
+        pairs = pd.MultiIndex.from_frame(seen[["user_id", "item_id"]])
+        marked = pd.MultiIndex.from_frame(ordered[["user_id", "item_id"]]).isin(pairs)
+    else:
+        marked = np.zeros(len(score), dtype=bool)
+    per_user = ordered.groupby("user_id", sort=False, dropna=False).agg(
+        rows=("item_id", "size"),
+        items=("item_id", "nunique"),
+        ranks=("rank", "nunique"),
+        min_rank=("rank", "min"),
+        max_rank=("rank", "max"),
+    )
+    rows, items = per_user["rows"], per_user["items"]
+    short = (rows != top_n) | (items != top_n)
+    bad_ranks = (
+        (per_user["ranks"] != rows) | (per_user["min_rank"] != 1) | (per_user["max_rank"] != rows)
+    )
+    return {
+        "users": len(expected),
+        "missing_users": int((~expected.isin(per_user.index)).sum()),
+        "unexpected_users": int((~per_user.index.isin(expected)).sum()),
+        "duplicate_items": int((rows - items).sum()),
+        "short_lists": int(short.sum()),
+        "bad_ranks": int(bad_ranks.sum()),
+        "non_finite_scores": int((~np.isfinite(score)).sum()),
+        "score_increases": int(up.sum()),
+        "seen_items": int(np.count_nonzero(marked)),
+    }
 
 
 def check_gate(report: dict[str, int], *, top_n: int) -> None:
@@ -1135,30 +1169,47 @@ def run_recommend(ctx: RunContext) -> StageResult:
     )
     model_version = ctx.parent_run_id or ctx.stage_run_id or "local"
     path = scoring_path(n_users, matrices.size, cfg.driver_max_cells)
-    # On the driver path `score_users` scores (and collects the users) before it returns.
+    scoring: dict[str, Any] = {
+        "n": cfg.top_n,
+        "mix": Mix.configured(cfg),
+        "exclude_seen": cfg.exclude_seen,
+        "max_per_category": cfg.max_per_category,
+        "block_size": cfg.user_block_size,
+    }
     scoring_started = time.perf_counter()
-    recs = (
-        score_users(
-            user_rows,
-            items_bc,
-            n=cfg.top_n,
-            mix=Mix.configured(cfg),
-            exclude_seen=cfg.exclude_seen,
-            max_per_category=cfg.max_per_category,
-            block_size=cfg.user_block_size,
-            partitions=scoring_partitions(
-                n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
-            ),
-            driver_max_cells=cfg.driver_max_cells,
-            n_users=n_users,
+    recs: DataFrame | pd.DataFrame
+    if path == "driver":
+        # Rows held by the driver from here to the Delta commit: gated in pandas, written
+        # with pyarrow by the embedded engine (no Spark job per step).
+        recs = score_on_driver(user_rows, matrices, **scoring).assign(
+            model_version=model_version, ds=ctx.ds
         )
-        .withColumn("model_version", F.lit(model_version))
-        .withColumn("ds", F.lit(ctx.ds))
-        .cache()
-    )
-    report = gate_report(
-        recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n
-    ).collect()[0]
+        expected: pd.DataFrame = users.toPandas()
+        report = gate_counts(
+            recs,
+            expected["user_id"],
+            seen.toPandas() if cfg.exclude_seen else None,
+            top_n=cfg.top_n,
+        )
+    else:
+        recs = (
+            score_users(
+                user_rows,
+                items_bc,
+                partitions=scoring_partitions(
+                    n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
+                ),
+                **scoring,
+            )
+            .withColumn("model_version", F.lit(model_version))
+            .withColumn("ds", F.lit(ctx.ds))
+            .cache()
+        )
+        report = (
+            gate_report(recs, users, seen if cfg.exclude_seen else None, top_n=cfg.top_n)
+            .collect()[0]
+            .asDict()
+        )
     scoring_s = time.perf_counter() - scoring_started
     log.info(
         "recommend: scored (on the %s) and gated %d users in %.1fs (%.0f users/s)",
@@ -1167,7 +1218,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
         scoring_s,
         n_users / max(scoring_s, 1e-9),
     )
-    check_gate(report.asDict(), top_n=cfg.top_n)
+    check_gate(report, top_n=cfg.top_n)
     metric_value, metric_verdict = metric_gate(ctx)
 
     published = publish_recommendations(
@@ -1184,11 +1235,17 @@ def run_recommend(ctx: RunContext) -> StageResult:
             else {}
         ),
     )
-    by_source = {row["source"]: row["count"] for row in recs.groupBy("source").count().collect()}
+    if isinstance(recs, pd.DataFrame):
+        by_source = {k: int(v) for k, v in recs["source"].value_counts().items()}
+    else:
+        by_source = {
+            row["source"]: row["count"] for row in recs.groupBy("source").count().collect()
+        }
     n_rows = sum(by_source.values())
     shares = {s: round(by_source.get(s, 0) / n_rows, 4) for s in SOURCES if by_source.get(s)}
     samples = sample_lists(recs, catalog, window, n_users=3)
-    recs.unpersist()
+    if isinstance(recs, DataFrame):
+        recs.unpersist()
     users.unpersist()
     items.unpersist()
     items_bc.unpersist()
@@ -1208,7 +1265,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
         | {"recommend.text_model": text_model},
         metrics={"recommend_users": float(n_users), "scoring_seconds": scoring_s}
         | {f"share_{s}": v for s, v in shares.items()}
-        | {f"gate_{k}": float(v) for k, v in report.asDict().items()},
+        | {f"gate_{k}": float(v) for k, v in report.items()},
         summary={
             "users": n_users,
             "items": matrices.size,
@@ -1293,30 +1350,34 @@ def publish_recommendations(
 
 
 def sample_lists(
-    recs: DataFrame, catalog: DataFrame, events: DataFrame, *, n_users: int = 3, n_items: int = 10
+    recs: DataFrame | pd.DataFrame,
+    catalog: DataFrame,
+    events: DataFrame,
+    *,
+    n_users: int = 3,
+    n_items: int = 10,
 ) -> list[dict[str, Any]]:
-    """Top items with titles for a few users (one per top-1 source first): the nightly prints them."""
-    firsts = (
-        recs.where(F.col("rank") == 1)
-        .groupBy("source")
-        .agg(F.min("user_id").alias("user_id"))
-        .collect()
-    )
+    """Top items with titles for a few users (one per top-1 source first): the nightly prints them.
+
+    `recs` is the stage's rows, as a DataFrame or as the pandas frame the driver path holds.
+    """
+    firsts: pd.DataFrame
+    if isinstance(recs, DataFrame):
+        firsts = recs.where(F.col("rank") == 1).select("user_id", "source").toPandas()
+    else:
+        firsts = recs.loc[recs["rank"] == 1, ["user_id", "source"]]
     order = {s: i for i, s in enumerate(SOURCES)}
+    by_source = firsts.groupby("source")["user_id"].min()
     chosen = [
-        r["user_id"] for r in sorted(firsts, key=lambda r: order.get(r["source"], len(order)))
-    ]
-    chosen = chosen[:n_users]
-    if len(chosen) < n_users:
-        more = (
-            recs.where((F.col("rank") == 1) & ~F.col("user_id").isin(chosen))
-            .select("user_id")
-            .orderBy("user_id")
-            .limit(n_users - len(chosen))
-            .collect()
-        )
-        chosen += [r["user_id"] for r in more]
-    rows = recs.where(F.col("user_id").isin(chosen) & (F.col("rank") <= n_items)).collect()
+        by_source[s] for s in sorted(by_source.index, key=lambda s: order.get(s, len(order)))
+    ][:n_users]
+    others = sorted(set(firsts["user_id"]) - set(chosen))
+    chosen += others[: n_users - len(chosen)]
+    if isinstance(recs, DataFrame):
+        rows = recs.where(F.col("user_id").isin(chosen) & (F.col("rank") <= n_items)).collect()
+    else:
+        picked = recs[recs["user_id"].isin(chosen) & (recs["rank"] <= n_items)]
+        rows = picked.to_dict("records")
     touched = (
         events.where(F.col("user_id").isin(chosen))
         .groupBy("user_id", "item_id")
@@ -1344,7 +1405,7 @@ def sample_lists(
                 ],
                 "items": [
                     {
-                        "rank": r["rank"],
+                        "rank": int(r["rank"]),
                         "item_id": r["item_id"],
                         "title": titles.get(r["item_id"], (None, None))[0],
                         "category": titles.get(r["item_id"], (None, None))[1],
@@ -1430,7 +1491,9 @@ def bench_topn(
     """Time MLlib's top-n + seen filtering against `score_users` per size, on the same factors.
 
     The stage is called as `run_recommend` calls it, so a size of at most `driver_max_cells`
-    scores on the driver (collecting the cached user frame is part of its time). Returns
+    scores on the driver (`score_on_driver`: collecting the cached user frame is part of its
+    time, and its rows end in a pandas frame, from which `run_recommend` gates and publishes
+    them); a larger size's DataFrame is written to the noop sink, as MLlib's is. Returns
     (results per size, this stage's rows for the first size as a cached DataFrame of the
     `recommendations` shape, for the Delta write comparison).
     """
@@ -1480,24 +1543,26 @@ def bench_topn(
         model = als_model_from_factors(spark, user_df, item_df, rank)
         items_bc = spark.sparkContext.broadcast(matrices)
 
-        stage = functools.partial(
-            score_users,
-            users,
-            items_bc,
-            n=n,
-            mix=Mix(0.0),
-            block_size=block_size,
-            partitions=scoring_partitions(
-                n_users, block_size, spark.sparkContext.defaultParallelism
-            ),
-            driver_max_cells=driver_max_cells,
-            n_users=n_users,
-        )
+        path = scoring_path(n_users, n_items, driver_max_cells)
+        scoring: dict[str, Any] = {"n": n, "mix": Mix(0.0), "block_size": block_size}
+        if path == "driver":
+            stage: Callable[[], DataFrame | pd.DataFrame] = functools.partial(
+                score_on_driver, users, matrices, **scoring
+            )
+        else:
+            stage = functools.partial(
+                score_users,
+                users,
+                items_bc,
+                partitions=scoring_partitions(
+                    n_users, block_size, spark.sparkContext.defaultParallelism
+                ),
+                **scoring,
+            )
         reference = functools.partial(
             mllib_top_n_unseen, model, seen, n=n, max_seen=max(len(h) for h in histories)
         )
 
-        path = scoring_path(n_users, n_items, driver_max_cells)
         # A driver-path size takes ~1 s a run, and its ~0.1 s stage varies by tens of ms
         # between runs on 2 busy cores: more runs for the best-of.
         size_runs = max(runs, SMALL_SIZE_RUNS) if path == "driver" else runs
@@ -1505,7 +1570,7 @@ def bench_topn(
         for attempt in range(size_runs):
             for label, job in (("mllib", reference), ("stage", stage)):
                 started = time.perf_counter()
-                job().write.format("noop").mode("overwrite").save()
+                _materialize(job())
                 timings[label].append(time.perf_counter() - started)
                 log.info(
                     "bench topn %s: run %d %s %.2fs", name, attempt + 1, label, timings[label][-1]
@@ -1513,8 +1578,7 @@ def bench_topn(
 
         floor = None
         if path == "driver":
-            rows = stage().toPandas()
-            floor = min(_driver_path_floor(users, rows) for _ in range(size_runs))
+            floor = min(_driver_path_floor(users) for _ in range(size_runs))
         agreement = _bench_agreement(stage(), reference(), n_users=n_users, sample=200, seed=seed)
         mllib_s, stage_s = min(timings["mllib"]), min(timings["stage"])
         results[name] = {
@@ -1529,9 +1593,8 @@ def bench_topn(
             "target_speedup": 10,
             "path": path,
             "driver_max_cells": driver_max_cells,
-            # The Spark jobs alone of a driver-side stage: collect the users, create and write
-            # a DataFrame of the same rows (no scoring); MLlib's time over it bounds any such
-            # stage's speedup on this machine.
+            # The Spark job alone of a driver-side stage: collect the users (no scoring);
+            # MLlib's time over it bounds any such stage's speedup on this machine.
             "driver_path_floor_seconds": None if floor is None else round(floor, 3),
             "speedup_ceiling_on_driver_path": None if floor is None else round(mllib_s / floor, 2),
             "top_n_agreement_with_mllib": agreement,
@@ -1540,9 +1603,11 @@ def bench_topn(
         }
         log.info("bench topn %s: %s", name, results[name])
         if first_rows is None:
+            rows = stage()
+            if isinstance(rows, pd.DataFrame):
+                rows = spark.createDataFrame(rows, SCORED_SCHEMA)
             first_rows = (
-                stage()
-                .withColumn("model_version", F.lit("bench"))
+                rows.withColumn("model_version", F.lit("bench"))
                 .withColumn("ds", F.lit("2026-01-01"))
                 .cache()
             )
@@ -1555,23 +1620,33 @@ def bench_topn(
     return results, first_rows
 
 
-def _driver_path_floor(users: DataFrame, rows: pd.DataFrame) -> float:
-    """Seconds of what `score_on_driver` does besides scoring: collect, create, write (noop)."""
+def _materialize(rows: DataFrame | pd.DataFrame) -> None:
+    """Compute every row: a DataFrame is written to the noop sink; driver-held rows already are."""
+    if isinstance(rows, DataFrame):
+        rows.write.format("noop").mode("overwrite").save()
+
+
+def _driver_path_floor(users: DataFrame) -> float:
+    """Seconds of what `score_on_driver` does besides scoring: collect the users."""
     started = time.perf_counter()
     users.toPandas()
-    scored_frame(users.sparkSession, rows).write.format("noop").mode("overwrite").save()
     return time.perf_counter() - started
 
 
 def _bench_agreement(
-    stage: DataFrame, reference: DataFrame, *, n_users: int, sample: int, seed: int
+    stage: DataFrame | pd.DataFrame, reference: DataFrame, *, n_users: int, sample: int, seed: int
 ) -> float:
     """Share of (user, item) pairs in the stage's lists also in MLlib's, over sampled users."""
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(n_users, size=min(sample, n_users), replace=False).tolist())
+    wanted = [f"u{u:06d}" for u in picked]
+    if isinstance(stage, DataFrame):
+        stage = stage.where(F.col("user_id").isin(wanted)).toPandas()
     mine = {
-        (r["user_id"], r["item_id"])
-        for r in stage.where(F.col("user_id").isin([f"u{u:06d}" for u in picked])).collect()
+        (u, i)
+        for u, i in stage.loc[stage["user_id"].isin(wanted), ["user_id", "item_id"]].itertuples(
+            index=False
+        )
     }
     theirs = {
         (f"u{r['user']:06d}", f"i{r['item']:05d}")

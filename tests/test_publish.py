@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 from deltalake import DeltaTable
@@ -22,6 +23,7 @@ from llmrec_spark.recommend import (
     PROP_MODEL_VERSION,
     check_gate,
     check_metric_gate,
+    gate_counts,
     gate_report,
     metric_gate,
     publish_recommendations,
@@ -145,9 +147,11 @@ def test_publish_serves_the_newest_date_and_applies_retention(spark, store, tmp_
     ) == ["m1b"]
 
 
-def test_gate_report_counts_every_check(spark):
+@pytest.mark.parametrize("engine", ["spark", "pandas"])
+def test_gate_report_counts_every_check(spark, engine):
     rows = [
         # u1: fine. u2: duplicate item and a rising score. u3: NaN score, seen item at rank 2.
+        # u5: ranks 2..3, not 1..N.
         ("u1", 1, "a", 3.0, "als", "m", "d"),
         ("u1", 2, "b", 2.0, "als", "m", "d"),
         ("u2", 1, "a", 1.0, "als", "m", "d"),
@@ -155,26 +159,42 @@ def test_gate_report_counts_every_check(spark):
         ("u3", 1, "c", float("nan"), "als", "m", "d"),
         ("u3", 2, "s", 0.5, "als", "m", "d"),
         ("stranger", 1, "a", 1.0, "als", "m", "d"),
+        ("u5", 3, "e", 1.0, "als", "m", "d"),
+        ("u5", 2, "d", 2.0, "als", "m", "d"),
     ]
-    users = spark.createDataFrame([("u1",), ("u2",), ("u3",), ("u4",)], "user_id string")
-    seen = spark.createDataFrame([("u3", "s"), ("u1", "z")], "user_id string, item_id string")
+    users = [("u1",), ("u2",), ("u3",), ("u4",), ("u5",)]
+    seen = [("u3", "s"), ("u1", "z"), ("u3", "s")]
 
-    report = gate_report(recs(spark, rows), users, seen, top_n=2).collect()[0].asDict()
+    if engine == "spark":
+        report = gate_report(
+            recs(spark, rows),
+            spark.createDataFrame(users, "user_id string"),
+            spark.createDataFrame(seen, "user_id string, item_id string"),
+            top_n=2,
+        )
+        report = report.collect()[0].asDict()
+    else:  # the driver path's gate, over the rows it holds in pandas
+        report = gate_counts(
+            pd.DataFrame(rows, columns=RECOMMENDATIONS.fieldNames()),
+            [u for (u,) in users],
+            pd.DataFrame(seen, columns=["user_id", "item_id"]),
+            top_n=2,
+        )
 
     assert report == {
-        "users": 4,
+        "users": 5,
         "missing_users": 1,  # u4
         "unexpected_users": 1,  # stranger
         "duplicate_items": 1,  # u2's second "a"
         "short_lists": 2,  # u2 (1 distinct item), stranger (1 row)
-        "bad_ranks": 0,
+        "bad_ranks": 1,  # u5
         "non_finite_scores": 1,  # u3 rank 1
         "score_increases": 1,  # u2 rank 2 > rank 1
         "seen_items": 1,  # (u3, s)
     }
-    with pytest.raises(GateError, match=r"'missing_users' failed: 1 users without .*of 4"):
+    with pytest.raises(GateError, match=r"'missing_users' failed: 1 users without .*of 5"):
         check_gate(report, top_n=2)
-    clean = dict.fromkeys(report, 0) | {"users": 4, "non_finite_scores": 1}
+    clean = dict.fromkeys(report, 0) | {"users": 5, "non_finite_scores": 1}
     with pytest.raises(GateError, match=r"'non_finite_scores' failed: 1 rows whose score"):
         check_gate(clean, top_n=2)
 

@@ -11,6 +11,7 @@ import pytest
 
 from llmrec_spark.errors import GateError
 from llmrec_spark.recommend import (
+    SCORED_SCHEMA,
     SOURCES,
     ItemMatrices,
     Mix,
@@ -529,47 +530,43 @@ def uses_python_workers(frame) -> bool:
 
 
 @pytest.mark.spark
-def test_driver_path_returns_the_executor_rows_and_the_threshold_picks_it(spark):
-    from pyspark.testing import assertDataFrameEqual
-
-    from llmrec_spark.recommend import SCORED_SCHEMA
+def test_driver_path_returns_the_executor_rows_in_the_driver(spark):
+    from llmrec_spark.recommend import empty_scored_rows, score_on_driver
 
     items, rows = random_scoring_problem(np.random.default_rng(8), n_users=30, n_items=50)
     users = spark.createDataFrame(rows, USER_FRAME_SCHEMA)
     bc = spark.sparkContext.broadcast(items)
-    threshold_key = "spark.sql.execution.arrow.localRelationThreshold"
-    local_relation_threshold = spark.conf.get(threshold_key)
-    # All users in one block on both paths (one task, as for <= user_block_size users).
-    one_block = {"n": 7, "mix": Mix(0.3), "block_size": 64, "partitions": 1}
+    order = ["user_id", "rank"]
 
-    on_executors = score_users(users, bc, **one_block)  # driver_max_cells 0: never the driver
-    at_threshold = score_users(users, bc, **one_block, driver_max_cells=30 * 50)  # counts users
-    over_threshold = score_users(users, bc, **one_block, driver_max_cells=30 * 50 - 1, n_users=30)
+    # All users in one block on both paths (one task, as for <= user_block_size users).
+    on_executors = score_users(users, bc, n=7, mix=Mix(0.3), block_size=64, partitions=1)
+    on_driver = score_on_driver(users, items, n=7, mix=Mix(0.3), block_size=64)
 
     assert uses_python_workers(on_executors)
-    assert uses_python_workers(over_threshold)
-    assert not uses_python_workers(at_threshold)
-    assert spark.conf.get(threshold_key) == local_relation_threshold  # set only while creating
-    assert at_threshold.schema == spark.createDataFrame([], SCORED_SCHEMA).schema
+    assert isinstance(on_driver, pd.DataFrame)
+    assert list(on_driver.columns) == [f.name for f in SCORED_SCHEMA.fields]
+    assert on_driver.dtypes.to_dict() == empty_scored_rows().dtypes.to_dict()
     # The same function over the same block of users: the same rows, scores to the bit.
-    assertDataFrameEqual(at_threshold, on_executors, rtol=0.0, atol=0.0)
-    assert at_threshold.where("user_id = 'u00'").select("source").distinct().collect() == [
-        ("popular",)
-    ]
+    expected = on_executors.toPandas().sort_values(order, ignore_index=True)
+    got = on_driver.sort_values(order, ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=0.0, atol=0.0)
+    assert len(got) == 30 * 7
+    assert set(got.loc[got["user_id"] == "u00", "source"]) == {"popular"}
 
     # Blocks of 4 over three tasks vs blocks of 4 in collection order: BLAS rounds a user's
     # scores by its place in the block, so the lists are the same and scores agree to float32.
-    blocks = {"n": 7, "mix": Mix(0.3), "block_size": 4, "partitions": 3}
-    assertDataFrameEqual(
-        score_users(users, bc, **blocks, driver_max_cells=30 * 50, n_users=30),
-        score_users(users, bc, **blocks),
+    blocked = score_on_driver(users, items, n=7, mix=Mix(0.3), block_size=4)
+    tasks = score_users(users, bc, n=7, mix=Mix(0.3), block_size=4, partitions=3)
+    pd.testing.assert_frame_equal(
+        blocked.sort_values(order, ignore_index=True),
+        tasks.toPandas().sort_values(order, ignore_index=True),
+        check_dtype=False,
         rtol=1e-6,
-        atol=0.0,
     )
 
-    no_users = score_users(users.limit(0), bc, **one_block, driver_max_cells=1)
-    assert not uses_python_workers(no_users)
-    assertDataFrameEqual(no_users, spark.createDataFrame([], SCORED_SCHEMA))
+    none = score_on_driver(users.limit(0), items, n=7, mix=Mix(0.3))
+    assert none.empty
+    assert none.dtypes.to_dict() == empty_scored_rows().dtypes.to_dict()
     bc.unpersist()
 
 

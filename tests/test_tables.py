@@ -3,7 +3,9 @@
 import datetime as dt
 import os
 
+import pandas as pd
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from pyspark.testing import assertDataFrameEqual
@@ -64,6 +66,52 @@ def test_delta_rs_and_pyarrow_read_what_spark_wrote(spark, store):
     assert got["user_id"] == ["u2"] and got["item_id"] == ["i2"] and got["score"] == [0.25]
     comments = {f.name: f.metadata.get("comment") for f in table.schema().fields}
     assert comments["rank"] == "1 = best"
+
+
+def test_rows_held_by_the_driver_are_written_as_spark_writes_them(spark, store):
+    day1 = [("u1", 1, "i1", 0.5, "als", "m1", "2026-11-22")]
+    store.overwrite("recommendations", recs(spark, day1))
+    day2 = pd.DataFrame(
+        {  # columns out of order, pandas' default int64 / float64: conformed to the schema
+            "ds": ["2026-11-23", "2026-11-23"],
+            "user_id": ["u2", "u3"],
+            "rank": [1, 1],
+            "item_id": ["i2", "i3"],
+            "score": [0.25, 0.75],
+            "source": ["text", "hybrid"],
+            "model_version": ["m2", "m2"],
+        }
+    )
+
+    version = store.overwrite("recommendations", day2, partitions={"ds": "2026-11-23"})
+
+    assert version == 1
+    expected = day1 + [
+        ("u2", 1, "i2", 0.25, "text", "m2", "2026-11-23"),
+        ("u3", 1, "i3", 0.75, "hybrid", "m2", "2026-11-23"),
+    ]
+    assertDataFrameEqual(store.read("recommendations"), recs(spark, expected))
+    table = DeltaTable(store.path("recommendations"))
+    spark_file, pandas_file = (
+        table.file_uris(partition_filters=[("ds", "=", ds)]) for ds in ("2026-11-22", "2026-11-23")
+    )
+    by_delta_rs = pads.dataset(pandas_file, format="parquet").to_table().to_pydict()
+    assert by_delta_rs["item_id"] == ["i2", "i3"] and by_delta_rs["score"] == [0.25, 0.75]
+    assert [os.path.basename(os.path.dirname(f[0])) for f in (spark_file, pandas_file)] == [
+        "ds=2026-11-22",
+        "ds=2026-11-23",
+    ]
+    physical = [pq.read_schema(f[0].removeprefix("file://")) for f in (spark_file, pandas_file)]
+    # The same columns and types as Spark's files (the partition column only in the path).
+    assert [(f.name, f.type) for f in physical[1]] == [(f.name, f.type) for f in physical[0]]
+    assert "ds" not in physical[1].names
+
+    stray = day2.assign(ds="2026-11-24")
+    with pytest.raises(ValueError, match="fall outside the partitions being replaced"):
+        store.overwrite("recommendations", stray, partitions={"ds": "2026-11-23"})
+    with pytest.raises(ValueError, match=r"lack columns \['source'\]"):
+        store.overwrite("recommendations", day2.drop(columns="source"))
+    assert store.version("recommendations") == 1
 
 
 def test_timestamps_round_trip_as_int64_micros(spark, store):

@@ -3,8 +3,9 @@
 * `SparkDeltaEngine` -- Delta's own Spark extension is on the classpath (Databricks, or
   `--packages io.delta:delta-spark_2.12:3.x`): `format("delta")` and `replaceWhere`.
 * `EmbeddedDeltaEngine` -- no Delta jars (no Maven here, nor on many locked-down clusters):
-  executors write Parquet in parallel into a staging folder, the driver moves the files into
-  the table folder and commits one Delta transaction with delta-rs. A per-partition
+  executors write Parquet in parallel into a staging folder (or the driver writes rows it
+  already holds as a pandas frame, with pyarrow), the driver moves the files into the table
+  folder and commits one Delta transaction with delta-rs. A per-partition
   overwrite is one atomic commit (`partition_filters`), so readers see the old rows or the
   new rows, never a mix. Files moved but never committed are invisible and removed by
   `vacuum`.
@@ -21,8 +22,10 @@ import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
+import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -34,6 +37,9 @@ from llmrec_spark.schema import TABLES, TableSpec
 log = logging.getLogger(__name__)
 
 PartitionValues = Mapping[str, str | Sequence[str]]
+# What a write takes: a DataFrame, or rows the driver already holds (written without a Spark job
+# by the embedded engine).
+Rows: TypeAlias = DataFrame | pd.DataFrame
 
 
 class TableStore(ABC):
@@ -68,14 +74,14 @@ class TableStore(ABC):
     def overwrite(
         self,
         name: str,
-        df: DataFrame,
+        df: Rows,
         partitions: PartitionValues | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> int:
         """Atomically replace the given partitions (all rows when None) with `df`; returns the version."""
 
     @abstractmethod
-    def append(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None = None) -> int:
+    def append(self, name: str, df: Rows, metadata: Mapping[str, str] | None = None) -> int:
         """Atomically add the rows of `df`; returns the new version."""
 
     @abstractmethod
@@ -100,10 +106,27 @@ class TableStore(ABC):
     def conform(self, name: str, df: DataFrame) -> DataFrame:
         """Select and cast `df`'s columns to the table schema, in order; missing columns are an error."""
         schema = self.spec(name).schema
-        missing = [f.name for f in schema.fields if f.name not in df.columns]
-        if missing:
-            raise ValueError(f"{name}: DataFrame lacks columns {missing}")
+        _check_columns(name, df.columns, schema)
         return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
+
+    def conform_rows(self, name: str, rows: pd.DataFrame) -> pa.Table:
+        """`conform` for rows held by the driver: an Arrow table of the table schema, in order."""
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = self.spec(name).schema
+        _check_columns(name, rows.columns, schema)
+        names = [f.name for f in schema.fields]
+        return pa.Table.from_pandas(
+            rows[names], schema=to_arrow_schema(schema), preserve_index=False
+        )
+
+    def as_dataframe(self, name: str, df: Rows) -> DataFrame:
+        """`df` as a DataFrame of the table schema (driver-held rows become a local DataFrame)."""
+        if isinstance(df, pd.DataFrame):
+            return self.spark.createDataFrame(
+                self.conform_rows(name, df).to_pandas(), self.spec(name).schema
+            )
+        return self.conform(name, df)
 
 
 class EmbeddedDeltaEngine(TableStore):
@@ -141,19 +164,19 @@ class EmbeddedDeltaEngine(TableStore):
     def overwrite(
         self,
         name: str,
-        df: DataFrame,
+        df: Rows,
         partitions: PartitionValues | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> int:
         return self._commit(name, df, "overwrite", partitions, metadata)
 
-    def append(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None = None) -> int:
+    def append(self, name: str, df: Rows, metadata: Mapping[str, str] | None = None) -> int:
         return self._commit(name, df, "append", None, metadata)
 
     def _commit(
         self,
         name: str,
-        df: DataFrame,
+        df: Rows,
         mode: str,
         partitions: PartitionValues | None,
         metadata: Mapping[str, str] | None,
@@ -162,10 +185,12 @@ class EmbeddedDeltaEngine(TableStore):
         from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
         spec = self.spec(name)
-        df = self.conform(name, df)
+        rows = (
+            self.conform_rows(name, df) if isinstance(df, pd.DataFrame) else self.conform(name, df)
+        )
         table_path = self.path(name)
         started = time.perf_counter()
-        adds = self._write_files(table_path, df, spec.partition_by)
+        adds = self._write_files(table_path, rows, spec.partition_by)
         if partitions:
             _check_partition_values(name, adds, partitions)
         schema = Schema.from_json(spec.schema.json())
@@ -204,19 +229,34 @@ class EmbeddedDeltaEngine(TableStore):
         return version
 
     def _write_files(
-        self, table_path: str, df: DataFrame, partition_by: Sequence[str]
+        self, table_path: str, rows: DataFrame | pa.Table, partition_by: Sequence[str]
     ) -> list[Any]:
-        """Write `df` as Parquet under the table folder; return one AddAction per file."""
+        """Write `rows` as Parquet under the table folder; return one AddAction per file.
+
+        A DataFrame is written by Spark's tasks, an Arrow table (rows the driver holds) by
+        pyarrow in the driver; either way into a staging folder first, the same layout
+        (hive-style partition folders, snappy Parquet), then moved into the table folder.
+        """
         from deltalake.transaction import AddAction
 
-        staging_rel = f"_staging/{uuid.uuid4().hex}"
-        staging = f"{table_path}/{staging_rel}"
-        writer = df.write.mode("errorifexists")
-        if partition_by:
-            writer = writer.partitionBy(*partition_by)
-        writer.parquet(staging)
-
+        token = uuid.uuid4().hex
+        staging_rel = f"_staging/{token}"
         fs, base = pafs.FileSystem.from_uri(_arrow_uri(table_path))
+        if isinstance(rows, pa.Table):
+            pq.write_to_dataset(
+                rows,
+                f"{base}/{staging_rel}",
+                partition_cols=list(partition_by) or None,
+                filesystem=fs,
+                basename_template=f"part-{token}-{{i}}.snappy.parquet",
+                compression="snappy",
+            )
+        else:
+            writer = rows.write.mode("errorifexists")
+            if partition_by:
+                writer = writer.partitionBy(*partition_by)
+            writer.parquet(f"{table_path}/{staging_rel}")
+
         staged = fs.get_file_info(pafs.FileSelector(f"{base}/{staging_rel}", recursive=True))
         adds = []
         for info in staged:
@@ -368,9 +408,9 @@ class SparkDeltaEngine(TableStore):
         )
         return [r[0] for r in rows.collect()]
 
-    def _writer(self, name: str, df: DataFrame, metadata: Mapping[str, str] | None):
+    def _writer(self, name: str, df: Rows, metadata: Mapping[str, str] | None):
         spec = self.spec(name)
-        writer = self.conform(name, df).write.format("delta")
+        writer = self.as_dataframe(name, df).write.format("delta")
         if spec.partition_by:
             writer = writer.partitionBy(*spec.partition_by)
         if metadata:
@@ -460,6 +500,12 @@ def _spark_predicate(where: PartitionValues) -> Column:
         condition = clause if condition is None else condition & clause
     assert condition is not None, "an empty partition filter selects nothing"
     return condition
+
+
+def _check_columns(name: str, columns: Sequence[str], schema: Any) -> None:
+    missing = [f.name for f in schema.fields if f.name not in columns]
+    if missing:
+        raise ValueError(f"{name}: the rows lack columns {missing}")
 
 
 def _check_partition_values(name: str, adds: list[Any], partitions: PartitionValues) -> None:
