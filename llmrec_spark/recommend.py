@@ -998,7 +998,8 @@ def gate_counts(
     """`gate_report` over rows the driver holds (the driver scoring path): the same counts.
 
     `recs` has SCORED_SCHEMA columns, `users` the expected user ids, `seen` (user_id, item_id)
-    pairs or None. As in Spark's ordering, a NaN score counts as above every number.
+    pairs or None. A NaN score is what a null is in Spark (pandas UDF and pandas rows reach
+    Spark with NaN as null): non-finite, and never an increase; a null seen pair never matches.
     """
     expected = pd.Index(pd.unique(pd.Series(list(users), dtype=object)))
     ordered = recs[["user_id", "item_id", "rank", "score"]].sort_values(
@@ -1011,9 +1012,11 @@ def gate_counts(
     same_user[1:] = user[1:] == user[:-1]
     prev, prev_nan = np.roll(score, 1), np.roll(nan, 1)
     with np.errstate(invalid="ignore"):
-        up = same_user & ~prev_nan & (nan | (score > prev))
+        up = same_user & ~prev_nan & ~nan & (score > prev)
+    if seen is not None:
+        seen = seen[["user_id", "item_id"]].dropna()
     if seen is not None and len(seen):
-        pairs = pd.MultiIndex.from_frame(seen[["user_id", "item_id"]])
+        pairs = pd.MultiIndex.from_frame(seen)
         marked = pd.MultiIndex.from_frame(ordered[["user_id", "item_id"]]).isin(pairs)
     else:
         marked = np.zeros(len(score), dtype=bool)
@@ -1043,7 +1046,10 @@ def gate_counts(
 
 
 def check_gate(report: dict[str, int], *, top_n: int) -> None:
-    """Raise GateError naming the first failed check of a `gate_report` row, with its count."""
+    """Raise GateError naming the first failed check of the gate's counts, with its count.
+
+    `report`: the dict of `gate_counts`, or of the row `gate_report` returns.
+    """
     users = report["users"]
     checks = [
         ("missing_users", f"users without recommendations (threshold 0 of {users})"),
@@ -1314,7 +1320,7 @@ def metric_gate(ctx: RunContext) -> tuple[float | None, str]:
 
 
 def publish_recommendations(
-    ctx: RunContext, recs: DataFrame, *, properties: dict[str, str]
+    ctx: RunContext, recs: DataFrame | pd.DataFrame, *, properties: dict[str, str]
 ) -> dict[str, Any]:
     """Publish gated rows for ctx.ds: its partition, the latest table, properties, retention.
 
@@ -1361,18 +1367,32 @@ def sample_lists(
 
     `recs` is the stage's rows, as a DataFrame or as the pandas frame the driver path holds.
     """
-    firsts: pd.DataFrame
-    if isinstance(recs, DataFrame):
-        firsts = recs.where(F.col("rank") == 1).select("user_id", "source").toPandas()
-    else:
-        firsts = recs.loc[recs["rank"] == 1, ["user_id", "source"]]
     order = {s: i for i, s in enumerate(SOURCES)}
-    by_source = firsts.groupby("source")["user_id"].min()
-    chosen = [
-        by_source[s] for s in sorted(by_source.index, key=lambda s: order.get(s, len(order)))
-    ][:n_users]
-    others = sorted(set(firsts["user_id"]) - set(chosen))
-    chosen += others[: n_users - len(chosen)]
+    if isinstance(recs, DataFrame):
+        firsts = recs.where(F.col("rank") == 1)
+        by_source = {
+            r["source"]: r["user_id"]
+            for r in firsts.groupBy("source").agg(F.min("user_id").alias("user_id")).collect()
+        }
+    else:
+        firsts_rows = recs[recs["rank"] == 1]
+        by_source = firsts_rows.groupby("source")["user_id"].min().to_dict()
+    chosen = [by_source[s] for s in sorted(by_source, key=lambda s: order.get(s, len(order)))]
+    chosen = chosen[:n_users]
+    if len(chosen) < n_users:
+        if isinstance(recs, DataFrame):
+            more = [
+                r["user_id"]
+                for r in firsts.where(~F.col("user_id").isin(chosen))
+                .select("user_id")
+                .orderBy("user_id")
+                .limit(n_users - len(chosen))
+                .collect()
+            ]
+        else:
+            others = firsts_rows.loc[~firsts_rows["user_id"].isin(chosen), "user_id"]
+            more = sorted(others)[: n_users - len(chosen)]
+        chosen += more
     if isinstance(recs, DataFrame):
         rows = recs.where(F.col("user_id").isin(chosen) & (F.col("rank") <= n_items)).collect()
     else:

@@ -199,6 +199,22 @@ def test_gate_report_counts_every_check(spark, engine):
         check_gate(clean, top_n=2)
 
 
+def test_driver_gate_counts_nan_and_null_as_spark_sees_them():
+    # Rows scored in pandas reach Spark with NaN as null: non-finite, never an increase; a
+    # null seen pair never matches (a join on null keys matches nothing).
+    rows = pd.DataFrame(
+        {"user_id": ["u", "u"], "rank": [1, 2], "item_id": ["a", None], "score": [1.0, np.nan]}
+    )
+    seen = pd.DataFrame({"user_id": ["u"], "item_id": [None]})
+
+    report = gate_counts(rows, ["u"], seen, top_n=2)
+
+    assert report["non_finite_scores"] == 1
+    assert report["score_increases"] == 0
+    assert report["seen_items"] == 0
+    assert report["short_lists"] == 1  # one distinct item (the null one does not count)
+
+
 def test_metric_gate_compares_with_the_last_published_value():
     assert "skipped" in check_metric_gate("hybrid.ndcg@10", None, 0.5, max_drop=0.1)
     assert "nothing published" in check_metric_gate("hybrid.ndcg@10", 0.2, None, max_drop=0.1)

@@ -113,6 +113,10 @@ def test_rows_held_by_the_driver_are_written_as_spark_writes_them(spark, store):
         store.overwrite("recommendations", day2.drop(columns="source"))
     assert store.version("recommendations") == 1
 
+    # No rows: no files, and the overwrite still removes the partition it replaces.
+    assert store.overwrite("recommendations", day2.iloc[:0], partitions={"ds": "2026-11-23"}) == 2
+    assertDataFrameEqual(store.read("recommendations"), recs(spark, day1))
+
 
 def test_timestamps_round_trip_as_int64_micros(spark, store):
     ts = dt.datetime(2026, 11, 23, 1, 2, 3, 456000)

@@ -116,9 +116,10 @@ class TableStore(ABC):
         schema = self.spec(name).schema
         _check_columns(name, rows.columns, schema)
         names = [f.name for f in schema.fields]
-        return pa.Table.from_pandas(
+        table = pa.Table.from_pandas(
             rows[names], schema=to_arrow_schema(schema), preserve_index=False
         )
+        return table.replace_schema_metadata(None)  # no pandas metadata in the Parquet footers
 
     def as_dataframe(self, name: str, df: Rows) -> DataFrame:
         """`df` as a DataFrame of the table schema (driver-held rows become a local DataFrame)."""
@@ -185,12 +186,12 @@ class EmbeddedDeltaEngine(TableStore):
         from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
         spec = self.spec(name)
-        rows = (
+        conformed = (
             self.conform_rows(name, df) if isinstance(df, pd.DataFrame) else self.conform(name, df)
         )
         table_path = self.path(name)
         started = time.perf_counter()
-        adds = self._write_files(table_path, rows, spec.partition_by)
+        adds = self._write_files(table_path, conformed, spec.partition_by)
         if partitions:
             _check_partition_values(name, adds, partitions)
         schema = Schema.from_json(spec.schema.json())
@@ -234,8 +235,9 @@ class EmbeddedDeltaEngine(TableStore):
         """Write `rows` as Parquet under the table folder; return one AddAction per file.
 
         A DataFrame is written by Spark's tasks, an Arrow table (rows the driver holds) by
-        pyarrow in the driver; either way into a staging folder first, the same layout
-        (hive-style partition folders, snappy Parquet), then moved into the table folder.
+        pyarrow in the driver; either way into a staging folder first, in the same layout
+        (hive-style partition folders, snappy Parquet, the same column types), then moved into
+        the table folder. No rows, no files: an overwrite then only removes what it replaces.
         """
         from deltalake.transaction import AddAction
 
@@ -243,6 +245,8 @@ class EmbeddedDeltaEngine(TableStore):
         staging_rel = f"_staging/{token}"
         fs, base = pafs.FileSystem.from_uri(_arrow_uri(table_path))
         if isinstance(rows, pa.Table):
+            if rows.num_rows == 0:
+                return []
             pq.write_to_dataset(
                 rows,
                 f"{base}/{staging_rel}",
