@@ -22,7 +22,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -900,6 +900,43 @@ def score_on_driver(
     return pd.concat(blocks, ignore_index=True)
 
 
+def score_stage(
+    path: str,
+    users: DataFrame,
+    items: ItemMatrices,
+    items_bc: Broadcast,
+    *,
+    partitions: int,
+    n: int,
+    mix: Mix,
+    exclude_seen: bool = True,
+    max_per_category: int = 0,
+    block_size: int = 2048,
+) -> DataFrame | pd.DataFrame:
+    """The stage's top-n rows on `path` (`scoring_path`): the driver's pandas frame from
+    `score_on_driver`, or `score_users`'s DataFrame over `partitions` tasks."""
+    if path == "driver":
+        return score_on_driver(
+            users,
+            items,
+            n=n,
+            mix=mix,
+            exclude_seen=exclude_seen,
+            max_per_category=max_per_category,
+            block_size=block_size,
+        )
+    return score_users(
+        users,
+        items_bc,
+        n=n,
+        mix=mix,
+        exclude_seen=exclude_seen,
+        max_per_category=max_per_category,
+        block_size=block_size,
+        partitions=partitions,
+    )
+
+
 def empty_scored_rows() -> pd.DataFrame:
     """No rows, with the column dtypes `score_block_frame` gives."""
     return pd.DataFrame(
@@ -1175,21 +1212,25 @@ def run_recommend(ctx: RunContext) -> StageResult:
     )
     model_version = ctx.parent_run_id or ctx.stage_run_id or "local"
     path = scoring_path(n_users, matrices.size, cfg.driver_max_cells)
-    scoring: dict[str, Any] = {
-        "n": cfg.top_n,
-        "mix": Mix.configured(cfg),
-        "exclude_seen": cfg.exclude_seen,
-        "max_per_category": cfg.max_per_category,
-        "block_size": cfg.user_block_size,
-    }
     scoring_started = time.perf_counter()
-    recs: DataFrame | pd.DataFrame
-    if path == "driver":
+    recs = score_stage(
+        path,
+        user_rows,
+        matrices,
+        items_bc,
+        partitions=scoring_partitions(
+            n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
+        ),
+        n=cfg.top_n,
+        mix=Mix.configured(cfg),
+        exclude_seen=cfg.exclude_seen,
+        max_per_category=cfg.max_per_category,
+        block_size=cfg.user_block_size,
+    )
+    if isinstance(recs, pd.DataFrame):
         # Rows held by the driver from here to the Delta commit: gated in pandas, written
         # with pyarrow by the embedded engine (no Spark job per step).
-        recs = score_on_driver(user_rows, matrices, **scoring).assign(
-            model_version=model_version, ds=ctx.ds
-        )
+        recs = recs.assign(model_version=model_version, ds=ctx.ds)
         expected: pd.DataFrame = users.toPandas()
         report = gate_counts(
             recs,
@@ -1199,15 +1240,7 @@ def run_recommend(ctx: RunContext) -> StageResult:
         )
     else:
         recs = (
-            score_users(
-                user_rows,
-                items_bc,
-                partitions=scoring_partitions(
-                    n_users, cfg.user_block_size, ctx.spark.sparkContext.defaultParallelism
-                ),
-                **scoring,
-            )
-            .withColumn("model_version", F.lit(model_version))
+            recs.withColumn("model_version", F.lit(model_version))
             .withColumn("ds", F.lit(ctx.ds))
             .cache()
         )
@@ -1375,29 +1408,23 @@ def sample_lists(
             for r in firsts.groupBy("source").agg(F.min("user_id").alias("user_id")).collect()
         }
     else:
-        firsts_rows = recs[recs["rank"] == 1]
-        by_source = firsts_rows.groupby("source")["user_id"].min().to_dict()
+        top_rows = recs[recs["rank"] == 1]
+        by_source = top_rows.groupby("source")["user_id"].min().to_dict()
     chosen = [by_source[s] for s in sorted(by_source, key=lambda s: order.get(s, len(order)))]
     chosen = chosen[:n_users]
-    if len(chosen) < n_users:
+    if len(chosen) < n_users:  # then the users first by id: n_users of them leave enough
         if isinstance(recs, DataFrame):
-            more = [
+            lowest = [
                 r["user_id"]
-                for r in firsts.where(~F.col("user_id").isin(chosen))
-                .select("user_id")
-                .orderBy("user_id")
-                .limit(n_users - len(chosen))
-                .collect()
+                for r in firsts.select("user_id").orderBy("user_id").limit(n_users).collect()
             ]
         else:
-            others = firsts_rows.loc[~firsts_rows["user_id"].isin(chosen), "user_id"]
-            more = sorted(others)[: n_users - len(chosen)]
-        chosen += more
+            lowest = top_rows["user_id"].sort_values().head(n_users).tolist()
+        chosen += [u for u in lowest if u not in chosen][: n_users - len(chosen)]
     if isinstance(recs, DataFrame):
         rows = recs.where(F.col("user_id").isin(chosen) & (F.col("rank") <= n_items)).collect()
     else:
-        picked = recs[recs["user_id"].isin(chosen) & (recs["rank"] <= n_items)]
-        rows = picked.to_dict("records")
+        rows = recs[recs["user_id"].isin(chosen) & (recs["rank"] <= n_items)].to_dict("records")
     touched = (
         events.where(F.col("user_id").isin(chosen))
         .groupBy("user_id", "item_id")
@@ -1564,21 +1591,19 @@ def bench_topn(
         items_bc = spark.sparkContext.broadcast(matrices)
 
         path = scoring_path(n_users, n_items, driver_max_cells)
-        scoring: dict[str, Any] = {"n": n, "mix": Mix(0.0), "block_size": block_size}
-        if path == "driver":
-            stage: Callable[[], DataFrame | pd.DataFrame] = functools.partial(
-                score_on_driver, users, matrices, **scoring
-            )
-        else:
-            stage = functools.partial(
-                score_users,
-                users,
-                items_bc,
-                partitions=scoring_partitions(
-                    n_users, block_size, spark.sparkContext.defaultParallelism
-                ),
-                **scoring,
-            )
+        stage = functools.partial(
+            score_stage,
+            path,
+            users,
+            matrices,
+            items_bc,
+            partitions=scoring_partitions(
+                n_users, block_size, spark.sparkContext.defaultParallelism
+            ),
+            n=n,
+            mix=Mix(0.0),
+            block_size=block_size,
+        )
         reference = functools.partial(
             mllib_top_n_unseen, model, seen, n=n, max_seen=max(len(h) for h in histories)
         )
