@@ -907,34 +907,16 @@ def score_stage(
     items_bc: Broadcast,
     *,
     partitions: int,
-    n: int,
-    mix: Mix,
-    exclude_seen: bool = True,
-    max_per_category: int = 0,
-    block_size: int = 2048,
+    **scoring: Any,
 ) -> DataFrame | pd.DataFrame:
     """The stage's top-n rows on `path` (`scoring_path`): the driver's pandas frame from
-    `score_on_driver`, or `score_users`'s DataFrame over `partitions` tasks."""
+    `score_on_driver`, or `score_users`'s DataFrame over `partitions` tasks.
+
+    `scoring`: the keywords both take (n, mix, exclude_seen, max_per_category, block_size).
+    """
     if path == "driver":
-        return score_on_driver(
-            users,
-            items,
-            n=n,
-            mix=mix,
-            exclude_seen=exclude_seen,
-            max_per_category=max_per_category,
-            block_size=block_size,
-        )
-    return score_users(
-        users,
-        items_bc,
-        n=n,
-        mix=mix,
-        exclude_seen=exclude_seen,
-        max_per_category=max_per_category,
-        block_size=block_size,
-        partitions=partitions,
-    )
+        return score_on_driver(users, items, **scoring)
+    return score_users(users, items_bc, partitions=partitions, **scoring)
 
 
 def empty_scored_rows() -> pd.DataFrame:
