@@ -1667,14 +1667,12 @@ def _bench_agreement(
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(n_users, size=min(sample, n_users), replace=False).tolist())
     wanted = [f"u{u:06d}" for u in picked]
+    pairs: pd.DataFrame
     if isinstance(stage, DataFrame):
-        stage = stage.where(F.col("user_id").isin(wanted)).toPandas()
-    mine = {
-        (u, i)
-        for u, i in stage.loc[stage["user_id"].isin(wanted), ["user_id", "item_id"]].itertuples(
-            index=False
-        )
-    }
+        pairs = stage.where(F.col("user_id").isin(wanted)).select("user_id", "item_id").toPandas()
+    else:
+        pairs = stage.loc[stage["user_id"].isin(wanted), ["user_id", "item_id"]]
+    mine = set(pairs.itertuples(index=False, name=None))
     theirs = {
         (f"u{r['user']:06d}", f"i{r['item']:05d}")
         for r in reference.where(F.col("user").isin(picked)).collect()

@@ -237,7 +237,8 @@ class EmbeddedDeltaEngine(TableStore):
         A DataFrame is written by Spark's tasks, an Arrow table (rows the driver holds) by
         pyarrow in the driver; either way into a staging folder first, in the same layout
         (hive-style partition folders, snappy Parquet, the same column types), then moved into
-        the table folder. No rows, no files: an overwrite then only removes what it replaces.
+        the table folder. An empty Arrow table writes no files: its overwrite only removes
+        what it replaces.
         """
         from deltalake.transaction import AddAction
 
