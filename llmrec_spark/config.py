@@ -215,6 +215,9 @@ class RecommendConfig:
     # The user's text vector weighs the history item k places from the newest 0.5 ** (k / h)
     # (h in items; 0 = the plain mean of the history).
     text_half_life: float = 10.0
+    # Items scored by text alone are matched against each history item, not the mean vector:
+    # kernel * log(mean exp(cosine / kernel)), a soft maximum (0 = the mean vector's cosine).
+    text_kernel: float = 0.1
     # The collaborative score of a warm item: (1 - r) * ALS z-score + r * the z-score of the
     # item's unit ALS factor against the recency-weighted (half-life in items, 0 = plain
     # mean) mean of the unit factors of the user's history (r = 0: ALS alone).
@@ -263,6 +266,9 @@ class EvaluateConfig:
     tune_cold_offsets: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
     )
+    # recommend.text_kernel chosen on the cold_item validation split by text_finetuned's
+    # cold-only Recall@20, before the hybrid's cold offset ([] = the configured one).
+    tune_text_kernels: list[float] = field(default_factory=list)
     # The tower's temperatures tried on a cold_item validation split (text_finetuned's
     # cold-only Recall@20), before the hybrids are tuned ([] = contrastive.temperature).
     tune_tower_temperatures: list[float] = field(default_factory=list)
@@ -465,6 +471,10 @@ def validate(cfg: Config) -> Config:
             cfg.recommend.text_half_life >= 0
             and all(h >= 0 for h in cfg.evaluate.tune_text_half_lives),
             "recommend.text_half_life, evaluate.tune_text_half_lives: must not be negative (0 = plain mean)",
+        ),
+        (
+            cfg.recommend.text_kernel >= 0 and all(k >= 0 for k in cfg.evaluate.tune_text_kernels),
+            "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
         ),
         (
             0.0 <= cfg.recommend.recent_weight <= 1.0

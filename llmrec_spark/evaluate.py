@@ -91,7 +91,7 @@ class Fitted:
             return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
         if model in ALS_ONLY:  # als_recent: its Mix adds the recent-items term
             return None if m.als is None else dataclasses.replace(m, text=None, has_text=None)
-        if model == "text_frozen":
+        if model in ("text_frozen", "text_frozen_kernel"):  # the latter: its Mix has a kernel
             return None if m.text is None else dataclasses.replace(m, als=None, has_als=None)
         if model == "text_finetuned":
             return dataclasses.replace(m, als=None, has_als=None, **tuned) if tuned else None
@@ -338,9 +338,11 @@ def protocol_result(
     """The protocol's views (warm; or cold-only and mixed for cold_item) for every buildable model."""
     built = {}
     for model in models:
-        matrices = fitted.variant(model)
+        matrices, mix = fitted.variant(model), params.get(model, Mix(0.0))
+        if model == "text_frozen_kernel" and mix.text_kernel <= 0:
+            continue  # it would rank exactly as text_frozen
         if matrices is not None:
-            built[model] = (matrices, params.get(model, Mix(0.0)))
+            built[model] = (matrices, mix)
     description = DESCRIPTIONS.get(protocol, protocol)
     if fitted.cold is None:
         view = view_result(
@@ -353,19 +355,8 @@ def protocol_result(
             ks=ks,
         )
         return ProtocolResult(protocol, description, [view])
-    cold = fitted.cold
-    cold_relevant = [rel[cold[rel]] for rel in fitted.relevant]
-    cold_models = {m: v for m, v in built.items() if m not in ALS_ONLY}  # no cold item has a factor
     views = [
-        view_result(
-            fitted,
-            name="cold_only",
-            description="candidates: the cold items; relevant: the user's positives on them",
-            models=cold_models,
-            relevant=cold_relevant,
-            candidates=cold,
-            ks=ks,
-        ),
+        cold_only_view(fitted, built, ks),
         view_result(
             fitted,
             name="mixed",
@@ -383,8 +374,53 @@ def protocol_result(
     return ProtocolResult(protocol, description, views)
 
 
+def cold_only_view(
+    fitted: Fitted, models: Mapping[str, tuple[recommend.ItemMatrices, Mix]], ks: Sequence[int]
+) -> ViewResult:
+    """cold_item's cold-only view: the cold items ranked by every model that can score them."""
+    assert fitted.cold is not None
+    cold = fitted.cold
+    return view_result(
+        fitted,
+        name="cold_only",
+        description="candidates: the cold items; relevant: the user's positives on them",
+        models={m: v for m, v in models.items() if m not in ALS_ONLY},  # no cold item has a factor
+        relevant=[rel[cold[rel]] for rel in fitted.relevant],
+        candidates=cold,
+        ks=ks,
+    )
+
+
+def cold_only_recall(fitted: Fitted, model: str, params: Mix, k: int = 20) -> float | None:
+    """`model`'s mean cold-only Recall@k on a cold_item split (None: it cannot be built)."""
+    matrices = fitted.variant(model)
+    if matrices is None or fitted.cold is None:
+        return None
+    result = cold_only_view(fitted, {model: (matrices, params)}, [k]).models.get(model)
+    return float(result.per_user[f"recall@{k}"].mean()) if result is not None else -1.0
+
+
 # ---------------------------------------------------------------------------------------
 # Choosing the hybrids' mix on a validation split (never on the test split)
+
+
+def tune_text_kernel(
+    fitted: Fitted, model: str, *, kernels: Sequence[float], k: int = 20
+) -> tuple[float, dict[str, float]]:
+    """The text-only items' kernel (`Mix.text_kernel`, 0 = the mean vector) with the best
+    cold-only Recall@k of `model` on a cold_item validation split; the first of equal means
+    wins. Returns the kernel and every trial's mean."""
+    trials: dict[str, float] = {}
+    best, best_kernel = -math.inf, 0.0
+    for kernel in kernels:
+        recall = cold_only_recall(fitted, model, Mix(0.0, text_kernel=float(kernel)), k)
+        if recall is None:
+            return 0.0, {}
+        trials[f"k={kernel:g}"] = round(recall, 5)
+        if recall > best:
+            best, best_kernel = recall, float(kernel)
+    log.info("evaluate: %s text kernel tuned on validation: %g (%s)", model, best_kernel, trials)
+    return best_kernel, trials
 
 
 def tune_hybrid(
@@ -396,11 +432,13 @@ def tune_hybrid(
     half_lives: Sequence[float] = (0.0,),
     recent_weights: Sequence[float] = (0.0,),
     recent_half_lives: Sequence[float] = (0.0,),
+    text_kernel: float = 0.0,
     one_standard_error: bool = False,
     k: int = 10,
 ) -> tuple[Mix, dict[str, float]]:
     """The `Mix` chosen by mean NDCG@k on a validation split, over the grid of every given
-    text weight, cold offset, text half-life, recent weight and recent half-life.
+    text weight, cold offset, text half-life, recent weight and recent half-life (the text
+    kernel fixed).
 
     The best mean wins; with `one_standard_error`, the trial with the smallest text weight
     (then recent weight, then offset) whose mean is within one standard error of the paired
@@ -418,7 +456,7 @@ def tune_hybrid(
     trials: dict[str, float] = {}
     scored: list[tuple[Mix, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
     grid = [
-        Mix(float(w), float(b), float(h), float(r), float(hr))
+        Mix(float(w), float(b), float(h), float(r), float(hr), float(text_kernel))
         for w in text_weights
         for b in offsets
         for h in half_lives
@@ -458,7 +496,7 @@ def describe_mix(params: Mix) -> str:
     return (
         f"text_weight={params.text_weight:g}, cold_offset={params.cold_offset:g}, "
         f"text_half_life={params.text_half_life:g}, recent_weight={params.recent_weight:g}, "
-        f"recent_half_life={params.recent_half_life:g}"
+        f"recent_half_life={params.recent_half_life:g}, text_kernel={params.text_kernel:g}"
     )
 
 
@@ -467,6 +505,8 @@ def trial_key(params: Mix) -> str:
     key = f"w={params.text_weight:g},b={params.cold_offset:g},h={params.text_half_life:g}"
     if params.recent_weight > 0:
         key += f",r={params.recent_weight:g},hr={params.recent_half_life:g}"
+    if params.text_kernel > 0:
+        key += f",k={params.text_kernel:g}"
     return key
 
 
@@ -558,10 +598,12 @@ def evaluate_events(
     shipped = Mix.configured(ctx.cfg.recommend)
     params = {
         "hybrid": shipped,
-        "hybrid_frozen": shipped,
+        "hybrid_frozen": dataclasses.replace(shipped, text_kernel=0.0),  # LLM4Rec-style text
         "als_recent": Mix(
             0.0, recent_weight=shipped.recent_weight, recent_half_life=shipped.recent_half_life
         ),
+        "text_finetuned": Mix(0.0, text_kernel=shipped.text_kernel),
+        "text_frozen_kernel": Mix(0.0, text_kernel=shipped.text_kernel),
     }
     tuning: dict[str, Any] = {}
     if tune:
@@ -605,7 +647,13 @@ def evaluate_events(
     notes = [
         "; ".join(
             f"{model}: {describe_mix(params[model])}"
-            for model in ("als_recent", "hybrid", "hybrid_frozen")
+            for model in (
+                "als_recent",
+                "text_finetuned",
+                "text_frozen_kernel",
+                "hybrid",
+                "hybrid_frozen",
+            )
             if model in params
         )
         + (" (chosen on a validation split of the training part)" if tune else " (from config)"),
@@ -651,7 +699,8 @@ def _tune(
     protocols: Sequence[str],
     work_dir: str,
 ) -> tuple[RunContext, dict[str, Mix], dict[str, Any]]:
-    """ALS and text weights on user_temporal validation, cold offsets on cold_item validation.
+    """ALS and text weights on user_temporal validation; on cold_item validation the tuned
+    text's kernel for items scored by text alone, then the cold offsets.
 
     Returns the context to fit the test splits with (its ALS config the chosen one), the
     hybrids' parameters and every trial's validation NDCG@10.
@@ -659,8 +708,10 @@ def _tune(
     cfg = ctx.cfg.evaluate
     tuning: dict[str, Any] = {}
     chosen: dict[str, Mix] = {}
+    kernel = ctx.cfg.recommend.text_kernel  # the text-only items' kernel (frozen text: none)
     # The recent term and text choices made on user_temporal, kept for the cold_offset search.
-    warm = {"hybrid": Mix(0.0), "hybrid_frozen": Mix(0.0)}
+    warm = {"hybrid": Mix(0.0, text_kernel=kernel), "hybrid_frozen": Mix(0.0)}
+    chosen["text_finetuned"] = chosen["text_frozen_kernel"] = Mix(0.0, text_kernel=kernel)
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
         ctx, tuning["tower"] = _tune_tower(ctx, events, catalog, frozen, work_dir)
     for protocol in ("user_temporal", "cold_item"):
@@ -693,6 +744,13 @@ def _tune(
             )
             chosen["als_recent"] = recent
             tuning[f"{protocol}.als_recent"] = trials
+        elif cfg.tune_text_kernels:
+            # The tuned tower's text-only score first; the shipped hybrid scores new items so.
+            kernel, tuning[f"{protocol}.text_finetuned"] = tune_text_kernel(
+                fitted, "text_finetuned", kernels=cfg.tune_text_kernels
+            )
+            chosen["text_finetuned"] = chosen["text_frozen_kernel"] = Mix(0.0, text_kernel=kernel)
+            warm["hybrid"] = dataclasses.replace(warm["hybrid"], text_kernel=kernel)
         for model in ("hybrid", "hybrid_frozen"):
             if protocol == "user_temporal":
                 params, trials = tune_hybrid(
@@ -703,6 +761,7 @@ def _tune(
                     half_lives=cfg.tune_text_half_lives,
                     recent_weights=[chosen["als_recent"].recent_weight],
                     recent_half_lives=[chosen["als_recent"].recent_half_life],
+                    text_kernel=warm[model].text_kernel,
                     one_standard_error=cfg.tune_one_standard_error,
                 )
                 warm[model] = params  # its cold_offset is 0.0
@@ -715,6 +774,7 @@ def _tune(
                     half_lives=[warm[model].text_half_life],
                     recent_weights=[warm[model].recent_weight],
                     recent_half_lives=[warm[model].recent_half_life],
+                    text_kernel=warm[model].text_kernel,
                     one_standard_error=cfg.tune_one_standard_error,
                 )
             chosen[model] = dataclasses.replace(warm[model], cold_offset=params.cold_offset)
@@ -747,13 +807,7 @@ def _tune_tower(
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
-        if fitted.tuned is None:
-            return None
-        view = protocol_result(
-            fitted, "cold_item", params={}, ks=[20], models=["text_finetuned"]
-        ).views[0]
-        result = view.models.get("text_finetuned")
-        return float(result.per_user["recall@20"].mean()) if result is not None else -1.0
+        return cold_only_recall(fitted, "text_finetuned", Mix(0.0))
 
     candidates = [
         (
@@ -835,6 +889,8 @@ def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
         ("user_temporal", "warm", "ndcg@10", "hybrid", "als_recent"),
         ("user_temporal", "warm", "ndcg@10", "als_recent", "als"),
         ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen"),
+        ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen_kernel"),
+        ("cold_item", "cold_only", "recall@20", "text_frozen_kernel", "text_frozen"),
         ("cold_item", "mixed", "ndcg@10", "hybrid", "als"),
         ("cold_item", "mixed", "ndcg@10", "hybrid", "hybrid_frozen"),
     ]

@@ -31,6 +31,7 @@ MODEL_ORDER = (
     "als",
     "als_recent",
     "text_frozen",
+    "text_frozen_kernel",
     "text_finetuned",
     "hybrid_frozen",
     "hybrid",
@@ -41,6 +42,7 @@ MODEL_COLORS = {
     "als": "#0072b2",
     "als_recent": "#56b4e9",
     "text_frozen": "#e69f00",
+    "text_frozen_kernel": "#f0c04a",
     "text_finetuned": "#d55e00",
     "hybrid_frozen": "#cc79a7",
     "hybrid": "#009e73",
@@ -586,7 +588,7 @@ def _view_section(protocol: ProtocolResult, view: ViewResult, stats: _Stats) -> 
     )
     if other_keys:
         tables.append(_other_table(protocol, view, models, other_keys, stats))
-    dashed = "Dashed: frozen text encoder." if any(m.endswith("_frozen") for m in models) else ""
+    dashed = "Dashed: frozen text encoder." if any("_frozen" in m for m in models) else ""
     charts = [
         _line_chart(
             f"{METRIC_LABELS.get(metric, metric)}@K",
@@ -732,7 +734,7 @@ def _line_chart(
     )
     for model, ys in series.items():
         color = _color(model)
-        dash = " stroke-dasharray='6 3'" if model.endswith("_frozen") else ""
+        dash = " stroke-dasharray='6 3'" if "_frozen" in model else ""
         points = [
             (x(i), y(v), k, v)
             for i, (k, v) in enumerate(zip(ks, ys, strict=True))
@@ -753,7 +755,7 @@ def _line_chart(
     legend_x = left + plot_w + 10
     for i, model in enumerate(series):
         ly = top + 8 + i * 18
-        dash = " stroke-dasharray='6 3'" if model.endswith("_frozen") else ""
+        dash = " stroke-dasharray='6 3'" if "_frozen" in model else ""
         out.append(
             f"<line x1='{legend_x}' y1='{ly}' x2='{legend_x + 22}' y2='{ly}' "
             f"stroke='{_color(model)}' stroke-width='2'{dash}/>"

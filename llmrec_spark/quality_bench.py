@@ -35,6 +35,8 @@ ALS_ALPHAS = (0.3, 1.0)
 TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
 # Other seeded picks of the cold items refitted for the report's spread (unless set in config).
 COLD_ITEM_DRAWS = 2
+# The text-only items' kernels tried on the cold_item validation split (0: the mean vector).
+TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2)
 
 
 def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
@@ -62,6 +64,7 @@ def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
         tune_als_alphas=cfg.evaluate.tune_als_alphas or list(ALS_ALPHAS),
         tune_tower_temperatures=(cfg.evaluate.tune_tower_temperatures or list(TOWER_TEMPERATURES)),
         cold_item_draws=cfg.evaluate.cold_item_draws or COLD_ITEM_DRAWS,
+        tune_text_kernels=cfg.evaluate.tune_text_kernels or list(TEXT_KERNELS),
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
     als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)

@@ -265,13 +265,16 @@ class Mix:
     """How `hybrid_scores` mixes: the text weight for items with both scores, the offset for
     items scored by text alone, the recency half-life (history items; 0 = plain mean) of the
     user's text vector; the weight and half-life of the recent-items term in the
-    collaborative score (the user's recent items' ALS factors; weight 0 = ALS alone)."""
+    collaborative score (the user's recent items' ALS factors; weight 0 = ALS alone); and the
+    kernel width of the text-only items' match against the history (0 = the mean vector's
+    cosine, see `history_kernel_scores`)."""
 
     text_weight: float
     cold_offset: float = 0.0
     text_half_life: float = 0.0
     recent_weight: float = 0.0
     recent_half_life: float = 0.0
+    text_kernel: float = 0.0
 
     @classmethod
     def configured(cls, cfg: RecommendConfig) -> Mix:
@@ -283,6 +286,7 @@ class Mix:
             cfg.text_half_life,
             cfg.recent_weight,
             cfg.recent_half_life,
+            cfg.text_kernel,
         )
 
 
@@ -391,6 +395,65 @@ def history_vectors(
     return out, has
 
 
+def history_kernel_scores(
+    histories: Sequence[np.ndarray],
+    vectors: np.ndarray,
+    has_vector: np.ndarray,
+    columns: np.ndarray,
+    *,
+    kernel: float,
+    half_life: float = 0.0,
+    max_cells: int = 1 << 22,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's soft best match of the items at `columns` against their history:
+    ((b, len(columns)) float32, has (b,) bool).
+
+    The score of item c is kernel * log(sum_h w_h exp(cos(h, c) / kernel) / sum_h w_h) over the
+    user's history items h with a vector (unit rows), w_h the `half_life` weights of
+    `history_vectors` (all 1 when 0). A small kernel follows the closest history item (its
+    limit is the maximum cosine), a large one the mean (its limit ranks as the mean vector
+    does): one film close to a new one counts for more than many loosely related ones.
+    `max_cells` bounds the (history items, columns) block held at once.
+    """
+    if kernel <= 0:
+        raise ValueError(f"kernel must be positive, got {kernel}")
+    b = len(histories)
+    out = np.zeros((b, len(columns)), dtype=np.float32)
+    has = np.zeros(b, dtype=bool)
+    candidates = np.ascontiguousarray(vectors[columns], dtype=np.float32)  # (c, d)
+    known: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for history in histories:
+        history = np.asarray(history, dtype=np.int64)
+        keep = has_vector[history] if len(history) else np.zeros(0, dtype=bool)
+        age = np.arange(len(history) - 1, -1, -1, dtype=np.float64)[keep]
+        known.append(history[keep])
+        weights.append(0.5 ** (age / half_life) if half_life > 0 else np.ones(len(age)))
+    lengths = np.array([len(h) for h in known], dtype=np.int64)
+    has[:] = lengths > 0
+    per_block = max(1, max_cells // max(len(columns), 1))
+    user = 0
+    while user < b:
+        stop, rows = user, 0
+        while stop < b and (stop == user or rows + lengths[stop] <= per_block):
+            rows += int(lengths[stop])
+            stop += 1
+        block = [u for u in range(user, stop) if lengths[u]]
+        user = stop
+        if not block or not len(columns):
+            continue
+        items = np.concatenate([known[u] for u in block])
+        w = np.concatenate([weights[u] for u in block]).astype(np.float32)[:, None]
+        starts = np.concatenate([[0], np.cumsum(lengths[block])[:-1]])
+        sims = vectors[items].astype(np.float32) @ candidates.T  # (rows, c) cosines
+        best = np.maximum.reduceat(sims, starts, axis=0)  # (users, c): keeps exp() finite
+        sims -= np.repeat(best, lengths[block], axis=0)
+        np.exp(sims / kernel, out=sims)
+        sums = np.add.reduceat(sims * w, starts, axis=0) / np.add.reduceat(w, starts, axis=0)
+        out[block] = best + kernel * np.log(sums)
+    return out, has
+
+
 def masked_moments(
     users: np.ndarray,
     items: np.ndarray,
@@ -485,6 +548,9 @@ def hybrid_scores(
     text-only score against the mixed ones); users with neither get popularity.
     Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector is the
     (recency-weighted, `mix.text_half_life`) mean of their history's (`history_vectors`).
+    With `mix.text_kernel` > 0 the text-only items are scored instead by their kernel match
+    against each history item (`history_kernel_scores`), z-scored over the user's unseen
+    text-only items.
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | unit als | text | 1]:
@@ -578,9 +644,12 @@ def hybrid_scores(
     _, weights, _, offset = groups[main]
     # (b, items): the main group's formula everywhere, then the other groups' columns
     scores = np.matmul(user_side(weights, offset), features.T, out=None if out is None else out[:b])
+    kernel_text = mix.text_kernel > 0 and has_text.any()
     for k, (columns, weights, users_ok, offset) in enumerate(groups):
         cols = np.flatnonzero(columns)
-        if k != main and len(cols):
+        if k == 2 and kernel_text and len(cols):
+            scores[:, cols] = _kernel_z(histories, items, cols, mix, seen_rows, seen_cols, offset)
+        elif k != main and len(cols):
             scores[:, cols] = user_side(weights, offset) @ features[cols].T
         bad_rows = np.flatnonzero(~users_ok)
         if len(cols) and len(bad_rows):
@@ -592,6 +661,39 @@ def hybrid_scores(
     if len(seen_rows):
         scores[seen_rows, seen_cols] = -np.inf
     return scores, has_collab, has_text
+
+
+def _kernel_z(
+    histories: Sequence[np.ndarray],
+    items: ItemMatrices,
+    cols: np.ndarray,
+    mix: Mix,
+    seen_rows: np.ndarray,
+    seen_cols: np.ndarray,
+    offset: np.ndarray,
+) -> np.ndarray:
+    """(b, len(cols)): the text-only items' kernel scores (`history_kernel_scores`), z-scored
+    per user over their unseen ones, plus `offset`."""
+    assert items.text is not None and items.has_text is not None
+    raw, _ = history_kernel_scores(
+        histories,
+        items.text,
+        items.has_text,
+        cols,
+        kernel=mix.text_kernel,
+        half_life=mix.text_half_life,
+    )
+    unseen = np.ones(raw.shape, dtype=bool)
+    position = np.full(items.size, -1, dtype=np.int64)
+    position[cols] = np.arange(len(cols))
+    hit = position[seen_cols] >= 0
+    unseen[seen_rows[hit], position[seen_cols[hit]]] = False
+    count = np.maximum(unseen.sum(axis=1), 1)
+    mean = np.where(unseen, raw, 0.0).sum(axis=1) / count
+    centred = np.where(unseen, raw - mean[:, None], 0.0)
+    std = np.sqrt((centred * centred).sum(axis=1) / count)
+    std[std < 1e-12] = 1.0
+    return ((raw - mean[:, None]) / std[:, None] + offset[:, None]).astype(np.float32)
 
 
 _NO_PAIRS = np.zeros(0, dtype=np.int64)

@@ -7,7 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluate import Fitted, protocol_result, rank_view, tune_hybrid
+from llmrec_spark.evaluate import (
+    Fitted,
+    protocol_result,
+    rank_view,
+    tune_hybrid,
+    tune_text_kernel,
+)
 from llmrec_spark.recommend import ItemMatrices, Mix
 
 
@@ -90,6 +96,25 @@ def test_tune_hybrid_picks_the_cold_offset_that_lets_the_new_item_in():
     assert params == Mix(0.5, 5.0)
     assert trials["w=0.5,b=5,h=0"] == pytest.approx(1.0)
     assert trials["w=0.5,b=0,h=0"] < 1.0
+
+
+def test_tune_text_kernel_picks_the_kernel_that_follows_one_close_history_item():
+    cold = np.array([False, False, True, True, False])
+    f = fitted(cold)
+    # The tuned text: u0's history (i0, i1) averages to i2's direction; i3 is i0's near twin.
+    tuned = np.array([[1, 0], [0, 1], [1, 1], [1, 0.05], [0.6, 0.8]], dtype=np.float32)
+    f.tuned = tuned / np.linalg.norm(tuned, axis=1, keepdims=True)
+    f.histories = [np.array([0, 1]), np.array([1])]
+    f.relevant = [np.array([3]), np.array([2])]
+    # Recall@1 over the cold items i2, i3. u1 (history i1) ranks i2 (cosine 0.71) over i3
+    # (0.05) with either scorer; u0 ranks i2 first with the mean vector, i3 with the kernel.
+    kernel, trials = tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1, 0.2], k=1)
+    assert kernel == 0.1
+    assert trials == {"k=0": 0.5, "k=0.1": 1.0, "k=0.2": 1.0}
+    # The first of equal means wins; a model that cannot be built keeps the mean vector.
+    assert tune_text_kernel(f, "text_finetuned", kernels=[0.2, 0.1], k=1)[0] == 0.2
+    f.tuned = None
+    assert tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1], k=1) == (0.0, {})
 
 
 def test_variants_drop_what_a_model_does_not_use():

@@ -15,7 +15,9 @@ from llmrec_spark.recommend import (
     SOURCES,
     ItemMatrices,
     Mix,
+    history_kernel_scores,
     history_vectors,
+    hybrid_scores,
     hybrid_top_n,
     score_block_frame,
     score_users,
@@ -603,6 +605,63 @@ def test_user_text_vector_weighs_recent_history_items_by_half_life():
     np.testing.assert_allclose(recent[1], [0.25, 1.0] / np.hypot(0.25, 1.0), atol=1e-5)
     assert has.tolist() == [True, True, False, False]
     np.testing.assert_array_equal(recent[2:], 0.0)
+
+
+def test_history_kernel_scores_are_a_soft_best_match_of_the_history():
+    text = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]], dtype=np.float32)
+    has_text = np.array([True, True, True, False])
+    histories = [np.array([0, 1]), np.array([3]), np.array([1, 3, 0]), np.array([], np.int64)]
+    columns = np.array([2, 0])
+    scores, has = history_kernel_scores(histories, text, has_text, columns, kernel=0.1)
+    assert has.tolist() == [True, False, True, False]
+    # User 0 against item 2: cosines 0.6 (item 0) and 0.8 (item 1) -> 0.1 * log of the mean of
+    # exp(6) and exp(8); against item 0: cosines 1 and 0.
+    expected = [0.1 * np.log((np.exp(6) + np.exp(8)) / 2), 0.1 * np.log((np.exp(10) + 1) / 2)]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
+    # Item 3 has no text: user 1 has no match and user 2's history is items 1 and 0.
+    np.testing.assert_array_equal(scores[1], 0.0)
+    np.testing.assert_allclose(scores[2], scores[0], rtol=1e-6)
+    # The limits: a narrow kernel is the best cosine, a wide one the mean cosine.
+    narrow, _ = history_kernel_scores(histories, text, has_text, columns, kernel=1e-3)
+    np.testing.assert_allclose(narrow[0], [0.8, 1.0], atol=2e-3)
+    wide, _ = history_kernel_scores(histories, text, has_text, columns, kernel=1e3)
+    np.testing.assert_allclose(wide[0], [0.7, 0.5], atol=1e-3)
+    # Half-life 1 (user 2: item 0 is the newest, weight 1; item 1 two places older, 0.25).
+    recent, _ = history_kernel_scores(histories, text, has_text, columns, kernel=0.1, half_life=1)
+    weights = np.array([0.25, 1.0])  # items 1, 0
+    against_2 = 0.1 * np.log((weights * np.exp([8.0, 6.0])).sum() / weights.sum())
+    np.testing.assert_allclose(recent[2, 0], against_2, rtol=1e-5)
+    # Blocks of one history item at a time give the same scores.
+    blocked, _ = history_kernel_scores(histories, text, has_text, columns, kernel=0.1, max_cells=1)
+    np.testing.assert_allclose(blocked, scores, rtol=1e-6)
+    with pytest.raises(ValueError, match="kernel must be positive"):
+        history_kernel_scores(histories, text, has_text, columns, kernel=0.0)
+
+
+def test_text_kernel_rescores_only_the_text_only_items():
+    """Item 2 is closest to the user's mean vector, item 3 to one of their history items."""
+    text = np.array([[1, 0], [0, 1], [1, 1], [1, 0.05], [0, 1]], dtype=np.float32)
+    items = ItemMatrices(
+        item_ids=np.array(["a", "b", "c", "d", "e"], dtype=object),
+        eligible=np.ones(5, dtype=bool),
+        popularity=np.zeros(5, dtype=np.float32),
+        categories=np.zeros(5, dtype=np.int32),
+        als=np.array([[1], [2], [0], [0], [0]], dtype=np.float32),
+        has_als=np.array([True, True, False, False, False]),
+        text=text / np.linalg.norm(text, axis=1, keepdims=True),
+        has_text=np.ones(5, dtype=bool),
+    )
+    args = (np.array([[1.0]], dtype=np.float32), np.array([True]), [np.array([0, 4])], items)
+    mean, _, _ = hybrid_scores(*args, mix=Mix(0.5, cold_offset=0.25))
+    kernel, _, _ = hybrid_scores(*args, mix=Mix(0.5, cold_offset=0.25, text_kernel=0.1))
+    # Items with an ALS factor keep their score; seen items 0 and 4 stay out.
+    np.testing.assert_array_equal(kernel[0, [0, 1, 4]], mean[0, [0, 1, 4]])
+    assert np.isneginf(kernel[0, [0, 4]]).all()
+    # The mean vector (cosine 1 to item 2) puts c before d; the kernel finds d's near twin in
+    # the history (item 0) and puts d first. With two unseen text-only items the z-scores are
+    # -1 and +1 whatever the raw scores, plus the offset.
+    assert mean[0, 2] > mean[0, 3]
+    np.testing.assert_allclose(kernel[0, [2, 3]], [-0.75, 1.25], atol=1e-5)
 
 
 @pytest.mark.spark
