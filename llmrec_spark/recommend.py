@@ -550,7 +550,7 @@ def hybrid_scores(
     (recency-weighted, `mix.text_half_life`) mean of their history's (`history_vectors`).
     With `mix.text_kernel` > 0 the text-only items are scored instead by their kernel match
     against each history item (`history_kernel_scores`), z-scored over the user's unseen
-    text-only items.
+    text-only items and a spaced sample of the other text items (`_kernel_z`).
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | unit als | text | 1]:
@@ -648,7 +648,9 @@ def hybrid_scores(
     for k, (columns, weights, users_ok, offset) in enumerate(groups):
         cols = np.flatnonzero(columns)
         if k == 2 and kernel_text and len(cols):
-            scores[:, cols] = _kernel_z(histories, items, cols, mix, seen_rows, seen_cols, offset)
+            scores[:, cols] = _kernel_z(
+                histories, items, cols, item_t, mix, seen_rows, seen_cols, offset
+            )
         elif k != main and len(cols):
             scores[:, cols] = user_side(weights, offset) @ features[cols].T
         bad_rows = np.flatnonzero(~users_ok)
@@ -663,29 +665,42 @@ def hybrid_scores(
     return scores, has_collab, has_text
 
 
+KERNEL_REFERENCE_ITEMS = 512  # text items a kernel z-score is calibrated on, at least
+
+
 def _kernel_z(
     histories: Sequence[np.ndarray],
     items: ItemMatrices,
     cols: np.ndarray,
+    text_items: np.ndarray,
     mix: Mix,
     seen_rows: np.ndarray,
     seen_cols: np.ndarray,
     offset: np.ndarray,
 ) -> np.ndarray:
-    """(b, len(cols)): the text-only items' kernel scores (`history_kernel_scores`), z-scored
-    per user over their unseen ones, plus `offset`."""
+    """(b, len(cols)): the text-only items' kernel scores (`history_kernel_scores`) as
+    z-scores per user, plus `offset`.
+
+    The mean and std are taken over the user's unseen items among `cols` and up to
+    `KERNEL_REFERENCE_ITEMS` evenly spaced other items of `text_items` (bool, the text
+    candidates): with three new items, the best of them must not get a high z-score just
+    for being the best of three.
+    """
     assert items.text is not None and items.has_text is not None
+    pool = np.flatnonzero(text_items)
+    spaced = pool[np.unique(np.linspace(0, len(pool) - 1, KERNEL_REFERENCE_ITEMS).astype(np.int64))]
+    reference = np.union1d(cols, spaced)
     raw, _ = history_kernel_scores(
         histories,
         items.text,
         items.has_text,
-        cols,
+        reference,
         kernel=mix.text_kernel,
         half_life=mix.text_half_life,
     )
     unseen = np.ones(raw.shape, dtype=bool)
     position = np.full(items.size, -1, dtype=np.int64)
-    position[cols] = np.arange(len(cols))
+    position[reference] = np.arange(len(reference))
     hit = position[seen_cols] >= 0
     unseen[seen_rows[hit], position[seen_cols[hit]]] = False
     count = np.maximum(unseen.sum(axis=1), 1)
@@ -693,7 +708,8 @@ def _kernel_z(
     centred = np.where(unseen, raw - mean[:, None], 0.0)
     std = np.sqrt((centred * centred).sum(axis=1) / count)
     std[std < 1e-12] = 1.0
-    return ((raw - mean[:, None]) / std[:, None] + offset[:, None]).astype(np.float32)
+    picked = raw[:, position[cols]]
+    return ((picked - mean[:, None]) / std[:, None] + offset[:, None]).astype(np.float32)
 
 
 _NO_PAIRS = np.zeros(0, dtype=np.int64)

@@ -641,27 +641,42 @@ def test_history_kernel_scores_are_a_soft_best_match_of_the_history():
 def test_text_kernel_rescores_only_the_text_only_items():
     """Item 2 is closest to the user's mean vector, item 3 to one of their history items."""
     text = np.array([[1, 0], [0, 1], [1, 1], [1, 0.05], [0, 1]], dtype=np.float32)
-    items = ItemMatrices(
-        item_ids=np.array(["a", "b", "c", "d", "e"], dtype=object),
-        eligible=np.ones(5, dtype=bool),
-        popularity=np.zeros(5, dtype=np.float32),
-        categories=np.zeros(5, dtype=np.int32),
-        als=np.array([[1], [2], [0], [0], [0]], dtype=np.float32),
-        has_als=np.array([True, True, False, False, False]),
-        text=text / np.linalg.norm(text, axis=1, keepdims=True),
-        has_text=np.ones(5, dtype=bool),
-    )
-    args = (np.array([[1.0]], dtype=np.float32), np.array([True]), [np.array([0, 4])], items)
-    mean, _, _ = hybrid_scores(*args, mix=Mix(0.5, cold_offset=0.25))
-    kernel, _, _ = hybrid_scores(*args, mix=Mix(0.5, cold_offset=0.25, text_kernel=0.1))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def items(has_als):
+        return ItemMatrices(
+            item_ids=np.array(["a", "b", "c", "d", "e"], dtype=object),
+            eligible=np.ones(5, dtype=bool),
+            popularity=np.zeros(5, dtype=np.float32),
+            categories=np.zeros(5, dtype=np.int32),
+            als=np.array([[1], [2], [0], [3], [0]], dtype=np.float32),
+            has_als=np.array(has_als),
+            text=text,
+            has_text=np.ones(5, dtype=bool),
+        )
+
+    user = (np.array([[1.0]], dtype=np.float32), np.array([True]), [np.array([0, 4])])
+    two_new = items([True, True, False, False, False])
+    mean, _, _ = hybrid_scores(*user, two_new, mix=Mix(0.5, cold_offset=0.25))
+    kernel, _, _ = hybrid_scores(*user, two_new, mix=Mix(0.5, cold_offset=0.25, text_kernel=0.1))
     # Items with an ALS factor keep their score; seen items 0 and 4 stay out.
     np.testing.assert_array_equal(kernel[0, [0, 1, 4]], mean[0, [0, 1, 4]])
     assert np.isneginf(kernel[0, [0, 4]]).all()
+    # By hand: each unseen text item's cosines to the history items 0 and 4, soft-maxed with
+    # kernel 0.1, z-scored over those unseen text items (1, 2, 3), plus the offset.
+    cosines = text[[1, 2, 3]] @ text[[0, 4]].T  # (3, 2)
+    soft = 0.1 * np.log(np.exp(cosines / 0.1).mean(axis=1))
+    z = (soft - soft.mean()) / soft.std()
+    np.testing.assert_allclose(kernel[0, [2, 3]], z[1:] + 0.25, atol=1e-5)
     # The mean vector (cosine 1 to item 2) puts c before d; the kernel finds d's near twin in
-    # the history (item 0) and puts d first. With two unseen text-only items the z-scores are
-    # -1 and +1 whatever the raw scores, plus the offset.
-    assert mean[0, 2] > mean[0, 3]
-    np.testing.assert_allclose(kernel[0, [2, 3]], [-0.75, 1.25], atol=1e-5)
+    # the history (item 0) and puts d first.
+    assert mean[0, 2] > mean[0, 3] and kernel[0, 3] > kernel[0, 2]
+    # A lone new item is z-scored against the other text items, not against itself: item 2,
+    # the weakest match, stays below the average text item instead of at 0.
+    one_new = items([True, True, False, True, False])
+    alone, _, _ = hybrid_scores(*user, one_new, mix=Mix(0.5, text_kernel=0.1))
+    np.testing.assert_allclose(alone[0, 2], z[1], atol=1e-5)
+    assert alone[0, 2] < 0
 
 
 @pytest.mark.spark
