@@ -778,7 +778,8 @@ def _bar_chart(
     """Grouped bars: one group per model, one bar per series (legend above), value labels."""
     models = _ordered({m for _, values in series for m in values})
     bar_w = 18 if len(series) <= 3 else 14
-    min_group_w = max(92, len(series) * bar_w + 24)
+    longest = max((len(m) for m in models), default=0)  # model names are the x labels
+    min_group_w = max(92, len(series) * bar_w + 24, 7 * longest + 12)
     left, right, bottom = 60, 20, 56
     legend_h = 18 * len(series) + 8
     top = 34 + legend_h
