@@ -217,7 +217,7 @@ class RecommendConfig:
     text_half_life: float = 10.0
     # Items scored by text alone are matched against each history item, not the mean vector:
     # kernel * log(mean exp(cosine / kernel)), a soft maximum (0 = the mean vector's cosine).
-    text_kernel: float = 0.1
+    text_kernel: float = 0.0
     # The collaborative score of a warm item: (1 - r) * ALS z-score + r * the z-score of the
     # item's unit ALS factor against the recency-weighted (half-life in items, 0 = plain
     # mean) mean of the unit factors of the user's history (r = 0: ALS alone).

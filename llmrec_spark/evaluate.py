@@ -406,21 +406,35 @@ def cold_only_recall(fitted: Fitted, model: str, params: Mix, k: int = 20) -> fl
 
 def tune_text_kernel(
     fitted: Fitted, model: str, *, kernels: Sequence[float], k: int = 20
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float | None, dict[str, float]]:
     """The text-only items' kernel (`Mix.text_kernel`, 0 = the mean vector) with the best
     cold-only Recall@k of `model` on a cold_item validation split; the first of equal means
-    wins. Returns the kernel and every trial's mean."""
+    wins. Returns the kernel (None: the model cannot be built or no trial scored) and every
+    trial's mean."""
     trials: dict[str, float] = {}
-    best, best_kernel = -math.inf, 0.0
+    best, best_kernel = -math.inf, None
     for kernel in kernels:
-        recall = cold_only_recall(fitted, model, Mix(0.0, text_kernel=float(kernel)), k)
+        recall = cold_only_recall(fitted, model, text_only_mix(kernel), k)
         if recall is None:
-            return 0.0, {}
+            return None, {}
+        if math.isnan(recall):  # no validation user has a cold positive
+            continue
         trials[f"k={kernel:g}"] = round(recall, 5)
         if recall > best:
             best, best_kernel = recall, float(kernel)
-    log.info("evaluate: %s text kernel tuned on validation: %g (%s)", model, best_kernel, trials)
+    log.info("evaluate: %s text kernel tuned on validation: %s (%s)", model, best_kernel, trials)
     return best_kernel, trials
+
+
+def text_only_mix(kernel: float) -> Mix:
+    """The Mix of a text-only model (text_finetuned, text_frozen_kernel): the plain history
+    mean, new items matched with `kernel`."""
+    return Mix(0.0, text_kernel=float(kernel))
+
+
+def text_only_params(kernel: float) -> dict[str, Mix]:
+    """text_finetuned's and text_frozen_kernel's Mix for the new items' `kernel`."""
+    return dict.fromkeys(("text_finetuned", "text_frozen_kernel"), text_only_mix(kernel))
 
 
 def tune_hybrid(
@@ -602,8 +616,7 @@ def evaluate_events(
         "als_recent": Mix(
             0.0, recent_weight=shipped.recent_weight, recent_half_life=shipped.recent_half_life
         ),
-        "text_finetuned": Mix(0.0, text_kernel=shipped.text_kernel),
-        "text_frozen_kernel": Mix(0.0, text_kernel=shipped.text_kernel),
+        **text_only_params(shipped.text_kernel),
     }
     tuning: dict[str, Any] = {}
     if tune:
@@ -711,7 +724,7 @@ def _tune(
     kernel = ctx.cfg.recommend.text_kernel  # the text-only items' kernel (frozen text: none)
     # The recent term and text choices made on user_temporal, kept for the cold_offset search.
     warm = {"hybrid": Mix(0.0, text_kernel=kernel), "hybrid_frozen": Mix(0.0)}
-    chosen["text_finetuned"] = chosen["text_frozen_kernel"] = Mix(0.0, text_kernel=kernel)
+    chosen.update(text_only_params(kernel))
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
         ctx, tuning["tower"] = _tune_tower(ctx, events, catalog, frozen, work_dir)
     for protocol in ("user_temporal", "cold_item"):
@@ -746,11 +759,12 @@ def _tune(
             tuning[f"{protocol}.als_recent"] = trials
         elif cfg.tune_text_kernels:
             # The tuned tower's text-only score first; the shipped hybrid scores new items so.
-            kernel, tuning[f"{protocol}.text_finetuned"] = tune_text_kernel(
+            tuned, tuning[f"{protocol}.text_finetuned"] = tune_text_kernel(
                 fitted, "text_finetuned", kernels=cfg.tune_text_kernels
             )
-            chosen["text_finetuned"] = chosen["text_frozen_kernel"] = Mix(0.0, text_kernel=kernel)
-            warm["hybrid"] = dataclasses.replace(warm["hybrid"], text_kernel=kernel)
+            if tuned is not None:  # else the configured kernel stays
+                chosen.update(text_only_params(tuned))
+                warm["hybrid"] = dataclasses.replace(warm["hybrid"], text_kernel=tuned)
         for model in ("hybrid", "hybrid_frozen"):
             if protocol == "user_temporal":
                 params, trials = tune_hybrid(

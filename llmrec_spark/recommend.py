@@ -279,7 +279,7 @@ class Mix:
     @classmethod
     def configured(cls, cfg: RecommendConfig) -> Mix:
         """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life,
-        recent_weight, recent_half_life)."""
+        recent_weight, recent_half_life, text_kernel)."""
         return cls(
             cfg.text_weight,
             cfg.cold_offset,
@@ -402,35 +402,30 @@ def history_kernel_scores(
     columns: np.ndarray,
     *,
     kernel: float,
-    half_life: float = 0.0,
     max_cells: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's soft best match of the items at `columns` against their history:
     ((b, len(columns)) float32, has (b,) bool).
 
-    The score of item c is kernel * log(sum_h w_h exp(cos(h, c) / kernel) / sum_h w_h) over the
-    user's history items h with a vector (unit rows), w_h the `half_life` weights of
-    `history_vectors` (all 1 when 0). A small kernel follows the closest history item (its
-    limit is the maximum cosine), a large one the mean (its limit ranks as the mean vector
-    does): one film close to a new one counts for more than many loosely related ones.
-    `max_cells` bounds the (history items, columns) block held at once.
+    The score of item c is kernel * log(mean_h exp(cos(h, c) / kernel)) over the user's
+    history items h with a vector (unit rows). A small kernel follows the closest history
+    item (its limit is the maximum cosine), a large one the mean (its limit ranks as the mean
+    vector does): one film close to a new one counts for more than many loosely related
+    ones. `max_cells` bounds the (history items, columns) block held at once (one user's
+    history is never split).
     """
     if kernel <= 0:
         raise ValueError(f"kernel must be positive, got {kernel}")
     b = len(histories)
     out = np.zeros((b, len(columns)), dtype=np.float32)
-    has = np.zeros(b, dtype=bool)
-    candidates = np.ascontiguousarray(vectors[columns], dtype=np.float32)  # (c, d)
-    known: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
-    for history in histories:
-        history = np.asarray(history, dtype=np.int64)
-        keep = has_vector[history] if len(history) else np.zeros(0, dtype=bool)
-        age = np.arange(len(history) - 1, -1, -1, dtype=np.float64)[keep]
-        known.append(history[keep])
-        weights.append(0.5 ** (age / half_life) if half_life > 0 else np.ones(len(age)))
+    known = [
+        np.asarray(h, dtype=np.int64)[has_vector[np.asarray(h, dtype=np.int64)]]
+        if len(h)
+        else np.zeros(0, dtype=np.int64)
+        for h in histories
+    ]
     lengths = np.array([len(h) for h in known], dtype=np.int64)
-    has[:] = lengths > 0
+    candidates = np.ascontiguousarray(vectors[columns], dtype=np.float32)  # (c, d)
     per_block = max(1, max_cells // max(len(columns), 1))
     user = 0
     while user < b:
@@ -443,15 +438,15 @@ def history_kernel_scores(
         if not block or not len(columns):
             continue
         items = np.concatenate([known[u] for u in block])
-        w = np.concatenate([weights[u] for u in block]).astype(np.float32)[:, None]
         starts = np.concatenate([[0], np.cumsum(lengths[block])[:-1]])
         sims = vectors[items].astype(np.float32) @ candidates.T  # (rows, c) cosines
-        best = np.maximum.reduceat(sims, starts, axis=0)  # (users, c): keeps exp() finite
+        # Shifted by each user's best cosine: the largest term is exp(0) = 1, the sum >= 1.
+        best = np.maximum.reduceat(sims, starts, axis=0)  # (users, c)
         sims -= np.repeat(best, lengths[block], axis=0)
         np.exp(sims / kernel, out=sims)
-        sums = np.add.reduceat(sims * w, starts, axis=0) / np.add.reduceat(w, starts, axis=0)
-        out[block] = best + kernel * np.log(sums)
-    return out, has
+        means = np.add.reduceat(sims, starts, axis=0) / lengths[block][:, None]
+        out[block] = best + kernel * np.log(means)
+    return out, lengths > 0
 
 
 def masked_moments(
@@ -549,8 +544,9 @@ def hybrid_scores(
     Non-candidates (ineligible, seen, no vector) score -inf. The user's text vector is the
     (recency-weighted, `mix.text_half_life`) mean of their history's (`history_vectors`).
     With `mix.text_kernel` > 0 the text-only items are scored instead by their kernel match
-    against each history item (`history_kernel_scores`), z-scored over the user's unseen
-    text-only items and a spaced sample of the other text items (`_kernel_z`).
+    against each history item (`history_kernel_scores`, every history item weighing the same:
+    `text_half_life` shapes the mean vector only), z-scored over the user's unseen text-only
+    items and a spaced sample of the other text items (`_kernel_z`).
 
     A z-score is affine in the raw score, so each item group (both vectors, ALS only, text
     only) is one matrix product of per-user scaled vectors with [als | unit als | text | 1]:
@@ -665,7 +661,7 @@ def hybrid_scores(
     return scores, has_collab, has_text
 
 
-KERNEL_REFERENCE_ITEMS = 512  # text items a kernel z-score is calibrated on, at least
+KERNEL_REFERENCE_ITEMS = 512  # other text items a kernel z-score is calibrated on, at most
 
 
 def _kernel_z(
@@ -691,12 +687,7 @@ def _kernel_z(
     spaced = pool[np.unique(np.linspace(0, len(pool) - 1, KERNEL_REFERENCE_ITEMS).astype(np.int64))]
     reference = np.union1d(cols, spaced)
     raw, _ = history_kernel_scores(
-        histories,
-        items.text,
-        items.has_text,
-        reference,
-        kernel=mix.text_kernel,
-        half_life=mix.text_half_life,
+        histories, items.text, items.has_text, reference, kernel=mix.text_kernel
     )
     unseen = np.ones(raw.shape, dtype=bool)
     position = np.full(items.size, -1, dtype=np.int64)

@@ -78,12 +78,12 @@ def _metric_table(metrics: dict[str, float]) -> list[str]:
             models.setdefault(model, {})[metric] = value
     if not models:
         return [f"  {k}: {_fmt(v)}" for k, v in sorted(metrics.items())]
-    header = "  " + f"{'model':<16}" + "".join(f"{m:>14}" for m in HEADLINE_METRICS)
+    header = "  " + f"{'model':<20}" + "".join(f"{m:>14}" for m in HEADLINE_METRICS)
     rows = [header]
     for model, values in models.items():
         rows.append(
             "  "
-            + f"{model:<16}"
+            + f"{model:<20}"
             + "".join(
                 f"{values[m]:>14.4f}" if m in values else f"{'':>14}" for m in HEADLINE_METRICS
             )
@@ -110,11 +110,11 @@ def _cold_table(metrics: dict[str, float]) -> list[str]:
         return []
     names = [f"{view} {metric}" for view, metric in COLD_METRICS]
     rows = ["", "cold items (cold_item protocol: cold-only ranking, and mixed with known items):"]
-    rows.append("  " + f"{'model':<16}" + "".join(f"{n:>26}" for n in names))
+    rows.append("  " + f"{'model':<20}" + "".join(f"{n:>26}" for n in names))
     for model, values in models.items():
         rows.append(
             "  "
-            + f"{model:<16}"
+            + f"{model:<20}"
             + "".join(f"{values[n]:>26.4f}" if n in values else f"{'':>26}" for n in names)
         )
     return rows

@@ -36,6 +36,10 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
         ("spark.ui_enabled=maybe", "spark.ui_enabled: expected true/false, got str 'maybe'"),
         ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
         ("recommend.text_weight=2", "recommend.text_weight: must be within [0, 1]"),
+        (
+            "evaluate.tune_text_kernels=[0.1, -1]",
+            "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
+        ),
         ("als", "--conf expects key=value, got 'als'"),
         ("evaluate.ks=5", "evaluate.ks: expected a list, got int 5"),
     ],

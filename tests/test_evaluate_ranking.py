@@ -111,10 +111,11 @@ def test_tune_text_kernel_picks_the_kernel_that_follows_one_close_history_item()
     kernel, trials = tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1, 0.2], k=1)
     assert kernel == 0.1
     assert trials == {"k=0": 0.5, "k=0.1": 1.0, "k=0.2": 1.0}
-    # The first of equal means wins; a model that cannot be built keeps the mean vector.
+    # The first of equal means wins; a model that cannot be built chooses nothing (the
+    # configured kernel stays).
     assert tune_text_kernel(f, "text_finetuned", kernels=[0.2, 0.1], k=1)[0] == 0.2
     f.tuned = None
-    assert tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1], k=1) == (0.0, {})
+    assert tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1], k=1) == (None, {})
 
 
 def test_variants_drop_what_a_model_does_not_use():

@@ -626,11 +626,10 @@ def test_history_kernel_scores_are_a_soft_best_match_of_the_history():
     np.testing.assert_allclose(narrow[0], [0.8, 1.0], atol=2e-3)
     wide, _ = history_kernel_scores(histories, text, has_text, columns, kernel=1e3)
     np.testing.assert_allclose(wide[0], [0.7, 0.5], atol=1e-3)
-    # Half-life 1 (user 2: item 0 is the newest, weight 1; item 1 two places older, 0.25).
-    recent, _ = history_kernel_scores(histories, text, has_text, columns, kernel=0.1, half_life=1)
-    weights = np.array([0.25, 1.0])  # items 1, 0
-    against_2 = 0.1 * np.log((weights * np.exp([8.0, 6.0])).sum() / weights.sum())
-    np.testing.assert_allclose(recent[2, 0], against_2, rtol=1e-5)
+    # A narrow kernel far below every cosine but the best stays finite (shifted by the best).
+    far = np.array([[1.0, 0.0]] + [[-0.3, np.sqrt(0.91)]] * 150, dtype=np.float32)
+    tight, _ = history_kernel_scores([np.arange(151)], far, np.ones(151, bool), [0], kernel=0.01)
+    np.testing.assert_allclose(tight[0, 0], 1.0 + 0.01 * np.log(1 / 151), rtol=1e-5)
     # Blocks of one history item at a time give the same scores.
     blocked, _ = history_kernel_scores(histories, text, has_text, columns, kernel=0.1, max_cells=1)
     np.testing.assert_allclose(blocked, scores, rtol=1e-6)
