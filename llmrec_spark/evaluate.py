@@ -339,8 +339,8 @@ def protocol_result(
     built = {}
     for model in models:
         matrices, mix = fitted.variant(model), params.get(model, Mix(0.0))
-        if model == "text_frozen_kernel" and mix.text_kernel <= 0:
-            continue  # it would rank exactly as text_frozen
+        if _same_as_text_frozen(model, mix):
+            continue
         if matrices is not None:
             built[model] = (matrices, mix)
     description = DESCRIPTIONS.get(protocol, protocol)
@@ -372,6 +372,11 @@ def protocol_result(
         ),
     ]
     return ProtocolResult(protocol, description, views)
+
+
+def _same_as_text_frozen(model: str, mix: Mix) -> bool:
+    """text_frozen_kernel without a kernel ranks exactly as text_frozen: left out."""
+    return model == "text_frozen_kernel" and mix.text_kernel <= 0
 
 
 def cold_only_view(
@@ -667,7 +672,7 @@ def evaluate_events(
                 "hybrid",
                 "hybrid_frozen",
             )
-            if model in params
+            if model in params and not _same_as_text_frozen(model, params[model])
         )
         + (" (chosen on a validation split of the training part)" if tune else " (from config)"),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "

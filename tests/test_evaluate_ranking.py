@@ -118,6 +118,16 @@ def test_tune_text_kernel_picks_the_kernel_that_follows_one_close_history_item()
     assert tune_text_kernel(f, "text_finetuned", kernels=[0.0, 0.1], k=1) == (None, {})
 
 
+def test_text_frozen_kernel_is_ranked_only_with_a_kernel():
+    f = fitted(np.array([False, False, True, False, True]))
+    without = protocol_result(f, "cold_item", params={}, ks=[1])
+    assert all("text_frozen_kernel" not in v.models for v in without.views)
+    with_kernel = protocol_result(
+        f, "cold_item", params={"text_frozen_kernel": Mix(0.0, text_kernel=0.1)}, ks=[1]
+    )
+    assert all("text_frozen_kernel" in v.models for v in with_kernel.views)
+
+
 def test_variants_drop_what_a_model_does_not_use():
     f = fitted()
     assert f.variant("popularity").als is None and f.variant("popularity").text is None
