@@ -193,6 +193,7 @@ def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp
         "als.rank=4",
         "als.max_iter=3",
         "als.train_days=7",
+        "recommend.text_kernel=0.1",  # every model is ranked, text_frozen_kernel included
     )
     catalog = spark.createDataFrame(
         [(f"i{j}", f"Title {j}", "", "c", "", "true", "2026-11-01") for j in range(10)],
@@ -263,6 +264,9 @@ def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp
     assert m["text_frozen.hit_rate@1"] == pytest.approx(1.0)
     assert m["text_frozen.map@5"] == pytest.approx(1.0)
     assert m["user_temporal.warm.text_frozen.map@5"] == pytest.approx(1.0)
+    # The kernel's soft best match finds the same items: u0-u3's history item i1 (cosine 0.5
+    # to i0), u4-u7's i0 (0.69 to i9, against 0.5 to their other candidate i1).
+    assert m["text_frozen_kernel.hit_rate@1"] == pytest.approx(1.0)
     for model in MODELS:
         for metric in ("precision", "recall", "f1", "ndcg", "map", "hit_rate"):
             for k in (1, 5):
