@@ -139,13 +139,14 @@ def evaluation_frame(metrics: pd.Series | dict[str, float]) -> pd.DataFrame:
     """Evaluate-stage metrics as rows of model, metric, k, value.
 
     Keys are "hybrid.ndcg@10" (the stage's result) or "hybrid.ndcg_10" (MLflow, which
-    allows no "@" in metric names).
+    allows no "@" in metric names): the headline protocol's. Protocol-qualified keys
+    ("cold_item.mixed.hybrid.ndcg@10") are left out.
     """
     rows = []
     for key, value in dict(metrics).items():
         model, dot, rest = str(key).partition(".")
         metric, sep, k = rest.rpartition("@") if "@" in rest else rest.rpartition("_")
-        if dot and sep and k.isdigit() and metric:
+        if dot and sep and k.isdigit() and metric and "." not in metric:
             rows.append((model, metric, int(k), float(value)))
     frame = pd.DataFrame(rows, columns=["model", "metric", "k", "value"])
     return frame.sort_values(["metric", "model", "k"]).reset_index(drop=True)

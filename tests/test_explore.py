@@ -9,7 +9,14 @@ from llmrec_spark.explore import _partition_values, evaluation_frame, nearest_it
 
 def test_evaluation_frame_reads_stage_and_mlflow_metric_names():
     frame = evaluation_frame(
-        {"hybrid.ndcg@10": 0.5, "als.hit_rate_5": 0.25, "test_users": 12.0, "seconds": 3.0}
+        {
+            "hybrid.ndcg@10": 0.5,
+            "als.hit_rate_5": 0.25,
+            "test_users": 12.0,
+            "seconds": 3.0,
+            "cold_item.mixed.hybrid.ndcg@10": 0.75,
+            "user_temporal.warm.als.hit_rate_5": 0.5,
+        }
     )
     assert frame.to_dict("records") == [
         {"model": "als", "metric": "hit_rate", "k": 5, "value": 0.25},
