@@ -418,12 +418,8 @@ def history_kernel_scores(
         raise ValueError(f"kernel must be positive, got {kernel}")
     b = len(histories)
     out = np.zeros((b, len(columns)), dtype=np.float32)
-    known = [
-        np.asarray(h, dtype=np.int64)[has_vector[np.asarray(h, dtype=np.int64)]]
-        if len(h)
-        else np.zeros(0, dtype=np.int64)
-        for h in histories
-    ]
+    as_indices = [np.asarray(h, dtype=np.int64) for h in histories]
+    known = [h[has_vector[h]] for h in as_indices]  # the history items with a vector
     lengths = np.array([len(h) for h in known], dtype=np.int64)
     candidates = np.ascontiguousarray(vectors[columns], dtype=np.float32)  # (c, d)
     per_block = max(1, max_cells // max(len(columns), 1))
@@ -640,10 +636,11 @@ def hybrid_scores(
     _, weights, _, offset = groups[main]
     # (b, items): the main group's formula everywhere, then the other groups' columns
     scores = np.matmul(user_side(weights, offset), features.T, out=None if out is None else out[:b])
+    text_only = 2  # groups[2]: the items scored by text alone
     kernel_text = mix.text_kernel > 0 and has_text.any()
     for k, (columns, weights, users_ok, offset) in enumerate(groups):
         cols = np.flatnonzero(columns)
-        if k == 2 and kernel_text and len(cols):
+        if k == text_only and kernel_text and len(cols):
             scores[:, cols] = _kernel_z(
                 histories, items, cols, item_t, mix, seen_rows, seen_cols, offset
             )
