@@ -132,6 +132,7 @@ def bench_distributor(
             "out_dim": tower.out_dim,
             "seed": tower.seed,
             "anchor_pooling": tower.anchor_pooling,
+            "input_dropout": tower.input_dropout,
             "device": "cpu",
             "reader_workers": tower.reader_workers,
             "mlflow_tracking_uri": None,

@@ -194,6 +194,9 @@ class ContrastiveConfig:
     # "head_of_mean" (the head applied to the mean base embedding of the history).
     anchor_pooling: str = "mean_of_heads"
     weight_decay: float = 0.01
+    # Share of each training item's base-embedding coordinates zeroed per step (inverted
+    # dropout), aimed at new items' text; 0 = off (README: where it helped and where not).
+    input_dropout: float = 0.0
     # "auto": CUDA when torch sees a GPU and the Spark driver has GPU resources; "cpu"; "cuda".
     device: str = "auto"
     # petastorm reader threads per training process; 1 keeps the batch order reproducible.
@@ -531,6 +534,10 @@ def validate(cfg: Config) -> Config:
             "contrastive.num_sampled_negatives: must not be negative",
         ),
         (cfg.contrastive.epochs >= 1, "contrastive.epochs: must be at least 1"),
+        (
+            0.0 <= cfg.contrastive.input_dropout < 1.0,
+            "contrastive.input_dropout: must be within [0, 1) (0 = off)",
+        ),
         (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
         (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
         (cfg.als.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),

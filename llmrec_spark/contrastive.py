@@ -142,37 +142,58 @@ def encode_batch(
     positive_ids: torch.Tensor,
     negative_ids: torch.Tensor,
     pooling: str = "mean_of_heads",
+    input_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(anchors, positives, negatives) for one batch, with a single forward pass of `head`.
 
     base (n_items, in_dim); history (batch, H) item indices padded with PAD; positive_ids
     (batch,); negative_ids (n_neg,). One forward per step keeps DDP's gradient hooks simple.
+    With `input_dropout` p > 0 each item's base embedding in the batch loses a random share p
+    of its coordinates (the rest scaled by 1 / (1 - p)), one mask per item and step, drawn
+    from `generator`: the head cannot lean on single coordinates of the items it trains on,
+    which is what a new item's text needs.
     """
     batch, max_history = history.shape
     valid = (history != PAD).unsqueeze(-1).to(base.dtype)  # (batch, H, 1)
     counts = valid.sum(dim=1).clamp_min(1.0)  # (batch, 1)
-    history_ids = history.clamp_min(0)
     n_pos = positive_ids.shape[0]
+    ids = torch.cat([history.clamp_min(0).reshape(-1), positive_ids, negative_ids])
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    rows = dropout_rows(base[unique_ids], input_dropout, generator)  # (n_unique, in_dim)
+    history_rows = inverse[: batch * max_history]
+    candidate_rows = inverse[batch * max_history :]
     if pooling == "mean_of_heads":
-        ids = torch.cat([history_ids.reshape(-1), positive_ids, negative_ids])
-        unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        encoded = head(base[unique_ids])[inverse]  # (batch*H + batch + n_neg, out)
-        per_item = encoded[: batch * max_history].view(batch, max_history, -1)  # (batch, H, out)
+        encoded = head(rows)  # (n_unique, out)
+        per_item = encoded[history_rows].view(batch, max_history, -1)  # (batch, H, out)
         anchors = torch.nn.functional.normalize((per_item * valid).sum(dim=1) / counts, dim=-1)
-        candidates = encoded[batch * max_history :]
+        candidates = encoded[candidate_rows]  # (batch + n_neg, out)
     elif pooling == "head_of_mean":
-        pooled = (base[history_ids] * valid).sum(dim=1) / counts  # (batch, in_dim)
-        unique_ids, inverse = torch.unique(
-            torch.cat([positive_ids, negative_ids]), return_inverse=True
-        )
-        encoded = head(torch.cat([pooled, base[unique_ids]]))
+        in_history = rows[history_rows].view(batch, max_history, -1)  # (batch, H, in_dim)
+        pooled = (in_history * valid).sum(dim=1) / counts  # (batch, in_dim)
+        needed, needed_inverse = torch.unique(candidate_rows, return_inverse=True)
+        encoded = head(torch.cat([pooled, rows[needed]]))
         anchors = encoded[:batch]  # (batch, out)
-        candidates = encoded[batch:][inverse]  # (batch + n_neg, out)
+        candidates = encoded[batch:][needed_inverse]  # (batch + n_neg, out)
     else:
         raise ValueError(
             f"anchor pooling must be one of {', '.join(ANCHOR_POOLINGS)}, got {pooling!r}"
         )
     return anchors, candidates[:n_pos], candidates[n_pos:]
+
+
+def dropout_rows(
+    rows: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Inverted dropout of `rows` (n, dim) with a mask drawn on the CPU from `generator`.
+
+    The mask comes from the seeded CPU generator on every device, so a resumed run and a GPU
+    run drop the same coordinates as an uninterrupted CPU run. p = 0 returns `rows` as is.
+    """
+    if p <= 0.0:
+        return rows
+    keep = torch.rand(rows.shape, generator=generator) >= p  # (n, dim) bool
+    return rows * keep.to(rows.device, rows.dtype) / (1.0 - p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +214,7 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
 
     Keys: converter, item_matrix_path, checkpoint_dir, output_dir, epochs, batch_size,
     learning_rate, weight_decay, temperature, num_sampled_negatives, hidden_dim, out_dim, seed,
-    anchor_pooling, device, reader_workers, fingerprint, mlflow_tracking_uri, mlflow_run_id,
+    anchor_pooling, input_dropout, device, reader_workers, fingerprint, mlflow_tracking_uri, mlflow_run_id,
     head_metadata, fail_after_epoch (testing: raise after that epoch's checkpoint).
     Returns head_path, losses (per epoch, all epochs so far), epochs_run, resumed_from, steps.
     """
@@ -270,6 +291,7 @@ def _train(
     epochs = int(config["epochs"])
     n_neg = int(config["num_sampled_negatives"])
     pooling = config.get("anchor_pooling", "mean_of_heads")
+    dropout = float(config.get("input_dropout", 0.0))
     fail_after = config.get("fail_after_epoch")
     tracker = _RankZeroMetrics(config if rank == 0 else {})
     converter = config["converter"]
@@ -304,7 +326,7 @@ def _train(
                 positive_ids = batch["pos"].long().to(device)
                 negative_ids = torch.randint(n_items, (n_neg,), generator=generator).to(device)
                 anchors, positives, negatives = encode_batch(
-                    model, base, history, positive_ids, negative_ids, pooling
+                    model, base, history, positive_ids, negative_ids, pooling, dropout, generator
                 )
                 mask = negative_mask(history, positive_ids, negative_ids)
                 loss = loss_fn(anchors, positives, negatives, mask)
@@ -898,6 +920,7 @@ def _run_distributed(
             "out_dim": cfg.out_dim,
             "seed": cfg.seed,
             "anchor_pooling": cfg.anchor_pooling,
+            "input_dropout": cfg.input_dropout,
             "device": device,
             "reader_workers": cfg.reader_workers,
             "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,

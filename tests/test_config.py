@@ -40,6 +40,10 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
             "evaluate.tune_text_kernels=[0.1, -1]",
             "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
         ),
+        (
+            "contrastive.input_dropout=1",
+            "contrastive.input_dropout: must be within [0, 1) (0 = off)",
+        ),
         ("als", "--conf expects key=value, got 'als'"),
         ("evaluate.ks=5", "evaluate.ks: expected a list, got int 5"),
     ],

@@ -22,6 +22,7 @@ from llmrec_spark.contrastive import (
     PETASTORM_CACHE_CONF,
     InfoNCELoss,
     TextTowerHead,
+    dropout_rows,
     encode_batch,
     head_embedder,
     info_nce,
@@ -130,6 +131,56 @@ def test_mean_of_heads_anchor_is_the_normalised_mean_of_history_item_outputs():
         head, base, history, torch.tensor([1, 3]), torch.tensor([5]), "head_of_mean"
     )
     assert torch.allclose(anchors_hm[0], head((base[0] + base[2])[None] / 2)[0], atol=1e-6)
+
+
+def test_dropout_rows_zeroes_a_seeded_share_and_rescales_the_rest():
+    rows = torch.ones(200, 50)
+    assert dropout_rows(rows, 0.0) is rows
+    dropped = dropout_rows(rows, 0.25, torch.Generator().manual_seed(3))
+    assert torch.allclose(dropped.unique(), torch.tensor([0.0, 1 / 0.75]))
+    zero_share = float((dropped == 0).float().mean())
+    assert 0.23 < zero_share < 0.27
+    again = dropout_rows(rows, 0.25, torch.Generator().manual_seed(3))
+    assert torch.equal(dropped, again)
+    assert not torch.equal(dropped, dropout_rows(rows, 0.25, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("pooling", ["mean_of_heads", "head_of_mean"])
+def test_input_dropout_masks_each_item_once_per_batch(pooling):
+    # Item 1 is user 0's whole history and user 1's positive: with one mask per item the
+    # anchor of user 0 equals that positive's output, and neither equals the undropped one.
+    torch.manual_seed(2)
+    head = TextTowerHead(8, 6, 4)
+    base = torch.randn(4, 8)
+    history = torch.tensor([[1, PAD], [2, 3]])
+    positive_ids, negative_ids = torch.tensor([0, 1]), torch.tensor([3])
+    anchors, positives, negatives = encode_batch(
+        head,
+        base,
+        history,
+        positive_ids,
+        negative_ids,
+        pooling,
+        0.5,
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.allclose(anchors[0], positives[1], atol=1e-6)
+    assert not torch.allclose(positives[1], head(base[[1]])[0], atol=1e-3)
+    same = encode_batch(
+        head,
+        base,
+        history,
+        positive_ids,
+        negative_ids,
+        pooling,
+        0.5,
+        torch.Generator().manual_seed(0),
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip((anchors, positives, negatives), same, strict=True)
+    )
+    plain = encode_batch(head, base, history, positive_ids, negative_ids, pooling)
+    assert torch.allclose(plain[1], head(base[[0, 1]]), atol=1e-6)
 
 
 def test_tuned_model_id():
