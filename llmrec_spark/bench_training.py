@@ -122,19 +122,7 @@ def bench_distributor(
         )
         base = {
             "item_matrix_path": item_matrix_path,
-            "epochs": tower.epochs,
-            "batch_size": tower.batch_size,
-            "learning_rate": tower.learning_rate,
-            "weight_decay": tower.weight_decay,
-            "temperature": tower.temperature,
-            "num_sampled_negatives": tower.num_sampled_negatives,
-            "hidden_dim": tower.hidden_dim,
-            "out_dim": tower.out_dim,
-            "seed": tower.seed,
-            "anchor_pooling": tower.anchor_pooling,
-            "input_dropout": tower.input_dropout,
-            "device": "cpu",
-            "reader_workers": tower.reader_workers,
+            **contrastive.training_config(tower, "cpu"),
             "mlflow_tracking_uri": None,
             "mlflow_run_id": None,
         }

@@ -881,6 +881,25 @@ def spark_converter(examples: DataFrame) -> Any:
     return converter
 
 
+def training_config(cfg: ContrastiveConfig, device: str) -> dict[str, Any]:
+    """The hyperparameters `train_text_tower` reads from its config dict, taken from `cfg`."""
+    return {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "temperature": cfg.temperature,
+        "num_sampled_negatives": cfg.num_sampled_negatives,
+        "hidden_dim": cfg.hidden_dim,
+        "out_dim": cfg.out_dim,
+        "seed": cfg.seed,
+        "anchor_pooling": cfg.anchor_pooling,
+        "input_dropout": cfg.input_dropout,
+        "device": device,
+        "reader_workers": cfg.reader_workers,
+    }
+
+
 def _run_distributed(
     ctx: RunContext,
     cfg: ContrastiveConfig,
@@ -910,19 +929,7 @@ def _run_distributed(
         config = {
             **paths,
             "converter": converter,
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "learning_rate": cfg.learning_rate,
-            "weight_decay": cfg.weight_decay,
-            "temperature": cfg.temperature,
-            "num_sampled_negatives": cfg.num_sampled_negatives,
-            "hidden_dim": cfg.hidden_dim,
-            "out_dim": cfg.out_dim,
-            "seed": cfg.seed,
-            "anchor_pooling": cfg.anchor_pooling,
-            "input_dropout": cfg.input_dropout,
-            "device": device,
-            "reader_workers": cfg.reader_workers,
+            **training_config(cfg, device),
             "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
             "mlflow_run_id": ctx.stage_run_id,
         }
