@@ -876,6 +876,7 @@ def spark_converter(examples: DataFrame) -> Any:
     """
     from petastorm.spark import make_spark_converter
 
+    quiet_petastorm()  # the driver's converter warns about pyarrow.localfs as the workers do
     converter = make_spark_converter(examples)
     converter.file_urls = sorted(converter.file_urls)
     return converter
