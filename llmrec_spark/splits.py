@@ -33,23 +33,22 @@ def per_user_temporal_cut(
 ) -> tuple[DataFrame, DataFrame]:
     """Per user, the last `test_fraction` of events by time (at least one) are held out.
 
-    The cut is a timestamp, so every training event is strictly earlier than every held-out
-    event of the same user (events tied at the cut are held out). Returns (train, held_out).
+    A cut by rows, not by timestamp: no training event is later than a held-out event of the
+    same user, and events tied at the cut fall on either side in a fixed order hashed from
+    (user, item). A timestamp cut would hold out every event tied with it, and ratings come
+    in same-second batches: on MovieLens-100K it held out 20.7% instead of 20%, and up to 65%
+    of one user's events. The item id is no tie-break either: on a catalog numbered by age it
+    would send the newest items to test. Returns (train, held_out).
     """
     per_user = Window.partitionBy("user_id")
-    by_time = per_user.orderBy("event_ts", "item_id", "weight")
+    by_time = per_user.orderBy("event_ts", F.xxhash64("user_id", "item_id"), "item_id", "weight")
     n_test = F.greatest(F.lit(1), F.floor(F.col("_n") * F.lit(test_fraction)))
-    labeled = (
-        events.withColumn("_pos", F.row_number().over(by_time))
-        .withColumn("_n", F.count("*").over(per_user))
-        .withColumn(
-            "_cut",
-            F.min(F.when(F.col("_pos") > F.col("_n") - n_test, F.col("event_ts"))).over(per_user),
-        )
+    labeled = events.withColumn("_pos", F.row_number().over(by_time)).withColumn(
+        "_n", F.count("*").over(per_user)
     )
-    helpers = ["_pos", "_n", "_cut"]
-    train = labeled.where(F.col("event_ts") < F.col("_cut")).drop(*helpers)
-    held_out = labeled.where(F.col("event_ts") >= F.col("_cut")).drop(*helpers)
+    held = F.col("_pos") > F.col("_n") - n_test
+    train = labeled.where(~held).drop("_pos", "_n")
+    held_out = labeled.where(held).drop("_pos", "_n")
     return train, held_out
 
 

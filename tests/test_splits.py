@@ -88,6 +88,13 @@ def test_cold_item_split_removes_cold_items_from_training_and_tests_their_positi
     assert warm_rows and all(r["item_id"] not in cold for r in warm_rows)
     train_pairs = {(r["user_id"], r["item_id"]) for r in train}
     assert not {(r["user_id"], r["item_id"]) for r in test} & train_pairs
+    last_train = {}
+    for r in train:
+        last_train[r["user_id"]] = max(last_train.get(r["user_id"], r["event_ts"]), r["event_ts"])
+    warm_test = {(r["user_id"], r["item_id"]) for r in warm_rows}
+    for r in events.collect():
+        if (r["user_id"], r["item_id"]) in warm_test:
+            assert r["event_ts"] >= last_train[r["user_id"]]
 
 
 @pytest.mark.spark
@@ -124,3 +131,27 @@ def test_user_temporal_protocol_flags_nothing_cold_and_needs_three_training_posi
         ("ua", "a4", False)
     ]
     assert split.cold_items is None
+
+
+@pytest.mark.spark
+def test_user_cut_holds_out_a_fifth_by_rows_even_when_the_last_events_tie(spark):
+    # uz: ten events, the last six in the same second (a batch of ratings). A timestamp cut
+    # would hold out all six; the row cut holds out two, both from the tied batch.
+    rows = [("uz", f"z{h}", ts(h), 4.0) for h in range(4)]
+    rows += [("uz", f"z{h}", ts(4), 4.0) for h in range(4, 10)]
+    rows += [("uy", f"y{h}", ts(h), 4.0) for h in range(5)]  # no ties: the last one held out
+    events = spark.createDataFrame(rows, SCHEMA)
+
+    train, held_out = splits.per_user_temporal_cut(events, test_fraction=0.2)
+    again, _ = splits.per_user_temporal_cut(events.repartition(3), test_fraction=0.2)
+
+    held = {(r["user_id"], r["item_id"]) for r in held_out.collect()}
+    kept = [(r["user_id"], r["item_id"], r["event_ts"]) for r in train.collect()]
+    assert len([p for p in held if p[0] == "uz"]) == 2 and ("uy", "y4") in held
+    assert len(held) == 3 and len(kept) == 12
+    assert {i for u, i in held if u == "uz"} <= {f"z{h}" for h in range(4, 10)}
+    # No training event is later than a held-out one of the same user; ties may straddle.
+    assert max(t for u, _, t in kept if u == "uz") == ts(4)
+    assert sorted(kept) == sorted(
+        (r["user_id"], r["item_id"], r["event_ts"]) for r in again.collect()
+    )
