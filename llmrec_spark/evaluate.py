@@ -40,7 +40,7 @@ from llmrec_spark.evaluation_report import (
     write_report,
 )
 from llmrec_spark.metrics import (
-    auc_from_ranks,
+    auc_from_scores,
     average_recommendation_popularity,
     catalog_coverage,
     mean_metrics,
@@ -228,6 +228,14 @@ class Ranked:
     auc: np.ndarray  # (u,) NaN where undefined
 
 
+TIE_ORDER_SEED = 20261203
+
+
+def tie_order(n_items: int) -> np.ndarray:
+    """The seeded permutation of item indices in which `rank_view` lists tied scores."""
+    return np.random.default_rng(TIE_ORDER_SEED).permutation(n_items)
+
+
 def rank_view(
     fitted: Fitted,
     matrices: recommend.ItemMatrices,
@@ -238,7 +246,13 @@ def rank_view(
     candidates: np.ndarray | None,
     k: int,
 ) -> Ranked:
-    """Rank the candidates (None: every item) for the users at `rows`, training items excluded."""
+    """Rank the candidates (None: every item) for the users at `rows`, training items excluded.
+
+    Tied scores are listed in a fixed pseudo-random item order (`tie_order`), not by index:
+    popularity scores every cold item 0, and index order would make its cold-only list the
+    first item ids, a baseline below random order.
+    """
+    order = tie_order(fitted.items.size)
     top = np.full((len(rows), k), -1, dtype=np.int64)
     auc = np.full(len(rows), np.nan)
     for start in range(0, len(rows), BLOCK):
@@ -256,26 +270,21 @@ def rank_view(
         if candidates is not None:
             in_view[:, ~candidates] = False
         scores = np.where(in_view, scores, -np.inf).astype(np.float32)
-        indices, best = recommend.select_top_n(scores, k)
+        indices, best = recommend.select_top_n(scores[:, order], k)
         for j in range(len(block)):
             keep = np.isfinite(best[j])
-            top[start + j, : int(keep.sum())] = indices[j][keep]
+            top[start + j, : int(keep.sum())] = order[indices[j][keep]]
             auc[start + j] = _auc(scores[j], in_view[j], relevant[start + j])
     return Ranked(top=top, auc=auc)
 
 
 def _auc(scores: np.ndarray, candidates: np.ndarray, positives: np.ndarray) -> float:
-    """AUC over the candidates' total order (score, then lower index first; unscorable last)."""
-    cols = np.flatnonzero(candidates)
-    positives = positives[candidates[positives]]
-    if len(positives) == 0 or len(positives) == len(cols):
-        return float("nan")
-    values = np.where(np.isfinite(scores[cols]), scores[cols], -np.inf)
-    order = np.lexsort((cols, -values))  # best first, ties to the lower index
-    position = np.empty(len(cols), dtype=np.int64)
-    position[order] = np.arange(len(cols))
-    ranks = position[np.searchsorted(cols, positives)]
-    return auc_from_ranks(ranks, len(cols))
+    """AUC over the candidates (bool mask): positives against the other candidates, ties half."""
+    positive = np.zeros(len(candidates), dtype=bool)
+    positive[positives] = True
+    positive &= candidates
+    values = np.where(np.isfinite(scores), scores, -np.inf)
+    return auc_from_scores(values[positive], values[candidates & ~positive])
 
 
 def view_result(

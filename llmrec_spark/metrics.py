@@ -111,26 +111,19 @@ def mean_metrics(
 # Full-ranking AUC
 
 
-def auc_from_ranks(positive_ranks: np.ndarray, n_candidates: int) -> float:
-    """One user's AUC: share of (positive, negative) pairs with the positive ranked higher.
-
-    `positive_ranks` are the 0-based positions of the user's positives in a total order of
-    `n_candidates` candidates (positives included), so ranks are distinct integers in
-    [0, n_candidates); ties between scores are resolved by that order, as in the top-k
-    lists. Returns NaN when there are no positives or no negatives (no pairs to compare).
-    """
-    ranks = np.sort(np.asarray(positive_ranks, dtype=np.int64).ravel())  # (n_pos,)
-    n_pos = len(ranks)
-    if n_pos and (ranks[0] < 0 or ranks[-1] >= n_candidates):
-        raise ValueError(f"positive ranks must lie in [0, {n_candidates}), got {ranks.tolist()}")
-    if n_pos > 1 and np.any(ranks[1:] == ranks[:-1]):
-        raise ValueError(f"positive ranks must be distinct, got {ranks.tolist()}")
-    n_neg = n_candidates - n_pos
-    if n_pos == 0 or n_neg == 0:
+def auc_from_scores(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """One user's AUC: the share of (positive, negative) pairs with the positive scored
+    higher, a tied pair counting half (-inf, an unscorable candidate, ties with -inf).
+    Returns NaN when there are no positives or no negatives (no pairs to compare)."""
+    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
+    neg = np.sort(np.asarray(negative_scores, dtype=np.float64).ravel())
+    if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    # The j-th best positive (0-based) at rank r has r - j negatives ranked above it.
-    negatives_above = ranks - np.arange(n_pos)
-    return float(1.0 - negatives_above.sum() / (n_pos * n_neg))
+    if np.isnan(pos).any() or np.isnan(neg).any():
+        raise ValueError("AUC scores must not be NaN")
+    below = np.searchsorted(neg, pos, side="left")  # negatives scored lower
+    tied = np.searchsorted(neg, pos, side="right") - below
+    return float((below + tied / 2).sum() / (len(pos) * len(neg)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from llmrec_spark.metrics import (
     METRIC_FUNCTIONS,
-    auc_from_ranks,
+    auc_from_scores,
     average_popularity_percentile,
     average_precision_at_k,
     average_recommendation_popularity,
@@ -92,20 +92,27 @@ def test_per_user_metrics_skip_users_without_positives_and_zero_users_without_li
 
 
 def test_auc_counts_positive_over_negative_pairs():
-    # Candidates by rank: P N N P N. Pairs: the first P beats 3 negatives, the second 1: 4/6.
-    assert auc_from_ranks(np.array([3, 0]), 5) == pytest.approx(0.6666667)
-    assert auc_from_ranks(np.array([0, 1]), 4) == 1.0  # both positives on top
-    assert auc_from_ranks(np.array([3, 4]), 5) == 0.0  # both at the bottom
-    assert auc_from_ranks(np.array([2]), 5) == pytest.approx(0.5)  # above 2 of 4 negatives
+    # Scores 5 4 3 2 1 with positives at 5 and 2: the first beats 3 negatives, the second 1: 4/6.
+    assert auc_from_scores(np.array([2.0, 5.0]), np.array([4.0, 3.0, 1.0])) == pytest.approx(4 / 6)
+    assert auc_from_scores(np.array([9.0, 8.0]), np.array([1.0, 0.0])) == 1.0  # both on top
+    assert auc_from_scores(np.array([-1.0, -2.0]), np.array([1.0, 0.0, 3.0])) == 0.0
 
 
-def test_auc_without_pairs_is_nan_and_bad_ranks_raise():
-    assert math.isnan(auc_from_ranks(np.array([0, 1, 2]), 3))  # no negatives
-    assert math.isnan(auc_from_ranks(np.array([], dtype=np.int64), 3))  # no positives
-    with pytest.raises(ValueError, match="distinct"):
-        auc_from_ranks(np.array([1, 1]), 4)  # ranks come from a total order, never tied
-    with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        auc_from_ranks(np.array([4]), 4)
+def test_auc_counts_a_tied_pair_half():
+    # Every candidate tied (popularity on cold items): 0.5, wherever the positive sits.
+    assert auc_from_scores(np.array([0.0]), np.zeros(4)) == 0.5
+    # Positive 1.0 against 2.0, 1.0, 1.0, 0.0: lose, tie, tie, win -> (0 + .5 + .5 + 1) / 4.
+    assert auc_from_scores(np.array([1.0]), np.array([2.0, 1.0, 1.0, 0.0])) == 0.5
+    # Unscorable candidates (-inf) tie with each other and lose to any score.
+    assert auc_from_scores(np.array([-np.inf]), np.array([-np.inf, 0.0])) == 0.25
+    assert auc_from_scores(np.array([0.0, -np.inf]), np.array([-np.inf])) == 0.75
+
+
+def test_auc_without_pairs_is_nan_and_nan_scores_raise():
+    assert math.isnan(auc_from_scores(np.array([1.0, 2.0]), np.array([])))  # no negatives
+    assert math.isnan(auc_from_scores(np.array([]), np.array([1.0])))  # no positives
+    with pytest.raises(ValueError, match="NaN"):
+        auc_from_scores(np.array([np.nan]), np.array([1.0]))
 
 
 RECOMMENDED = {"u1": ["a", "b", "c"], "u2": ["c", "z"], "u3": []}
