@@ -718,6 +718,23 @@ def _draw(fitted: Fitted, result: ProtocolResult, seed: int, *, primary: bool = 
     )
 
 
+EVENT_COLUMNS = ["user_id", "item_id", "event_ts", "weight"]
+
+
+def development_part(events: DataFrame, protocols: Sequence[str], cfg: Any) -> DataFrame:
+    """The events in the training part of every protocol's test split: what tuning may see.
+
+    Validation splits are cut from this, so no choice made on them has seen a test event of
+    any protocol: user_temporal's training part holds cold_item's cold positives, and
+    cold_item's holds some of the events user_temporal holds out.
+    """
+    part = events.select(*EVENT_COLUMNS)
+    for protocol in protocols:
+        train = make_split(events, protocol, cfg, seed=cfg.seed).train
+        part = part.join(train.select(*EVENT_COLUMNS), EVENT_COLUMNS, "left_semi")
+    return part
+
+
 def _tune(
     ctx: RunContext,
     events: DataFrame,
@@ -733,20 +750,24 @@ def _tune(
     hybrids' parameters and every trial's validation NDCG@10.
     """
     cfg = ctx.cfg.evaluate
-    tuning: dict[str, Any] = {}
     chosen: dict[str, Mix] = {}
+    dev = development_part(events, protocols, cfg).cache()
+    tuning: dict[str, Any] = {"development_events": dev.count()}
+    log.info(
+        "evaluate: tuning on the %d events in every protocol's training part",
+        tuning["development_events"],
+    )
     kernel = ctx.cfg.recommend.text_kernel  # the text-only items' kernel (frozen text: none)
     # The recent term and text choices made on user_temporal, kept for the cold_offset search.
     warm = {"hybrid": Mix(0.0, text_kernel=kernel), "hybrid_frozen": Mix(0.0)}
     chosen.update(text_only_params(kernel))
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
-        ctx, tuning["tower"] = _tune_tower(ctx, events, catalog, frozen, work_dir)
+        ctx, tuning["tower"] = _tune_tower(ctx, dev, catalog, frozen, work_dir)
     for protocol in ("user_temporal", "cold_item"):
         if protocol not in protocols and protocol != "user_temporal":
             continue
-        outer = make_split(events, protocol, cfg, seed=cfg.seed)
-        # Validation: the same protocol applied to the training part, with another seed.
-        inner = make_split(outer.train, protocol, cfg, seed=cfg.seed + 1)
+        # Validation: the same protocol applied to the development part, with another seed.
+        inner = make_split(dev, protocol, cfg, seed=cfg.seed + 1)
         if protocol == "user_temporal" and cfg.tune_als_reg_params and cfg.tune_als_alphas:
             ctx, tuning["als"] = _tune_als(ctx, inner, catalog, cfg)
         fitted = fit_split(
@@ -812,16 +833,16 @@ def _tune(
 
 def _tune_tower(
     ctx: RunContext,
-    events: DataFrame,
+    dev: DataFrame,
     catalog: DataFrame,
     frozen: DataFrame | None,
     work_dir: str,
 ) -> tuple[RunContext, dict[str, Any]]:
     """The tower's temperature with the best cold-only Recall@20 of text_finetuned on a
-    cold_item validation split of the training part; ctx with that contrastive config."""
+    cold_item validation split of `dev` (`development_part`); ctx with that contrastive
+    config."""
     cfg = ctx.cfg.evaluate
-    outer = make_split(events, "cold_item", cfg, seed=cfg.seed)
-    inner = make_split(outer.train, "cold_item", cfg, seed=cfg.seed + 1)
+    inner = make_split(dev, "cold_item", cfg, seed=cfg.seed + 1)
 
     def cold_recall(trial: RunContext) -> float | None:
         fitted = fit_split(

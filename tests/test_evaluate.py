@@ -292,3 +292,43 @@ def test_one_standard_error_rule_picks_the_smallest_weight_close_to_the_best():
     # Equal means: the first trial wins without the rule, the smallest weight with it.
     assert pick_trial([(w8, best), (w2, best)], one_standard_error=False)[0] == w8
     assert pick_trial([(w8, best), (w2, best)], one_standard_error=True)[0] == w2
+
+
+@pytest.mark.spark
+def test_development_part_holds_only_events_every_protocol_trains_on(spark):
+    from types import SimpleNamespace
+
+    from llmrec_spark.evaluate import development_part, make_split
+
+    rows = []
+    for u in range(6):
+        for j in range(8):  # c-items early, liked by 5 of the 6 users: cold candidates
+            if (u + j) % 6 != 0:
+                rows.append((f"u{u}", f"c{j}", ts(10 * j + u), 4.0))
+        for h in range(6):  # w-items late, liked by 4 users each: never cold
+            if (u + h) % 3:
+                rows.append((f"u{u}", f"w{h}", ts(100 + 10 * h + u), 4.0))
+    events = spark.createDataFrame(
+        rows, "user_id string, item_id string, event_ts timestamp, weight double"
+    )
+    cfg = SimpleNamespace(
+        test_fraction=0.2, positive_min_weight=2.0, cold_fraction=0.5, cold_min_positives=5, seed=3
+    )
+    protocols = ["user_temporal", "cold_item"]
+    columns = ["user_id", "item_id", "event_ts", "weight"]
+
+    dev = {tuple(r) for r in development_part(events, protocols, cfg).collect()}
+
+    trains = [
+        {tuple(r) for r in make_split(events, p, cfg, seed=3).train.select(*columns).collect()}
+        for p in protocols
+    ]
+    assert dev == trains[0] & trains[1]
+    # Each training part holds events the other protocol tests on; the development part none.
+    ut_test = make_split(events, "user_temporal", cfg, seed=3).test.collect()
+    cold = {r["item_id"] for r in make_split(events, "cold_item", cfg, seed=3).cold_items.collect()}
+    assert cold and any(r[1] in cold for r in trains[0])
+    assert not any(r[1] in cold for r in dev)
+    assert any((r[0], r[1]) in {(t["user_id"], t["item_id"]) for t in ut_test} for r in trains[1])
+    assert not {(r[0], r[1]) for r in dev} & {(t["user_id"], t["item_id"]) for t in ut_test}
+    assert len(dev) < len(trains[0])
