@@ -207,6 +207,9 @@ def quiet_petastorm() -> None:
     lines per training run buried the epoch losses; petastorm's errors still show."""
     warnings.filterwarnings("ignore", module=r"petastorm(\..*)?$")
     logging.getLogger("petastorm").setLevel(logging.WARNING)
+    # The converter warns on every run that it casts floats to float32 (the tower wants
+    # float32) and that its files are under 50 MB (advice for cluster-sized data).
+    logging.getLogger("petastorm.spark.spark_dataset_converter").setLevel(logging.ERROR)
 
 
 def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:

@@ -397,7 +397,10 @@ def cold_only_view(
     return view_result(
         fitted,
         name="cold_only",
-        description="candidates: the cold items; relevant: the user's positives on them",
+        description=(
+            "candidates: the cold items; relevant: the user's positives on them "
+            "(popularity: no cold item has training events, a seeded random order)"
+        ),
         models={m: v for m, v in models.items() if m not in ALS_ONLY},  # no cold item has a factor
         relevant=[rel[cold[rel]] for rel in fitted.relevant],
         candidates=cold,
