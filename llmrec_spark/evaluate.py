@@ -472,9 +472,12 @@ def tune_hybrid(
     kernel fixed).
 
     The best mean wins; with `one_standard_error`, the trial with the smallest text weight
-    (then recent weight, then offset) whose mean is within one standard error of the paired
-    per-user difference from the best (the "one-SE rule": the choice closest to ALS alone that
-    the validation cannot tell apart from the best). Returns the choice and every trial's mean.
+    (then recent weight), then the *largest* cold offset, whose mean is within one standard
+    error of the paired per-user difference from the best (the "one-SE rule": the weights
+    closest to ALS alone that the validation cannot tell apart from the best; and of the
+    offsets it cannot tell apart, the one that shows new items most, since a new item that is
+    never shown never collects the events that make it known). Returns the choice and every
+    trial's mean.
     """
     matrices = fitted.variant(model)
     if matrices is None:
@@ -556,7 +559,7 @@ def pick_trial(
         diff = values - best_values
         se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
         if means[k] >= means[best] - se:
-            simpler = (params.text_weight, params.recent_weight, params.cold_offset)
+            simpler = (params.text_weight, params.recent_weight, -params.cold_offset)
             close.append((simpler, -means[k], k))
     return scored[min(close)[2]][0], float(means[best])
 

@@ -294,6 +294,16 @@ def test_one_standard_error_rule_picks_the_smallest_weight_close_to_the_best():
     assert pick_trial([(w8, best), (w2, best)], one_standard_error=True)[0] == w2
 
 
+def test_one_standard_error_rule_picks_the_largest_cold_offset_close_to_the_best():
+    b0, b1, b2 = Mix(0.1, 0.0), Mix(0.1, 1.0), Mix(0.1, 2.0)
+    best = np.array([0.5, 0.3, 0.4, 0.2])
+    close = best + np.array([-0.1, 0.02, 0.0, 0.0])  # as above: within one SE
+    far = best + np.array([-0.2, -0.2, -0.2, 0.0])  # out
+    assert pick_trial([(b0, best), (b1, close), (b2, far)], one_standard_error=True)[0] == b1
+    assert pick_trial([(b0, close), (b1, best), (b2, far)], one_standard_error=True)[0] == b1
+    assert pick_trial([(b0, best), (b1, close), (b2, far)], one_standard_error=False)[0] == b0
+
+
 @pytest.mark.spark
 def test_development_part_holds_only_events_every_protocol_trains_on(spark):
     from types import SimpleNamespace
