@@ -834,6 +834,7 @@ def _tune(
                 )
             chosen[model] = dataclasses.replace(warm[model], cold_offset=params.cold_offset)
             tuning[f"{protocol}.{model}"] = trials
+    dev.unpersist()
     return ctx, chosen, tuning
 
 
