@@ -689,7 +689,11 @@ def evaluate_events(
             )
             if model in params and not _same_as_text_frozen(model, params[model])
         )
-        + (" (chosen on validation splits of the development part: the events every protocol trains on)" if tune else " (from config)"),
+        + (
+            " (chosen on validation splits of the development part: the events every protocol trains on)"
+            if tune
+            else " (from config)"
+        ),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
         f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs, "
         f"temperature {ctx.cfg.contrastive.temperature}",
