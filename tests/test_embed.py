@@ -10,16 +10,13 @@ import pytest
 
 from llmrec_spark.config import EmbedConfig
 from llmrec_spark.embed import (
-    base_model_id,
-    check_embed_config,
     embedding_partitions,
     item_text,
     latest_embeddings,
-    make_encoder,
     pending_texts,
-    resolve_model,
     run_embed,
 )
+from llmrec_spark.encoder import base_model_id, check_embed_config, make_encoder, resolve_model
 from llmrec_spark.errors import ConfigError
 from llmrec_spark.schema import CATALOG
 

