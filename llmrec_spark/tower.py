@@ -83,11 +83,18 @@ def negative_mask(
     history: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor
 ) -> torch.Tensor:
     """True where candidate j (positives then negatives) is in user i's history or is i's positive item."""
-    # history (batch, H); PAD never equals an item index
+    # history (batch, H); PAD (-1) never equals an item index. Each candidate is looked up in
+    # the sorted history row (batch x candidates x log H), not compared with every history
+    # entry (a (batch, candidates, H) tensor: 0.9 GB of booleans at batch 4096).
     candidates = torch.cat([positive_ids, negative_ids])  # (batch + n_neg,)
-    pairs = history[:, None, :] == candidates[None, :, None]  # (batch, batch + n_neg, H)
-    in_history = pairs.any(dim=-1)  # (batch, batch + n_neg)
-    same_item = candidates[None, :] == positive_ids[:, None]  # (batch, batch + n_neg)
+    wanted = candidates.expand(history.shape[0], -1).contiguous()  # (batch, batch + n_neg)
+    if history.shape[1] == 0:
+        in_history = torch.zeros_like(wanted, dtype=torch.bool)
+    else:
+        sorted_history = history.sort(dim=1).values  # (batch, H)
+        at = torch.searchsorted(sorted_history, wanted).clamp_(max=history.shape[1] - 1)
+        in_history = sorted_history.gather(1, at) == wanted  # (batch, batch + n_neg)
+    same_item = wanted == positive_ids[:, None]  # (batch, batch + n_neg)
     return in_history | same_item
 
 

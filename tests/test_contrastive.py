@@ -99,6 +99,25 @@ def test_negative_mask_covers_history_and_duplicates_of_the_positive():
     assert torch.equal(negative_mask(history, positives, negatives), expected)
 
 
+def test_negative_mask_equals_set_membership_on_random_batches():
+    g = torch.Generator().manual_seed(8)
+    for batch, width, n_items in ((1, 1, 3), (16, 7, 12), (64, 50, 40)):
+        history = torch.randint(n_items, (batch, width), generator=g)
+        history[torch.rand(batch, width, generator=g) < 0.3] = PAD
+        positives = torch.randint(n_items, (batch,), generator=g)
+        negatives = torch.randint(n_items, (9,), generator=g)
+        candidates = torch.cat([positives, negatives]).tolist()
+        expected = torch.tensor(
+            [
+                [c in set(history[i].tolist()) or c == int(positives[i]) for c in candidates]
+                for i in range(batch)
+            ]
+        )
+        assert torch.equal(negative_mask(history, positives, negatives), expected)
+    empty = negative_mask(torch.zeros((2, 0), dtype=torch.long), torch.tensor([1, 2]), negatives)
+    assert empty.tolist()[0][:2] == [True, False] and empty.tolist()[1][:2] == [False, True]
+
+
 def test_head_outputs_unit_vectors_and_round_trips_through_safetensors(tmp_path):
     torch.manual_seed(0)
     head = TextTowerHead(6, 8, 3)
