@@ -221,6 +221,12 @@ class RecommendConfig:
     # Items scored by text alone are matched against each history item, not the mean vector:
     # kernel * log(mean exp(cosine / kernel)), a soft maximum (0 = the mean vector's cosine).
     text_kernel: float = 0.0
+    # Items with text but no ALS factor (new items) borrow one: the softmax(cosine /
+    # neighbour_temperature)-weighted mean of the ALS factors of their `neighbour_factors`
+    # most text-similar items that have one; then they are scored as known items, plus
+    # cold_offset (0 = off: they are scored by text alone).
+    neighbour_factors: int = 0
+    neighbour_temperature: float = 0.05
     # The collaborative score of a warm item: (1 - r) * ALS z-score + r * the z-score of the
     # item's unit ALS factor against the recency-weighted (half-life in items, 0 = plain
     # mean) mean of the unit factors of the user's history (r = 0: ALS alone).
@@ -272,6 +278,9 @@ class EvaluateConfig:
     # recommend.text_kernel chosen on the cold_item validation split by text_finetuned's
     # cold-only Recall@20, before the hybrid's cold offset ([] = the configured one).
     tune_text_kernels: list[float] = field(default_factory=list)
+    # recommend.neighbour_factors tried with the cold offsets on the cold_item validation
+    # split (the hybrid's mixed NDCG@10; [] = the configured one).
+    tune_neighbour_factors: list[int] = field(default_factory=list)
     # The tower's temperatures tried on a cold_item validation split (text_finetuned's
     # cold-only Recall@20), before the hybrids are tuned ([] = contrastive.temperature).
     tune_tower_temperatures: list[float] = field(default_factory=list)
@@ -478,6 +487,15 @@ def validate(cfg: Config) -> Config:
         (
             cfg.recommend.text_kernel >= 0 and all(k >= 0 for k in cfg.evaluate.tune_text_kernels),
             "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
+        ),
+        (
+            cfg.recommend.neighbour_factors >= 0
+            and all(k >= 0 for k in cfg.evaluate.tune_neighbour_factors),
+            "recommend.neighbour_factors, evaluate.tune_neighbour_factors: must not be negative (0 = off)",
+        ),
+        (
+            cfg.recommend.neighbour_temperature > 0,
+            "recommend.neighbour_temperature: must be positive",
         ),
         (
             0.0 <= cfg.recommend.recent_weight <= 1.0

@@ -464,20 +464,25 @@ def tune_hybrid(
     recent_weights: Sequence[float] = (0.0,),
     recent_half_lives: Sequence[float] = (0.0,),
     text_kernel: float = 0.0,
+    neighbour_factors: Sequence[int] = (0,),
+    neighbour_temperature: float = 0.05,
     one_standard_error: bool = False,
     k: int = 10,
+    admissible: Callable[[Mix], bool] | None = None,
 ) -> tuple[Mix, dict[str, float]]:
     """The `Mix` chosen by mean NDCG@k on a validation split, over the grid of every given
-    text weight, cold offset, text half-life, recent weight and recent half-life (the text
-    kernel fixed).
+    text weight, cold offset, text half-life, recent weight, recent half-life and count of
+    neighbours new items borrow a factor from (the text kernel fixed).
 
     The best mean wins; with `one_standard_error`, the trial with the smallest text weight
-    (then recent weight), then the *largest* cold offset, whose mean is within one standard
-    error of the paired per-user difference from the best (the "one-SE rule": the weights
-    closest to ALS alone that the validation cannot tell apart from the best; and of the
-    offsets it cannot tell apart, the one that shows new items most, since a new item that is
-    never shown never collects the events that make it known). Returns the choice and every
-    trial's mean.
+    (then recent weight), then the one that shows new items most, whose mean is within one
+    standard error of the paired per-user difference from the best (the "one-SE rule": the
+    weights closest to ALS alone that the validation cannot tell apart from the best; and of
+    the new-item settings it cannot tell apart, the one that shows new items most, since a
+    new item that is never shown never collects the events that make it known). On a split
+    with cold items "shows most" is measured: the mean share of each user's cold positives in
+    their top k; elsewhere the largest cold offset. Only trials `admissible` accepts are
+    chosen from (all are scored). Returns the choice and every trial's mean.
     """
     matrices = fitted.variant(model)
     if matrices is None:
@@ -489,31 +494,52 @@ def tune_hybrid(
     offsets = cold_offsets if fitted.cold is not None else [0.0]
     trials: dict[str, float] = {}
     scored: list[tuple[Mix, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
+    shown: list[float] = []  # per trial: the mean share of cold positives in the top k
     grid = [
-        Mix(float(w), float(b), float(h), float(r), float(hr), float(text_kernel))
+        Mix(
+            float(w),
+            float(b),
+            float(h),
+            float(r),
+            float(hr),
+            float(text_kernel),
+            int(n),
+            float(neighbour_temperature),
+        )
         for w in text_weights
         for b in offsets
         for h in half_lives
         for r in recent_weights
         for hr in (recent_half_lives if r > 0 else recent_half_lives[:1])
+        for n in neighbour_factors
     ]
     for params in grid:
-        ranked = rank_view(
-            fitted,
-            matrices,
-            params,
-            rows=rows,
-            relevant=[fitted.relevant[r] for r in rows],
-            candidates=None,
-            k=k,
-        )
-        lists = {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
+        lists = _top_lists(fitted, matrices, params, rows, k)
         values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
         trials[trial_key(params)] = round(float(values.mean()), 5)
         scored.append((params, values))
+        if fitted.cold is not None:
+            shown.append(_cold_share(fitted, lists))
+    if admissible is not None:
+        keep = [j for j, (params, _) in enumerate(scored) if admissible(params)]
+        trials = {
+            key if j in keep else f"{key} (inadmissible)": value
+            for j, (key, value) in enumerate(trials.items())
+        }
+        scored = [scored[j] for j in keep]
+        shown = [shown[j] for j in keep] if shown else shown
     if not scored:
         return Mix(0.0), trials
-    chosen, best = pick_trial(scored, one_standard_error=one_standard_error)
+    chosen, best = pick_trial(
+        scored, one_standard_error=one_standard_error, shown=shown if shown else None
+    )
+    if shown:
+        log.info(
+            "evaluate: %s share of cold positives in the top %d per trial: %s",
+            model,
+            k,
+            {trial_key(p): round(v, 4) for (p, _), v in zip(scored, shown, strict=True)},
+        )
     log.info(
         "evaluate: %s tuned on validation: %s (ndcg@%d %.4f; best %.4f)",
         model,
@@ -530,7 +556,8 @@ def describe_mix(params: Mix) -> str:
     return (
         f"text_weight={params.text_weight:g}, cold_offset={params.cold_offset:g}, "
         f"text_half_life={params.text_half_life:g}, recent_weight={params.recent_weight:g}, "
-        f"recent_half_life={params.recent_half_life:g}, text_kernel={params.text_kernel:g}"
+        f"recent_half_life={params.recent_half_life:g}, text_kernel={params.text_kernel:g}, "
+        f"neighbour_factors={params.neighbour_factors}"
     )
 
 
@@ -541,13 +568,72 @@ def trial_key(params: Mix) -> str:
         key += f",r={params.recent_weight:g},hr={params.recent_half_life:g}"
     if params.text_kernel > 0:
         key += f",k={params.text_kernel:g}"
+    if params.neighbour_factors > 0:
+        key += f",n={params.neighbour_factors}"
     return key
 
 
+def _top_lists(
+    fitted: Fitted, matrices: recommend.ItemMatrices, params: Mix, rows: np.ndarray, k: int
+) -> dict[int, list[int]]:
+    """Each user's (row in `fitted`) top-k item indices over every unseen item."""
+    ranked = rank_view(
+        fitted,
+        matrices,
+        params,
+        rows=rows,
+        relevant=[fitted.relevant[r] for r in rows],
+        candidates=None,
+        k=k,
+    )
+    return {int(r): [i for i in ranked.top[j] if i >= 0] for j, r in enumerate(rows)}
+
+
+def ndcg_per_user(fitted: Fitted, model: str, params: Mix, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k of `model` under `params` over every unseen item, for the users with
+    a test positive (in row order); empty when the model cannot be built."""
+    matrices = fitted.variant(model)
+    rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    if matrices is None or len(rows) == 0:
+        return np.zeros(0)
+    relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
+    lists = _top_lists(fitted, matrices, params, rows, k)
+    return per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
+
+
+def holds_on(candidate: np.ndarray, fallback: np.ndarray) -> tuple[bool, dict[str, float]]:
+    """Whether per-user values `candidate` stay within one standard error of the paired
+    `fallback` values (the same users), and both means."""
+    if len(candidate) < 2:
+        return True, {}
+    diff = candidate - fallback
+    se = float(diff.std(ddof=1)) / math.sqrt(len(diff))
+    means = {
+        "candidate": round(float(candidate.mean()), 5),
+        "fallback": round(float(fallback.mean()), 5),
+    }
+    return bool(diff.mean() >= -se), means
+
+
+def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
+    """Mean over users with cold positives of the share of those positives in their list."""
+    assert fitted.cold is not None
+    shares = []
+    for row, top in lists.items():
+        cold_positives = fitted.relevant[row][fitted.cold[fitted.relevant[row]]]
+        if len(cold_positives):
+            shares.append(len(np.intersect1d(top, cold_positives)) / len(cold_positives))
+    return float(np.mean(shares)) if shares else 0.0
+
+
 def pick_trial(
-    scored: Sequence[tuple[Mix, np.ndarray]], *, one_standard_error: bool
+    scored: Sequence[tuple[Mix, np.ndarray]],
+    *,
+    one_standard_error: bool,
+    shown: Sequence[float] | None = None,
 ) -> tuple[Mix, float]:
-    """(chosen params, best mean) from per-user values of each trial (see `tune_hybrid`)."""
+    """(chosen params, best mean) from per-user values of each trial (see `tune_hybrid`);
+    `shown`: per trial, how much it shows new items (default: its cold offset)."""
     means = np.array([values.mean() for _, values in scored])
     best = int(np.argmax(means))  # the first of equal means
     if not one_standard_error:
@@ -559,7 +645,8 @@ def pick_trial(
         diff = values - best_values
         se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
         if means[k] >= means[best] - se:
-            simpler = (params.text_weight, params.recent_weight, -params.cold_offset)
+            shows = shown[k] if shown is not None else params.cold_offset
+            simpler = (params.text_weight, params.recent_weight, -shows)
             close.append((simpler, -means[k], k))
     return scored[min(close)[2]][0], float(means[best])
 
@@ -769,10 +856,23 @@ def _tune(
     )
     kernel = ctx.cfg.recommend.text_kernel  # the text-only items' kernel (frozen text: none)
     # The recent term and text choices made on user_temporal, kept for the cold_offset search.
-    warm = {"hybrid": Mix(0.0, text_kernel=kernel), "hybrid_frozen": Mix(0.0)}
+    shipped = Mix.configured(ctx.cfg.recommend)
+    warm = {
+        "hybrid": Mix(
+            0.0,
+            text_kernel=kernel,
+            neighbour_factors=shipped.neighbour_factors,
+            neighbour_temperature=shipped.neighbour_temperature,
+        ),
+        "hybrid_frozen": Mix(0.0),  # LLM4Rec-style text: new items scored by text alone
+    }
     chosen.update(text_only_params(kernel))
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
         ctx, tuning["tower"] = _tune_tower(ctx, dev, catalog, frozen, work_dir)
+    validation: dict[str, Fitted] = {}
+    # The catalog's items that have events in the development part: the others (the test
+    # splits' cold items, items whose every event is held out) do not exist in it.
+    dev_items = {r["item_id"] for r in dev.select("item_id").distinct().collect()}
     for protocol in ("user_temporal", "cold_item"):
         if protocol not in protocols and protocol != "user_temporal":
             continue
@@ -789,6 +889,8 @@ def _tune(
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
+        fitted = only_items_in(fitted, dev_items)
+        validation[protocol] = fitted
         if protocol == "user_temporal":
             # First the collaborative score alone: ALS with the recent-items term.
             recent, trials = tune_hybrid(
@@ -821,6 +923,8 @@ def _tune(
                     recent_weights=[chosen["als_recent"].recent_weight],
                     recent_half_lives=[chosen["als_recent"].recent_half_life],
                     text_kernel=warm[model].text_kernel,
+                    neighbour_factors=[warm[model].neighbour_factors],
+                    neighbour_temperature=warm[model].neighbour_temperature,
                     one_standard_error=cfg.tune_one_standard_error,
                 )
                 warm[model] = params  # its cold_offset is 0.0
@@ -834,12 +938,68 @@ def _tune(
                     recent_weights=[warm[model].recent_weight],
                     recent_half_lives=[warm[model].recent_half_life],
                     text_kernel=warm[model].text_kernel,
+                    neighbour_factors=(
+                        (cfg.tune_neighbour_factors or [warm[model].neighbour_factors])
+                        if model == "hybrid"
+                        else [0]
+                    ),
+                    neighbour_temperature=warm[model].neighbour_temperature,
                     one_standard_error=cfg.tune_one_standard_error,
+                    admissible=_costs_no_warm_hits(validation["user_temporal"], model, warm[model]),
                 )
-            chosen[model] = dataclasses.replace(warm[model], cold_offset=params.cold_offset)
+            chosen[model] = dataclasses.replace(
+                warm[model],
+                cold_offset=params.cold_offset,
+                neighbour_factors=params.neighbour_factors,
+            )
             tuning[f"{protocol}.{model}"] = trials
     dev.unpersist()
     return ctx, chosen, tuning
+
+
+def only_items_in(fitted: Fitted, item_ids: set[str]) -> Fitted:
+    """`fitted` with the items outside `item_ids` made ineligible: never a candidate.
+
+    A validation split is cut from the development part, whose catalog still lists the
+    items the test splits hold out whole; in the validation's world they have no events at
+    all, so no user can want them, and ranking them only adds noise (the more a setting lets
+    new items in, the more it is penalised for them).
+    """
+    present = np.array([item in item_ids for item in fitted.items.item_ids], dtype=bool)
+    items = dataclasses.replace(fitted.items, eligible=fitted.items.eligible & present)
+    return dataclasses.replace(fitted, items=items)
+
+
+def _costs_no_warm_hits(warm_split: Fitted, model: str, warm: Mix) -> Callable[[Mix], bool]:
+    """Whether a new-item setting (cold offset, borrowed factors) tried on the cold_item
+    validation split keeps the user_temporal validation's NDCG@10 within one standard
+    error of `warm`, the mix chosen there (no offset, no borrowing).
+
+    The two protocols' new items differ: cold_item makes cold only items with five or more
+    positive users, while on user_temporal the items without training events are the rare
+    ones whose every event is held out. A setting that lifts the first kind into the lists
+    also lifts the second, so it is chosen only where it costs the warm lists nothing the
+    validation can tell.
+    """
+
+    baseline = ndcg_per_user(warm_split, model, warm)
+
+    def admissible(params: Mix) -> bool:
+        candidate = dataclasses.replace(
+            warm, cold_offset=params.cold_offset, neighbour_factors=params.neighbour_factors
+        )
+        holds, means = holds_on(ndcg_per_user(warm_split, model, candidate), baseline)
+        log.info(
+            "evaluate: %s %s on user_temporal validation: ndcg@10 %s against %s: %s",
+            model,
+            trial_key(params),
+            means.get("candidate"),
+            means.get("fallback"),
+            "admissible" if holds else "inadmissible",
+        )
+        return holds
+
+    return admissible
 
 
 def _tune_tower(

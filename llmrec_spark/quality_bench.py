@@ -37,6 +37,9 @@ TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
 COLD_ITEM_DRAWS = 2
 # The text-only items' kernels tried on the cold_item validation split (0: the mean vector).
 TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2)
+# How many text neighbours a new item borrows an ALS factor from (0: none), tried with the
+# hybrid's cold offsets on the cold_item validation split.
+NEIGHBOUR_FACTORS = (0, 30)
 
 
 def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
@@ -65,6 +68,7 @@ def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
         tune_tower_temperatures=(cfg.evaluate.tune_tower_temperatures or list(TOWER_TEMPERATURES)),
         cold_item_draws=cfg.evaluate.cold_item_draws or COLD_ITEM_DRAWS,
         tune_text_kernels=cfg.evaluate.tune_text_kernels or list(TEXT_KERNELS),
+        tune_neighbour_factors=cfg.evaluate.tune_neighbour_factors or list(NEIGHBOUR_FACTORS),
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
     als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)

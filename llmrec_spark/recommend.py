@@ -17,6 +17,7 @@ choice sorts only the columns above a per-row lower bound (`_select_prefiltered`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -275,11 +276,13 @@ class Mix:
     recent_weight: float = 0.0
     recent_half_life: float = 0.0
     text_kernel: float = 0.0
+    neighbour_factors: int = 0
+    neighbour_temperature: float = 0.05
 
     @classmethod
     def configured(cls, cfg: RecommendConfig) -> Mix:
         """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life,
-        recent_weight, recent_half_life, text_kernel)."""
+        recent_weight, recent_half_life, text_kernel, neighbour_factors and temperature)."""
         return cls(
             cfg.text_weight,
             cfg.cold_offset,
@@ -287,6 +290,8 @@ class Mix:
             cfg.recent_weight,
             cfg.recent_half_life,
             cfg.text_kernel,
+            cfg.neighbour_factors,
+            cfg.neighbour_temperature,
         )
 
 
@@ -302,10 +307,33 @@ class ItemMatrices:
     has_als: np.ndarray | None = None  # (n,) bool
     text: np.ndarray | None = None  # (n, dim) float32 L2-normalised, zero rows where missing
     has_text: np.ndarray | None = None  # (n,) bool
+    # (n,) bool: the ALS factor is borrowed from text neighbours (`with_neighbour_factors`)
+    borrowed: np.ndarray | None = None
 
     @property
     def size(self) -> int:
         return len(self.item_ids)
+
+    def with_neighbour_factors(self, k: int, temperature: float) -> ItemMatrices:
+        """These items with a borrowed ALS factor for every item that has text and no factor
+        (`neighbour_factors`); `self` when k is 0 or nothing can borrow. Cached per (k,
+        temperature): the broadcast value computes it once per Python worker."""
+        if k <= 0 or self.als is None or self.has_als is None or self.text is None:
+            return self
+        assert self.has_text is not None
+        cache = self.__dict__.setdefault("_with_neighbours", {})
+        if (k, temperature) not in cache:
+            als, borrowed = neighbour_factors(
+                self.als, self.has_als, self.text, self.has_text, k=k, temperature=temperature
+            )
+            cache[(k, temperature)] = (
+                dataclasses.replace(
+                    self, als=als, has_als=self.has_als | borrowed, borrowed=borrowed
+                )
+                if borrowed.any()
+                else self
+            )
+        return cache[(k, temperature)]
 
     # Computed once per Python worker (the broadcast value lives as long as the worker).
     def score_buffer(self, rows: int) -> np.ndarray:
@@ -549,6 +577,7 @@ def hybrid_scores(
     the (b, items) matrix is written once, never rescaled in place -- into `out` when given
     (float32, C-contiguous, at least (b, items); reusing it saves page faults per block).
     """
+    items = items.with_neighbour_factors(mix.neighbour_factors, mix.neighbour_temperature)
     b = len(histories)
     none = np.zeros(b, dtype=bool)
     seen_rows, seen_cols = _seen_pairs(histories) if exclude_seen else (_NO_PAIRS, _NO_PAIRS)
@@ -612,10 +641,15 @@ def hybrid_scores(
     # Text-only items are offset only for users whose other candidates carry an ALS score.
     offset_t = np.where(has_collab & has_text, float(mix.cold_offset), 0.0)
     zeros = np.zeros(b)
+    # Items with a borrowed factor are new items too: scored as known ones, offset as new
+    # for every user with a collaborative score (their score is one).
+    borrowed = items.borrowed if items.borrowed is not None else np.zeros(items.size, bool)
+    offset_b = np.where(has_collab, float(mix.cold_offset), 0.0)
     groups = [
-        (item_a & item_t, both_weights, has_collab | has_text, zeros),
-        (item_a & ~item_t, collab, has_collab, zeros),
+        (item_a & item_t & ~borrowed, both_weights, has_collab | has_text, zeros),
+        (item_a & ~item_t & ~borrowed, collab, has_collab, zeros),
         (item_t & ~item_a, {"text": has_text * 1.0}, has_text, offset_t),
+        (item_a & borrowed, both_weights, has_collab | has_text, offset_b),
     ]
     features = np.hstack(
         [matrix for _, _, matrix, _, _ in parts] + [np.ones((items.size, 1), dtype=np.float32)]
@@ -842,6 +876,44 @@ def item_frame(
         "als",
         "text",
     )
+
+
+def neighbour_factors(
+    als: np.ndarray,
+    has_als: np.ndarray,
+    text: np.ndarray,
+    has_text: np.ndarray,
+    *,
+    k: int,
+    temperature: float,
+    block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(factors, borrowed): every item with text and no ALS factor gets the weighted mean of
+    the ALS factors of its `k` most text-similar items that have both, weights
+    softmax(cosine / temperature); other rows are `als` as given.
+
+    Why: a new item's text places it among the known items, and their factors carry what
+    text alone cannot -- how widely each kind of item is taken up and by whom -- on the same
+    scale as every known item's score. Rows are unit text vectors; (items, rank) float32.
+    """
+    donors = np.flatnonzero(has_als & has_text)
+    targets = np.flatnonzero(has_text & ~has_als)
+    borrowed = np.zeros(len(als), dtype=bool)
+    if len(donors) == 0 or len(targets) == 0 or k <= 0:
+        return als, borrowed
+    k = min(k, len(donors))
+    out = als.copy()
+    donor_text, donor_als = text[donors], als[donors]
+    for start in range(0, len(targets), block):
+        rows = targets[start : start + block]
+        cosines = text[rows] @ donor_text.T  # (b, donors)
+        top = np.argpartition(-cosines, k - 1, axis=1)[:, :k]  # (b, k)
+        logits = np.take_along_axis(cosines, top, axis=1) / temperature
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)  # (b, k)
+        out[rows] = np.einsum("bk,bkr->br", weights, donor_als[top]).astype(np.float32)
+    borrowed[targets] = True
+    return out, borrowed
 
 
 def item_matrices(items: pd.DataFrame) -> ItemMatrices:

@@ -41,6 +41,11 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
             "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
         ),
         (
+            "recommend.neighbour_factors=-1",
+            "recommend.neighbour_factors, evaluate.tune_neighbour_factors: must not be negative (0 = off)",
+        ),
+        ("recommend.neighbour_temperature=0", "recommend.neighbour_temperature: must be positive"),
+        (
             "contrastive.input_dropout=1",
             "contrastive.input_dropout: must be within [0, 1) (0 = off)",
         ),

@@ -305,6 +305,20 @@ def test_one_standard_error_rule_picks_the_largest_cold_offset_close_to_the_best
     assert pick_trial([(b0, best), (b1, close), (b2, far)], one_standard_error=False)[0] == b0
 
 
+def test_one_standard_error_rule_picks_the_trial_that_shows_new_items_most_when_measured():
+    # Borrowed factors at offset 0 show more new items than an offset of 2 without them.
+    b2, n30 = Mix(0.1, 2.0), Mix(0.1, 0.0, neighbour_factors=30)
+    best = np.array([0.5, 0.3, 0.4, 0.2])
+    close = best + np.array([-0.1, 0.02, 0.0, 0.0])  # within one SE, as above
+    far = best + np.array([-0.2, -0.2, -0.2, 0.0])  # out
+    assert pick_trial([(b2, best), (n30, close)], one_standard_error=True)[0] == b2
+    picked = pick_trial([(b2, best), (n30, close)], one_standard_error=True, shown=[0.09, 0.16])
+    assert picked[0] == n30
+    # Not close enough, it loses however much it shows; without the rule the best mean wins.
+    assert pick_trial([(b2, best), (n30, far)], one_standard_error=True, shown=[0.0, 0.9])[0] == b2
+    assert pick_trial([(b2, best), (n30, close)], one_standard_error=False, shown=[0, 1])[0] == b2
+
+
 @pytest.mark.spark
 def test_development_part_holds_only_events_every_protocol_trains_on(spark):
     from types import SimpleNamespace

@@ -9,6 +9,9 @@ import pytest
 
 from llmrec_spark.evaluate import (
     Fitted,
+    holds_on,
+    ndcg_per_user,
+    only_items_in,
     protocol_result,
     rank_view,
     tie_order,
@@ -215,3 +218,79 @@ def test_cold_item_draws_summarise_the_cold_only_recall_per_model():
     assert out["cold_item_draws"]["recall@20"]["text_frozen"] == [1.0, 1.0]
     assert out["cold_item_draws"]["mean_recall@20"]["text_frozen"] == pytest.approx(1.0)
     assert "cold_item_draws" not in quality_json(Evaluation([a], {}, {}, "report.html", 1.0))
+
+
+def test_tune_hybrid_tries_borrowed_factors_for_the_new_item():
+    cold = np.array([False, False, False, False, True])
+    f = fitted(cold)
+    f.relevant = [np.array([4]), np.array([])]  # u0 wants the new item i4
+
+    params, trials = tune_hybrid(
+        f,
+        "hybrid_frozen",
+        text_weights=[0.5],
+        cold_offsets=[0.0],
+        neighbour_factors=[0, 1],
+        one_standard_error=True,
+        k=1,
+    )
+
+    # Text alone: i4 (cosine 0.9986 to u0's i0) loses to i1, which adds its ALS score.
+    assert trials["w=0.5,b=0,h=0"] == 0.0
+    # Borrowing from its nearest known item (i0, factor (1, 0)) puts i4 first for u0.
+    assert trials["w=0.5,b=0,h=0,n=1"] == pytest.approx(1.0)
+    assert params == Mix(0.5, 0.0, neighbour_factors=1)
+    # A trial the warm protocol's validation rejects is scored but never chosen.
+    params, trials = tune_hybrid(
+        f,
+        "hybrid_frozen",
+        text_weights=[0.5],
+        cold_offsets=[0.0],
+        neighbour_factors=[0, 1],
+        k=1,
+        admissible=lambda mix: mix.neighbour_factors == 0,
+    )
+    assert params == Mix(0.5, 0.0)
+    assert trials == {"w=0.5,b=0,h=0": 0.0, "w=0.5,b=0,h=0,n=1 (inadmissible)": 1.0}
+
+
+def test_holds_on_rejects_borrowed_factors_that_push_out_what_users_want():
+    f = fitted()
+    # Three users like u0 (history i0) who want the known i1: a borrowed factor lifts the
+    # unwanted new i4 (text twin of i0) above i1 for all three; one user like u1 is unaffected.
+    f.users = ["a", "b", "c", "d"]
+    f.user_als = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]], dtype=np.float32)
+    f.user_has_als = np.ones(4, dtype=bool)
+    f.histories = [np.array([0])] * 3 + [np.array([3])]
+    f.relevant = [np.array([1])] * 3 + [np.array([2])]
+    borrowing, plain = Mix(0.5, 0.0, neighbour_factors=1), Mix(0.5, 0.0)
+
+    with_borrowing = ndcg_per_user(f, "hybrid_frozen", borrowing, k=1)
+    without = ndcg_per_user(f, "hybrid_frozen", plain, k=1)
+    assert with_borrowing.tolist() == [0.0, 0.0, 0.0, without[3]]
+    assert without.tolist()[:3] == [1.0, 1.0, 1.0]
+    holds, means = holds_on(with_borrowing, without)
+    assert not holds
+    assert means["fallback"] - means["candidate"] == pytest.approx(0.75)  # 3 of 4 users lose a hit
+    # The other way round the plain mix loses nothing; values always hold against themselves.
+    assert holds_on(without, with_borrowing)[0]
+    assert holds_on(with_borrowing, with_borrowing)[0]
+    # A difference within one standard error holds: [-1, +1, 0, 0] has mean 0.
+    assert holds_on(np.array([0.0, 1.0, 0.5, 0.5]), np.array([1.0, 0.0, 0.5, 0.5]))[0]
+
+
+def test_only_items_in_makes_the_other_items_ineligible_everywhere_they_rank():
+    f = only_items_in(fitted(), {"i0", "i1", "i3"})  # i2 and i4 have no events here
+    assert f.items.eligible.tolist() == [True, True, False, True, False]
+    ranked = rank_view(
+        f,
+        f.variant("hybrid_frozen"),
+        Mix(0.5, 5.0),  # a large cold offset would put the new i4 first
+        rows=np.array([0, 1]),
+        relevant=f.relevant,
+        candidates=None,
+        k=5,
+    )
+    # u0 (history i0): only i1 and i3 are left; u1 (history i3): i0 and i1.
+    assert sorted(ranked.top[0][ranked.top[0] >= 0].tolist()) == [1, 3]
+    assert sorted(ranked.top[1][ranked.top[1] >= 0].tolist()) == [0, 1]

@@ -19,6 +19,7 @@ from llmrec_spark.recommend import (
     history_vectors,
     hybrid_scores,
     hybrid_top_n,
+    neighbour_factors,
     score_block_frame,
     score_users,
     select_top_n,
@@ -676,6 +677,62 @@ def test_text_kernel_rescores_only_the_text_only_items():
     alone, _, _ = hybrid_scores(*user, one_new, mix=Mix(0.5, text_kernel=0.1))
     np.testing.assert_allclose(alone[0, 2], z[1], atol=1e-5)
     assert alone[0, 2] < 0
+
+
+def test_neighbour_factors_are_the_softmax_weighted_factors_of_the_closest_known_items():
+    # Items 0-2 are known (factors), 3 and 4 are new; item 5 has a factor but no text.
+    text = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8], [-1, 0], [0, 0]], dtype=np.float32)
+    als = np.array([[1, 0], [0, 2], [3, 3], [0, 0], [0, 0], [9, 9]], dtype=np.float32)
+    has_als = np.array([True, True, True, False, False, True])
+    has_text = np.array([True, True, True, True, True, False])
+    out, borrowed = neighbour_factors(als, has_als, text, has_text, k=2, temperature=0.5)
+    np.testing.assert_array_equal(borrowed, [False, False, False, True, True, False])
+    np.testing.assert_array_equal(out[:3], als[:3])  # known rows as given
+    np.testing.assert_array_equal(out[5], als[5])
+    # Item 3: cosines 0.6, 0.96, 0.8 -> the two closest are items 1 (0.96) and 2 (0.8),
+    # weights softmax([0.96, 0.8] / 0.5) = [0.5793, 0.4207].
+    w1 = np.exp(0.96 / 0.5) / (np.exp(0.96 / 0.5) + np.exp(0.8 / 0.5))
+    np.testing.assert_allclose(out[3], w1 * als[1] + (1 - w1) * als[2], atol=1e-5)
+    # Item 4: cosines -1, -0.8, 0 -> items 2 (0) and 1 (-0.8); the donor without text (5) never.
+    w2 = np.exp(0.0 / 0.5) / (np.exp(0.0 / 0.5) + np.exp(-0.8 / 0.5))
+    np.testing.assert_allclose(out[4], w2 * als[2] + (1 - w2) * als[1], atol=1e-5)
+    # k beyond the donors takes them all; a cold temperature is the nearest donor's factor.
+    everyone, _ = neighbour_factors(als, has_als, text, has_text, k=50, temperature=1e-3)
+    np.testing.assert_allclose(everyone[3], als[1], atol=1e-5)
+    # One block per item gives the same rows; k = 0 or no donor borrows nothing.
+    blocked, _ = neighbour_factors(als, has_als, text, has_text, k=2, temperature=0.5, block=1)
+    np.testing.assert_allclose(blocked, out, atol=1e-6)
+    for k, known in ((0, has_als), (2, np.zeros(6, dtype=bool))):
+        same, none = neighbour_factors(als, known, text, has_text, k=k, temperature=0.5)
+        assert same is als and not none.any()
+
+
+def test_items_with_borrowed_factors_are_scored_as_known_items_plus_the_cold_offset():
+    text = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]], dtype=np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    items = ItemMatrices(
+        item_ids=np.array(["a", "b", "c", "d"], dtype=object),
+        eligible=np.ones(4, dtype=bool),
+        popularity=np.zeros(4, dtype=np.float32),
+        categories=np.zeros(4, dtype=np.int32),
+        als=np.array([[2, 0], [0, 1], [0, 0], [0, 0]], dtype=np.float32),
+        has_als=np.array([True, True, False, False]),
+        text=text,
+        has_text=np.ones(4, dtype=bool),
+    )
+    user = (np.array([[1.0, 0.0]], dtype=np.float32), np.array([True]), [np.zeros(0, np.int64)])
+    mix = Mix(0.0, cold_offset=0.5, neighbour_factors=1, neighbour_temperature=0.1)
+    scores, _, _ = hybrid_scores(*user, items, mix=mix)
+    # k = 1: c borrows a's factor (2, 0), d borrows b's (0, 1). ALS scores 2, 0, 2, 0 over
+    # the four candidates: mean 1, std 1 -> z 1, -1, 1, -1; the new items add the offset.
+    np.testing.assert_allclose(scores[0], [1.0, -1.0, 1.5, -0.5], atol=1e-5)
+    # Off, the new items are scored by text alone (z over the 4 text cosines) plus the offset.
+    text_only, _, _ = hybrid_scores(*user, items, mix=Mix(0.0, cold_offset=0.5))
+    np.testing.assert_allclose(text_only[0, :2], [1.0, -1.0], atol=1e-5)  # ALS z over a, b
+    assert items.borrowed is None  # the caller's matrices are not changed
+    again = items.with_neighbour_factors(1, 0.1)
+    assert again is items.with_neighbour_factors(1, 0.1)  # computed once per (k, temperature)
+    np.testing.assert_array_equal(again.borrowed, [False, False, True, True])
 
 
 @pytest.mark.spark
