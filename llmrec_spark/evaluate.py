@@ -523,8 +523,10 @@ def tune_hybrid(
     if admissible is not None:
         keep = [j for j, (params, _) in enumerate(scored) if admissible(params)]
         trials = {
-            key if j in keep else f"{key} (inadmissible)": value
-            for j, (key, value) in enumerate(trials.items())
+            trial_key(params) + ("" if j in keep else " (inadmissible)"): round(
+                float(values.mean()), 5
+            )
+            for j, (params, values) in enumerate(scored)
         }
         scored = [scored[j] for j in keep]
         shown = [shown[j] for j in keep] if shown else shown
@@ -719,7 +721,8 @@ def evaluate_events(
     shipped = Mix.configured(ctx.cfg.recommend)
     params = {
         "hybrid": shipped,
-        "hybrid_frozen": dataclasses.replace(shipped, text_kernel=0.0),  # LLM4Rec-style text
+        # LLM4Rec-style text: new items scored by text alone, as in `_tune`.
+        "hybrid_frozen": dataclasses.replace(shipped, text_kernel=0.0, neighbour_factors=0),
         "als_recent": Mix(
             0.0, recent_weight=shipped.recent_weight, recent_half_life=shipped.recent_half_life
         ),
@@ -973,7 +976,7 @@ def only_items_in(fitted: Fitted, item_ids: set[str]) -> Fitted:
 def _costs_no_warm_hits(warm_split: Fitted, model: str, warm: Mix) -> Callable[[Mix], bool]:
     """Whether a new-item setting (cold offset, borrowed factors) tried on the cold_item
     validation split keeps the user_temporal validation's NDCG@10 within one standard
-    error of `warm`, the mix chosen there (no offset, no borrowing).
+    error of `warm`, the mix chosen there, without an offset or borrowing.
 
     The two protocols' new items differ: cold_item makes cold only items with five or more
     positive users, while on user_temporal the items without training events are the rare
@@ -982,7 +985,9 @@ def _costs_no_warm_hits(warm_split: Fitted, model: str, warm: Mix) -> Callable[[
     validation can tell.
     """
 
-    baseline = ndcg_per_user(warm_split, model, warm)
+    baseline = ndcg_per_user(
+        warm_split, model, dataclasses.replace(warm, cold_offset=0.0, neighbour_factors=0)
+    )
 
     def admissible(params: Mix) -> bool:
         candidate = dataclasses.replace(

@@ -539,7 +539,8 @@ def hybrid_top_n(
         max_per_category=max_per_category,
         backend=backend,
     )
-    return indices, top, _source_codes(indices, has_als, has_text, items)
+    borrowing = items.with_neighbour_factors(mix.neighbour_factors, mix.neighbour_temperature)
+    return indices, top, _source_codes(indices, has_als, has_text, borrowing)
 
 
 def hybrid_scores(
@@ -767,6 +768,8 @@ def _source_codes(
     codes[als_on & text_on] = _HYBRID
     codes[als_on & ~text_on] = _ALS
     codes[~als_on & text_on] = _TEXT
+    if items.borrowed is not None:  # a new item with a borrowed factor: its text placed it
+        codes[items.borrowed[indices] & (als_on | text_on)] = _TEXT
     return codes
 
 
@@ -904,6 +907,8 @@ def neighbour_factors(
     k = min(k, len(donors))
     out = als.copy()
     donor_text, donor_als = text[donors], als[donors]
+    # At most ~16M cosines per block: (block, donors) floats plus the argpartition indices.
+    block = max(1, min(block, (1 << 24) // len(donors)))
     for start in range(0, len(targets), block):
         rows = targets[start : start + block]
         cosines = text[rows] @ donor_text.T  # (b, donors)

@@ -246,7 +246,7 @@ def test_tune_hybrid_tries_borrowed_factors_for_the_new_item():
         "hybrid_frozen",
         text_weights=[0.5],
         cold_offsets=[0.0],
-        neighbour_factors=[0, 1],
+        neighbour_factors=[0, 0, 1],  # a repeated value: one trial key, labels still aligned
         k=1,
         admissible=lambda mix: mix.neighbour_factors == 0,
     )

@@ -733,6 +733,11 @@ def test_items_with_borrowed_factors_are_scored_as_known_items_plus_the_cold_off
     again = items.with_neighbour_factors(1, 0.1)
     assert again is items.with_neighbour_factors(1, 0.1)  # computed once per (k, temperature)
     np.testing.assert_array_equal(again.borrowed, [False, False, True, True])
+    # Published, a new item keeps source "text" (its text placed it), though this user has
+    # no text vector of their own; the known items are "als".
+    indices, _, codes = hybrid_top_n(*user, items, n=4, mix=mix)
+    assert indices[0].tolist() == [2, 0, 3, 1]
+    assert [SOURCES[c] for c in codes[0]] == ["text", "als", "text", "als"]
 
 
 @pytest.mark.spark
