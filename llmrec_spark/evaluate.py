@@ -487,12 +487,10 @@ def tune_hybrid(
     matrices = fitted.variant(model)
     if matrices is None:
         return Mix(0.0), {}
-    rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    rows, relevant = _users_with_positives(fitted)
     if len(rows) == 0:
         return Mix(0.0), {}
-    relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
     offsets = cold_offsets if fitted.cold is not None else [0.0]
-    trials: dict[str, float] = {}
     scored: list[tuple[Mix, np.ndarray]] = []  # per-user NDCG@k, users in sorted order
     shown: list[float] = []  # per trial: the mean share of cold positives in the top k
     grid = [
@@ -516,18 +514,15 @@ def tune_hybrid(
     for params in grid:
         lists = _top_lists(fitted, matrices, params, rows, k)
         values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
-        trials[trial_key(params)] = round(float(values.mean()), 5)
         scored.append((params, values))
         if fitted.cold is not None:
             shown.append(_cold_share(fitted, lists))
+    keep = [j for j, (params, _) in enumerate(scored) if admissible is None or admissible(params)]
+    trials = {
+        trial_key(params) + ("" if j in keep else " (inadmissible)"): round(float(values.mean()), 5)
+        for j, (params, values) in enumerate(scored)
+    }
     if admissible is not None:
-        keep = [j for j, (params, _) in enumerate(scored) if admissible(params)]
-        trials = {
-            trial_key(params) + ("" if j in keep else " (inadmissible)"): round(
-                float(values.mean()), 5
-            )
-            for j, (params, values) in enumerate(scored)
-        }
         scored = [scored[j] for j in keep]
         shown = [shown[j] for j in keep] if shown else shown
     if not scored:
@@ -575,6 +570,12 @@ def trial_key(params: Mix) -> str:
     return key
 
 
+def _users_with_positives(fitted: Fitted) -> tuple[np.ndarray, dict[int, set[int]]]:
+    """The rows of the users with a test positive, and each one's positives as a set."""
+    rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    return rows, {int(r): set(fitted.relevant[r].tolist()) for r in rows}
+
+
 def _top_lists(
     fitted: Fitted, matrices: recommend.ItemMatrices, params: Mix, rows: np.ndarray, k: int
 ) -> dict[int, list[int]]:
@@ -595,10 +596,9 @@ def ndcg_per_user(fitted: Fitted, model: str, params: Mix, k: int = 10) -> np.nd
     """Per-user NDCG@k of `model` under `params` over every unseen item, for the users with
     a test positive (in row order); empty when the model cannot be built."""
     matrices = fitted.variant(model)
-    rows = np.array([r for r, rel in enumerate(fitted.relevant) if len(rel)], dtype=np.int64)
+    rows, relevant = _users_with_positives(fitted)
     if matrices is None or len(rows) == 0:
         return np.zeros(0)
-    relevant = {int(r): set(fitted.relevant[r].tolist()) for r in rows}
     lists = _top_lists(fitted, matrices, params, rows, k)
     return per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
 
