@@ -174,8 +174,10 @@ class AlsConfig:
 @dataclass(frozen=True)
 class ContrastiveConfig:
     enabled: bool = True
-    epochs: int = 3
-    batch_size: int = 256
+    epochs: int = 2
+    # Examples per training process and step (each process also draws its own sampled
+    # negatives); README: why 512 x 2 epochs.
+    batch_size: int = 512
     learning_rate: float = 0.002
     temperature: float = 0.1
     num_sampled_negatives: int = 256
