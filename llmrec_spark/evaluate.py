@@ -785,7 +785,8 @@ def evaluate_events(
             else " (from config)"
         ),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
-        f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs, "
+        f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs of "
+        f"{ctx.cfg.contrastive.batch_size} examples per process and step, "
         f"temperature {ctx.cfg.contrastive.temperature}",
     ]
     path = write_report(
