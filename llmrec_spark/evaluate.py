@@ -609,12 +609,18 @@ def holds_on(candidate: np.ndarray, fallback: np.ndarray) -> tuple[bool, dict[st
     if len(candidate) < 2:
         return True, {}
     diff = candidate - fallback
-    se = float(diff.std(ddof=1)) / math.sqrt(len(diff))
+    se = _paired_se(diff)
     means = {
         "candidate": round(float(candidate.mean()), 5),
         "fallback": round(float(fallback.mean()), 5),
     }
     return bool(diff.mean() >= -se), means
+
+
+def _paired_se(diff: np.ndarray) -> float:
+    """Standard error of the mean of per-user paired differences (0 for fewer than two)."""
+    n = len(diff)
+    return float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
 
 
 def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
@@ -641,12 +647,9 @@ def pick_trial(
     if not one_standard_error:
         return scored[best][0], float(means[best])
     best_values = scored[best][1]
-    n = len(best_values)
     close = []
     for k, (params, values) in enumerate(scored):
-        diff = values - best_values
-        se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-        if means[k] >= means[best] - se:
+        if means[k] >= means[best] - _paired_se(values - best_values):
             shows = shown[k] if shown is not None else params.cold_offset
             simpler = (params.text_weight, params.recent_weight, -shows)
             close.append((simpler, -means[k], k))
