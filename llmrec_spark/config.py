@@ -183,6 +183,9 @@ class ContrastiveConfig:
     num_sampled_negatives: int = 256
     hidden_dim: int = 512
     out_dim: int = 128
+    # Heads trained apart on their own seed, batch order and negatives, used as one (their
+    # cosines average; the tuned embeddings have members * out_dim coordinates). README: why 3.
+    members: int = 3
     max_history: int = 50
     # "user_item": a row per (user, item with an event of weight >= positive_min_weight), the
     # anchor the user's other items; "next_item": the items before -> the next new item.

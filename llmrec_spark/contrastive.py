@@ -37,6 +37,7 @@ from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.tower import (
     ANCHOR_POOLINGS,
     PAD,
+    EnsembleHead,
     InfoNCELoss,
     TextTowerHead,
     make_optimizer,
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
+# Member k of an ensemble trains with seed + k * this (its init, batch order and negatives).
+MEMBER_SEED_STRIDE = 100_003
 # user_item: (user, positive item) with the user's other items as the anchor's history;
 # next_item: (items touched so far -> the next new item), the sequential variant.
 EXAMPLE_KINDS = ("user_item", "next_item")
@@ -81,10 +84,13 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
     """Train the head with DDP on petastorm batches; checkpoint per epoch, resume, save safetensors.
 
     Keys: converter, item_matrix_path, checkpoint_dir, output_dir, epochs, batch_size,
-    learning_rate, weight_decay, temperature, num_sampled_negatives, hidden_dim, out_dim, seed,
-    anchor_pooling, input_dropout, device, reader_workers, fingerprint, mlflow_tracking_uri, mlflow_run_id,
+    learning_rate, weight_decay, temperature, num_sampled_negatives, hidden_dim, out_dim, members,
+    seed, anchor_pooling, input_dropout, device, reader_workers, fingerprint, mlflow_tracking_uri, mlflow_run_id,
     head_metadata, fail_after_epoch (testing: raise after that epoch's checkpoint).
-    Returns head_path, losses (per epoch, all epochs so far), epochs_run, resumed_from, steps.
+    With members k > 1 it trains k heads one after another (member j on seed + j *
+    MEMBER_SEED_STRIDE: its own init, batch order and negatives) and saves their EnsembleHead.
+    Returns head_path, losses (per member epoch, all so far), epochs_run, resumed_from (member
+    epochs already done), steps.
     """
     import torch.distributed as dist
     from petastorm.pytorch import BatchedDataLoader
@@ -131,129 +137,198 @@ def _train(
     from torch.nn.parallel import DistributedDataParallel
 
     seed = int(config["seed"])
-    torch.manual_seed(seed)
+    members = int(config.get("members", 1))
+    epochs = int(config["epochs"])
     base_np = np.load(config["item_matrix_path"], allow_pickle=False)
     base = torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device)
     n_items, in_dim = base.shape
-    head = TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"])).to(device)
-    optimizer = make_optimizer(head, config)
-    start_epoch, step, losses = 0, 0, []
     checkpoint_path = os.path.join(config["checkpoint_dir"], CHECKPOINT)
     state = _load_checkpoint(checkpoint_path, config.get("fingerprint", ""), device)
+    # The checkpoint holds the finished members' weights and the current member's state.
+    finished: list[dict[str, torch.Tensor]] = []
+    start_member, start_epoch, step, losses = 0, 0, 0, []
     if state is not None:
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, losses = int(state["epoch"]), int(state["step"]), list(state["losses"])
+        finished = list(state.get("finished", []))
+        start_member, start_epoch = int(state.get("member", 0)), int(state["epoch"])
+        step, losses = int(state["step"]), list(state["losses"])
         if rank == 0:
-            log.info("resuming from %s: epoch %d, step %d", checkpoint_path, start_epoch, step)
-    model: torch.nn.Module = head
-    if distributed:
-        model = DistributedDataParallel(
-            head, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    loss_fn = InfoNCELoss(float(config["temperature"]))
-    epochs = int(config["epochs"])
-    n_neg = int(config["num_sampled_negatives"])
-    pooling = config.get("anchor_pooling", "mean_of_heads")
-    dropout = float(config.get("input_dropout", 0.0))
-    fail_after = config.get("fail_after_epoch")
-    tracker = _RankZeroMetrics(config if rank == 0 else {})
-    converter = config["converter"]
-
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        model.train()
-        # Seeded per (epoch, rank): a resumed run draws the same negatives as an uninterrupted one.
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * rows, rows)
-        loader_cm = converter.make_torch_dataloader(
-            batch_size=int(config["batch_size"]),
-            num_epochs=1,
-            workers_count=int(config.get("reader_workers", 1)),
-            data_loader_fn=loader_fn,
-            shard_count=world_size,
-            cur_shard=rank,
-            seed=seed + epoch,
-            shuffle_rows=True,
-            shuffle_row_groups=True,
-        )
-        # join(): ranks whose shard has fewer batches shadow the others' all-reduces.
-        join_cm = (
-            model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-        )
-        # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
-        # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
-        with warnings.catch_warnings(), loader_cm as loader, join_cm:
-            quiet_petastorm()
-            for batch in loader:
-                history = batch["history"].long().to(device)
-                positive_ids = batch["pos"].long().to(device)
-                negative_ids = torch.randint(n_items, (n_neg,), generator=generator).to(device)
-                loss = train_step(
-                    model,
-                    optimizer,
-                    loss_fn,
-                    base,
-                    history,
-                    positive_ids,
-                    negative_ids,
-                    pooling,
-                    dropout,
-                    generator,
-                )
-                step += 1
-                totals += torch.stack(
-                    [
-                        loss.double() * len(positive_ids),
-                        totals.new_tensor(len(positive_ids)),
-                    ]
-                )
-        if distributed:
-            dist.all_reduce(totals)
-        epoch_loss = float(totals[0] / totals[1].clamp_min(1.0))
-        losses.append(epoch_loss)
-        if rank == 0:
-            _save_checkpoint(
-                checkpoint_path,
-                head,
-                optimizer,
-                epoch + 1,
-                step,
-                losses,
-                config.get("fingerprint", ""),
-            )
-            seconds = time.perf_counter() - started
             log.info(
-                "epoch %d/%d loss %.4f step %d (%.1fs, %.0f examples/s)",
-                epoch + 1,
-                epochs,
-                epoch_loss,
+                "resuming from %s: member %d, epoch %d, step %d",
+                checkpoint_path,
+                start_member + 1,
+                start_epoch,
                 step,
-                seconds,
-                float(totals[1]) / max(seconds, 1e-9),
             )
-            tracker.log(epoch_loss, epoch + 1)
+    heads = [_new_head(config, in_dim, seed) for _ in finished]
+    for head, weights in zip(heads, finished, strict=True):
+        head.load_state_dict(weights)
+    loss_fn = InfoNCELoss(float(config["temperature"]))
+    tracker = _RankZeroMetrics(config if rank == 0 else {})
+
+    for member in range(start_member, members):
+        member_seed = seed + MEMBER_SEED_STRIDE * member  # member 0 trains as a lone head would
+        head = _new_head(config, in_dim, member_seed).to(device)
+        optimizer = make_optimizer(head, config)
+        first_epoch = 0
+        if state is not None and member == start_member:
+            head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            first_epoch = start_epoch
+        model: torch.nn.Module = head
         if distributed:
-            dist.barrier()
-        if fail_after is not None and epoch + 1 == int(fail_after):
-            raise RuntimeError(f"simulated failure after epoch {epoch + 1} (fail_after_epoch)")
+            model = DistributedDataParallel(
+                head, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        for epoch in range(first_epoch, epochs):
+            started = time.perf_counter()
+            epoch_loss, rows, step = _train_epoch(
+                config,
+                model,
+                optimizer,
+                loss_fn,
+                base,
+                loader_fn,
+                member_seed,
+                epoch,
+                step,
+                rank=rank,
+                world_size=world_size,
+                distributed=distributed,
+            )
+            losses.append(epoch_loss)
+            done = member * epochs + epoch + 1  # epochs finished over all members
+            if rank == 0:
+                _save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "member": member,
+                        "finished": finished,
+                        "head": head.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "losses": list(losses),
+                        "fingerprint": config.get("fingerprint", ""),
+                    },
+                )
+                seconds = time.perf_counter() - started
+                log.info(
+                    "member %d/%d epoch %d/%d loss %.4f step %d (%.1fs, %.0f examples/s)",
+                    member + 1,
+                    members,
+                    epoch + 1,
+                    epochs,
+                    epoch_loss,
+                    step,
+                    seconds,
+                    rows / max(seconds, 1e-9),
+                )
+                tracker.log(epoch_loss, done)
+            if distributed:
+                dist.barrier()
+            fail_after = config.get("fail_after_epoch")
+            if fail_after is not None and done == int(fail_after):
+                raise RuntimeError(f"simulated failure after epoch {done} (fail_after_epoch)")
+        finished.append({k: v.detach().cpu() for k, v in head.state_dict().items()})
+        heads.append(head.cpu())
 
     if rank == 0:
-        save_head(head, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
+        final = heads[0] if members == 1 else EnsembleHead(heads)
+        save_head(final, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
     if distributed:
         # Rank 0's step counter is the one checkpointed; shards may differ by a batch.
         shared_step = torch.tensor([step], dtype=torch.int64, device=device)
         dist.broadcast(shared_step, src=0)  # also: no rank returns before the head is on disk
         step = int(shared_step.item())
+    resumed_from = start_member * epochs + start_epoch if state is not None else None
     # TorchDistributor's local mode keeps whichever rank's return value is written last, so
     # every rank returns the same summary (losses are all-reduced, the head path is shared).
     return {
         "head_path": config["output_dir"],
         "losses": losses,
-        "epochs_run": epochs - start_epoch,
-        "resumed_from": start_epoch if state is not None else None,
+        "epochs_run": members * epochs - (resumed_from or 0),
+        "resumed_from": resumed_from,
         "steps": step,
     }
+
+
+def _new_head(config: dict[str, Any], in_dim: int, seed: int) -> TextTowerHead:
+    """A freshly initialised member head; its initial weights come from `seed`."""
+    torch.manual_seed(seed)
+    return TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"]))
+
+
+def _train_epoch(
+    config: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    base: torch.Tensor,
+    loader_fn: Callable[..., Any],
+    seed: int,
+    epoch: int,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+    distributed: bool,
+) -> tuple[float, float, int]:
+    """One pass over this rank's shard: (mean loss over all ranks, rows over all ranks, step)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = base.device
+    n_items = base.shape[0]
+    n_neg = int(config["num_sampled_negatives"])
+    pooling = config.get("anchor_pooling", "mean_of_heads")
+    dropout = float(config.get("input_dropout", 0.0))
+    model.train()
+    # Seeded per (member, epoch, rank): a resumed run draws the same negatives as an
+    # uninterrupted one.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * rows, rows)
+    loader_cm = config["converter"].make_torch_dataloader(
+        batch_size=int(config["batch_size"]),
+        num_epochs=1,
+        workers_count=int(config.get("reader_workers", 1)),
+        data_loader_fn=loader_fn,
+        shard_count=world_size,
+        cur_shard=rank,
+        seed=seed + epoch,
+        shuffle_rows=True,
+        shuffle_row_groups=True,
+    )
+    # join(): ranks whose shard has fewer batches shadow the others' all-reduces.
+    join_cm = (
+        model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    )
+    # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
+    # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
+    with warnings.catch_warnings(), loader_cm as loader, join_cm:
+        quiet_petastorm()
+        for batch in loader:
+            history = batch["history"].long().to(device)
+            positive_ids = batch["pos"].long().to(device)
+            negative_ids = torch.randint(n_items, (n_neg,), generator=generator).to(device)
+            loss = train_step(
+                model,
+                optimizer,
+                loss_fn,
+                base,
+                history,
+                positive_ids,
+                negative_ids,
+                pooling,
+                dropout,
+                generator,
+            )
+            step += 1
+            totals += torch.stack(
+                [loss.double() * len(positive_ids), totals.new_tensor(len(positive_ids))]
+            )
+    if distributed:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp_min(1.0)), float(totals[1]), step
 
 
 class _RankZeroMetrics:
@@ -272,18 +347,8 @@ class _RankZeroMetrics:
             self.client.log_metric(self.run_id, "contrastive_loss", loss, step=epoch)
 
 
-def _save_checkpoint(
-    path: str, head, optimizer, epoch: int, step: int, losses: list[float], fingerprint: str
-) -> None:
+def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {
-        "head": head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "losses": list(losses),
-        "fingerprint": fingerprint,
-    }
     partial = f"{path}.partial"
     torch.save(state, partial)
     os.replace(partial, path)  # a crash mid-write never leaves a torn checkpoint
@@ -300,7 +365,7 @@ def _load_checkpoint(path: str, fingerprint: str, device) -> dict[str, Any] | No
 
 
 def save_head(
-    head: TextTowerHead, output_dir: str, metadata: dict[str, Any], save_file=None
+    head: TextTowerHead | EnsembleHead, output_dir: str, metadata: dict[str, Any], save_file=None
 ) -> str:
     """Write head.safetensors and config.json (dims plus `metadata`) under output_dir; return it."""
     if save_file is None:
@@ -313,13 +378,22 @@ def save_head(
     return output_dir
 
 
-def load_head(head_dir: str) -> TextTowerHead:
-    """The head saved by `save_head`, in eval mode on the CPU."""
+def load_head(head_dir: str) -> TextTowerHead | EnsembleHead:
+    """The head (or ensemble of heads) saved by `save_head`, in eval mode on the CPU."""
     from safetensors.torch import load_file
 
     with open(os.path.join(head_dir, HEAD_CONFIG)) as f:
         meta = json.load(f)
-    head = TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["out_dim"])
+    head: TextTowerHead | EnsembleHead
+    if int(meta.get("members", 1)) > 1:
+        head = EnsembleHead(
+            [
+                TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["member_out_dim"])
+                for _ in range(int(meta["members"]))
+            ]
+        )
+    else:
+        head = TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["out_dim"])
     head.load_state_dict(load_file(os.path.join(head_dir, HEAD_WEIGHTS)))
     return head.eval()
 
@@ -517,7 +591,7 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
         head_digest=file_digest(os.path.join(head_dir, HEAD_WEIGHTS)),
         model_id=model_id,
         ds=ctx.ds,
-        out_dim=cfg.out_dim,
+        out_dim=cfg.out_dim * cfg.members,
     )
     replaced = _write_tuned(ctx, tuned, model_id)
     current.unpersist()
@@ -659,6 +733,7 @@ def _check_config(cfg: ContrastiveConfig) -> None:
         "batch_size",
         "hidden_dim",
         "out_dim",
+        "members",
         "max_history",
         "train_days",
         "reader_workers",
@@ -761,6 +836,7 @@ def training_config(cfg: ContrastiveConfig, device: str) -> dict[str, Any]:
         "num_sampled_negatives": cfg.num_sampled_negatives,
         "hidden_dim": cfg.hidden_dim,
         "out_dim": cfg.out_dim,
+        "members": cfg.members,
         "seed": cfg.seed,
         "anchor_pooling": cfg.anchor_pooling,
         "input_dropout": cfg.input_dropout,

@@ -40,6 +40,38 @@ class TextTowerHead(torch.nn.Module):
         return {"in_dim": self.in_dim, "hidden_dim": self.hidden_dim, "out_dim": self.out_dim}
 
 
+class EnsembleHead(torch.nn.Module):
+    """Heads trained apart (each with its own seed, batch order and negatives), used as one.
+
+    The output is the members' unit outputs side by side, scaled by 1 / sqrt(members): a unit
+    row whose dot product with another is the mean of the members' cosines.
+    """
+
+    def __init__(self, members: list[TextTowerHead]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member head")
+        self.members = torch.nn.ModuleList(members)
+        first = members[0]
+        self.in_dim, self.hidden_dim = first.in_dim, first.hidden_dim
+        self.member_out_dim = first.out_dim
+        self.out_dim = sum(m.out_dim for m in members)
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        # base: (n, in_dim) -> (n, members * member_out_dim), unit rows
+        outputs = [member(base) for member in self.members]
+        return torch.cat(outputs, dim=-1) / len(outputs) ** 0.5
+
+    def config(self) -> dict[str, int]:
+        return {
+            "in_dim": self.in_dim,
+            "hidden_dim": self.hidden_dim,
+            "out_dim": self.out_dim,
+            "member_out_dim": self.member_out_dim,
+            "members": len(self.members),
+        }
+
+
 def info_nce(
     anchors: torch.Tensor,
     positives: torch.Tensor,

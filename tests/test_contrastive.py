@@ -32,6 +32,7 @@ from llmrec_spark.contrastive import (
 from llmrec_spark.schema import EVENTS_CLEAN, ITEM_EMBEDDINGS
 from llmrec_spark.tower import (
     PAD,
+    EnsembleHead,
     InfoNCELoss,
     TextTowerHead,
     dropout_rows,
@@ -133,6 +134,33 @@ def test_head_outputs_unit_vectors_and_round_trips_through_safetensors(tmp_path)
     assert torch.allclose(loaded(base), out.detach(), atol=1e-6)
     embed = head_embedder(folder, "digest-1")
     np.testing.assert_allclose(embed(base.numpy()), out.detach().numpy(), atol=1e-6)
+
+
+def test_ensemble_head_dot_products_are_the_members_mean_cosine_and_it_round_trips(tmp_path):
+    torch.manual_seed(3)
+    members = [TextTowerHead(6, 8, 3) for _ in range(3)]
+    for member in members:
+        with torch.no_grad():
+            member.mlp[2].weight.normal_()
+    head = EnsembleHead(members)
+    base = torch.randn(5, 6)
+    with torch.no_grad():
+        out = head(base)
+        mean_cosine = sum(m(base) @ m(base).T for m in members) / 3
+    assert out.shape == (5, 9)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(out @ out.T, mean_cosine, atol=1e-6)
+    folder = save_head(head, str(tmp_path / "head"), {"model_id": "m+tower@d"})
+    loaded = load_head(folder)
+    assert isinstance(loaded, EnsembleHead)
+    assert loaded.config() == {
+        "in_dim": 6,
+        "hidden_dim": 8,
+        "out_dim": 9,
+        "member_out_dim": 3,
+        "members": 3,
+    }
+    assert torch.allclose(loaded(base), out, atol=1e-6)
 
 
 def test_mean_of_heads_anchor_is_the_normalised_mean_of_history_item_outputs():
@@ -458,6 +486,52 @@ def test_crash_after_epoch_then_rerun_resumes_with_the_same_step_counter(
 
 
 @pytest.mark.spark
+def test_ensemble_trains_member_zero_as_a_lone_head_and_the_others_on_their_own_order(
+    planted, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    lone = train_text_tower(_train_config(planted, tmp_path / "lone", epochs=2))
+    pair = train_text_tower(_train_config(planted, tmp_path / "pair", epochs=2, members=2))
+    assert len(pair["losses"]) == 4 and pair["epochs_run"] == 4
+    assert pair["steps"] == 2 * lone["steps"]
+    np.testing.assert_allclose(pair["losses"][:2], lone["losses"], rtol=1e-6)
+    assert not np.allclose(pair["losses"][2:], pair["losses"][:2])  # own seed and batch order
+    ensemble, single = load_head(pair["head_path"]), load_head(lone["head_path"])
+    assert isinstance(ensemble, EnsembleHead) and ensemble.out_dim == 16
+    first, second = ensemble.members
+    for name, value in single.state_dict().items():
+        assert torch.equal(first.state_dict()[name], value), name
+    assert not torch.allclose(first.skip.weight, second.skip.weight)
+    base = torch.from_numpy(np.load(planted[1]))
+    with torch.no_grad():
+        joint = ensemble(base)
+    assert _same_group_share(joint) >= 0.25  # the joint vectors keep the learned groups
+
+
+@pytest.mark.spark
+def test_ensemble_crash_in_the_second_member_resumes_to_the_same_heads(
+    planted, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    straight = train_text_tower(_train_config(planted, tmp_path / "straight", epochs=2, members=2))
+    config = _train_config(planted, tmp_path / "crashy", epochs=2, members=2)
+    with pytest.raises(RuntimeError, match="simulated failure after epoch 3"):
+        train_text_tower({**config, "fail_after_epoch": 3})
+    checkpoint = torch.load(os.path.join(config["checkpoint_dir"], CHECKPOINT), weights_only=True)
+    assert (checkpoint["member"], checkpoint["epoch"], len(checkpoint["finished"])) == (1, 1, 1)
+
+    resumed = train_text_tower(config)
+    assert resumed["resumed_from"] == 3 and resumed["epochs_run"] == 1
+    assert resumed["steps"] == straight["steps"]
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+    expected = load_head(straight["head_path"]).state_dict()
+    got = load_head(resumed["head_path"]).state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.spark
 @pytest.mark.slow  # ~40 s: two torchrun processes importing torch, petastorm and mlflow
 def test_torch_distributor_two_processes_logs_from_rank_zero_only(planted, tmp_path):
     from mlflow import MlflowClient
@@ -550,6 +624,7 @@ def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg
         batch_size=8,
         hidden_dim=16,
         out_dim=8,
+        members=2,
         num_sampled_negatives=4,
         max_history=3,
     )
@@ -565,7 +640,8 @@ def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg
     tuned = store.read("item_embeddings").where(F.col("model_id") == model_id)
     rows = {r.item_id: r for r in tuned.collect()}
     assert sorted(rows) == [f"i{k}" for k in range(9)]  # i8 has no interactions and still has one
-    assert {r.dim for r in rows.values()} == {8} and {r.ds for r in rows.values()} == {ds}
+    # Two members of 8 coordinates each.
+    assert {r.dim for r in rows.values()} == {16} and {r.ds for r in rows.values()} == {ds}
     expected = load_head(head_dir)(torch.from_numpy(vectors)).detach().numpy()
     got = np.array([rows[f"i{k}"].embedding for k in range(9)])
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -581,7 +657,8 @@ def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg
     # A rerun replaces the tuned rows instead of adding a second copy; other rows stay.
     before_other = store.read("item_embeddings").where(F.col("model_id") != model_id).count()
     rerun = run_train_contrastive(ctx)
-    assert rerun.summary["resumed_from"] == 2  # finished checkpoint of the same data: no retraining
+    # The finished checkpoint of the same data (2 members x 2 epochs): no retraining.
+    assert rerun.summary["resumed_from"] == 4
     table = store.read("item_embeddings")
     assert table.where(F.col("model_id") == model_id).count() == 9
     assert table.where(F.col("model_id") != model_id).count() == before_other == 11

@@ -67,8 +67,8 @@ def test_ml_100k_layout(spark, tmp_path):
     ]
     assertDataFrameEqual(data.events, spark.createDataFrame(expected_events, RAW_EVENT))
     expected_items = [
-        item("1", "Toy Story (1995)", "Animation|Children's|Comedy"),
-        item("1300", "\u00c1 k\u00f6ldum klaka (Cold Fever) (1994)", "Comedy|Drama"),
+        item("1", "Toy Story (1995)", "Animation, Children's, Comedy"),
+        item("1300", "\u00c1 k\u00f6ldum klaka (Cold Fever) (1994)", "Comedy, Drama"),
         item("267", '"unknown"', None),
     ]
     assertDataFrameEqual(data.catalog, spark.createDataFrame(expected_items, CATALOG))
@@ -95,7 +95,7 @@ def test_ml_1m_layout(spark, tmp_path):
     assertDataFrameEqual(data.events, spark.createDataFrame(expected_events, RAW_EVENT))
     expected_items = [
         item("1193", "One Flew Over the Cuckoo's Nest (1975)", "Drama"),
-        item("999", "Les Mis\u00e9rables (1995)", "Drama|War"),
+        item("999", "Les Mis\u00e9rables (1995)", "Drama, War"),
     ]
     assertDataFrameEqual(data.catalog, spark.createDataFrame(expected_items, CATALOG))
 
@@ -121,8 +121,8 @@ def test_ml_latest_layout(spark, tmp_path):
     ]
     assertDataFrameEqual(data.events, spark.createDataFrame(expected_events, RAW_EVENT))
     expected_items = [
-        item("1", "Toy Story (1995)", "Adventure|Animation|Children|Comedy|Fantasy"),
-        item("11", "American President, The (1995)", "Comedy|Drama|Romance"),
+        item("1", "Toy Story (1995)", "Adventure, Animation, Children, Comedy, Fantasy"),
+        item("11", "American President, The (1995)", "Comedy, Drama, Romance"),
         item("182715", 'Mind of a Chef, The "Live" (2012)', None),
     ]
     assertDataFrameEqual(data.catalog, spark.createDataFrame(expected_items, CATALOG))
@@ -202,6 +202,6 @@ def test_movielens_100k_shared_copy(spark):
     first = data.catalog.where("item_id = '1'").first()
     assert (first["title"], first["category"]) == (
         "Toy Story (1995)",
-        "Animation|Children's|Comedy",
+        "Animation, Children's, Comedy",
     )
     assert data.catalog.count() == 1682

@@ -229,7 +229,7 @@ def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, sto
     from llmrec_spark.context import RunContext
     from tests.test_contrastive import _stage_tables, _with_contrastive
 
-    settings = dict(num_processes=1, epochs=2, batch_size=8, hidden_dim=16, out_dim=8)
+    settings = dict(num_processes=1, epochs=2, batch_size=8, hidden_dim=16, out_dim=8, members=1)
     cfg = _with_contrastive(cfg, **settings, num_sampled_negatives=4, max_history=3)
     base_id, _ = _stage_tables(spark, store, cfg, DS)
     ctx = RunContext(cfg=cfg, spark=spark, store=store, ds=DS)
