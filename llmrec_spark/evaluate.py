@@ -788,9 +788,9 @@ def evaluate_events(
             else " (from config)"
         ),
         f"ALS rank {ctx.cfg.als.rank}, reg {ctx.cfg.als.reg_param}, alpha {ctx.cfg.als.alpha}, "
-        f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.epochs} epochs of "
-        f"{ctx.cfg.contrastive.batch_size} examples per process and step, "
-        f"temperature {ctx.cfg.contrastive.temperature}",
+        f"{ctx.cfg.als.max_iter} iterations; tower {ctx.cfg.contrastive.members} member(s), "
+        f"each {ctx.cfg.contrastive.epochs} epochs of {ctx.cfg.contrastive.batch_size} "
+        f"examples per process and step, temperature {ctx.cfg.contrastive.temperature}",
     ]
     path = write_report(
         ctx.cfg.path(ctx.cfg.storage.reports_dir),
