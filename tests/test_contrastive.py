@@ -672,3 +672,24 @@ def test_disabled_stage_is_skipped(spark, cfg):
     cfg = _with_contrastive(cfg, enabled=False)
     result = run_train_contrastive(RunContext(cfg=cfg, spark=spark, store=None, ds="2026-11-23"))
     assert result.summary == {"skipped": "contrastive.enabled=false"}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"members": 0}, "contrastive.members: must be at least 1, got 0"),
+        ({"epochs": 0}, "contrastive.epochs: must be at least 1, got 0"),
+        ({"anchor_pooling": "max"}, "contrastive.anchor_pooling: choose one of"),
+    ],
+)
+def test_bad_tower_settings_stop_the_stage_with_a_config_error(spark, cfg, settings, message):
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.contrastive import run_train_contrastive
+    from llmrec_spark.errors import ConfigError
+
+    ctx = RunContext(
+        cfg=_with_contrastive(cfg, **settings), spark=spark, store=None, ds="2026-11-23"
+    )
+    with pytest.raises(ConfigError, match=message):
+        run_train_contrastive(ctx)
