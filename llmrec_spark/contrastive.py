@@ -159,11 +159,9 @@ def _train(
                 start_epoch,
                 step,
             )
-    heads = [_new_head(config, in_dim, seed) for _ in finished]
-    for head, weights in zip(heads, finished, strict=True):
-        head.load_state_dict(weights)
     loss_fn = InfoNCELoss(float(config["temperature"]))
     tracker = _RankZeroMetrics(config if rank == 0 else {})
+    fail_after = config.get("fail_after_epoch")
 
     for member in range(start_member, members):
         member_seed = seed + MEMBER_SEED_STRIDE * member  # member 0 trains as a lone head would
@@ -226,14 +224,12 @@ def _train(
                 tracker.log(epoch_loss, done)
             if distributed:
                 dist.barrier()
-            fail_after = config.get("fail_after_epoch")
             if fail_after is not None and done == int(fail_after):
                 raise RuntimeError(f"simulated failure after epoch {done} (fail_after_epoch)")
         finished.append({k: v.detach().cpu() for k, v in head.state_dict().items()})
-        heads.append(head.cpu())
 
     if rank == 0:
-        final = heads[0] if members == 1 else EnsembleHead(heads)
+        final = _trained_head(config, in_dim, finished)
         save_head(final, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
     if distributed:
         # Rank 0's step counter is the one checkpointed; shards may differ by a batch.
@@ -256,6 +252,18 @@ def _new_head(config: dict[str, Any], in_dim: int, seed: int) -> TextTowerHead:
     """A freshly initialised member head; its initial weights come from `seed`."""
     torch.manual_seed(seed)
     return TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"]))
+
+
+def _trained_head(
+    config: dict[str, Any], in_dim: int, finished: list[dict[str, torch.Tensor]]
+) -> TextTowerHead | EnsembleHead:
+    """The head to save from the members' trained weights: a lone head, or their ensemble."""
+    heads = []
+    for weights in finished:
+        head = TextTowerHead(in_dim, int(config["hidden_dim"]), int(config["out_dim"]))
+        head.load_state_dict(weights)
+        heads.append(head)
+    return heads[0] if len(heads) == 1 else EnsembleHead(heads)
 
 
 def _train_epoch(
