@@ -614,13 +614,24 @@ def holds_on(candidate: np.ndarray, fallback: np.ndarray) -> tuple[bool, dict[st
         "candidate": round(float(candidate.mean()), 5),
         "fallback": round(float(fallback.mean()), 5),
     }
-    return bool(diff.mean() >= -se), means
+    return _within_one_se(float(diff.mean()), se), means
 
 
 def _paired_se(diff: np.ndarray) -> float:
     """Standard error of the mean of per-user paired differences (0 for fewer than two)."""
     n = len(diff)
     return float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+
+
+def _within_one_se(mean_diff: float, se: float) -> bool:
+    """Whether a mean paired difference is no worse than one standard error below zero,
+    the boundary included.
+
+    A change for one user alone (of n) has mean -d/n and standard error exactly d/n, so
+    it sits on the boundary in exact arithmetic; a plain `>=` on the rounded floats then
+    decides it either way, by the users' count and d (about half the cases went each way).
+    """
+    return mean_diff >= -se or math.isclose(mean_diff, -se, rel_tol=1e-9, abs_tol=0.0)
 
 
 def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
@@ -649,7 +660,7 @@ def pick_trial(
     best_values = scored[best][1]
     close = []
     for k, (params, values) in enumerate(scored):
-        if means[k] >= means[best] - _paired_se(values - best_values):
+        if _within_one_se(float(means[k] - means[best]), _paired_se(values - best_values)):
             shows = shown[k] if shown is not None else params.cold_offset
             simpler = (params.text_weight, params.recent_weight, -shows)
             close.append((simpler, -means[k], k))

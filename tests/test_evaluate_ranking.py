@@ -12,6 +12,7 @@ from llmrec_spark.evaluate import (
     holds_on,
     ndcg_per_user,
     only_items_in,
+    pick_trial,
     protocol_result,
     rank_view,
     tie_order,
@@ -278,6 +279,29 @@ def test_holds_on_rejects_borrowed_factors_that_push_out_what_users_want():
     # A difference within one standard error holds: [-1, +1, 0, 0] has mean 0.
     assert holds_on(np.array([0.0, 1.0, 0.5, 0.5]), np.array([1.0, 0.0, 0.5, 0.5]))[0]
 
+
+
+@pytest.mark.parametrize("n", [50, 87, 161, 198, 906])
+@pytest.mark.parametrize("loss", [0.1, 0.3, 0.5, 1.0])
+def test_holds_on_keeps_a_loss_of_one_user_alone_on_the_one_se_boundary(n, loss):
+    # One user of n loses `loss`: mean -loss/n, standard error exactly loss/n. The boundary
+    # counts as within; a plain >= on the rounded floats rejected about half these cases.
+    fallback = np.linspace(0.2, 0.9, n)
+    candidate = fallback.copy()
+    candidate[n // 2] -= loss
+    holds, means = holds_on(candidate, fallback)
+    assert holds
+    assert means["fallback"] - means["candidate"] == pytest.approx(loss / n, abs=1e-5)
+    # Two users losing as much is outside: mean -2d/n against an SE of about 1.41 d/n.
+    candidate[n // 3] -= loss
+    assert not holds_on(candidate, fallback)[0]
+    # The one-SE rule reads the same boundary: the trial one user apart is "close".
+    one_apart = fallback.copy()
+    one_apart[n // 2] -= loss
+    plain, offset = Mix(0.1, 0.0), Mix(0.1, 0.25)
+    picked = pick_trial([(plain, fallback), (offset, one_apart)], one_standard_error=True)
+    assert picked[0] == offset
+    assert pick_trial([(plain, fallback), (offset, candidate)], one_standard_error=True)[0] == plain
 
 def test_only_items_in_makes_the_other_items_ineligible_everywhere_they_rank():
     f = only_items_in(fitted(), {"i0", "i1", "i3"})  # i2 and i4 have no events here
