@@ -280,7 +280,6 @@ def test_holds_on_rejects_borrowed_factors_that_push_out_what_users_want():
     assert holds_on(np.array([0.0, 1.0, 0.5, 0.5]), np.array([1.0, 0.0, 0.5, 0.5]))[0]
 
 
-
 @pytest.mark.parametrize("n", [50, 87, 161, 198, 906])
 @pytest.mark.parametrize("loss", [0.1, 0.3, 0.5, 1.0])
 def test_holds_on_keeps_a_loss_of_one_user_alone_on_the_one_se_boundary(n, loss):
@@ -302,6 +301,7 @@ def test_holds_on_keeps_a_loss_of_one_user_alone_on_the_one_se_boundary(n, loss)
     picked = pick_trial([(plain, fallback), (offset, one_apart)], one_standard_error=True)
     assert picked[0] == offset
     assert pick_trial([(plain, fallback), (offset, candidate)], one_standard_error=True)[0] == plain
+
 
 def test_only_items_in_makes_the_other_items_ineligible_everywhere_they_rank():
     f = only_items_in(fitted(), {"i0", "i1", "i3"})  # i2 and i4 have no events here
