@@ -61,6 +61,10 @@ METRIC_LABELS = {
 SCALAR_ORDER = ("auc", "coverage", "novelty", "arp", "pop_percentile")
 # Columns where a lower value is the better one; every other column is higher-is-better.
 LOWER_IS_BETTER = ("arp", "pop_percentile")
+# Per-user metrics defined for some of a view's users only (NaN for the others): the mixed
+# view's share of a user's cold positives in the top K, for users with cold positives.
+# Means and intervals are over the users it is defined for; tabled beside the scalars.
+PARTIAL_METRICS = ("cold_recall",)
 # The cold-vs-warm chart: (protocol, view, metric, label), each drawn when present.
 COLD_WARM_SERIES = (
     ("user_temporal", "warm", "ndcg@10", "warm users: NDCG@10 (user_temporal)"),
@@ -87,7 +91,8 @@ class ModelResult:
     """One model on one view.
 
     per_user: "ndcg@10" -> one value per test user of the view, in the same user order for
-    every model of the view (claims pair them). scalars: one number per model and view,
+    every model of the view (claims pair them); NaN only in a `PARTIAL_METRICS` metric, for
+    the users it is not defined for. scalars: one number per model and view,
     e.g. "auc", "coverage@20", "novelty@20", "arp@20" (shown without an interval).
     """
 
@@ -187,7 +192,10 @@ def report_summary(protocols: Sequence[ProtocolResult]) -> dict[str, Any]:
             models = views.setdefault(view.name, {})
             for model in _ordered(view.models):
                 result = view.models[model]
-                means = {key: _finite_or_none(_mean(v)) for key, v in result.per_user.items()}
+                means = {
+                    key: _finite_or_none(_mean(_defined(key, v)))
+                    for key, v in result.per_user.items()
+                }
                 means |= {key: _finite_or_none(v) for key, v in result.scalars.items()}
                 models[model] = means
     return out
@@ -248,7 +256,7 @@ class _Stats:
         if key in result.per_user:
             cache_key = (id(result.per_user[key]), key)
             if cache_key not in self._cache:
-                values = np.asarray(result.per_user[key], dtype=np.float64)
+                values = _defined(key, result.per_user[key])
                 low, high = bootstrap_interval(values, samples=self.samples, seed=self.seed)
                 self._cache[cache_key] = (_mean(values), low, high)
             return self._cache[cache_key]
@@ -260,6 +268,16 @@ class _Stats:
 def _mean(values: Iterable[float] | np.ndarray) -> float:
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()) if array.size else math.nan
+
+
+def _partial(key: str) -> bool:
+    return _split_key(key)[0] in PARTIAL_METRICS
+
+
+def _defined(key: str, values: Iterable[float] | np.ndarray) -> np.ndarray:
+    """A per-user array without the users `key` is not defined for (NaN in a partial metric)."""
+    array = np.asarray(values, dtype=np.float64)
+    return array[~np.isnan(array)] if _partial(key) else array
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -532,6 +550,11 @@ def _claim_values(
         arrays.append(np.asarray(result.per_user[claim.metric], dtype=np.float64))
     if arrays[0].shape != arrays[1].shape:
         return None, f"different user counts ({len(arrays[0])} and {len(arrays[1])})"
+    if _partial(claim.metric):  # paired over the users it is defined for, the same for both
+        defined = ~np.isnan(arrays[0])
+        if (defined != ~np.isnan(arrays[1])).any():
+            return None, f"{claim.metric} is defined for different users"
+        arrays = [arrays[0][defined], arrays[1][defined]]
     if arrays[0].size == 0:
         return None, "no test users"
     if not (np.isfinite(arrays[0]).all() and np.isfinite(arrays[1]).all()):
@@ -577,7 +600,10 @@ def _view_section(protocol: ProtocolResult, view: ViewResult, stats: _Stats) -> 
             )
     models = _ordered(view.models)
     ranked_keys = {
-        key for r in view.models.values() for key in r.per_user if _split_key(key)[1] is not None
+        key
+        for r in view.models.values()
+        for key in r.per_user
+        if _split_key(key)[1] is not None and not _partial(key)
     }
     ks = sorted({_split_key(key)[1] or 0 for key in ranked_keys})
     names = _ordered_metrics({_split_key(key)[0] for key in ranked_keys})

@@ -87,7 +87,12 @@ def test_cold_only_view_ranks_only_cold_items_and_skips_als():
     assert cold_only.models["text_frozen"].per_user["hit_rate@1"].tolist() == [1.0, 1.0]
     # Mixed view, ALS: i4 has no factor, so u0's cold positive never shows (share 0); u1's
     # cold positive i2 has one and is listed (share 1).
-    assert mixed.models["als"].scalars["cold_recall@20"] == pytest.approx(0.5)
+    assert mixed.models["als"].per_user["cold_recall@20"].tolist() == [0.0, 1.0]
+    # A user whose test positives are all known has no share: NaN, left out of its mean.
+    f.relevant = [np.array([4]), np.array([1])]
+    mixed = protocol_result(f, "cold_item", params={}, ks=[2]).views[1]
+    shares = mixed.models["als"].per_user["cold_recall@20"]
+    assert shares[0] == 0.0 and np.isnan(shares[1])
 
 
 def test_tune_hybrid_picks_the_cold_offset_that_lets_the_new_item_in():

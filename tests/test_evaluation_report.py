@@ -396,3 +396,71 @@ def test_draws_table_lists_each_cold_item_pick_with_mean_and_range(tmp_path):
     assert rows[6] == ["max", "", "", "0.2400", "0.3500"]
     # One draw (or none) is no spread: no section.
     assert "id='draws'" not in page(tmp_path / "one", draws[:1])
+
+
+def test_cold_recall_is_averaged_and_paired_over_the_users_with_cold_positives(tmp_path):
+    # Four mixed-view users; the third has no cold positive, so no share (NaN).
+    nan = float("nan")
+    mixed = ViewResult(
+        name="mixed",
+        description="every unseen item",
+        users=4,
+        models={
+            "hybrid": ModelResult(
+                per_user={
+                    "ndcg@10": np.array([0.5, 0.4, 0.3, 0.2]),
+                    "cold_recall@20": np.array([1.0, 0.5, nan, 0.0]),
+                }
+            ),
+            "hybrid_frozen": ModelResult(
+                per_user={
+                    "ndcg@10": np.array([0.5, 0.3, 0.3, 0.2]),
+                    "cold_recall@20": np.array([0.5, 0.0, nan, 0.0]),
+                }
+            ),
+            # Defined for other users than the two above: cannot be paired with them.
+            "als": ModelResult(
+                per_user={
+                    "ndcg@10": np.array([0.4, 0.4, 0.3, 0.2]),
+                    "cold_recall@20": np.array([0.0, nan, 0.0, 0.0]),
+                }
+            ),
+        },
+    )
+    protocols = [ProtocolResult("cold_item", "cold items", [mixed])]
+    claims = [
+        Claim("cold_item", "mixed", "cold_recall@20", "hybrid", "hybrid_frozen"),
+        Claim("cold_item", "mixed", "cold_recall@20", "hybrid", "als"),
+    ]
+    path = write_report(
+        str(tmp_path),
+        title="partial",
+        ds="2024-06-30",
+        protocols=protocols,
+        claims=claims,
+        bootstrap_samples=200,
+        seed=7,
+        notes=[],
+    )
+    page = ParsedReport(Path(path).read_text(encoding="utf-8"))
+
+    mean, low, high = interval(
+        page.cells[("cold_item", "mixed", "hybrid", "cold_recall@20")]["text"]
+    )
+    assert mean == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3: the NaN user left out
+    assert 0.0 <= low <= mean <= high <= 1.0
+    # One table cell per model, not a column at every K of the ranked table.
+    assert not any(
+        key[3].startswith("cold_recall@") and key[3] != "cold_recall@20" for key in page.cells
+    )
+    rows = {c["data-baseline"]: c["cells"] for c in page.claims}
+    paired = rows["hybrid_frozen"]
+    assert paired[5:7] == ["0.5000", "0.1667"]
+    diff, low, high = interval(paired[7])
+    assert diff == pytest.approx(1 / 3, abs=1e-4)  # differences 0.5, 0.5, 0 over 3 users
+    assert 0.0 <= low <= diff <= high <= 0.5
+    assert rows["als"][5] == "not available: cold_recall@20 is defined for different users"
+    summary = report_summary(protocols)["cold_item"]["mixed"]
+    assert summary["hybrid"]["cold_recall@20"] == pytest.approx(0.5)
+    assert summary["hybrid_frozen"]["cold_recall@20"] == pytest.approx(1 / 6)
+    assert summary["hybrid"]["ndcg@10"] == pytest.approx(0.35)
