@@ -326,17 +326,9 @@ def view_result(
         scalars[f"novelty@{headline}"] = novelty(lists, popularity, fitted.n_train_users, headline)
         scalars[f"arp@{headline}"] = average_recommendation_popularity(lists, popularity, headline)
         if cold_share and fitted.cold is not None:
-            # The share of each user's cold positives in their top 20; NaN for users with
-            # none (a partial metric: its mean and interval are over the users with some).
-            cold_rel = {int(r): set(relevant[r][fitted.cold[relevant[r]]].tolist()) for r in rows}
-            per_user["cold_recall@20"] = np.array(
-                [
-                    len(set(lists[r][:20]) & cold_rel[r]) / len(cold_rel[r])
-                    if cold_rel[r]
-                    else math.nan
-                    for r in sorted(relevant_sets)  # per_user_metrics' user order
-                ]
-            )
+            # NaN for users without cold positives (a partial metric: its mean and interval
+            # are over the users with some); users in per_user_metrics' (ascending) order.
+            per_user["cold_recall@20"] = cold_shares(fitted, lists, 20)
         out[model] = ModelResult(per_user=per_user, scalars=scalars)
     return ViewResult(name=name, description=description, users=len(rows), models=out)
 
@@ -639,15 +631,23 @@ def _within_one_se(mean_diff: float, se: float) -> bool:
     return mean_diff >= -se or math.isclose(mean_diff, -se, rel_tol=1e-9, abs_tol=0.0)
 
 
-def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
-    """Mean over users with cold positives of the share of those positives in their list."""
+def cold_shares(fitted: Fitted, lists: Mapping[int, Sequence[int]], k: int) -> np.ndarray:
+    """Per user (row of `fitted`, ascending): the share of their cold test positives in
+    their top k; NaN for a user with none."""
     assert fitted.cold is not None
     shares = []
-    for row, top in lists.items():
+    for row in sorted(lists):
         cold_positives = fitted.relevant[row][fitted.cold[fitted.relevant[row]]]
-        if len(cold_positives):
-            shares.append(len(np.intersect1d(top, cold_positives)) / len(cold_positives))
-    return float(np.mean(shares)) if shares else 0.0
+        hits = np.intersect1d(list(lists[row])[:k], cold_positives)
+        shares.append(len(hits) / len(cold_positives) if len(cold_positives) else math.nan)
+    return np.array(shares, dtype=np.float64)
+
+
+def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
+    """Mean over users with cold positives of the share of those positives in their list."""
+    shares = cold_shares(fitted, lists, max((len(top) for top in lists.values()), default=0))
+    shares = shares[~np.isnan(shares)]
+    return float(shares.mean()) if len(shares) else 0.0
 
 
 def pick_trial(
