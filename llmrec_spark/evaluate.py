@@ -513,7 +513,9 @@ def tune_hybrid(
         values = per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
         scored.append((params, values))
         if fitted.cold is not None:
-            shown.append(_cold_share(fitted, lists))
+            shares = cold_shares(fitted, lists, k)
+            shares = shares[~np.isnan(shares)]  # the users with cold positives
+            shown.append(float(shares.mean()) if len(shares) else 0.0)
     keep = [j for j, (params, _) in enumerate(scored) if admissible is None or admissible(params)]
     trials = {
         trial_key(params) + ("" if j in keep else " (inadmissible)"): round(float(values.mean()), 5)
@@ -641,13 +643,6 @@ def cold_shares(fitted: Fitted, lists: Mapping[int, Sequence[int]], k: int) -> n
         hits = np.intersect1d(list(lists[row])[:k], cold_positives)
         shares.append(len(hits) / len(cold_positives) if len(cold_positives) else math.nan)
     return np.array(shares, dtype=np.float64)
-
-
-def _cold_share(fitted: Fitted, lists: Mapping[int, list[int]]) -> float:
-    """Mean over users with cold positives of the share of those positives in their list."""
-    shares = cold_shares(fitted, lists, max((len(top) for top in lists.values()), default=0))
-    shares = shares[~np.isnan(shares)]
-    return float(shares.mean()) if len(shares) else 0.0
 
 
 def pick_trial(
