@@ -2,9 +2,10 @@
 
 Both sides run `contrastive.train_text_tower` in 2 gloo processes on the same petastorm
 files (materialised once from the product's `training_examples` of planted events), with the
-same config: TorchDistributor(local_mode=True) as the product runs it, and
-`python -m torch.distributed.run --standalone --nproc_per_node 2 -m llmrec_spark.bench_training
-CONFIG.json`, whose workers rebuild the petastorm converter from the JSON (no pickles).
+same config: TorchDistributor(local_mode=True) as the product runs it
+(`distributor.CheckedTorchDistributor`), and `python -m torch.distributed.run --standalone
+--nproc_per_node 2 -m llmrec_spark.bench_training CONFIG.json`, whose workers rebuild the
+petastorm converter from the JSON (no pickles).
 
 Run as a module, this file is that torchrun worker.
 """
@@ -69,9 +70,9 @@ def bench_distributor(
     import datetime as dt
 
     import pandas as pd
-    from pyspark.ml.torch.distributor import TorchDistributor
 
     from llmrec_spark import contrastive
+    from llmrec_spark.distributor import CheckedTorchDistributor
 
     tower = cfg.contrastive
     processes = 2
@@ -141,8 +142,11 @@ def bench_distributor(
                 started = time.perf_counter()
                 output: dict[str, Any] | None
                 if side == "distributor":
-                    output = TorchDistributor(
-                        num_processes=processes, local_mode=True, use_gpu=False
+                    output = CheckedTorchDistributor(
+                        label="bench distributor",
+                        num_processes=processes,
+                        local_mode=True,
+                        use_gpu=False,
                     ).run(contrastive.train_text_tower, {**config, "converter": converter})
                 else:
                     output = _torchrun(config, converter, processes, work)
@@ -175,8 +179,9 @@ def bench_distributor(
         "steps": {side: out["steps"] for side, out in outputs.items()},
         "sides": {
             "distributor": (
-                "pyspark TorchDistributor(num_processes=2, local_mode=True, use_gpu=False)"
-                ".run(contrastive.train_text_tower, config), as the product's _run_distributed"
+                "CheckedTorchDistributor(num_processes=2, local_mode=True, use_gpu=False)"
+                ".run(contrastive.train_text_tower, config), as the product's _run_distributed "
+                "(pyspark's TorchDistributor with torchrun's exit status checked)"
             ),
             "torchrun": (
                 "python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 "

@@ -30,9 +30,11 @@ from llmrec_spark.schema import CATALOG, EVENT_TYPES, RAW_EVENT
 
 log = logging.getLogger(__name__)
 
-# Reason codes in events_quarantine.reasons; a record can carry several.
+# Reason codes in events_quarantine.reasons; a record can carry several. `bad_type` is
+# written per field, as "bad_type:<field>" (e.g. "bad_type:user_id").
 REASONS = (
     "malformed",
+    "bad_type",
     "missing_user",
     "missing_item",
     "unknown_event_type",
@@ -43,6 +45,7 @@ REASONS = (
     "oversized_field",
     "bad_rating",
 )
+BAD_TYPE = "bad_type"
 BOT_REASON = "bot"
 
 # Outcome of every input line (column `outcome`).
@@ -52,7 +55,34 @@ CLEAN, DUPLICATE, QUARANTINED, EXCLUDED = "clean", "duplicate", "quarantined", "
 RETRY_KEY = ("user_id", "item_id", "event_type")
 RAW_FIELDS = tuple(f.name for f in RAW_EVENT.fields)
 STRING_FIELDS = tuple(f.name for f in RAW_EVENT.fields if isinstance(f.dataType, StringType))
+# The JSON types each landing field may have; null or absent is always allowed (the checks
+# decide). Ids take an integer too, as its decimal text; a float id, a numeric string as
+# `value`, a boolean, object or array anywhere is `bad_type:<field>`, never converted.
+STRING, INTEGER, FLOAT, BOOLEAN, OBJECT, ARRAY = (
+    "string",
+    "integer",
+    "float",
+    "boolean",
+    "object",
+    "array",
+)
+ALLOWED_JSON_TYPES = {
+    "event_id": (STRING, INTEGER),
+    "user_id": (STRING, INTEGER),
+    "item_id": (STRING, INTEGER),
+    "event_type": (STRING,),
+    "event_ts": (STRING,),
+    "value": (INTEGER, FLOAT),
+    "session_id": (STRING, INTEGER),
+    "source": (STRING,),
+}
 _CORRUPT = "_corrupt_record"
+# Every JSON string token of a line gets this first character (as the escape \u0001), so a
+# field parsed as text shows whether it was a string: Spark's parser writes any other value
+# as its JSON text, which starts with {, [, t, f, a digit, - or " (for a number too large).
+_STRING_MARK = "\u0001"
+# One JSON string token; possessive quantifiers keep a long string from deep backtracking.
+_JSON_STRING = r'"([^"\\]*+(?:\\[\s\S][^"\\]*+)*+)"'
 DAY_S = 86_400
 
 
@@ -64,29 +94,66 @@ class ReconciliationError(RuntimeError):
 
 
 def parse_raw(lines: DataFrame) -> DataFrame:
-    """Lines (raw, source_file, line_seq) -> the same plus every RAW_EVENT field and `malformed`.
+    """Lines (raw, source_file, line_seq) -> the same plus every RAW_EVENT field, `malformed`
+    and `bad_types` (a "bad_type:<field>" code per field whose JSON type is not allowed).
 
-    Invalid UTF-8 is replaced by U+FFFD so the raw text stays storable; such lines, lines that
-    are not a JSON object and objects holding a value of the wrong type are malformed.
+    Invalid UTF-8 is replaced by U+FFFD so the raw text stays storable; such lines and lines
+    that are not one standard JSON object are malformed. A field of a type it may not have is
+    null (see ALLOWED_JSON_TYPES), never turned into text.
     """
-    schema = StructType([*RAW_EVENT.fields, StructField(_CORRUPT, StringType())])
-    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    marked_fields = [StructField(_STRING_MARK + name, StringType()) for name in RAW_FIELDS]
+    schema = StructType([*marked_fields, StructField(_CORRUPT, StringType())])
+    options = {
+        "mode": "PERMISSIVE",
+        "columnNameOfCorruptRecord": _CORRUPT,
+        # Standard JSON only: a single-quoted string would escape the mark, a bare NaN is no
+        # JSON number.
+        "allowSingleQuotes": "false",
+        "allowNonNumericNumbers": "false",
+    }
     decoded = F.decode(F.col("raw").cast("binary"), "UTF-8")
+    # "abc" -> "\u0001abc": the replacement writes the mark as a JSON escape.
+    marked = F.regexp_replace("raw", _JSON_STRING, '"\\\\u0001$1"')
     parsed = (
         lines.withColumn("_invalid_utf8", F.col("raw") != decoded)
         .withColumn("raw", decoded)
-        .withColumn("_parsed", F.from_json("raw", schema, options))
+        .withColumn("_parsed", F.from_json(marked, schema, options))
     )
     malformed = (
         F.col("_invalid_utf8")
         | F.col("_parsed").isNull()
-        | F.col(f"_parsed.{_CORRUPT}").isNotNull()
+        | F.col("_parsed").getField(_CORRUPT).isNotNull()
         | ~F.ltrim("raw").startswith("{")
     )
+    fields, bad_types = [], []
+    for field in RAW_EVENT.fields:
+        text = F.col("_parsed").getField(_STRING_MARK + field.name)
+        kind = json_type(text)
+        allowed = kind.isin(*ALLOWED_JSON_TYPES[field.name])
+        # Spark writes a number beyond a double's range as "Infinity": no value.
+        content = F.when(kind == STRING, text.substr(F.lit(2), F.length(text))).when(
+            ~text.startswith('"'), text
+        )
+        fields.append(F.when(allowed, content).cast(field.dataType).alias(field.name))
+        bad_types.append(F.when(~allowed, F.lit(f"{BAD_TYPE}:{field.name}")))
     return parsed.select(
         *lines.columns,
-        *[F.col(f"_parsed.{name}").alias(name) for name in RAW_FIELDS],
+        *fields,
         malformed.alias("malformed"),
+        F.array_compact(F.array(*bad_types)).alias("bad_types"),
+    )
+
+
+def json_type(text: Column) -> Column:
+    """The JSON type of a field parsed as text from a marked line; null when null or absent."""
+    first = F.substring(text, 1, 1)
+    return (
+        F.when(first == _STRING_MARK, F.lit(STRING))
+        .when(first == "{", F.lit(OBJECT))
+        .when(first == "[", F.lit(ARRAY))
+        .when(text.isin("true", "false"), F.lit(BOOLEAN))
+        .when(text.rlike("^-?[0-9]+$"), F.lit(INTEGER))
+        .when(text.isNotNull(), F.lit(FLOAT))
     )
 
 
@@ -98,9 +165,15 @@ def validate_events(
     max_field_chars: int,
     max_future_skew_s: int,
     max_late_days: int,
+    rating_min: float = CleanConfig.rating_min,
+    rating_max: float = CleanConfig.rating_max,
+    rating_step: float = CleanConfig.rating_step,
 ) -> DataFrame:
     """Add `reasons` (array of REASONS codes, empty when valid) and normalise the fields.
 
+    A malformed line gets only "malformed", a line with fields of a wrong JSON type only their
+    "bad_type:<field>" codes; the other checks apply to the rest. A rating is valid from
+    rating_min to rating_max in steps of rating_step from rating_min (0: any value between).
     `event_ts` becomes a timestamp, ids are trimmed, `event_type` lower-cased, `value` kept for
     ratings only; a missing event_id becomes a hash of the raw line, so its repeats still dedup.
     """
@@ -130,11 +203,13 @@ def validate_events(
         (
             "bad_rating",
             (F.col("event_type") == "rating")
-            & ~F.coalesce(F.col("value").between(1.0, 5.0), F.lit(False)),
+            & ~on_rating_scale(F.col("value"), low=rating_min, high=rating_max, step=rating_step),
         ),
     ]
-    reasons = F.when(F.col("malformed"), F.array(F.lit("malformed"))).otherwise(
-        F.array_compact(F.array(*[F.when(cond, F.lit(code)) for code, cond in checks]))
+    reasons = (
+        F.when(F.col("malformed"), F.array(F.lit("malformed")))
+        .when(F.size("bad_types") > 0, F.col("bad_types"))
+        .otherwise(F.array_compact(F.array(*[F.when(cond, F.lit(code)) for code, cond in checks])))
     )
     event_id = F.coalesce(
         blank_to_null(F.trim("event_id")),
@@ -145,8 +220,18 @@ def validate_events(
         .withColumn("event_id", event_id)
         .withColumn("event_ts", F.col("_ts"))
         .withColumn("value", F.when(F.col("event_type") == "rating", F.col("value")))
-        .drop("_oversized", "_ts", "_ts_s", "_known_item", "malformed")
+        .drop("_oversized", "_ts", "_ts_s", "_known_item", "malformed", "bad_types")
     )
+
+
+def on_rating_scale(value: Column, *, low: float, high: float, step: float) -> Column:
+    """True when `value` is within [low, high] and, if step > 0, a whole number of steps above low."""
+    in_range = value.between(low, high)
+    if step > 0:
+        steps = (value - F.lit(low)) / F.lit(step)
+        # Tolerance for decimal steps (0.1) that binary floating point cannot hold exactly.
+        in_range = in_range & (F.abs(steps - F.round(steps)) <= 1e-6)
+    return F.coalesce(in_range, F.lit(False))
 
 
 def dedup_events(
@@ -299,6 +384,9 @@ def clean_events(
         max_field_chars=cfg.max_field_chars,
         max_future_skew_s=cfg.max_future_skew_s,
         max_late_days=cfg.max_late_days,
+        rating_min=cfg.rating_min,
+        rating_max=cfg.rating_max,
+        rating_step=cfg.rating_step,
     )
     is_valid = F.size("reasons") == 0
     is_kept = is_valid & F.col("duplicate").isNull()
@@ -554,7 +642,7 @@ def run_clean(ctx: RunContext) -> StageResult:
 
 
 def _outcome_counts(outcomes: DataFrame, *, ds: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(rows per outcome with duplicates by kind, late clean events and bot users; rows per reason)."""
+    """(rows per outcome with duplicates by kind, late clean events and bot users; rows per reason code)."""
     keys = (CLEAN, QUARANTINED, EXCLUDED, "duplicate_exact", "duplicate_near", "late", "bot_users")
     counts = dict.fromkeys(keys, 0)
     reasons: dict[str, int] = {}
@@ -576,7 +664,9 @@ def _outcome_counts(outcomes: DataFrame, *, ds: str) -> tuple[dict[str, int], di
         if row["outcome"] == EXCLUDED:
             counts["bot_users"] += int(row["users"])
         if row["outcome"] == QUARANTINED:
-            for code in row["reasons"]:
+            # "bad_type:user_id" counts under its own code and once under "bad_type".
+            families = {code.partition(":")[0] for code in row["reasons"]}
+            for code in families | set(row["reasons"]):
                 reasons[code] = reasons.get(code, 0) + int(row["rows"])
     return counts, reasons
 

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --conf als.rank=64 (repeatable)",
     )
+    common.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="let a stage use upstream outputs older than --ds (recorded in pipeline_runs); "
+        "same as --conf pipeline.allow_stale=true",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     parser = argparse.ArgumentParser(prog="llmrec", description=__doc__)
@@ -123,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from llmrec_spark.config import load_config
 
-    cfg = load_config(args.conf_dir, env=args.env, overrides=args.conf)
+    overrides = [*args.conf, *(["pipeline.allow_stale=true"] if args.allow_stale else [])]
+    cfg = load_config(args.conf_dir, env=args.env, overrides=overrides)
     if args.command == "generate-demo":
         from llmrec_spark.demo import generate_demo
 

@@ -64,8 +64,19 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "mlruns"
     experiment: str = "llmrec-nightly"
+    # Registered models: each nightly's text tower and ALS model become a new version; the
+    # versions a publish used get `champion_alias`.
     registered_model: str = "llmrec-text-tower"
+    registered_als_model: str = "llmrec-als"
+    champion_alias: str = "champion"
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # The freshness contract: a stage for date D refuses inputs its upstream stages did not
+    # produce for D (exit 2). True lets it reuse the newest older ones; the run records which.
+    allow_stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,13 @@ class CleanConfig:
             "rating": 1.0,
         }
     )
-    # Ratings r map to weight rating_weight_scale * r (r in 1..5).
+    # Ratings r map to weight rating_weight_scale * r.
     rating_weight_scale: float = 1.0
+    # Valid ratings: rating_min..rating_max in steps of rating_step from rating_min (0: any
+    # value in between); others are quarantined as bad_rating.
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    rating_step: float = 0.0
     # Same user, item and event type within this many seconds: a client retry.
     near_duplicate_window_s: int = 10
     # Days of already-clean events consulted so a duplicate arriving late is caught.
@@ -305,6 +321,7 @@ class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -584,6 +601,16 @@ def validate(cfg: Config) -> Config:
             cfg.clean.source_format in SOURCE_FORMATS,
             f"clean.source_format: choose {', '.join(SOURCE_FORMATS)}, "
             f"got {cfg.clean.source_format!r}",
+        ),
+        (
+            cfg.clean.rating_min < cfg.clean.rating_max,
+            "clean.rating_min, clean.rating_max: rating_min must be below rating_max, "
+            f"got {cfg.clean.rating_min:g} and {cfg.clean.rating_max:g}",
+        ),
+        (
+            cfg.clean.rating_step >= 0,
+            "clean.rating_step: must not be negative (0 = any value from rating_min to "
+            f"rating_max), got {cfg.clean.rating_step:g}",
         ),
     ]
     for ok, message in checks:

@@ -23,6 +23,10 @@ class RunContext:
     # MLflow run of the whole nightly (the recommendations' model_version) and of this stage.
     parent_run_id: str | None = None
     stage_run_id: str | None = None
+    # Set by the runner's freshness check (llmrec_spark/freshness.py): upstream outputs taken
+    # from an older date under --allow-stale ("clean@2026-11-03"), and the newest event date.
+    stale_inputs: tuple[str, ...] = ()
+    events_through: str | None = None
 
     def landing(self, *parts: str) -> str:
         return os.path.join(self.cfg.path(self.cfg.storage.landing), *parts)

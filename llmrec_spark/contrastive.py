@@ -862,9 +862,11 @@ def _run_distributed(
     cache_url: str,
     paths: dict[str, Any],
 ) -> dict[str, Any]:
-    """Materialise the examples with petastorm and run `train_text_tower` under TorchDistributor."""
-    from pyspark.ml.torch.distributor import TorchDistributor
+    """Materialise the examples with petastorm and run `train_text_tower` under TorchDistributor.
 
+    A training process that exits non-zero raises TrainingProcessError (CheckedTorchDistributor).
+    """
+    from llmrec_spark.distributor import CheckedTorchDistributor
     from llmrec_spark.tracking import tracking_uri
 
     ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
@@ -886,8 +888,11 @@ def _run_distributed(
             "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
             "mlflow_run_id": ctx.stage_run_id,
         }
-        distributor = TorchDistributor(
-            num_processes=num_processes, local_mode=True, use_gpu=device == "cuda"
+        distributor = CheckedTorchDistributor(
+            label="text tower",
+            num_processes=num_processes,
+            local_mode=True,
+            use_gpu=device == "cuda",
         )
         output = distributor.run(train_text_tower, config)
         if not isinstance(output, dict):

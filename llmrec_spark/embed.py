@@ -349,9 +349,10 @@ def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
 
     Profiles are optional: a catalog without them has no such folder.
     """
+    from llmrec_spark.io import filesystem
     from llmrec_spark.schema import USER_PROFILE
 
-    if "://" not in path and not os.path.isdir(path):
+    if not filesystem.exists(spark, path):
         return None
     raw = spark.read.schema(USER_PROFILE).option("recursiveFileLookup", "true").json(path)
     return raw.withColumn("line_seq", F.monotonically_increasing_id())

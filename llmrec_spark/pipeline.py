@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -15,7 +14,10 @@ from pyspark.sql import SparkSession
 
 from llmrec_spark.config import Config
 from llmrec_spark.context import RunContext, StageResult
+from llmrec_spark.freshness import check_inputs, events_through
+from llmrec_spark.io import filesystem
 from llmrec_spark.io.tables import TableStore, open_store
+from llmrec_spark.registry import register_artifacts
 from llmrec_spark.schema import PIPELINE_RUNS
 from llmrec_spark.tracking import Tracker
 
@@ -77,7 +79,13 @@ def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> St
         f"{stage} {ctx.ds}", nested=nested, tags={"stage": stage, "ds": ctx.ds}
     ) as run_id:
         ctx.stage_run_id = run_id
+        ctx.stale_inputs, ctx.events_through = (), None
         try:
+            stale = check_inputs(ctx.store, ctx.cfg, stage, ctx.ds)
+            ctx.stale_inputs = tuple(s.label() for s in stale)
+            ctx.events_through = events_through(ctx.store, ctx.ds)
+            if stale:
+                tracker.set_tags({"stale_inputs": ",".join(ctx.stale_inputs)})
             result = func(ctx)
         except Exception as exc:
             seconds = time.perf_counter() - started
@@ -90,7 +98,10 @@ def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> St
         tracker.log_params(result.params)
         tracker.log_metrics({**result.metrics, "seconds": seconds, **_counts(result)})
         for name, path in result.artifacts.items():
-            tracker.log_artifact(name, path)
+            tracker.log_artifact(name, path, spark=ctx.spark)
+        registered = register_artifacts(ctx.cfg, run_id, result.artifacts, ctx.ds)
+        if registered:
+            result.summary["registered"] = registered
         _record(ctx, stage, "ok", result, seconds, started_at, run_id, "")
     log.info("%s %s ok in %.1fs: %s", stage, ctx.ds, seconds, _count_line(result, seconds))
     return StageRecord(stage=stage, ds=ctx.ds, seconds=seconds, result=result)
@@ -138,13 +149,12 @@ def run_nightly(
 
 def pending_clean_dates(ctx: RunContext) -> list[str]:
     """Landing dates up to ctx.ds with no successful clean yet, oldest first; ctx.ds always included."""
-    landing = ctx.landing("events")
     found = []
-    if os.path.isdir(landing):
-        for name in os.listdir(landing):
-            match = re.fullmatch(r"ds=(\d{4}-\d{2}-\d{2})", name)
-            if match and match.group(1) <= ctx.ds:
-                found.append(match.group(1))
+    # Through Spark's own filesystems: the landing zone may be s3a:, abfss:, dbfs:, ...
+    for name in filesystem.list_dir_names(ctx.spark, ctx.landing("events")):
+        match = re.fullmatch(r"ds=(\d{4}-\d{2}-\d{2})", name)
+        if match and match.group(1) <= ctx.ds:
+            found.append(match.group(1))
     done = {
         row["ds"]
         for row in ctx.store.read("pipeline_runs")
@@ -182,6 +192,9 @@ def _record(
         started_at,
         run_id,
         message[:2000],
+        # clean's own output is what the stages after it see, so it is read after the stage
+        events_through(ctx.store, ctx.ds) if stage == "clean" else ctx.events_through,
+        ",".join(ctx.stale_inputs) or None,
     )
     ctx.store.append("pipeline_runs", ctx.spark.createDataFrame([row], PIPELINE_RUNS))
 

@@ -5,7 +5,8 @@ scratch lakehouse; the real `clean` and `embed` stages run on it, then the offli
 evaluation (`evaluate.evaluate_events`) fits ALS and the text tower on each protocol's
 training part, chooses the hybrids' mix on a validation split of that training part, and
 ranks the six models. Ratings are not clickstreams, so the bot rule and the lateness window
-are widened to the dataset (a rater who rates 500 films in a day is a person catching up).
+are widened to the dataset (a rater who rates 500 films in a day is a person catching up),
+and a rating is valid on the dataset's own scale (MovieLens latest: 0.5 to 5 in half stars).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyspark.sql import functions as F
 
 from llmrec_spark.config import Config
 from llmrec_spark.errors import InputError
+from llmrec_spark.io.datasets import RatingScale
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,9 @@ TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2)
 NEIGHBOUR_FACTORS = (0, 30)
 
 
-def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
-    """`cfg` with its storage under `root` and clean's clickstream rules widened for ratings."""
+def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingScale) -> Config:
+    """`cfg` with its storage under `root`, clean's clickstream rules widened for ratings and
+    clean's rating scale set to the dataset's `ratings`."""
     storage = dataclasses.replace(
         cfg.storage,
         lakehouse=os.path.join(root, "lakehouse"),
@@ -58,6 +61,9 @@ def quality_config(cfg: Config, root: str, *, span_days: int) -> Config:
         lookback_days=0,
         bot_max_events_per_day=10**9,
         bot_max_distinct_items_per_day=10**9,
+        rating_min=ratings.min,
+        rating_max=ratings.max,
+        rating_step=ratings.step,
     )
     scale = cfg.clean.rating_weight_scale
     evaluate = dataclasses.replace(
@@ -107,7 +113,7 @@ def bench_quality(cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
             raise InputError(f"bench quality: no events in {path}")
         ds = (span["last"].date() + dt.timedelta(days=1)).isoformat()
         span_days = (span["last"] - span["first"]).days + 1
-        qcfg = quality_config(cfg, root, span_days=span_days)
+        qcfg = quality_config(cfg, root, span_days=span_days, ratings=data.rating_scale)
         qcfg = dataclasses.replace(
             qcfg,
             als=dataclasses.replace(qcfg.als, train_days=span_days + 2),

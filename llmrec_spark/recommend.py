@@ -34,9 +34,11 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
 
+from llmrec_spark import registry
 from llmrec_spark.config import RecommendConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import GateError, InputError
+from llmrec_spark.io.tables import TableStore
 from llmrec_spark.schema import SOURCE_ALS, SOURCE_HYBRID, SOURCE_POPULAR, SOURCE_TEXT
 
 log = logging.getLogger(__name__)
@@ -1425,20 +1427,26 @@ def run_recommend(ctx: RunContext) -> StageResult:
     check_gate(report, top_n=cfg.top_n)
     metric_value, metric_verdict = metric_gate(ctx)
 
+    models = registry.versions_for(ctx.cfg, ctx.ds)
     published = publish_recommendations(
         ctx,
         recs,
-        properties={
+        metadata={
             PROP_MODEL_VERSION: model_version,
             PROP_MLFLOW_RUN_ID: ctx.stage_run_id or "",
             PROP_TEXT_MODEL: text_model,
+            PROP_EVENTS_THROUGH: ctx.events_through or "",
+            PROP_STALE_INPUTS: ",".join(ctx.stale_inputs),
         }
+        | {PROP_REGISTERED[artifact]: version for artifact, version in models.items()}
         | (
             {PROP_GATE_METRIC: cfg.gate_metric, PROP_GATE_METRIC_VALUE: repr(metric_value)}
             if metric_value is not None
             else {}
         ),
     )
+    if published["latest_ds"] == ctx.ds:  # the alias follows what is served
+        registry.set_champions(ctx.cfg, models)
     if isinstance(recs, pd.DataFrame):
         by_source = {k: int(v) for k, v in recs["source"].value_counts().items()}
     else:
@@ -1483,13 +1491,18 @@ def run_recommend(ctx: RunContext) -> StageResult:
     )
 
 
-# Table properties of `recommendations` and `recommendations_latest`: what was last published.
+# The metadata each publish commit carries (`published_metadata` reads it back): what its rows
+# are, so the data and the metadata naming it are one commit.
 PROP_DS = "llmrec.ds"
 PROP_MODEL_VERSION = "llmrec.model_version"
 PROP_MLFLOW_RUN_ID = "llmrec.mlflow_run_id"
 PROP_TEXT_MODEL = "llmrec.text_model"
 PROP_GATE_METRIC = "llmrec.gate_metric"
 PROP_GATE_METRIC_VALUE = "llmrec.gate_metric_value"
+PROP_EVENTS_THROUGH = "llmrec.events_through"
+PROP_STALE_INPUTS = "llmrec.stale_inputs"
+# registered artifact -> key of its registered model version ("llmrec-als/3")
+PROP_REGISTERED = {"als_model": "llmrec.als_model", "text_tower": "llmrec.text_tower_model"}
 
 
 def metric_gate(ctx: RunContext) -> tuple[float | None, str]:
@@ -1497,7 +1510,7 @@ def metric_gate(ctx: RunContext) -> tuple[float | None, str]:
 
     Raises GateError on a regression beyond `recommend.max_metric_drop`. The current value is
     read from MLflow (the evaluate stage runs before recommend in the nightly), the previous
-    from the `recommendations` table properties written at the last publish.
+    from the metadata of the publish that `recommendations_latest` serves.
     """
     from llmrec_spark.tracking import latest_stage_metrics, metric_key
 
@@ -1508,38 +1521,50 @@ def metric_gate(ctx: RunContext) -> tuple[float | None, str]:
         latest_stage_metrics(ctx.cfg, stage="evaluate", ds=ctx.ds) if ctx.stage_run_id else None
     )
     current = (metrics or {}).get(metric_key(cfg.gate_metric))
-    properties = ctx.store.properties("recommendations")
+    served = published_metadata(ctx.store, "recommendations_latest")
     previous = None
-    if properties.get(PROP_GATE_METRIC) == cfg.gate_metric:
-        previous = float(properties[PROP_GATE_METRIC_VALUE])
+    if served.get(PROP_GATE_METRIC) == cfg.gate_metric and served.get(PROP_GATE_METRIC_VALUE):
+        previous = float(served[PROP_GATE_METRIC_VALUE])
     verdict = check_metric_gate(cfg.gate_metric, current, previous, max_drop=cfg.max_metric_drop)
     log.info("recommend: metric gate: %s", verdict)
     return current, verdict
 
 
-def publish_recommendations(
-    ctx: RunContext, recs: DataFrame | pd.DataFrame, *, properties: dict[str, str]
-) -> dict[str, Any]:
-    """Publish gated rows for ctx.ds: its partition, the latest table, properties, retention.
+def published_metadata(store: TableStore, name: str, ds: str | None = None) -> dict[str, str]:
+    """The metadata of the newest publish commit of table `name` (of run date `ds` if given).
 
-    1. `recommendations`: one atomic commit replaces the ds partition (readers see the old
-       rows or the new, never a mix; a crash before the commit leaves only invisible files).
-    2. When ctx.ds is the newest published date: `recommendations_latest` is replaced by the
-       same rows (one commit) and both tables' properties name what is now served.
+    For `recommendations_latest` this names what is served now; for `recommendations` with a
+    `ds`, what that partition was built from. Empty when nothing was published.
+    """
+    for metadata in store.commit_metadata(name):
+        if PROP_DS in metadata and (ds is None or metadata[PROP_DS] == ds):
+            return metadata
+    return {}
+
+
+def publish_recommendations(
+    ctx: RunContext, recs: DataFrame | pd.DataFrame, *, metadata: dict[str, str]
+) -> dict[str, Any]:
+    """Publish gated rows for ctx.ds: one commit per table, each naming its rows in its metadata.
+
+    1. `recommendations`: one commit replaces the ds partition, with `metadata` (+ llmrec.ds).
+    2. When ctx.ds is the newest published date, `recommendations_latest`: one commit replaces
+       all its rows by the same rows, with the same metadata.
+    A reader between 1 and 2 sees the new partition in `recommendations` while
+    `recommendations_latest` still serves the previous complete date. Rerunning the date
+    repeats both commits (each replaces what it wrote), so it repairs a publish cut short
+    between them; so does the next date's publish.
     3. Partitions older than `recommend.retention_days` are dropped (one commit), then files
        no version within `recommend.vacuum_retention_hours` uses are vacuumed.
     """
     cfg = ctx.cfg.recommend
     store = ctx.store
-    metadata = {k.removeprefix("llmrec."): v for k, v in properties.items()}
+    metadata = {**metadata, PROP_DS: ctx.ds}
     version = store.overwrite("recommendations", recs, partitions={"ds": ctx.ds}, metadata=metadata)
-    newest = store.read("recommendations").agg(F.max("ds").alias("ds")).collect()[0]["ds"]
+    newest = max(store.partition_values("recommendations", "ds"))
     out: dict[str, Any] = {"version": version, "latest_ds": newest}
     if newest == ctx.ds:
-        served = dict(properties) | {PROP_DS: ctx.ds}
-        store.overwrite("recommendations_latest", recs, metadata=metadata)
-        store.set_properties("recommendations_latest", served)
-        out["version"] = store.set_properties("recommendations", served)
+        out["latest_version"] = store.overwrite("recommendations_latest", recs, metadata=metadata)
     else:
         log.info("recommend: %s is older than %s; recommendations_latest unchanged", ctx.ds, newest)
     if cfg.retention_days > 0:

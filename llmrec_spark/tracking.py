@@ -7,9 +7,12 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrec_spark.config import Config
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,24 @@ class Tracker:
         if clean:
             mlflow.log_metrics(clean, step=step)
 
-    def log_artifact(self, name: str, path: str) -> None:
-        if not self.enabled or not os.path.exists(path):
+    def log_artifact(self, name: str, path: str, spark: SparkSession | None = None) -> None:
+        """Log the file or folder at `path` under `name`: a local path, or a URI read via `spark`.
+
+        Nothing at `path` is a warning: the stage's result stands without the artifact.
+        """
+        if not self.enabled:
             return
         import mlflow
 
-        if os.path.isdir(path):
-            mlflow.log_artifacts(path, artifact_path=name)
-        else:
-            mlflow.log_artifact(path, artifact_path=name)
+        from llmrec_spark.io import filesystem
+
+        with filesystem.local_copy(spark, path) as local:
+            if local is None:
+                log.warning("artifact %s not logged: nothing at %s", name, path)
+            elif os.path.isdir(local):
+                mlflow.log_artifacts(local, artifact_path=name)
+            else:
+                mlflow.log_artifact(local, artifact_path=name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.enabled:

@@ -7,15 +7,15 @@
 
 # COMMAND ----------
 
-from llmrec_spark.explore import read_partition_delta_rs, register_views
+from llmrec_spark.explore import read_partition_delta_rs
+from llmrec_spark.io.views import register_views
 from llmrec_spark.notebook import param, setup, show
-from llmrec_spark.pipeline import make_context
 
 ds = param("ds", "2026-11-23")
 user_id = param("user_id", "")
 cfg, spark = setup(env=param("env", "local"))
-store = make_context(cfg, spark, ds).store
-views = register_views(store)
+lakehouse = cfg.path(cfg.storage.lakehouse)
+views = register_views(spark, lakehouse)
 
 # COMMAND ----------
 
@@ -50,5 +50,5 @@ show(top)
 
 # COMMAND ----------
 
-without_spark = read_partition_delta_rs(store.path("recommendations"), ds)
+without_spark = read_partition_delta_rs(f"{lakehouse}/recommendations", ds)
 show(without_spark[without_spark["user_id"] == user_id].sort_values("rank"))

@@ -76,7 +76,25 @@ REASON_CASES = {
     "ERROR 502 upstream timed out": ["malformed"],
     '[{"event_id": "array"}]': ["malformed"],
     "null": ["malformed"],
-    event("wrong-type", value="abc"): ["malformed"],
+    "{'event_id': 'single-quotes', 'user_id': 'u1'}": ["malformed"],
+    '{"event_id": "nan", "value": NaN}': ["malformed"],
+    event("wrong-type", value="abc"): ["bad_type:value"],
+    event("numeric-text-value", event_type="rating", value="4"): ["bad_type:value"],
+    event("object-id", user_id={"id": "u00036"}): ["bad_type:user_id"],
+    event("array-item", item_id=["i1"]): ["bad_type:item_id"],
+    event("float-id", session_id=36.0): ["bad_type:session_id"],
+    event("bool-type", event_type=True): ["bad_type:event_type"],
+    event("epoch-ts", event_ts=1795428000): ["bad_type:event_ts"],
+    event("number-source", source=7): ["bad_type:source"],
+    # Only the type errors, though the item is unknown and the rating missing too.
+    event(True, item_id="i999", event_type="rating", value={"stars": 4}): [
+        "bad_type:event_id",
+        "bad_type:value",
+    ],
+    event("ok-int-ids", user_id=36, item_id="i2", session_id=-7): [],
+    event("ok-json-looking-strings", user_id='{"id": "u00036"}', session_id="true"): [],
+    event("ok-rating-int", event_type="rating", value=4): [],
+    event("ok-rating-float", event_type="rating", value=4.75): [],
     event("no-user", user_id=ABSENT): ["missing_user"],
     event("blank-user", user_id="  "): ["missing_user"],
     event("null-item", item_id=None): ["missing_item"],
@@ -115,7 +133,62 @@ def _validate(spark, raws, **overrides):
 def test_every_reason_code_on_hand_written_lines(spark):
     got = {r["raw"]: r["reasons"] for r in _validate(spark, list(REASON_CASES)).collect()}
     assert got == REASON_CASES
-    assert {code for codes in REASON_CASES.values() for code in codes} == set(clean.REASONS)
+    families = {code.partition(":")[0] for codes in REASON_CASES.values() for code in codes}
+    assert families == set(clean.REASONS)
+
+
+def test_fields_of_an_allowed_json_type_keep_their_text(spark):
+    raws = [
+        event("e1", user_id=36, item_id="i2", session_id=12345678901234567890123),
+        event(1007, user_id='{"id": "u00036"}', session_id="[1]"),
+        event("e3", event_type="rating", value=4),
+    ]
+    got = [
+        (r["event_id"], r["user_id"], r["item_id"], r["session_id"], r["value"], r["reasons"])
+        for r in _validate(spark, raws).orderBy("line_seq").collect()
+    ]
+    assert got == [
+        ("e1", "36", "i2", "12345678901234567890123", None, []),
+        ("1007", '{"id": "u00036"}', "i1", "[1]", None, []),
+        ("e3", "u1", "i1", "s1", 4.0, []),
+    ]
+
+
+def test_ratings_on_a_half_star_scale(spark):
+    ratings = [0.5, 1, 4.5, 5.0, 0.25, 4.75, 5.5, 0.0, None]
+    raws = [event(f"r{k}", event_type="rating", value=v) for k, v in enumerate(ratings)]
+    half_stars = _validate(spark, raws, rating_min=0.5, rating_max=5.0, rating_step=0.5)
+    got = [(r["value"], r["reasons"]) for r in half_stars.orderBy("line_seq").collect()]
+    bad = ["bad_rating"]
+    assert got == [
+        (0.5, []),
+        (1.0, []),
+        (4.5, []),
+        (5.0, []),
+        (0.25, bad),
+        (4.75, bad),
+        (5.5, bad),
+        (0.0, bad),
+        (None, bad),
+    ]
+    # The default scale: any value from 1 to 5.
+    default = _validate(spark, raws).orderBy("line_seq").collect()
+    assert [r["reasons"] for r in default] == [bad, [], [], [], bad, [], bad, bad, bad]
+
+
+def test_rating_scale_is_validated(tmp_path):
+    from tests.conftest import make_config
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^clean.rating_min, clean.rating_max: rating_min must be below rating_max, "
+        r"got 5 and 5$",
+    ):
+        make_config(tmp_path, "clean.rating_min=5")
+    with pytest.raises(ConfigError, match=r"^clean.rating_step: must not be negative .*got -0.5$"):
+        make_config(tmp_path, "clean.rating_step=-0.5")
+    cfg = make_config(tmp_path, "clean.rating_min=0.5", "clean.rating_step=0.5").clean
+    assert (cfg.rating_min, cfg.rating_max, cfg.rating_step) == (0.5, 5.0, 0.5)
 
 
 def test_validation_normalises_fields(spark):
@@ -395,10 +468,32 @@ def test_garbage_landing_files_end_up_in_quarantine(spark, tmp_path, store):
         ("good2", "i2", DS, DS),
     ]
     quarantine = store.read("events_quarantine", where={"ds": DS}).collect()
-    assert sorted(r["reasons"] for r in quarantine) == [["malformed"]] * 6 + [["oversized_field"]]
+    assert sorted(r["reasons"] for r in quarantine) == [
+        ["bad_type:user_id", "bad_type:item_id", "bad_type:value"],
+        *[["malformed"]] * 5,
+        ["oversized_field"],
+    ]
     assert max(len(r["raw"]) for r in quarantine) > 1_000_000
     assert {os.path.basename(r["source_file"]) for r in quarantine} == {"part-0.jsonl", "nul.jsonl"}
     assert any("\ufffd" in r["raw"] for r in quarantine)
+
+
+def test_a_wrongly_typed_id_is_quarantined_never_stringified(spark, tmp_path, store):
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, "clean.max_quarantine_rate=1.0")
+    object_id = event("e1", user_id={"id": "u00036"})
+    lines = [object_id, event("e2", user_id=36, item_id="i2"), event("e3", user_id="u00036")]
+    _write_landing(tmp_path, DS, {"part-0.jsonl": ("\n".join(lines) + "\n").encode()})
+    result = run_clean(_ctx(cfg, spark, store))
+    published = store.read("events_clean").select("event_id", "user_id").collect()
+    assert sorted(tuple(r) for r in published) == [("e2", "36"), ("e3", "u00036")]
+    quarantine = store.read("events_quarantine").collect()
+    assert [(r["raw"], r["reasons"], r["user_id"]) for r in quarantine] == [
+        (object_id, ["bad_type:user_id"], None)
+    ]
+    assert result.summary["quarantine_reasons"] == {"bad_type": 1, "bad_type:user_id": 1}
+    assert result.metrics["quarantine_bad_type"] == 1
 
 
 def test_quarantine_rate_gate_stops_before_publishing(spark, cfg, store, tmp_path):
@@ -486,6 +581,7 @@ def test_demo_reconciles_and_finds_the_planted_dirt(demo_run):
     )
     assert reasons == {
         "malformed": planted["malformed"],
+        "bad_type": 0,
         "missing_user": planted["user_missing"],
         "missing_item": planted["item_missing"],
         "unknown_event_type": planted["unknown_event_types"],

@@ -1,10 +1,8 @@
-"""Publishing recommendations: crash safety, latest table, properties, retention, gate, README queries."""
+"""Publishing recommendations: crash safety, latest table, properties, retention, gate."""
 
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +15,7 @@ from llmrec_spark.context import RunContext
 from llmrec_spark.errors import GateError
 from llmrec_spark.recommend import (
     PROP_DS,
+    PROP_EVENTS_THROUGH,
     PROP_GATE_METRIC,
     PROP_GATE_METRIC_VALUE,
     PROP_MLFLOW_RUN_ID,
@@ -27,9 +26,10 @@ from llmrec_spark.recommend import (
     gate_report,
     metric_gate,
     publish_recommendations,
+    published_metadata,
 )
 from llmrec_spark.schema import RECOMMENDATIONS
-from tests.conftest import PROJECT, make_config
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.spark
 
@@ -99,12 +99,17 @@ def publish_ctx(spark, store, tmp_path, *overrides) -> RunContext:
     return RunContext(cfg=cfg, spark=spark, store=store, ds="2026-11-20")
 
 
-def publish(ctx: RunContext, ds: str, version: str) -> dict:
+def publish(ctx: RunContext, ds: str, version: str, **extra: str) -> dict:
     ctx.ds = ds
     return publish_recommendations(
         ctx,
         recs(ctx.spark, day(ds, version)),
-        properties={PROP_MODEL_VERSION: version, PROP_MLFLOW_RUN_ID: f"run-{version}"},
+        metadata={
+            PROP_MODEL_VERSION: version,
+            PROP_MLFLOW_RUN_ID: f"run-{version}",
+            PROP_EVENTS_THROUGH: ds,
+            **extra,
+        },
     )
 
 
@@ -125,10 +130,20 @@ def test_publish_serves_the_newest_date_and_applies_retention(spark, store, tmp_
     )
     assertDataFrameEqual(store.read("recommendations_latest"), recs(spark, day("2026-11-23", "m3")))
     for table in ("recommendations", "recommendations_latest"):
-        props = store.properties(table)
-        assert props[PROP_DS] == "2026-11-23", table
-        assert props[PROP_MODEL_VERSION] == "m3"
-        assert props[PROP_MLFLOW_RUN_ID] == "run-m3"
+        served = published_metadata(store, table)
+        assert served[PROP_DS] == "2026-11-23", table
+        assert served[PROP_MODEL_VERSION] == "m3"
+        assert served[PROP_MLFLOW_RUN_ID] == "run-m3"
+    # Each partition's metadata is still found after later publishes and the retention commit.
+    assert published_metadata(store, "recommendations", ds="2026-11-21")[PROP_MODEL_VERSION] == "m1"
+    # One commit per table carries the rows and the metadata naming them.
+    for table, version in (
+        ("recommendations", out["version"]),
+        ("recommendations_latest", out["latest_version"]),
+    ):
+        commit = next(c for c in DeltaTable(store.path(table)).history() if c["version"] == version)
+        assert commit["operation"] == "WRITE", table
+        assert commit[PROP_DS] == "2026-11-23" and commit[PROP_MODEL_VERSION] == "m3", table
     # Column comments from schema.py reach the Delta schema of both tables.
     latest = DeltaTable(store.path("recommendations_latest"))
     comments = {f.name: f.metadata.get("comment") for f in latest.schema().fields}
@@ -138,7 +153,8 @@ def test_publish_serves_the_newest_date_and_applies_retention(spark, store, tmp_
     out = publish(ctx, "2026-11-21", "m1b")
     assert out["latest_ds"] == "2026-11-23"
     assertDataFrameEqual(store.read("recommendations_latest"), recs(spark, day("2026-11-23", "m3")))
-    assert store.properties("recommendations")[PROP_MODEL_VERSION] == "m3"
+    assert published_metadata(store, "recommendations_latest")[PROP_MODEL_VERSION] == "m3"
+    assert published_metadata(store, "recommendations")[PROP_MODEL_VERSION] == "m1b"
     assert sorted(
         {
             r["model_version"]
@@ -228,13 +244,15 @@ def test_metric_gate_compares_with_the_last_published_value():
         check_metric_gate("hybrid.ndcg@10", 0.44, 0.5, max_drop=0.1)
 
 
-def test_metric_gate_reads_mlflow_and_the_table_properties(spark, store, tmp_path, monkeypatch):
+def test_metric_gate_reads_mlflow_and_the_served_publish(spark, store, tmp_path, monkeypatch):
     from llmrec_spark import tracking
 
     ctx = publish_ctx(spark, store, tmp_path)
-    publish(ctx, "2026-11-23", "m3")
-    store.set_properties(
-        "recommendations", {PROP_GATE_METRIC: "hybrid.ndcg@10", PROP_GATE_METRIC_VALUE: "0.5"}
+    publish(
+        ctx,
+        "2026-11-23",
+        "m3",
+        **{PROP_GATE_METRIC: "hybrid.ndcg@10", PROP_GATE_METRIC_VALUE: "0.5"},
     )
     asked = []
 
@@ -253,61 +271,3 @@ def test_metric_gate_reads_mlflow_and_the_table_properties(spark, store, tmp_pat
         0.9,
         "als.ndcg@10=0.9000: nothing published with this metric before",
     )
-
-
-# ---------------------------------------------------------------------------------------
-# README: the example queries of "Querying the recommendations" run as written
-
-
-def readme_blocks(language: str) -> list[str]:
-    text = (PROJECT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Querying the recommendations", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
-
-
-def test_readme_queries_run_against_a_published_table(spark, tmp_path, monkeypatch):
-    from llmrec_spark.io.tables import open_store
-
-    monkeypatch.chdir(tmp_path)  # the README's paths are relative: lakehouse/<table>
-    store = open_store(spark, str(tmp_path / "lakehouse"), "embedded")
-    ctx = publish_ctx(spark, store, tmp_path, "recommend.retention_days=0")
-    publish(ctx, "2026-11-22", "m2")
-    publish(ctx, "2026-11-23", "m3")
-
-    sql = readme_blocks("sql")
-    python = readme_blocks("python")
-    assert len(sql) >= 2 and len(python) >= 1, "README lost its example queries"
-
-    # Spark SQL: without Delta's Spark extension here, delta.`path` is the same table read
-    # through the table layer and registered under a view name; the query text is unchanged.
-    def as_view(match: re.Match) -> str:
-        name = Path(match.group(1)).name
-        store.read(name).createOrReplaceTempView(f"readme_{name}")
-        return f"readme_{name}"
-
-    results = [spark.sql(re.sub(r"delta\.`([^`]+)`", as_view, query)).collect() for query in sql]
-    assert [(r["rank"], r["item_id"], r["score"]) for r in results[0]] == [
-        (1, "i0a", 2.0),
-        (2, "i0b", 1.5),
-    ]
-    assert {r["model_version"] for r in results[0]} == {"m3"}
-    assert [(r["ds"], r["rank"], r["item_id"]) for r in results[1]] == [
-        ("2026-11-22", 1, "i0a"),
-        ("2026-11-22", 2, "i0b"),
-    ]
-
-    namespace: dict = {}
-    for block in python:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    top = namespace["top"]
-    assert top["rank"].tolist() == [1, 2] and top["item_id"].tolist() == ["i0a", "i0b"]
-    assert set(top["ds"]) == {"2026-11-23"}
-    assert namespace["served"]["llmrec.model_version"] == "m3"
-    history = namespace["day"]
-    assert sorted(zip(history["user_id"], history["rank"], strict=True)) == [
-        ("u00042", 1),
-        ("u00042", 2),
-        ("u00043", 1),
-        ("u00043", 2),
-    ]
-    assert np.allclose(sorted(history["score"]), [1.5, 1.5, 2.0, 2.0])

@@ -1,8 +1,8 @@
 """Loaders of public recommendation datasets onto the product's raw event and catalog schemas.
 
 Every loader returns a `Dataset`: `events` in `schema.RAW_EVENT` (ratings become
-event_type "rating" with value = the rating, event_ts ISO-8601 text) and `catalog` in
-`schema.CATALOG`, the item text (title, genres/categories, description, brand) coming from
+event_type "rating" with value = the rating, event_ts ISO-8601 text), `rating_scale` (the
+layout's valid ratings, for clean.rating_*) and `catalog` in `schema.CATALOG`, the item text (title, genres/categories, description, brand) coming from
 the dataset's item side. Supported layouts:
 
 * MovieLens ml-100k: `u.data` (tab-separated) + `u.item` (latin-1, `|`, 19 genre flags)
@@ -64,12 +64,32 @@ _LATIN1 = "ISO-8859-1"
 
 
 @dataclass(frozen=True)
+class RatingScale:
+    """The ratings a dataset holds: `min` to `max` in steps of `step` (clean.rating_*)."""
+
+    min: float
+    max: float
+    step: float
+
+
+# MovieLens latest/20m/25m rate in half stars from 0.5, the older sets and Amazon in whole stars.
+RATING_SCALES = {
+    ML_100K: RatingScale(1.0, 5.0, 1.0),
+    ML_1M: RatingScale(1.0, 5.0, 1.0),
+    ML_LATEST: RatingScale(0.5, 5.0, 0.5),
+    AMAZON: RatingScale(1.0, 5.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
 class Dataset:
-    """One public dataset: its layout name, events (RAW_EVENT) and item catalog (CATALOG)."""
+    """One public dataset: its layout name, events (RAW_EVENT), item catalog (CATALOG) and
+    the scale its ratings are on."""
 
     layout: str
     events: DataFrame
     catalog: DataFrame
+    rating_scale: RatingScale
 
 
 def load_public_dataset(spark: SparkSession, folder: str) -> Dataset:
@@ -159,7 +179,7 @@ def load_movielens(spark: SparkSession, folder: str, layout: str | None = None) 
         brand=F.lit(None),
     )
     log.info("MovieLens %s at %s", layout, folder)
-    return Dataset(layout=layout, events=events, catalog=catalog)
+    return Dataset(layout, events, catalog, RATING_SCALES[layout])
 
 
 def load_amazon_reviews(
@@ -203,7 +223,7 @@ def load_amazon_reviews(
         description=description,
         brand=F.col("brand"),
     )
-    return Dataset(layout=AMAZON, events=events, catalog=catalog)
+    return Dataset(AMAZON, events, catalog, RATING_SCALES[AMAZON])
 
 
 def _rating_events(

@@ -4,8 +4,10 @@ Every source becomes the same three columns -- `raw` (the record as text), `sour
 `line_seq` -- so validation, quarantine and reconciliation are one code path whatever the
 format. JSON lines are taken verbatim; Parquet and Delta records are serialised to one JSON
 object per record (timestamps as ISO-8601 text), which `clean.parse_raw` maps onto
-`schema.RAW_EVENT`: a column of the wrong type makes the record malformed, a missing one
-leaves its field null, extra columns stay in the raw record for the quarantine.
+`schema.RAW_EVENT` under the same JSON type rules as a landing line: a column of a type its
+field may not have (e.g. `value` as text, a struct as user_id) quarantines the record as
+`bad_type:<field>`, an integer id becomes its decimal text, a missing column leaves its field
+null, extra columns stay in the raw record for the quarantine.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.errors import InputError
+from llmrec_spark.faults import crash_point
 from llmrec_spark.schema import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class TableStore(ABC):
     def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
         """The table (optionally only some partitions) as a DataFrame; empty if it does not exist."""
 
+    def partition_values(self, name: str, column: str) -> set[str]:
+        """The values of partition column `column` that hold rows (from the Delta log if it can)."""
+        rows = self.read(name).select(column).distinct().collect()
+        return {row[column] for row in rows if row[column] is not None}
+
     @abstractmethod
     def overwrite(
         self,
@@ -91,6 +97,13 @@ class TableStore(ABC):
     @abstractmethod
     def set_properties(self, name: str, properties: Mapping[str, str]) -> int:
         """Set table properties in one commit; returns the new version."""
+
+    @abstractmethod
+    def commit_metadata(self, name: str) -> list[dict[str, str]]:
+        """The metadata each commit was written with (`overwrite`/`append`'s `metadata`), newest first.
+
+        Commits written without metadata (schema changes, vacuum) give empty dicts.
+        """
 
     @abstractmethod
     def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
@@ -150,6 +163,12 @@ class EmbeddedDeltaEngine(TableStore):
         table = self._delta(name)
         return None if table is None else table.version()
 
+    def partition_values(self, name: str, column: str) -> set[str]:
+        table = self._delta(name)
+        if table is None:
+            return set()
+        return {p[column] for p in table.partitions() if p.get(column) is not None}
+
     def read(self, name: str, where: PartitionValues | None = None) -> DataFrame:
         spec = self.spec(name)
         table = self._delta(name)
@@ -195,7 +214,9 @@ class EmbeddedDeltaEngine(TableStore):
         if partitions:
             _check_partition_values(name, adds, partitions)
         schema = Schema.from_json(spec.schema.json())
-        commit = CommitProperties(custom_metadata=dict(metadata or {}))
+        commit = CommitProperties(custom_metadata=_custom_metadata(metadata))
+        if DeltaTable.is_deltatable(table_path):
+            self._add_missing_columns(name)
         if not DeltaTable.is_deltatable(table_path):
             create_table_with_add_actions(
                 table_path,
@@ -227,7 +248,26 @@ class EmbeddedDeltaEngine(TableStore):
             version,
             time.perf_counter() - started,
         )
+        crash_point(f"after-commit:{name}")
         return version
+
+    def _add_missing_columns(self, name: str) -> None:
+        """Add, in one schema commit, the spec's nullable columns a table written by an older
+        release lacks (a data commit with a wider schema would not widen the table's own)."""
+        from deltalake import DeltaTable, Field
+
+        table = DeltaTable(self.path(name))
+        present = {f.name for f in table.schema().fields}
+        missing = [f for f in self.spec(name).schema.fields if f.name not in present]
+        if not missing:
+            return
+        if any(not f.nullable for f in missing):
+            raise InputError(
+                f"table {name} lacks required columns {[f.name for f in missing]}; "
+                "it was written by an incompatible release"
+            )
+        table.alter.add_columns([Field.from_json(f.json()) for f in missing])
+        log.info("%s: added columns %s", name, [f.name for f in missing])
 
     def _write_files(
         self, table_path: str, rows: DataFrame | pa.Table, partition_by: Sequence[str]
@@ -295,6 +335,12 @@ class EmbeddedDeltaEngine(TableStore):
         table = DeltaTable(self.path(name))
         table.alter.set_table_properties(dict(properties), raise_if_not_exists=False)
         return DeltaTable(self.path(name)).version()
+
+    def commit_metadata(self, name: str) -> list[dict[str, str]]:
+        table = self._delta(name)
+        if table is None:
+            return []
+        return [_commit_info_metadata(info) for info in table.history()]
 
     def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
         from deltalake import Schema
@@ -370,10 +416,14 @@ class SparkDeltaEngine(TableStore):
         if partitions:
             writer = writer.option("replaceWhere", _sql_predicate(partitions))
         writer.save(self.path(name))
+        crash_point(f"after-commit:{name}")
         return self.version(name) or 0
 
     def append(self, name, df, metadata=None) -> int:
-        self._writer(name, df, metadata).mode("append").save(self.path(name))
+        self._writer(name, df, metadata).mode("append").option("mergeSchema", "true").save(
+            self.path(name)
+        )
+        crash_point(f"after-commit:{name}")
         return self.version(name) or 0
 
     def properties(self, name: str) -> dict[str, str]:
@@ -386,6 +436,13 @@ class SparkDeltaEngine(TableStore):
         pairs = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in properties.items())
         self.spark.sql(f"ALTER TABLE delta.`{self.path(name)}` SET TBLPROPERTIES ({pairs})")
         return self.version(name) or 0
+
+    def commit_metadata(self, name: str) -> list[dict[str, str]]:
+        if not self.exists(name):
+            return []
+        history = self.spark.sql(f"DESCRIBE HISTORY delta.`{self.path(name)}`")
+        rows = history.select("version", "userMetadata").orderBy(F.desc("version")).collect()
+        return [_commit_info_metadata({"userMetadata": r["userMetadata"]}) for r in rows]
 
     def drop_partitions_before(self, name: str, column: str, value: str) -> list[str]:
         if not self.exists(name):
@@ -456,6 +513,27 @@ def open_store(spark: SparkSession, root: str, engine: str = "auto") -> TableSto
             os.makedirs(root, exist_ok=True)
         return EmbeddedDeltaEngine(spark, root)
     raise InputError(f"unknown storage engine {engine!r}; choose auto, spark or embedded")
+
+
+def _custom_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """delta-rs commitInfo fields for `metadata`: the keys themselves, and the same keys as the
+    JSON `userMetadata` string that Spark's Delta writes and `DESCRIBE HISTORY` shows."""
+    if not metadata:
+        return {}
+    return {**metadata, "userMetadata": json.dumps(dict(metadata), sort_keys=True)}
+
+
+def _commit_info_metadata(info: Mapping[str, Any]) -> dict[str, str]:
+    """The metadata a commit was written with, from its commitInfo (either engine's form)."""
+    user = info.get("userMetadata")
+    if isinstance(user, str) and user.startswith("{"):
+        try:
+            parsed = json.loads(user)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return {str(k): str(v) for k, v in parsed.items()}
+    return {}
 
 
 def _arrow_uri(path: str) -> str:
