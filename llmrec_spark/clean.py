@@ -58,14 +58,8 @@ STRING_FIELDS = tuple(f.name for f in RAW_EVENT.fields if isinstance(f.dataType,
 # The JSON types each landing field may have; null or absent is always allowed (the checks
 # decide). Ids take an integer too, as its decimal text; a float id, a numeric string as
 # `value`, a boolean, object or array anywhere is `bad_type:<field>`, never converted.
-STRING, INTEGER, FLOAT, BOOLEAN, OBJECT, ARRAY = (
-    "string",
-    "integer",
-    "float",
-    "boolean",
-    "object",
-    "array",
-)
+STRING, INTEGER, FLOAT = "string", "integer", "float"
+BOOLEAN, OBJECT, ARRAY = "boolean", "object", "array"
 ALLOWED_JSON_TYPES = {
     "event_id": (STRING, INTEGER),
     "user_id": (STRING, INTEGER),
@@ -82,7 +76,7 @@ _CORRUPT = "_corrupt_record"
 # as its JSON text, which starts with {, [, t, f, a digit, - or " (for a number too large).
 _STRING_MARK = "\u0001"
 # One JSON string token; possessive quantifiers keep a long string from deep backtracking.
-_JSON_STRING = r'"([^"\\]*+(?:\\[\s\S][^"\\]*+)*+)"'
+_STRING_TOKEN = r'"([^"\\]*+(?:\\[\s\S][^"\\]*+)*+)"'
 DAY_S = 86_400
 
 
@@ -113,7 +107,7 @@ def parse_raw(lines: DataFrame) -> DataFrame:
     }
     decoded = F.decode(F.col("raw").cast("binary"), "UTF-8")
     # "abc" -> "\u0001abc": the replacement writes the mark as a JSON escape.
-    marked = F.regexp_replace("raw", _JSON_STRING, '"\\\\u0001$1"')
+    marked = F.regexp_replace("raw", _STRING_TOKEN, '"\\\\u0001$1"')
     parsed = (
         lines.withColumn("_invalid_utf8", F.col("raw") != decoded)
         .withColumn("raw", decoded)

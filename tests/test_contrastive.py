@@ -535,7 +535,8 @@ def test_ensemble_crash_in_the_second_member_resumes_to_the_same_heads(
 @pytest.mark.slow  # ~40 s: two torchrun processes importing torch, petastorm and mlflow
 def test_torch_distributor_two_processes_logs_from_rank_zero_only(planted, tmp_path):
     from mlflow import MlflowClient
-    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from llmrec_spark.distributor import CheckedTorchDistributor
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -548,11 +549,11 @@ def test_torch_distributor_two_processes_logs_from_rank_zero_only(planted, tmp_p
     )
 
     started = time.perf_counter()
-    result = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
+    result = CheckedTorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
         train_text_tower, config
     )
     seconds = time.perf_counter() - started
-    print(f"TorchDistributor(num_processes=2) wall time: {seconds:.1f}s")  # noqa: T201 (timing for the report)
+    print(f"CheckedTorchDistributor(num_processes=2) wall time: {seconds:.1f}s")  # noqa: T201 (timing for the report)
 
     assert result["epochs_run"] == 2 and len(result["losses"]) == 2
     assert sorted(os.listdir(result["head_path"])) == [HEAD_CONFIG, HEAD_WEIGHTS]

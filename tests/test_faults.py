@@ -116,7 +116,20 @@ def test_nightly_under_local_cluster_publishes_the_recommendations(cluster_night
     }
 
 
-def test_executor_killed_mid_recommend_loses_nothing(cluster_nightly, tmp_path):
+@pytest.mark.parametrize(
+    ("path", "driver_max_cells"),
+    [
+        # recommend.driver_max_cells=0 forces the executor path: the stage's only Python tasks
+        # are the scoring mapInPandas, so that is where the executor dies.
+        ("executors", "0"),
+        # The tiny data is below the default threshold: scoring runs in the driver, and the
+        # kill lands in the first Python task on an executor around it.
+        ("driver", "50000000"),
+    ],
+)
+def test_executor_killed_mid_recommend_loses_nothing(
+    cluster_nightly, tmp_path, path, driver_max_cells
+):
     root, _ = cluster_nightly
     table = root / "lakehouse" / "recommendations"
     before = _delta_frame(table, DS).sort_values(["user_id", "rank"]).reset_index(drop=True)
@@ -124,24 +137,26 @@ def test_executor_killed_mid_recommend_loses_nothing(cluster_nightly, tmp_path):
     marker = tmp_path / "executor-killed"
 
     # Executors run tests/faults/kill_executor_daemon.py as their Python daemon: the first
-    # Python task of the stage (the scoring mapInPandas) SIGKILLs its executor JVM.
+    # Python task of the stage SIGKILLs its executor JVM.
     result = _cli(
         root,
         "recommend",
         conf=(
+            f"recommend.driver_max_cells={driver_max_cells}",
             f"spark.extra.spark.executorEnv.PYTHONPATH={FAULT_HOOKS}",
             f"spark.extra.spark.executorEnv.LLMREC_FAULT_KILL_EXECUTOR_ONCE={marker}",
             "spark.extra.spark.python.daemon.module=kill_executor_daemon",
         ),
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"scored (on the {path})" in result.stderr
     assert marker.read_text().startswith("pid="), "no task claimed the kill"
     assert "killed=True" in marker.read_text(), marker.read_text()
     assert "CoarseGrainedExecutorBackend" in marker.read_text()
     assert "Lost executor" in result.stderr or "ExecutorLostFailure" in result.stderr
 
-    # One new data commit (the publish also sets table properties), with exactly the rows of
-    # the unfaulted run: nothing lost, nothing twice.
+    # One new data commit, with exactly the rows of the unfaulted run: nothing lost, nothing
+    # twice.
     history = DeltaTable(str(table)).history()
     assert [h["operation"] for h in history if h["version"] > version].count("WRITE") == 1
     after = _delta_frame(table, DS).sort_values(["user_id", "rank"]).reset_index(drop=True)
@@ -227,6 +242,7 @@ def _stages_after_clean() -> list[str]:
 def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, store, monkeypatch):
     import llmrec_spark.contrastive as contrastive
     from llmrec_spark.context import RunContext
+    from llmrec_spark.errors import TrainingProcessError
     from tests.test_contrastive import _stage_tables, _with_contrastive
 
     settings = dict(num_processes=1, epochs=2, batch_size=8, hidden_dim=16, out_dim=8, members=1)
@@ -241,7 +257,7 @@ def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, sto
         return real_run(*head, {**paths, "fail_after_epoch": 1})
 
     monkeypatch.setattr(contrastive, "_run_distributed", crash_after_first_epoch)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TrainingProcessError, match="rank 0 exited with code 1$"):
         contrastive.run_train_contrastive(ctx)
     monkeypatch.undo()
     assertDataFrameEqual(store.read("item_embeddings"), before)  # nothing published
@@ -258,3 +274,39 @@ def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, sto
     assert sorted(r.item_id for r in tuned.collect()) == [f"i{k}" for k in range(9)]
     others = store.read("item_embeddings").where(F.col("model_id") != model_id)
     assertDataFrameEqual(others, before)  # the other models' rows are kept as they were
+
+
+@pytest.mark.spark
+def test_a_training_process_aborting_at_exit_fails_the_stage(spark, cfg, store, monkeypatch):
+    # Two of seven nightlies printed torchrun's ChildFailedError (rank 1 SIGABRT after the last
+    # epoch) and still recorded the stage as ok: pyspark's torchrun wrapper exits 0.
+    import llmrec_spark.contrastive as contrastive
+    from llmrec_spark.context import RunContext
+    from llmrec_spark.errors import TrainingProcessError
+    from tests.test_contrastive import _stage_tables, _with_contrastive
+
+    settings = dict(num_processes=2, epochs=1, batch_size=8, hidden_dim=16, out_dim=8, members=1)
+    cfg = _with_contrastive(cfg, **settings, num_sampled_negatives=4, max_history=3)
+    _stage_tables(spark, store, cfg, DS)
+    ctx = RunContext(cfg=cfg, spark=spark, store=store, ds=DS)
+    before = store.read("item_embeddings")
+
+    def train_then_abort_at_exit_on_rank_1(config):
+        import atexit
+        import os
+
+        # Imported in the torchrun worker, where train_text_tower is the real one.
+        from llmrec_spark.contrastive import train_text_tower
+
+        output = train_text_tower(config)
+        if int(os.environ["RANK"]) == 1:
+            atexit.register(os.abort)  # after the output pickle is written, as in the nightlies
+        return output
+
+    monkeypatch.setattr(contrastive, "train_text_tower", train_then_abort_at_exit_on_rank_1)
+    with pytest.raises(TrainingProcessError) as failed:
+        contrastive.run_train_contrastive(ctx)
+    assert str(failed.value) == (
+        "text tower: training process rank 1 exited with SIGABRT (exit code -6)"
+    )
+    assertDataFrameEqual(store.read("item_embeddings"), before)  # nothing published

@@ -98,7 +98,7 @@ def run_blocks(spark, root: Path, monkeypatch) -> tuple[list[dict], list[pd.Data
                 namespaces.append(namespace)
             else:
                 results.append(spark.sql(code).collect())
-    # toPandas outside the strict block: pyspark's own version check warns (distutils)
+    # Rows, not toPandas(): pyspark's own pandas version check warns (distutils LooseVersion).
     return namespaces, [pd.DataFrame([row.asDict() for row in result]) for result in results]
 
 
