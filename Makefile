@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install native-blas demo test test-slow test-gpu check bench clean-data dist cluster-demo test-cluster chromium screenshot
+.PHONY: help install native-blas demo test test-fast test-slow test-gpu check bench clean-data dist cluster-demo test-cluster chromium screenshot
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,10 +46,13 @@ demo: install  ## generate demo data and run the whole nightly pipeline on the e
 	$(BIN)/llmrec generate-demo --ds $(DS)
 	$(BIN)/llmrec nightly --ds $(DS)
 
-test: install  ## the default test suite (no slow, cluster or gpu tests)
+test: check  ## what CI runs: lint and types, then every test that runs here (slow, faults, notebooks, cluster)
+	$(BIN)/pytest -q -m "not gpu" --durations=15
+
+test-fast: install  ## the quick suite for local work (no slow, cluster or gpu tests)
 	$(BIN)/pytest -q
 
-test-slow: install  ## the slow tests (heavier end-to-end and fault tests)
+test-slow: install  ## only the slow tests (heavier end-to-end, fault and notebook tests)
 	$(BIN)/pytest -q -m slow
 
 test-gpu: install  ## the gpu tests (need CUDA; skipped without it): encoder and training step vs the CPU

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import operator
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from functools import reduce
 from typing import Any
 
 from pyspark import StorageLevel
@@ -71,6 +73,14 @@ ALLOWED_JSON_TYPES = {
     "source": (STRING,),
 }
 _CORRUPT = "_corrupt_record"
+_JSON_OPTIONS = {
+    "mode": "PERMISSIVE",
+    "columnNameOfCorruptRecord": _CORRUPT,
+    # Standard JSON only: a single-quoted string would escape the mark, a bare NaN is no
+    # JSON number.
+    "allowSingleQuotes": "false",
+    "allowNonNumericNumbers": "false",
+}
 # Every JSON string token of a line gets this first character (as the escape \u0001), so a
 # field parsed as text shows whether it was a string: Spark's parser writes any other value
 # as its JSON text, which starts with {, [, t, f, a digit, - or " (for a number too large).
@@ -95,40 +105,47 @@ def parse_raw(lines: DataFrame) -> DataFrame:
     that are not one standard JSON object are malformed. A field of a type it may not have is
     null (see ALLOWED_JSON_TYPES), never turned into text.
     """
-    marked_fields = [StructField(_STRING_MARK + name, StringType()) for name in RAW_FIELDS]
-    schema = StructType([*marked_fields, StructField(_CORRUPT, StringType())])
-    options = {
-        "mode": "PERMISSIVE",
-        "columnNameOfCorruptRecord": _CORRUPT,
-        # Standard JSON only: a single-quoted string would escape the mark, a bare NaN is no
-        # JSON number.
-        "allowSingleQuotes": "false",
-        "allowNonNumericNumbers": "false",
-    }
+    plain_schema = StructType([*RAW_EVENT.fields, StructField(_CORRUPT, StringType())])
     decoded = F.decode(F.col("raw").cast("binary"), "UTF-8")
-    # "abc" -> "\u0001abc": the replacement writes the mark as a JSON escape.
-    marked = F.regexp_replace("raw", _STRING_TOKEN, '"\\\\u0001$1"')
     parsed = (
         lines.withColumn("_invalid_utf8", F.col("raw") != decoded)
         .withColumn("raw", decoded)
-        .withColumn("_parsed", F.from_json(marked, schema, options))
+        .withColumn("_plain", F.from_json("raw", plain_schema, _JSON_OPTIONS))
     )
+    # Spark reads any JSON value into a text field (an object as its JSON text), so a line
+    # with a text that could be another type's JSON, or whose `value` Spark could not read as
+    # a number, is parsed again with its strings marked to learn each field's JSON type.
+    # Real ids, names and timestamps are rarely in doubt, so nearly every line is parsed once.
+    plain = F.col("_plain")
+    in_doubt = reduce(
+        operator.or_,
+        [
+            _may_be_another_type(plain.getField(name), ids=INTEGER in ALLOWED_JSON_TYPES[name])
+            for name in STRING_FIELDS
+        ],
+        plain.getField(_CORRUPT).isNotNull(),
+    )
+    parsed = parsed.withColumn("_typed", F.when(in_doubt, _parse_marked(F.col("raw"))))
+    typed = F.col("_typed")
     malformed = (
         F.col("_invalid_utf8")
-        | F.col("_parsed").isNull()
-        | F.col("_parsed").getField(_CORRUPT).isNotNull()
+        | plain.isNull()
+        | typed.getField(_CORRUPT).isNotNull()
         | ~F.ltrim("raw").startswith("{")
     )
     fields, bad_types = [], []
     for field in RAW_EVENT.fields:
-        text = F.col("_parsed").getField(_STRING_MARK + field.name)
+        text = typed.getField(_STRING_MARK + field.name)
         kind = json_type(text)
         allowed = kind.isin(*ALLOWED_JSON_TYPES[field.name])
         # Spark writes a number beyond a double's range as "Infinity": no value.
         content = F.when(kind == STRING, text.substr(F.lit(2), F.length(text))).when(
             ~text.startswith('"'), text
         )
-        fields.append(F.when(allowed, content).cast(field.dataType).alias(field.name))
+        value = F.when(typed.isNull(), plain.getField(field.name)).otherwise(
+            F.when(allowed, content).cast(field.dataType)
+        )
+        fields.append(value.alias(field.name))
         bad_types.append(F.when(~allowed, F.lit(f"{BAD_TYPE}:{field.name}")))
     return parsed.select(
         *lines.columns,
@@ -136,6 +153,32 @@ def parse_raw(lines: DataFrame) -> DataFrame:
         malformed.alias("malformed"),
         F.array_compact(F.array(*bad_types)).alias("bad_types"),
     )
+
+
+def _may_be_another_type(text: Column, *, ids: bool) -> Column:
+    """Whether a text field Spark read may have been a number, boolean, object or array.
+
+    Spark writes those as their JSON text; an integer-looking id is not in doubt (an integer
+    id becomes that text anyway).
+    """
+    first = F.substring(text, 1, 1)
+    number = first.isin(*"-0123456789") & text.rlike(r"^-?[0-9][0-9.eE+-]*$")
+    if ids:
+        number = number & ~text.rlike("^-?[0-9]+$")
+    return first.isin("{", "[", '"') | text.isin("true", "false") | number
+
+
+def _parse_marked(raw: Column) -> Column:
+    """Every field of a JSON line as text, a string's text starting with _STRING_MARK."""
+    schema = StructType(
+        [
+            *[StructField(_STRING_MARK + name, StringType()) for name in RAW_FIELDS],
+            StructField(_CORRUPT, StringType()),
+        ]
+    )
+    # "abc" -> "\u0001abc": the replacement writes the mark as a JSON escape.
+    marked = F.regexp_replace(raw, _STRING_TOKEN, '"\\\\u0001$1"')
+    return F.from_json(marked, schema, _JSON_OPTIONS)
 
 
 def json_type(text: Column) -> Column:

@@ -219,7 +219,7 @@ def read_partition_delta_rs(table_path: str, ds: str | None = None) -> pd.DataFr
 
     table = DeltaTable(table_path)
     partition_columns = table.metadata().partition_columns
-    files = table.file_uris(partition_filters=[("ds", "=", ds)] if ds else None)
+    files = table.file_uris(file_pruning_predicate=[("ds", "=", ds)] if ds else None)
     parts = []
     for uri in files:
         part = pq.read_table(uri)

@@ -67,7 +67,7 @@ def test_nightly_runs_on_a_two_worker_standalone_cluster(tmp_path):
 
     table = DeltaTable(str(result.root / "lakehouse" / "recommendations"))
     recs = (
-        pads.dataset(table.file_uris(partition_filters=[("ds", "=", DS)]), format="parquet")
+        pads.dataset(table.file_uris(file_pruning_predicate=[("ds", "=", DS)]), format="parquet")
         .to_table()
         .to_pandas()
     )

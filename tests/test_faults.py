@@ -63,7 +63,7 @@ def _cli(root: Path, *args: str, conf: tuple[str, ...] = ()) -> subprocess.Compl
 
 def _delta_frame(path: Path, ds: str | None = None):
     table = DeltaTable(str(path))
-    files = table.file_uris(partition_filters=[("ds", "=", ds)] if ds else None)
+    files = table.file_uris(file_pruning_predicate=[("ds", "=", ds)] if ds else None)
     # Partition columns live in the folder names (ds=...), not in the files.
     dataset = pads.dataset(
         [f.removeprefix("file://") for f in files],

@@ -61,7 +61,7 @@ def test_delta_rs_and_pyarrow_read_what_spark_wrote(spark, store):
     table = DeltaTable(store.path("recommendations"))
     assert table.metadata().partition_columns == ["ds"]
     assert table.history(1)[0]["model_version"] == "m1"
-    files = table.file_uris(partition_filters=[("ds", "=", "2026-11-23")])
+    files = table.file_uris(file_pruning_predicate=[("ds", "=", "2026-11-23")])
     got = pads.dataset(files, format="parquet").to_table().to_pydict()
     assert got["user_id"] == ["u2"] and got["item_id"] == ["i2"] and got["score"] == [0.25]
     comments = {f.name: f.metadata.get("comment") for f in table.schema().fields}
@@ -93,7 +93,8 @@ def test_rows_held_by_the_driver_are_written_as_spark_writes_them(spark, store):
     assertDataFrameEqual(store.read("recommendations"), recs(spark, expected))
     table = DeltaTable(store.path("recommendations"))
     spark_file, pandas_file = (
-        table.file_uris(partition_filters=[("ds", "=", ds)]) for ds in ("2026-11-22", "2026-11-23")
+        table.file_uris(file_pruning_predicate=[("ds", "=", ds)])
+        for ds in ("2026-11-22", "2026-11-23")
     )
     by_delta_rs = pads.dataset(pandas_file, format="parquet").to_table().to_pydict()
     assert by_delta_rs["item_id"] == ["i2", "i3"] and by_delta_rs["score"] == [0.25, 0.75]
@@ -135,7 +136,22 @@ def test_append_adds_rows_in_one_version_each(spark, store):
     assert store.version("pipeline_runs") is None
     schema = store.spec("pipeline_runs").schema
     started = dt.datetime(2026, 11, 23, 2, 0, 0)
-    first = ("2026-11-23", "clean", "ok", 10, 7, 1, 1, 1, 2.5, started, "run1", "")
+    first = (
+        "2026-11-23",
+        "clean",
+        "ok",
+        10,
+        7,
+        1,
+        1,
+        1,
+        2.5,
+        started,
+        "run1",
+        "",
+        "2026-11-23",
+        None,
+    )
     second = (
         "2026-11-23",
         "embed",
@@ -149,6 +165,8 @@ def test_append_adds_rows_in_one_version_each(spark, store):
         started,
         "run2",
         "boom",
+        None,
+        "clean@2026-11-22",
     )
     assert store.append("pipeline_runs", spark.createDataFrame([first], schema)) == 0
     assert store.append("pipeline_runs", spark.createDataFrame([second], schema)) == 1
@@ -157,6 +175,41 @@ def test_append_adds_rows_in_one_version_each(spark, store):
         ("clean", "ok", 10, ""),
         ("embed", "failed", None, "boom"),
     ]
+    assert [(r["events_through"], r["stale_inputs"]) for r in got] == [
+        ("2026-11-23", None),
+        (None, "clean@2026-11-22"),
+    ]
+
+
+def test_a_table_of_an_older_release_gains_the_new_nullable_columns(spark, store):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from pyspark.sql.pandas.types import to_arrow_schema
+    from pyspark.sql.types import StructType
+
+    # pipeline_runs as the release before events_through / stale_inputs wrote it
+    old_columns = store.spec("pipeline_runs").schema.fields[:-2]
+    started = dt.datetime(2026, 11, 22, 2, 0, 0)
+    old_row = ("2026-11-22", "clean", "ok", 10, 7, 1, 1, 1, 2.5, started, "run0", "")
+    old_schema = StructType(old_columns)
+    old = spark.createDataFrame([old_row], old_schema).toPandas()
+    write_deltalake(
+        store.path("pipeline_runs"),
+        pa.Table.from_pandas(old, schema=to_arrow_schema(old_schema), preserve_index=False),
+        partition_by=["ds"],
+    )
+    new_row = (*old_row[:10], "run1", "", "2026-11-23", None)
+    store.append(
+        "pipeline_runs", spark.createDataFrame([new_row], store.spec("pipeline_runs").schema)
+    )
+
+    got = sorted(store.read("pipeline_runs").collect(), key=lambda r: r["mlflow_run_id"])
+    assert [(r["mlflow_run_id"], r["events_through"]) for r in got] == [
+        ("run0", None),
+        ("run1", "2026-11-23"),
+    ]
+    operations = [h["operation"] for h in DeltaTable(store.path("pipeline_runs")).history()]
+    assert operations[:2] == ["WRITE", "ADD COLUMN"]
 
 
 def test_vacuum_removes_uncommitted_and_replaced_files(spark, store):

@@ -88,7 +88,7 @@ def read_delta_partition(spark: SparkSession, path: str, ds: str) -> DataFrame:
     columns = [field.name for field in table.schema().fields]
     _require_partition_column(path, columns)
     if LANDING_PARTITION in partitions:
-        files = table.file_uris(partition_filters=[(LANDING_PARTITION, "=", ds)])
+        files = table.file_uris(file_pruning_predicate=[(LANDING_PARTITION, "=", ds)])
         if not files:
             raise InputError(f"the Delta table at {path} has no partition ds={ds}")
         rows = spark.read.parquet(*files)

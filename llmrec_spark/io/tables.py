@@ -175,7 +175,7 @@ class EmbeddedDeltaEngine(TableStore):
         if table is None:
             return self.empty(name)
         filters = _partition_filters(where) if where else None
-        files = table.file_uris(partition_filters=filters)
+        files = table.file_uris(file_pruning_predicate=filters)
         if not files:
             return self.empty(name)
         df = self.spark.read.schema(spec.schema).option("basePath", self.path(name)).parquet(*files)
