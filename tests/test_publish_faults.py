@@ -190,7 +190,7 @@ def _assert_champions(root: Path, served: dict[str, str]) -> None:
     for key in ("llmrec.als_model", "llmrec.text_tower_model"):
         name, _, version = served[key].rpartition("/")
         champion = client.get_model_version_by_alias(name, "champion")
-        assert champion.version == version, key
+        assert str(champion.version) == version, key
         assert champion.tags["ds"] == DS
         run = client.get_run(champion.run_id)
         assert run.data.tags["ds"] == DS
