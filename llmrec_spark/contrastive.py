@@ -93,6 +93,14 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
     epochs already done), steps.
     """
     import torch.distributed as dist
+
+    # Before init_process_group: torch.distributed.nn (imported lazily by the first DDP) binds
+    # `group=group.WORLD` as default arguments at import, so imported after init it holds the
+    # gloo group for good. destroy_process_group then leaves its worker threads running, and
+    # the thread that releases the last collective (the step broadcast) can need the GIL
+    # while the interpreter is finalising: "terminate called without an active exception",
+    # SIGABRT at exit (about 1 run in 10 with 2 processes).
+    import torch.distributed.nn  # noqa: F401
     from petastorm.pytorch import BatchedDataLoader
     from safetensors.torch import save_file
 
@@ -120,6 +128,7 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
     try:
         return _train(config, rank, world_size, device, distributed, BatchedDataLoader, save_file)
     finally:
+        # Joins the group's worker threads (they must not outlive the interpreter; see above).
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 

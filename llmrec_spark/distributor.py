@@ -22,13 +22,15 @@ from typing import Any
 
 from pyspark.ml.torch.distributor import TorchDistributor
 
+from llmrec_spark import torchrun_wrapper
 from llmrec_spark.errors import TrainingProcessError
 
 log = logging.getLogger(__name__)
 
-WRAPPER_MODULE = "llmrec_spark.torchrun_wrapper"
-# Lines of the training output kept for the error log (torchrun's failure summary is ~20).
-TAIL_LINES = 100
+WRAPPER_MODULE = torchrun_wrapper.__name__
+# Lines of the training output kept for the error log and for finding torchrun's failure
+# summary (~20 lines, more with a worker's traceback in it) at its end.
+TAIL_LINES = 200
 
 _ROOT_CAUSE = "Root Cause (first observed failure):"
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank")
@@ -103,7 +105,7 @@ def stream_command(command: list[str], log_client: Any = None) -> tuple[int, lis
         if task.poll() is None:  # interrupted: the wrapper stops torchrun and its workers
             task.terminate()
             try:
-                task.wait(30)
+                task.wait(torchrun_wrapper.TERMINATE_GRACE_S + 5)
             except subprocess.TimeoutExpired:
                 task.kill()
     return task.returncode, list(tail)
@@ -143,6 +145,8 @@ def root_cause(output: list[str]) -> tuple[int | None, int | None]:
     for line in output:
         if _ROOT_CAUSE in line:
             in_root_cause, rank, exitcode = True, None, None
+        elif in_root_cause and line.startswith("===="):  # the summary's closing border
+            in_root_cause = False
         elif in_root_cause and (match := _RANK.match(line)):
             rank = int(match.group(1))
         elif in_root_cause and (match := _EXITCODE.match(line)):

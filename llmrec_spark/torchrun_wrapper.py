@@ -15,18 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
-# torchrun stops its workers on SIGTERM (SIGTERM, then SIGKILL after its own grace period);
+# torchrun stops its workers on SIGTERM (SIGTERM, then SIGKILL after its own 30 s grace);
 # SIGKILL only when it does not exit in time, since that would orphan them.
-TERMINATE_GRACE_S = 15.0
+TERMINATE_GRACE_S = 40.0
 PARENT_POLL_S = 0.5
 
 
 def stop(task: subprocess.Popen) -> None:
     """SIGTERM `task`, then SIGKILL it if it is still running after TERMINATE_GRACE_S."""
-    if task.poll() is not None:
-        return
     try:
         task.terminate()
         task.wait(TERMINATE_GRACE_S)
@@ -34,6 +31,12 @@ def stop(task: subprocess.Popen) -> None:
         task.kill()
     except OSError:
         pass
+
+
+def stop_in_background(task: subprocess.Popen) -> None:
+    # Not on the main thread: it may be inside task.wait(), which holds the lock that
+    # another wait on the same Popen needs to see the exit.
+    threading.Thread(target=stop, args=(task,), daemon=True).start()
 
 
 def stop_when_orphaned(task: subprocess.Popen, parent_pid: int) -> None:
@@ -51,23 +54,21 @@ def exit_status(returncode: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run torchrun with `argv`; return its exit status."""
+    """Run torchrun with `argv` (default: this process's arguments); return its exit status."""
     args = sys.argv[1:] if argv is None else argv
     parent_pid = os.getppid()
     task = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *args], stdin=subprocess.DEVNULL
     )
-
-    def on_sigterm(*_: Any) -> None:
-        stop(task)
-        os._exit(exit_status(-signal.SIGTERM))
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # SIGTERM (TorchDistributor stopping us) stops torchrun, which stops its workers; the
+    # wait below then returns torchrun's (non-zero) status.
+    signal.signal(signal.SIGTERM, lambda *_: stop_in_background(task))
     threading.Thread(target=stop_when_orphaned, args=(task, parent_pid), daemon=True).start()
     try:
         return exit_status(task.wait())
     finally:
-        stop(task)
+        if task.poll() is None:  # interrupted (KeyboardInterrupt)
+            stop(task)
 
 
 if __name__ == "__main__":
