@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llmrec_spark.errors import GateError, UserError
+from llmrec_spark.errors import GateError, TrainingProcessError, UserError
 
 log = logging.getLogger("llmrec")
 
@@ -121,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GateError as exc:
         sys.stderr.write(f"llmrec: quality gate failed, nothing published: {exc}\n")
         return GateError.exit_code
+    except TrainingProcessError as exc:
+        # Not the user's mistake, but no traceback either: the line names the rank and its
+        # exit status, and the process's own output was logged above it.
+        sys.stderr.write(f"llmrec: training failed, nothing published: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("llmrec: interrupted\n")
         return 130

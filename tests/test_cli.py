@@ -65,3 +65,24 @@ def test_unknown_nightly_stage_is_refused_before_any_work(capsys):
     )
     assert code == 2
     assert "--stages: unknown stage 'trian-als'; choose from embed, train-als" in err
+
+
+def test_a_crashed_training_process_is_one_line_and_exit_1(capsys, monkeypatch):
+    from llmrec_spark import cli
+    from llmrec_spark.errors import TrainingProcessError
+
+    def crash(args):
+        raise TrainingProcessError(
+            "text tower: training process rank 1 exited with SIGABRT (exit code -6)",
+            rank=1,
+            returncode=-6,
+        )
+
+    monkeypatch.setattr(cli, "_dispatch", crash)
+    code, out, err = run(capsys, "train-contrastive", "--ds", "2026-11-23", "--conf-dir", CONF)
+    assert code == 1
+    assert err == (
+        "llmrec: training failed, nothing published: text tower: training process rank 1 "
+        "exited with SIGABRT (exit code -6)\n"
+    )
+    assert "Traceback" not in out + err
