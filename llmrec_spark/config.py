@@ -31,6 +31,24 @@ ALS_STORAGE_LEVELS = (
     "MEMORY_ONLY_SER",
     "DISK_ONLY",
 )
+# Choices of the text tower (contrastive.anchor_pooling, contrastive.examples, contrastive.device).
+# tower.ANCHOR_POOLINGS and contrastive.EXAMPLE_KINDS must equal these (tests/test_config.py);
+# they are spelled here because config must not import torch.
+ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
+EXAMPLE_KINDS = ("user_item", "next_item")
+CONTRASTIVE_DEVICES = ("auto", "cpu", "cuda")
+# contrastive.* sizes that must be at least 1.
+CONTRASTIVE_COUNTS = (
+    "epochs",
+    "batch_size",
+    "hidden_dim",
+    "out_dim",
+    "members",
+    "max_history",
+    "train_days",
+    "reader_workers",
+    "num_processes",
+)
 
 
 @dataclass(frozen=True)
@@ -542,8 +560,6 @@ def validate(cfg: Config) -> Config:
         (0.0 < cfg.evaluate.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
         (cfg.evaluate.max_test_users > 0, "evaluate.max_test_users: must be positive"),
         (cfg.evaluate.cold_item_draws >= 0, "evaluate.cold_item_draws: must not be negative"),
-        (cfg.contrastive.temperature > 0, "contrastive.temperature: must be positive"),
-        (cfg.contrastive.num_processes >= 1, "contrastive.num_processes: must be at least 1"),
         (
             cfg.demo.n_items >= 10 and cfg.demo.n_users >= 10,
             "demo.n_items/n_users: at least 10 each",
@@ -569,15 +585,6 @@ def validate(cfg: Config) -> Config:
             cfg.recommend.max_per_category >= 0,
             "recommend.max_per_category: must be 0 (off) or positive",
         ),
-        (
-            cfg.contrastive.num_sampled_negatives >= 0,
-            "contrastive.num_sampled_negatives: must not be negative",
-        ),
-        (cfg.contrastive.epochs >= 1, "contrastive.epochs: must be at least 1"),
-        (
-            0.0 <= cfg.contrastive.input_dropout < 1.0,
-            "contrastive.input_dropout: must be within [0, 1) (0 = off)",
-        ),
         (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
         (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
         (cfg.als.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),
@@ -596,7 +603,6 @@ def validate(cfg: Config) -> Config:
             "als.search: every list of values needs at least one value",
         ),
         (cfg.als.search.trials >= 0, "als.search.trials: must be 0 (the whole grid) or positive"),
-        (cfg.embed.batch_size >= 1, "embed.batch_size: must be at least 1"),
         (
             cfg.clean.source_format in SOURCE_FORMATS,
             f"clean.source_format: choose {', '.join(SOURCE_FORMATS)}, "
@@ -616,8 +622,55 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_embed(cfg.embed)
+    check_contrastive(cfg.contrastive)
     _validate_paths(cfg)
     return cfg
+
+
+def check_embed(cfg: EmbedConfig, max_positions: int | None = None) -> None:
+    """The embed section's checks; given the model's `max_positions`, also max_length's upper bound.
+
+    The embed stage calls it again once the model is known (encoder.check_embed_config).
+    """
+    if cfg.batch_size < 1:
+        raise ConfigError(f"embed.batch_size: must be positive, got {cfg.batch_size}")
+    too_long = max_positions is not None and cfg.max_length > max_positions
+    if cfg.max_length < 2 or too_long:
+        bound = (
+            "at least 2" if max_positions is None else f"within [2, {max_positions}] for this model"
+        )
+        raise ConfigError(f"embed.max_length: must be {bound}, got {cfg.max_length}")
+    if cfg.cpu_threads < 0:
+        raise ConfigError(
+            f"embed.cpu_threads: must be 0 (the task's cores) or positive, got {cfg.cpu_threads}"
+        )
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"embed.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def check_contrastive(cfg: ContrastiveConfig) -> None:
+    """The contrastive section's checks; the stage repeats them for configs built in code."""
+    if cfg.anchor_pooling not in ANCHOR_POOLINGS:
+        raise ConfigError(
+            f"contrastive.anchor_pooling: choose one of {', '.join(ANCHOR_POOLINGS)}, "
+            f"got {cfg.anchor_pooling!r}"
+        )
+    if cfg.examples not in EXAMPLE_KINDS:
+        raise ConfigError(
+            f"contrastive.examples: choose one of {', '.join(EXAMPLE_KINDS)}, got {cfg.examples!r}"
+        )
+    if cfg.device not in CONTRASTIVE_DEVICES:
+        raise ConfigError(f"contrastive.device: choose auto, cpu or cuda, got {cfg.device!r}")
+    for name in CONTRASTIVE_COUNTS:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"contrastive.{name}: must be at least 1, got {getattr(cfg, name)}")
+    if cfg.temperature <= 0:
+        raise ConfigError("contrastive.temperature: must be positive")
+    if cfg.num_sampled_negatives < 0:
+        raise ConfigError("contrastive.num_sampled_negatives: must not be negative")
+    if not 0.0 <= cfg.input_dropout < 1.0:
+        raise ConfigError("contrastive.input_dropout: must be within [0, 1) (0 = off)")
 
 
 def _validate_paths(cfg: Config) -> None:

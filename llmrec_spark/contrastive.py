@@ -31,11 +31,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
 from llmrec_spark.als import training_window
-from llmrec_spark.config import ContrastiveConfig
+from llmrec_spark.config import ContrastiveConfig, check_contrastive
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.tower import (
-    ANCHOR_POOLINGS,
     PAD,
     EnsembleHead,
     InfoNCELoss,
@@ -579,7 +578,7 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
     if not cfg.enabled:
         log.info("contrastive: skipped (contrastive.enabled=false)")
         return StageResult(summary={"skipped": "contrastive.enabled=false"})
-    _check_config(cfg)
+    check_contrastive(cfg)
     from llmrec_spark import embed, encoder
 
     base_id = encoder.base_model_id(ctx.cfg.embed)
@@ -674,7 +673,7 @@ def fit_text_tower(
     `current` has one base embedding per item with a dense `item_idx` (`with_item_index`);
     the item matrix, checkpoints and petastorm cache live under `work_dir`.
     """
-    _check_config(cfg)
+    check_contrastive(cfg)
     head_dir = os.path.join(work_dir, "head")
     device = _training_device(ctx, cfg)
     num_processes = _process_count(cfg, device)
@@ -732,31 +731,6 @@ def fit_text_tower(
     finally:
         examples.unpersist()
     return TowerFit(head_dir=head_dir, output=output, examples=n_examples, items=n_items)
-
-
-def _check_config(cfg: ContrastiveConfig) -> None:
-    if cfg.anchor_pooling not in ANCHOR_POOLINGS:
-        raise ConfigError(
-            f"contrastive.anchor_pooling: choose one of {', '.join(ANCHOR_POOLINGS)}, got {cfg.anchor_pooling!r}"
-        )
-    if cfg.examples not in EXAMPLE_KINDS:
-        raise ConfigError(
-            f"contrastive.examples: choose one of {', '.join(EXAMPLE_KINDS)}, got {cfg.examples!r}"
-        )
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"contrastive.device: choose auto, cpu or cuda, got {cfg.device!r}")
-    for name in (
-        "epochs",
-        "batch_size",
-        "hidden_dim",
-        "out_dim",
-        "members",
-        "max_history",
-        "train_days",
-        "reader_workers",
-    ):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"contrastive.{name}: must be at least 1, got {getattr(cfg, name)}")
 
 
 def _training_device(ctx: RunContext, cfg: ContrastiveConfig) -> str:

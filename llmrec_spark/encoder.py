@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llmrec_spark.config import check_embed
 from llmrec_spark.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -176,21 +177,10 @@ def pick_device(device: str = "auto") -> str:
 
 
 def check_embed_config(cfg: EmbedConfig, model_path: str) -> None:
-    """Settings the driver can check before any task starts; raises ConfigError."""
+    """config.check_embed with the model's position limit for embed.max_length; raises ConfigError."""
     with open(os.path.join(model_path, "config.json")) as fh:
         positions = int(json.load(fh).get("max_position_embeddings", 512))
-    if cfg.batch_size <= 0:
-        raise ConfigError(f"embed.batch_size: must be positive, got {cfg.batch_size}")
-    if not 2 <= cfg.max_length <= positions:
-        raise ConfigError(
-            f"embed.max_length: must be within [2, {positions}] for this model, got {cfg.max_length}"
-        )
-    if cfg.cpu_threads < 0:
-        raise ConfigError(
-            f"embed.cpu_threads: must be 0 (the task's cores) or positive, got {cfg.cpu_threads}"
-        )
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"embed.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+    check_embed(cfg, max_positions=positions)
 
 
 def _cpu_threads(cpu_threads: int) -> int:
