@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyspark.ml.recommendation import ALS, ALSModel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.config import AlsConfig, AlsSearchConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.indexing import dense_index
 
 if TYPE_CHECKING:
     from llmrec_spark.tracking import Tracker
@@ -45,17 +46,10 @@ def interactions(events: DataFrame) -> DataFrame:
 
 
 def index_ids(pairs: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """Dense integer ids for users and items (ALS needs ints); returns (indexed, users, items)."""
-    users = (
-        pairs.select("user_id")
-        .distinct()
-        .withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))
-    )
-    items = (
-        pairs.select("item_id")
-        .distinct()
-        .withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int"))
-    )
+    """Dense integer ids (0..n-1 in id order) for users and items (ALS needs ints); returns
+    (indexed, users, items). Runs the small jobs of `dense_index`."""
+    users = dense_index(pairs.select("user_id").distinct(), "user_idx", "user_id")
+    items = dense_index(pairs.select("item_id").distinct(), "item_idx", "item_id")
     indexed = pairs.join(users, "user_id").join(items, "item_id")
     return indexed, users, items
 

@@ -34,6 +34,7 @@ from llmrec_spark.als import training_window
 from llmrec_spark.config import ContrastiveConfig, check_contrastive
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.indexing import dense_index
 from llmrec_spark.tower import (
     PAD,
     EnsembleHead,
@@ -44,6 +45,17 @@ from llmrec_spark.tower import (
 )
 
 log = logging.getLogger(__name__)
+
+# petastorm 0.12 imports pyarrow's LocalFileSystem, deprecated since pyarrow 2.0: a FutureWarning
+# from petastorm.spark on import that no user can act on. Installed here because in each
+# training process unpickling `train_text_tower` imports this module before the converter
+# (which imports petastorm.spark), and before quiet_petastorm could run.
+warnings.filterwarnings(
+    "ignore",
+    message=r"pyarrow\.\w+ is deprecated",
+    category=FutureWarning,
+    module=r"petastorm\.",
+)
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
@@ -439,10 +451,11 @@ def file_digest(path: str) -> str:
 
 
 def with_item_index(current: DataFrame) -> DataFrame:
-    """Add a dense `item_idx` (0..n-1 in item_id order) to one-row-per-item embeddings."""
-    return current.withColumn(
-        "item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int")
-    )
+    """Add a dense `item_idx` (0..n-1 in item_id order) to one-row-per-item embeddings.
+
+    Runs the small jobs of `dense_index`."""
+    index = dense_index(current.select("item_id"), "item_idx", "item_id")
+    return current.join(index, "item_id").select(*current.columns, "item_idx")
 
 
 def training_examples(

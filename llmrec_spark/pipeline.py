@@ -103,7 +103,7 @@ def run_stage(ctx: RunContext, stage: str, tracker: Tracker | None = None) -> St
         if registered:
             result.summary["registered"] = registered
         _record(ctx, stage, "ok", result, seconds, started_at, run_id, "")
-    log.info("%s %s ok in %.1fs: %s", stage, ctx.ds, seconds, _count_line(result, seconds))
+    log.info("%s %s ok in %.1fs: %s", stage, ctx.ds, seconds, _count_line(stage, result, seconds))
     return StageRecord(stage=stage, ds=ctx.ds, seconds=seconds, result=result)
 
 
@@ -204,11 +204,17 @@ def _counts(result: StageResult) -> dict[str, float]:
     return {n: float(getattr(result, n)) for n in names if getattr(result, n) is not None}
 
 
-def _count_line(result: StageResult, seconds: float) -> str:
-    parts = [f"{k}={int(v)}" for k, v in _counts(result).items()]
-    if result.rows_in and seconds > 0:
-        parts.append(f"{result.rows_in / seconds:,.0f} rows/s")
-    return " ".join(parts) or "done"
+# Stages whose rows_in are the work they do, so rows_in per second is their throughput. The
+# others' rows_in count users, items, pairs or examples, not what their time goes on.
+THROUGHPUT_STAGES = ("clean",)
+
+
+def _count_line(stage: str, result: StageResult, seconds: float) -> str:
+    """The stage's counts, e.g. "rows_in=1,402 rows_out=667 (93 rows/s)", or "done"."""
+    line = " ".join(f"{k}={int(v):,}" for k, v in _counts(result).items()) or "done"
+    if stage in THROUGHPUT_STAGES and result.rows_in and seconds > 0:
+        line += f" ({result.rows_in / seconds:,.0f} rows/s)"
+    return line
 
 
 def _one_line(exc: BaseException) -> str:

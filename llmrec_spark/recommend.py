@@ -38,6 +38,7 @@ from llmrec_spark import registry
 from llmrec_spark.config import RecommendConfig
 from llmrec_spark.context import RunContext, StageResult
 from llmrec_spark.errors import GateError, InputError
+from llmrec_spark.indexing import dense_index
 from llmrec_spark.io.tables import TableStore
 from llmrec_spark.schema import SOURCE_ALS, SOURCE_HYBRID, SOURCE_POPULAR, SOURCE_TEXT
 
@@ -847,6 +848,7 @@ def item_frame(
 
     `popularity` has (item_id, popularity); `item_factors` (id, features); `embeddings`
     (item_id, embedding). With apply_rules False every item is eligible (offline evaluation).
+    Runs the small jobs of `dense_index`.
     """
     base = catalog.select("item_id", "category", "available").dropDuplicates(["item_id"])
     if apply_rules:
@@ -872,8 +874,9 @@ def item_frame(
         )
     else:
         frame = frame.withColumn("text", F.lit(None).cast("array<float>"))
-    return frame.select(
-        (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int").alias("item_idx"),
+    index = dense_index(base.select("item_id"), "item_idx", "item_id")
+    return frame.join(index, "item_id").select(
+        "item_idx",
         "item_id",
         "category",
         "eligible",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 from llmrec_spark.pipeline import NightlySummary, StageRecord
@@ -62,12 +66,30 @@ def format_nightly(summary: NightlySummary) -> str:
                 )
     out += ["", "tables:"]
     out += [f"  {name:<23} {path}" for name, path in summary.tables.items()]
-    out += [
-        "",
-        f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}",
-        f"        (browse with: mlflow ui --backend-store-uri {summary.tracking_uri})",
-    ]
+    if summary.mlflow_run_id is not None:
+        out += ["", f"mlflow: run {summary.mlflow_run_id} in {summary.tracking_uri}"]
+        out.append(f"        browse with: {mlflow_ui_command(summary.tracking_uri)}")
     return "\n".join(out)
+
+
+def mlflow_ui_command(tracking_uri: str, cwd: str | None = None) -> str:
+    """How to browse `tracking_uri`'s runs: a command runnable as printed from `cwd` (default:
+    the current folder) with this interpreter's `mlflow`, which is not on PATH when the package
+    lives in a virtualenv; a tracking server's own address; or Databricks' Experiments page."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    if tracking_uri.startswith("databricks"):
+        return "the workspace's Experiments page"
+    mlflow = Path(sys.executable).parent / "mlflow"  # the venv's bin/: its python unresolved
+    here = os.path.abspath(cwd or os.getcwd())
+    if not mlflow.exists():
+        command = f"{shlex.quote(sys.executable)} -m mlflow"
+    elif mlflow.is_relative_to(here):
+        relative = os.path.relpath(mlflow, here)
+        command = shlex.quote(relative if os.sep in relative else os.path.join(".", relative))
+    else:
+        command = shlex.quote(str(mlflow))
+    return f"{command} ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def _metric_table(metrics: dict[str, float]) -> list[str]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from llmrec_spark.indexing import dense_index
+
 PROTOCOLS = ("user_temporal", "cold_item", "global_temporal")
 MIN_TRAIN_POSITIVES = 3
 
@@ -124,7 +126,7 @@ def pick_cold_items(
     """item_id of a seeded `fraction` of the items with at least `min_positives` positive users.
 
     Items are ordered by a seeded hash of their id and the first share is taken, so the pick is
-    the same whatever the partitioning.
+    the same whatever the partitioning. Runs the small jobs of `dense_index`.
     """
     counts = (
         events.where(F.col("weight") >= positive_min_weight)
@@ -132,11 +134,14 @@ def pick_cold_items(
         .agg(F.countDistinct("user_id").alias("_users"))
         .where(F.col("_users") >= min_positives)
     )
-    order = Window.orderBy(F.xxhash64("item_id", F.lit(seed)), "item_id")
-    ranked = counts.withColumn("_rank", F.row_number().over(order)).withColumn(
-        "_n", F.count("*").over(Window.partitionBy(F.lit(1)))
+    hashed = counts.select("item_id", F.xxhash64("item_id", F.lit(seed)).alias("_hash"))
+    ranked = dense_index(hashed, "_rank", "_hash", "item_id")  # 0-based
+    n = counts.agg(F.count("*").alias("_n"))
+    return (
+        ranked.crossJoin(n)
+        .where(F.col("_rank") < F.round(F.col("_n") * F.lit(fraction)))
+        .select("item_id")
     )
-    return ranked.where(F.col("_rank") <= F.round(F.col("_n") * F.lit(fraction))).select("item_id")
 
 
 def cold_item(

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run torchrun with `argv` (default: this process's arguments); return its exit status."""
     args = sys.argv[1:] if argv is None else argv
     parent_pid = os.getppid()
+    # torchrun sets OMP_NUM_THREADS=1 when it is unset, with a banner saying so; the training
+    # function sets its own torch thread count, so set it here and skip the banner.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     task = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", *args], stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "torch.distributed.run", *args], stdin=subprocess.DEVNULL, env=env
     )
     # SIGTERM (TorchDistributor stopping us) stops torchrun, which stops its workers; the
     # wait below then returns torchrun's (non-zero) status.

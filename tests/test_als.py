@@ -1,4 +1,4 @@
-"""ALS: native BLAS, checkpointing, driver-side top-k, and the `tune-als` search."""
+"""ALS: dense ids, native BLAS, checkpointing, driver-side top-k, and the `tune-als` search."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 import mlflow
 import numpy as np
 import pytest
+from pyspark.testing import assertDataFrameEqual
 
 from llmrec_spark import als
 from llmrec_spark.config import AlsConfig, AlsSearchConfig
+from llmrec_spark.indexing import dense_index
 
 DS = "2026-11-23"
 
@@ -96,6 +98,50 @@ def test_mllib_loads_native_blas_when_the_system_has_it(spark):
         pytest.skip("no libblas.so.3/liblapack.so.3 here (make native-blas installs OpenBLAS)")
     assert als.blas_implementation(spark) == "JNIBLAS"
     assert als.lapack_implementation(spark) == "JNILAPACK"
+
+
+@pytest.mark.spark
+def test_index_ids_numbers_users_and_items_from_0_in_id_order(spark):
+    pairs = spark.createDataFrame(
+        [("u2", "b", 1.0), ("u10", "a", 2.0), ("u2", "c", 3.0), ("u1", "b", 4.0)],
+        "user_id string, item_id string, weight double",
+    ).repartition(3)  # numbering runs on across partitions
+
+    indexed, users, items = als.index_ids(pairs)
+
+    # Strings sort by their bytes: u1 < u10 < u2.
+    assertDataFrameEqual(
+        users,
+        spark.createDataFrame([("u1", 0), ("u10", 1), ("u2", 2)], "user_id string, user_idx int"),
+    )
+    assertDataFrameEqual(
+        items,
+        spark.createDataFrame([("a", 0), ("b", 1), ("c", 2)], "item_id string, item_idx int"),
+    )
+    assert sorted((r["user_idx"], r["item_idx"], r["weight"]) for r in indexed.collect()) == [
+        (0, 1, 4.0),
+        (1, 0, 2.0),
+        (2, 1, 1.0),
+        (2, 2, 3.0),
+    ]
+
+
+@pytest.mark.spark
+def test_dense_index_orders_by_every_order_column_across_partitions(spark):
+    rows = spark.createDataFrame(
+        [("d", 1), ("a", 2), ("c", 1), ("b", 0), ("e", 2)], "item_id string, _hash long"
+    ).repartition(4)
+
+    ranked = dense_index(rows, "rank", "_hash", "item_id")
+
+    assert [(r["item_id"], r["rank"]) for r in ranked.orderBy("rank").collect()] == [
+        ("b", 0),
+        ("c", 1),
+        ("d", 2),
+        ("a", 3),
+        ("e", 4),
+    ]
+    assert ranked.schema["rank"].dataType.simpleString() == "int"
 
 
 @pytest.mark.spark
