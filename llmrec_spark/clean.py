@@ -61,7 +61,6 @@ STRING_FIELDS = tuple(f.name for f in RAW_EVENT.fields if isinstance(f.dataType,
 # decide). Ids take an integer too, as its decimal text; a float id, a numeric string as
 # `value`, a boolean, object or array anywhere is `bad_type:<field>`, never converted.
 STRING, INTEGER, FLOAT = "string", "integer", "float"
-BOOLEAN, OBJECT, ARRAY = "boolean", "object", "array"
 ALLOWED_JSON_TYPES = {
     "event_id": (STRING, INTEGER),
     "user_id": (STRING, INTEGER),
@@ -76,8 +75,7 @@ _CORRUPT = "_corrupt_record"
 _JSON_OPTIONS = {
     "mode": "PERMISSIVE",
     "columnNameOfCorruptRecord": _CORRUPT,
-    # Standard JSON only: a single-quoted string would escape the mark, a bare NaN is no
-    # JSON number.
+    # Standard JSON only: a single-quoted string would go unmarked, and NaN is no JSON number.
     "allowSingleQuotes": "false",
     "allowNonNumericNumbers": "false",
 }
@@ -113,45 +111,37 @@ def parse_raw(lines: DataFrame) -> DataFrame:
         .withColumn("_plain", F.from_json("raw", plain_schema, _JSON_OPTIONS))
     )
     # Spark reads any JSON value into a text field (an object as its JSON text), so a line
-    # with a text that could be another type's JSON, or whose `value` Spark could not read as
-    # a number, is parsed again with its strings marked to learn each field's JSON type.
-    # Real ids, names and timestamps are rarely in doubt, so nearly every line is parsed once.
+    # with a text that may be another type's JSON, or whose `value` is not a number, is parsed
+    # again with its strings marked, to learn each field's JSON type. Real ids, names and
+    # timestamps are seldom in doubt: nearly every line is parsed once.
     plain = F.col("_plain")
-    in_doubt = reduce(
-        operator.or_,
-        [
-            _may_be_another_type(plain.getField(name), ids=INTEGER in ALLOWED_JSON_TYPES[name])
-            for name in STRING_FIELDS
-        ],
-        plain.getField(_CORRUPT).isNotNull(),
-    )
-    parsed = parsed.withColumn("_typed", F.when(in_doubt, _parse_marked(F.col("raw"))))
-    typed = F.col("_typed")
+    doubts = [
+        _may_be_another_type(plain.getField(name), ids=INTEGER in ALLOWED_JSON_TYPES[name])
+        for name in STRING_FIELDS
+    ]
+    # A column of its own, so Spark generates code for the checks apart from the parser's.
+    parsed = parsed.withColumn(
+        "_in_doubt", reduce(operator.or_, doubts, plain.getField(_CORRUPT).isNotNull())
+    ).withColumn("_typed", F.when(F.col("_in_doubt"), _parse_marked(F.col("raw"))))
+    in_doubt, typed = F.col("_in_doubt"), F.col("_typed")
     malformed = (
         F.col("_invalid_utf8")
         | plain.isNull()
         | typed.getField(_CORRUPT).isNotNull()
         | ~F.ltrim("raw").startswith("{")
     )
+    no_codes = F.array().cast("array<string>")
     fields, bad_types = [], []
     for field in RAW_EVENT.fields:
-        text = typed.getField(_STRING_MARK + field.name)
-        kind = json_type(text)
-        allowed = kind.isin(*ALLOWED_JSON_TYPES[field.name])
-        # Spark writes a number beyond a double's range as "Infinity": no value.
-        content = F.when(kind == STRING, text.substr(F.lit(2), F.length(text))).when(
-            ~text.startswith('"'), text
-        )
-        value = F.when(typed.isNull(), plain.getField(field.name)).otherwise(
-            F.when(allowed, content).cast(field.dataType)
-        )
-        fields.append(value.alias(field.name))
-        bad_types.append(F.when(~allowed, F.lit(f"{BAD_TYPE}:{field.name}")))
+        value, wrong_type = _typed_value(typed.getField(_STRING_MARK + field.name), field)
+        fields.append(F.when(in_doubt, value).otherwise(plain.getField(field.name)))
+        code = F.array(F.lit(f"{BAD_TYPE}:{field.name}"))
+        bad_types.append(F.when(wrong_type, code).otherwise(no_codes))
     return parsed.select(
         *lines.columns,
-        *fields,
+        *[value.alias(field.name) for value, field in zip(fields, RAW_EVENT.fields, strict=True)],
         malformed.alias("malformed"),
-        F.array_compact(F.array(*bad_types)).alias("bad_types"),
+        F.when(in_doubt, F.flatten(F.array(*bad_types))).otherwise(no_codes).alias("bad_types"),
     )
 
 
@@ -159,13 +149,34 @@ def _may_be_another_type(text: Column, *, ids: bool) -> Column:
     """Whether a text field Spark read may have been a number, boolean, object or array.
 
     Spark writes those as their JSON text; an integer-looking id is not in doubt (an integer
-    id becomes that text anyway).
+    id becomes that text anyway). False for null.
     """
     first = F.substring(text, 1, 1)
     number = first.isin(*"-0123456789") & text.rlike(r"^-?[0-9][0-9.eE+-]*$")
     if ids:
         number = number & ~text.rlike("^-?[0-9]+$")
-    return first.isin("{", "[", '"') | text.isin("true", "false") | number
+    doubtful = first.isin("{", "[", '"') | text.isin("true", "false") | number
+    return F.coalesce(doubtful, F.lit(False))
+
+
+def _typed_value(text: Column, field: StructField) -> tuple[Column, Column]:
+    """(the field's value, whether its JSON type is not allowed) from its text in a marked
+    line; both null when the field is null or absent."""
+    # Spark writes a number as its digits, with "." for a float, or "Infinity" in quotes.
+    number = F.substring(text, 1, 1).isin(*'-0123456789"')
+    integer = text.rlike("^-?[0-9]+$")
+    is_type = {STRING: text.startswith(_STRING_MARK), INTEGER: integer, FLOAT: number & ~integer}
+    content = {
+        STRING: text.substr(F.lit(2), F.length(text)),
+        INTEGER: text,
+        FLOAT: F.btrim(text, F.lit('"')),
+    }
+    first, *others = ALLOWED_JSON_TYPES[field.name]
+    value = F.when(is_type[first], content[first])
+    for kind in others:
+        value = value.when(is_type[kind], content[kind])
+    allowed = reduce(operator.or_, [is_type[kind] for kind in ALLOWED_JSON_TYPES[field.name]])
+    return value.cast(field.dataType), ~allowed
 
 
 def _parse_marked(raw: Column) -> Column:
@@ -179,19 +190,6 @@ def _parse_marked(raw: Column) -> Column:
     # "abc" -> "\u0001abc": the replacement writes the mark as a JSON escape.
     marked = F.regexp_replace(raw, _STRING_TOKEN, '"\\\\u0001$1"')
     return F.from_json(marked, schema, _JSON_OPTIONS)
-
-
-def json_type(text: Column) -> Column:
-    """The JSON type of a field parsed as text from a marked line; null when null or absent."""
-    first = F.substring(text, 1, 1)
-    return (
-        F.when(first == _STRING_MARK, F.lit(STRING))
-        .when(first == "{", F.lit(OBJECT))
-        .when(first == "[", F.lit(ARRAY))
-        .when(text.isin("true", "false"), F.lit(BOOLEAN))
-        .when(text.rlike("^-?[0-9]+$"), F.lit(INTEGER))
-        .when(text.isNotNull(), F.lit(FLOAT))
-    )
 
 
 def validate_events(

@@ -91,6 +91,8 @@ REASON_CASES = {
         "bad_type:event_id",
         "bad_type:value",
     ],
+    # 100,000 escaped quotes in one string: typing the line must not exhaust the stack.
+    event("escapes", session_id='"' * 100_000, value=True): ["bad_type:value"],
     event("ok-int-ids", user_id=36, item_id="i2", session_id=-7): [],
     event("ok-json-looking-strings", user_id='{"id": "u00036"}', session_id="true"): [],
     event("ok-rating-int", event_type="rating", value=4): [],

@@ -5,18 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
+from llmrec_spark.clean import clean_events
 from llmrec_spark.errors import InputError
 from llmrec_spark.io.datasets import (
+    RatingScale,
     detect_layout,
     load_amazon_reviews,
     load_movielens,
     load_public_dataset,
 )
+from llmrec_spark.io.sources import records_to_lines
+from llmrec_spark.quality_bench import quality_config
 from llmrec_spark.schema import CATALOG, RAW_EVENT
 
 pytestmark = pytest.mark.spark
+WHOLE_STARS, HALF_STARS = RatingScale(1.0, 5.0, 1.0), RatingScale(0.5, 5.0, 0.5)
 ML_100K_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
@@ -60,7 +66,7 @@ def test_ml_100k_layout(spark, tmp_path):
         },
     )
     data = load_public_dataset(spark, str(folder))
-    assert data.layout == "ml-100k"
+    assert (data.layout, data.rating_scale) == ("ml-100k", WHOLE_STARS)
     expected_events = [
         rating("ml-100k", "196", "242", 881250949, "1997-12-04T15:55:49Z", 3.0),
         rating("ml-100k", "186", "302", 891717742, "1998-04-04T19:22:22Z", 4.0),
@@ -87,7 +93,7 @@ def test_ml_1m_layout(spark, tmp_path):
         },
     )
     data = load_movielens(spark, str(folder))
-    assert data.layout == "ml-1m"
+    assert (data.layout, data.rating_scale) == ("ml-1m", WHOLE_STARS)
     expected_events = [
         rating("ml-1m", "1", "1193", 978300760, "2000-12-31T22:12:40Z", 5.0),
         rating("ml-1m", "6040", "999", 964982703, "2000-07-30T18:45:03Z", 2.0),
@@ -114,7 +120,7 @@ def test_ml_latest_layout(spark, tmp_path):
         },
     )
     data = load_public_dataset(spark, str(folder))
-    assert data.layout == "ml-latest"
+    assert (data.layout, data.rating_scale) == ("ml-latest", HALF_STARS)
     expected_events = [
         rating("ml-latest", "1", "1", 964982703, "2000-07-30T18:45:03Z", 4.0),
         rating("ml-latest", "1", "11", 964981247, "2000-07-30T18:20:47Z", 3.5),
@@ -153,7 +159,7 @@ def test_amazon_reviews_and_metadata(spark, tmp_path):
         },
     )
     data = load_public_dataset(spark, str(folder))
-    assert data.layout == "amazon"
+    assert (data.layout, data.rating_scale) == ("amazon", WHOLE_STARS)
     expected_events = [
         rating("amazon", "A2SUAM1J3GNN3B", "0000013714", 1252800000, "2009-09-13T00:00:00Z", 5.0),
         rating("amazon", "AZZ", "B0001", 1400000000, "2014-05-13T16:53:20Z", 2.0),
@@ -172,6 +178,41 @@ def test_amazon_reviews_and_metadata(spark, tmp_path):
         spark, str(folder / "Books_5.json"), [str(folder / "meta_Home.json")]
     )
     assert [r["item_id"] for r in direct.catalog.orderBy("item_id").collect()] == ["B0001", "B0002"]
+
+
+def test_half_star_ratings_clean_on_the_datasets_scale(spark, tmp_path, cfg):
+    folder = write(
+        tmp_path / "ml-latest-small",
+        {
+            "ratings.csv": (
+                b"userId,movieId,rating,timestamp\n"
+                b"1,1,0.5,964982703\n1,11,4.5,964981247\n2,1,0.25,964982704\n2,11,5.5,964982705\n"
+            ),
+            "movies.csv": b"movieId,title,genres\n1,Toy Story (1995),Comedy\n11,Heat (1995),Action\n",
+        },
+    )
+    data = load_public_dataset(spark, str(folder))
+    assert data.rating_scale == HALF_STARS
+    # As `bench quality` lands the dataset: Parquet records, read back as JSON lines.
+    lines = records_to_lines(data.events.withColumn("_source_file", F.lit("part-0.parquet")))
+
+    def outcomes(clean_cfg):
+        rows = clean_events(
+            lines, ds="2000-07-31", known_items=data.catalog, prior=None, cfg=clean_cfg
+        ).collect()
+        return sorted(
+            (r["user_id"], r["item_id"], r["outcome"], r["reasons"], r["weight"]) for r in rows
+        )
+
+    bench = quality_config(cfg, str(tmp_path / "bench"), span_days=1, ratings=data.rating_scale)
+    assert outcomes(bench.clean) == [
+        ("1", "1", "clean", [], 0.5),
+        ("1", "11", "clean", [], 4.5),
+        ("2", "1", "quarantined", ["bad_rating"], None),
+        ("2", "11", "quarantined", ["bad_rating"], None),
+    ]
+    # The product's default scale (1 to 5) would quarantine the half star.
+    assert outcomes(cfg.clean)[0] == ("1", "1", "quarantined", ["bad_rating"], None)
 
 
 def test_a_folder_of_no_known_layout_is_an_input_error(spark, tmp_path):

@@ -66,14 +66,29 @@ def test_records_become_json_lines_that_parse_onto_the_raw_schema(spark):
     assert tuple(got) == ("e1", TS_S, 4.0, ["missing_item"])
 
 
-def test_a_column_of_the_wrong_type_makes_the_record_malformed(spark):
+def test_a_column_of_a_type_its_field_may_not_have_is_a_bad_type(spark):
     records = spark.createDataFrame(
         [("e1", "u1", "i1", "rating", "2026-11-23T10:00:00Z", "four", "f")],
         "event_id string, user_id string, item_id string, event_type string, event_ts string, "
         "value string, _source_file string",
     )
     parsed = records_to_lines(records).transform(parse_raw).first()
-    assert parsed["malformed"] is True
+    assert (parsed["malformed"], parsed["bad_types"], parsed["value"]) == (
+        False,
+        ["bad_type:value"],
+        None,
+    )
+    # A struct id is never stringified; an integer id becomes its decimal text.
+    ids = spark.createDataFrame(
+        [(Row(id="u00036"), 36, "f")],
+        "user_id struct<id: string>, item_id long, _source_file string",
+    )
+    parsed = records_to_lines(ids).transform(parse_raw).first()
+    assert (parsed["user_id"], parsed["item_id"], parsed["bad_types"]) == (
+        None,
+        "36",
+        ["bad_type:user_id"],
+    )
 
 
 def test_parquet_landing_source(spark, tmp_path, store):
