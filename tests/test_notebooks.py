@@ -110,7 +110,9 @@ def test_embeddings_notebook(tiny_project):
     overview = {r["model_id"]: r for r in nb["overview"].collect()}
     base = nb["base_model_id"](cfg.embed)
     assert overview[base]["items"] == 64 and overview[base]["dim"] == 384  # 60 + 4 new, MiniLM
-    assert any(m != base and r["dim"] == 32 for m, r in overview.items())  # the tuned tower
+    # the tuned tower: an ensemble of `members` heads of out_dim 32, concatenated
+    tuned_dim = 32 * cfg.contrastive.members
+    assert any(m != base and r["dim"] == tuned_dim for m, r in overview.items())
     neighbours = nb["neighbours"]
     assert len(neighbours) == 10 and nb["item_id"] not in set(neighbours["item_id"])
     assert neighbours["similarity"].is_monotonic_decreasing
