@@ -58,10 +58,11 @@ test-slow: install  ## only the slow tests (heavier end-to-end, fault and notebo
 test-gpu: install  ## the gpu tests (need CUDA; skipped without it): encoder and training step vs the CPU
 	$(BIN)/pytest -q -m gpu
 
-check: install  ## lint, format check and type check
+check: install  ## lint, format check, type check and the layering contracts (pyproject's [tool.importlinter])
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llmrec_spark
+	$(BIN)/lint-imports --no-cache
 
 dist: install  ## build the wheel and a packed virtualenv (dist/llmrec-venv.tar.gz) for spark-submit --archives
 	rm -f dist/llmrec_spark-*.whl
@@ -74,7 +75,7 @@ dist: install  ## build the wheel and a packed virtualenv (dist/llmrec-venv.tar.
 	@ls -lh dist/llmrec_spark-*.whl dist/llmrec-venv.tar.gz
 
 cluster-demo: install  ## start a standalone Spark master + 2 workers on 127.0.0.1, run the nightly on it, stop them
-	$(BIN)/python -m llmrec_spark.cluster demo --ds $(DS)
+	$(BIN)/python -m llmrec_spark.runtime.cluster demo --ds $(DS)
 
 test-cluster: install  ## the cluster tests (a standalone cluster on loopback)
 	$(BIN)/pytest -q -m cluster
@@ -94,7 +95,7 @@ chromium:  ## Debian's Chromium for `make screenshot` (apt-get, when root)
 
 screenshot: install chromium  ## render a report (REPORT=path.html; default the newest in reports/) to path.png
 	@test -n "$(REPORT)" && test -f "$(REPORT)" || { echo "no report to render: run \`make demo\` or pass REPORT=path.html"; exit 1; }
-	$(BIN)/python -c 'import sys; from llmrec_spark.evaluation_report import screenshot; \
+	$(BIN)/python -c 'import sys; from llmrec_spark.evaluation.report import screenshot; \
 		sys.exit(0 if screenshot(sys.argv[1], sys.argv[2], height=int(sys.argv[3])) else 1)' \
 		"$(REPORT)" "$(basename $(REPORT)).png" "$${HEIGHT:-3000}"
 	@echo "wrote $(basename $(REPORT)).png"

@@ -137,13 +137,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = [*args.conf, *(["pipeline.allow_stale=true"] if args.allow_stale else [])]
     cfg = load_config(args.conf_dir, env=args.env, overrides=overrides)
     if args.command == "generate-demo":
-        from llmrec_spark.demo import generate_demo
+        from llmrec_spark.io.demo import generate_demo
 
         written = generate_demo(cfg.demo, cfg.path(cfg.storage.landing), args.ds)
         _write(json.dumps(written, indent=2, default=str))
         return 0
     if args.command == "bench":
-        from llmrec_spark.bench import run_benchmark
+        from llmrec_spark.bench.runner import run_benchmark
 
         result = run_benchmark(
             args.name,
@@ -154,25 +154,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         _write(json.dumps(result, default=str))
         return 0
 
-    from llmrec_spark.pipeline import make_context, run_nightly, run_stage
-    from llmrec_spark.session import build_spark
+    from llmrec_spark.pipeline.runner import make_context, run_nightly, run_stage
+    from llmrec_spark.runtime.session import build_spark
 
     stages = _stage_list(args.stages) if args.command == "nightly" else None
     spark = build_spark(cfg)
     try:
         if args.command == "tune-als":
-            from llmrec_spark.als import tune_als
+            from llmrec_spark.stages.als import tune_als
 
             result = tune_als(make_context(cfg, spark, args.ds), trials=args.trials)
             _write(json.dumps(result, default=str))
         elif args.command == "nightly":
             summary = run_nightly(cfg, spark, args.ds, stages)
-            from llmrec_spark.report import format_nightly
+            from llmrec_spark.pipeline.report import format_nightly
 
             _write(format_nightly(summary))
         else:
             record = run_stage(make_context(cfg, spark, args.ds), args.command)
-            from llmrec_spark.report import format_stage
+            from llmrec_spark.pipeline.report import format_stage
 
             _write(format_stage(record))
     finally:
@@ -184,7 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _stage_list(value: str | None) -> list[str] | None:
     if not value:
         return None
-    from llmrec_spark.pipeline import NIGHTLY_AFTER_CLEAN
+    from llmrec_spark.pipeline.runner import NIGHTLY_AFTER_CLEAN
 
     stages = [s.strip() for s in value.split(",") if s.strip()]
     unknown = [s for s in stages if s not in NIGHTLY_AFTER_CLEAN]

@@ -154,7 +154,7 @@ PIPELINE_RUNS = StructType(
         StructField("started_at", TimestampType()),
         StructField("mlflow_run_id", StringType()),
         StructField("message", StringType()),
-        # The freshness contract (llmrec_spark/freshness.py): the newest event date in
+        # The freshness contract (llmrec_spark/runtime/freshness.py): the newest event date in
         # events_clean up to ds when the stage ran, and the inputs it was allowed to take
         # from an older date (`--allow-stale`), e.g. "clean@2026-11-03"; null when fresh.
         StructField("events_through", StringType()),

@@ -6,9 +6,9 @@
 
 # COMMAND ----------
 
-from llmrec_spark.notebook import param, setup, show
-from llmrec_spark.pipeline import make_context, run_nightly
-from llmrec_spark.report import format_nightly
+from llmrec_spark.runtime.notebook import param, setup, show
+from llmrec_spark.pipeline.runner import make_context, run_nightly
+from llmrec_spark.pipeline.report import format_nightly
 
 ds = param("ds", "2026-11-23")
 env = param("env", "local")

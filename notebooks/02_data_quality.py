@@ -5,9 +5,9 @@
 
 # COMMAND ----------
 
-from llmrec_spark.notebook import param, setup, show
-from llmrec_spark.pipeline import make_context
-from llmrec_spark.quality import quarantine_reasons, stage_counts
+from llmrec_spark.runtime.notebook import param, setup, show
+from llmrec_spark.pipeline.runner import make_context
+from llmrec_spark.evaluation.data_quality import quarantine_reasons, stage_counts
 
 ds = param("ds", "2026-11-23")
 cfg, spark = setup(env=param("env", "local"))

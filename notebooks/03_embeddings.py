@@ -7,10 +7,10 @@
 
 # COMMAND ----------
 
-from llmrec_spark.encoder import base_model_id
-from llmrec_spark.explore import embedding_overview, item_vectors, nearest_items
-from llmrec_spark.notebook import param, setup, show
-from llmrec_spark.pipeline import make_context
+from llmrec_spark.core.encoder import base_model_id
+from llmrec_spark.evaluation.explore import embedding_overview, item_vectors, nearest_items
+from llmrec_spark.runtime.notebook import param, setup, show
+from llmrec_spark.pipeline.runner import make_context
 
 ds = param("ds", "2026-11-23")
 item_id = param("item_id", "")

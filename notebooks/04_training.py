@@ -6,8 +6,8 @@
 
 # COMMAND ----------
 
-from llmrec_spark.explore import nightly_runs, stage_metrics
-from llmrec_spark.notebook import param, setup, show
+from llmrec_spark.evaluation.explore import nightly_runs, stage_metrics
+from llmrec_spark.runtime.notebook import param, setup, show
 
 ds = param("ds", "2026-11-23")
 cfg, spark = setup(env=param("env", "local"))

@@ -9,16 +9,16 @@
 
 import os
 
-from llmrec_spark.explore import (
+from llmrec_spark.evaluation.explore import (
     evaluation_frame,
     nightly_runs,
     plot_evaluation,
     stage_metrics,
     user_recommendations,
 )
-from llmrec_spark.notebook import param, setup, show, show_html
-from llmrec_spark.pipeline import make_context
-from llmrec_spark.quality import stage_counts
+from llmrec_spark.runtime.notebook import param, setup, show, show_html
+from llmrec_spark.pipeline.runner import make_context
+from llmrec_spark.evaluation.data_quality import stage_counts
 
 ds = param("ds", "2026-11-23")
 user_id = param("user_id", "")

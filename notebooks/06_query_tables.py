@@ -7,9 +7,9 @@
 
 # COMMAND ----------
 
-from llmrec_spark.explore import read_partition_delta_rs
+from llmrec_spark.evaluation.explore import read_partition_delta_rs
 from llmrec_spark.io.views import register_views
-from llmrec_spark.notebook import param, setup, show
+from llmrec_spark.runtime.notebook import param, setup, show
 
 ds = param("ds", "2026-11-23")
 user_id = param("user_id", "")

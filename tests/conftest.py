@@ -41,7 +41,7 @@ def session_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def spark(session_root):
-    from llmrec_spark.session import build_spark
+    from llmrec_spark.runtime.session import build_spark
 
     session = build_spark(make_config(session_root))
     yield session

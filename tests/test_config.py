@@ -179,7 +179,9 @@ def test_embed_max_length_is_bounded_by_the_models_positions():
 
 
 def test_tower_choices_match_the_tower_modules():
-    from llmrec_spark import config, contrastive, tower
+    from llmrec_spark import config
+    from llmrec_spark.core import tower
+    from llmrec_spark.stages import contrastive
 
     assert config.ANCHOR_POOLINGS == tower.ANCHOR_POOLINGS
     assert config.EXAMPLE_KINDS == contrastive.EXAMPLE_KINDS

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from llmrec_spark.config import load_config
-from llmrec_spark.demo import generate_demo
-from llmrec_spark.pipeline import NIGHTLY_AFTER_CLEAN
+from llmrec_spark.io.demo import generate_demo
+from llmrec_spark.pipeline.runner import NIGHTLY_AFTER_CLEAN
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow, pytest.mark.spark]
 

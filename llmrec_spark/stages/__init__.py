@@ -1,0 +1,1 @@
+"""The Spark glue of each stage (clean, embed, train-als, train-contrastive, recommend): read through io, transform, write."""

@@ -1,0 +1,580 @@
+"""LLM item embeddings: catalog text -> L2-normalised mean-pooled transformer vectors.
+
+Incremental: a night embeds only the (item_id, text_hash, model_id) triples that the
+`item_embeddings` table does not hold yet, so unchanged items cost nothing and a new model
+(or new weights) re-embeds everything. The model is loaded once per Python worker by
+`make_encoder`; the pandas UDF only wraps that numpy -> numpy function.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from pyspark import TaskContext
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, FloatType
+
+from llmrec_spark.config import Config, EmbedConfig
+from llmrec_spark.core.encoder import (
+    check_embed_config,
+    make_encoder,
+    resolve_model,
+)
+from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.runtime.context import RunContext, StageResult
+from llmrec_spark.runtime.session import session_conf
+
+if TYPE_CHECKING:
+    from llmrec_spark.io.tables import TableStore
+
+log = logging.getLogger(__name__)
+
+# Items per Arrow batch handed to the UDF, in multiples of the encoder batch size: large
+# enough for length bucketing to pay off, small enough to keep progress and memory smooth.
+ARROW_BATCHES_PER_UDF_CALL = 16
+# Upper bound on embedding partitions per Spark task slot (load balance vs per-task cost).
+PARTITIONS_PER_SLOT = 2
+# embedding_quarantine reason: every field of the template is null, blank or invisible.
+REASON_EMPTY_TEXT = "empty_text"
+# embedding_quarantine reason: a user-profile line without a user_id.
+REASON_MISSING_USER = "missing_user_id"
+# Characters removed from catalog text: control characters (Unicode Cc) and invisible
+# format marks (zero-width space, word joiner, BOM, LRM/RLM). ZWJ/ZWNJ stay: emoji
+# sequences and several scripts need them.
+_INVISIBLE = r"[\p{Cc}\x{200B}\x{200E}\x{200F}\x{2060}\x{FEFF}]"
+
+
+# ---------------------------------------------------------------------------------------
+# Item text (Spark column functions only)
+
+
+def _template_pieces(template: str, setting: str) -> tuple[str, list[tuple[str, str]]]:
+    """Split "{a}. {b}" into the leading literal and (field, literal after it) pairs."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{setting}: {exc} in {template!r}") from None
+    lead = ""
+    pieces: list[tuple[str, str]] = []
+    for literal, field_name, spec, conversion in parsed:
+        if spec or conversion:
+            raise ConfigError(f"{setting}: format specs are not supported in {template!r}")
+        if pieces:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + literal)
+        else:
+            lead += literal
+        if field_name is not None:
+            if not field_name:
+                raise ConfigError(f"{setting}: empty field {{}} in {template!r}")
+            pieces.append((field_name, ""))
+    if not pieces:
+        raise ConfigError(f"{setting}: {template!r} names no catalog field")
+    return lead, pieces
+
+
+def _clean(column: Column) -> Column:
+    """Nulls -> "", invisible/control characters removed, Unicode whitespace collapsed, trimmed."""
+    text = F.coalesce(column.cast("string"), F.lit(""))
+    text = F.regexp_replace(text, r"(?U)\s", " ")
+    text = F.regexp_replace(text, _INVISIBLE, "")
+    return F.trim(F.regexp_replace(text, r" {2,}", " "))
+
+
+def item_text(items: DataFrame, *, template: str, max_chars: int) -> DataFrame:
+    """Catalog rows plus `text` and `text_hash` from `embed.text_template` (see `template_text`)."""
+    return template_text(
+        items, template=template, max_chars=max_chars, setting="embed.text_template"
+    )
+
+
+def template_text(
+    rows: DataFrame, *, template: str, max_chars: int, setting: str = "template"
+) -> DataFrame:
+    """Add `text` (template filled with cleaned fields, empty when every field is) and `text_hash`.
+
+    A field that is empty drops out with the separator after it ("Shoe. Acme" rather than
+    "Shoe. . Acme"); the result is whitespace-collapsed and cut to `max_chars` characters.
+    """
+    lead, pieces = _template_pieces(template, setting)
+    unknown = sorted({name for name, _ in pieces} - set(rows.columns))
+    if unknown:
+        raise ConfigError(
+            f"{setting}: unknown field(s) {unknown}; available: {', '.join(rows.columns)}"
+        )
+    if max_chars <= 0:
+        raise ConfigError(f"embed.max_text_chars: must be positive, got {max_chars}")
+    cleaned = {name: _clean(F.col(name)) for name, _ in pieces}
+    parts = [
+        F.when(cleaned[name] == "", F.lit("")).otherwise(F.concat(cleaned[name], F.lit(after)))
+        for name, after in pieces
+    ]
+    filled = F.concat(F.lit(lead), *parts)
+    filled = F.trim(F.regexp_replace(F.regexp_replace(filled, r"(?U)\s", " "), r" {2,}", " "))
+    all_empty = F.concat(*cleaned.values()) == ""
+    text = F.when(all_empty, F.lit("")).otherwise(F.rtrim(F.substring(filled, 1, max_chars)))
+    return rows.withColumn("text", text).withColumn("text_hash", F.sha2(F.col("text"), 256))
+
+
+def embed_udf(
+    model_path: str, *, device: str, max_length: int, batch_size: int, cpu_threads: int = 0
+) -> Callable[[Column], Column]:
+    """Iterator pandas UDF text -> array<float> around `make_encoder` (model loaded per worker)."""
+
+    @F.pandas_udf(ArrayType(FloatType(), False))  # type: ignore[call-overload]
+    def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+        task = TaskContext.get()
+        gpus = task.resources().get("gpu") if task is not None else None
+        encode = make_encoder(
+            model_path,
+            device=device,
+            max_length=max_length,
+            batch_size=batch_size,
+            cpu_threads=cpu_threads,
+            task_gpus=list(gpus.addresses) if gpus is not None else [],
+            task_cpus=task.cpus() if task is not None else 0,
+        )
+        for texts in batches:
+            yield pd.Series(list(encode(texts.to_numpy())))
+
+    return embed
+
+
+# ---------------------------------------------------------------------------------------
+# Spark transformations
+
+
+def embed_items(
+    texts: DataFrame,
+    *,
+    model_path: str,
+    model_id: str,
+    ds: str,
+    cfg: EmbedConfig,
+    num_partitions: int,
+    key: str = "item_id",
+) -> DataFrame:
+    """(key, text, text_hash) rows -> item/user_embeddings rows, spread over `num_partitions`."""
+    udf = embed_udf(
+        model_path,
+        device=cfg.device,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        cpu_threads=cfg.cpu_threads,
+    )
+    return (
+        texts.repartition(num_partitions)
+        .withColumn("embedding", udf(F.col("text")))
+        .select(
+            key,
+            "text_hash",
+            F.lit(model_id).alias("model_id"),
+            F.size("embedding").cast("int").alias("dim"),
+            "embedding",
+            F.lit(ds).alias("ds"),
+        )
+    )
+
+
+def pending_texts(
+    texts: DataFrame, existing: DataFrame, *, model_id: str, key: str = "item_id"
+) -> DataFrame:
+    """Non-empty texts whose (key, text_hash) has no embedding under `model_id` yet."""
+    done = existing.where(F.col("model_id") == model_id).select(key, "text_hash")
+    return (
+        texts.where(F.col("text") != "")
+        .select(key, "text", "text_hash")
+        .dropDuplicates([key, "text_hash"])
+        .join(done, [key, "text_hash"], "left_anti")
+        .select(key, "text", "text_hash")
+    )
+
+
+def empty_text_quarantine(texts: DataFrame, *, key: str, kind: str, ds: str) -> DataFrame:
+    """embedding_quarantine rows for texts that are empty after normalisation."""
+    return texts.where(F.col("text") == "").select(
+        F.lit(kind).alias("kind"),
+        F.col(key).alias("id"),
+        F.lit(REASON_EMPTY_TEXT).alias("reason"),
+        F.lit(ds).alias("ds"),
+    )
+
+
+def embedding_partitions(n_texts: int, *, batch_size: int, task_slots: int) -> int:
+    """One partition per encoder batch, at most PARTITIONS_PER_SLOT per task slot."""
+    wanted = math.ceil(n_texts / batch_size)
+    return max(1, min(wanted, PARTITIONS_PER_SLOT * max(task_slots, 1)))
+
+
+def current_embeddings(embeddings: DataFrame, texts: DataFrame, *, model_id: str) -> DataFrame:
+    """Each item's embedding of its current text (`texts` from `item_text`) under `model_id`."""
+    current = texts.where(F.col("text") != "").select("item_id", "text_hash").distinct()
+    return _one_per_item(
+        embeddings.where(F.col("model_id") == model_id).join(current, ["item_id", "text_hash"])
+    )
+
+
+def newest_embeddings(embeddings: DataFrame, *, model_id: str) -> DataFrame:
+    """Each item's embedding from its latest ds under `model_id` (ties: largest text_hash)."""
+    return _one_per_item(embeddings.where(F.col("model_id") == model_id))
+
+
+def _one_per_item(embeddings: DataFrame) -> DataFrame:
+    newest = Window.partitionBy("item_id").orderBy(F.col("ds").desc(), F.col("text_hash").desc())
+    return (
+        embeddings.withColumn("_rank", F.row_number().over(newest))
+        .where(F.col("_rank") == 1)
+        .drop("_rank")
+    )
+
+
+def latest_embeddings(
+    store: TableStore, model_id: str, embed_cfg: EmbedConfig | None = None
+) -> DataFrame:
+    """The current embedding per item_id for `model_id` (item_embeddings columns).
+
+    With `embed_cfg`, exactly the row matching each catalog item's current text (items no
+    longer in the catalog drop out); without, the row of each item's latest ds.
+    """
+    embeddings = store.read("item_embeddings")
+    if embed_cfg is None:
+        return newest_embeddings(embeddings, model_id=model_id)
+    texts = item_text(
+        store.read("items"), template=embed_cfg.text_template, max_chars=embed_cfg.max_text_chars
+    )
+    return current_embeddings(embeddings, texts, model_id=model_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage
+
+
+@dataclass
+class EmbedCounts:
+    """What one incremental pass over a set of texts did."""
+
+    total: int
+    embedded: int
+    empty: int
+    seconds: float
+
+    @property
+    def unchanged(self) -> int:
+        return self.total - self.embedded - self.empty
+
+    @property
+    def per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed_new_texts(
+    ctx: RunContext,
+    texts: DataFrame,
+    *,
+    key: str,
+    table: str,
+    model_path: str,
+    model_id: str,
+) -> EmbedCounts:
+    """Embed the (key, text, text_hash) rows `table` lacks under `model_id`; append them in one commit."""
+    cfg = ctx.cfg.embed
+    texts = texts.select(key, "text", "text_hash").cache()
+    pending: DataFrame | None = None
+    try:
+        counts = texts.agg(
+            F.count(F.lit(1)).alias("total"), F.count(F.when(F.col("text") == "", 1)).alias("empty")
+        ).collect()[0]
+        total, empty = int(counts["total"]), int(counts["empty"])
+        pending = pending_texts(texts, ctx.store.read(table), model_id=model_id, key=key).cache()
+        n_pending = pending.count()
+        seconds = 0.0
+        if n_pending:
+            partitions = embedding_partitions(
+                n_pending,
+                batch_size=cfg.batch_size,
+                task_slots=ctx.spark.sparkContext.defaultParallelism,
+            )
+            log.info(
+                "embed %s: %d of %d texts new or changed; %s on device=%s, %d partitions",
+                table,
+                n_pending,
+                total,
+                model_id,
+                cfg.device,
+                partitions,
+            )
+            rows = embed_items(
+                pending,
+                model_path=model_path,
+                model_id=model_id,
+                ds=ctx.ds,
+                cfg=cfg,
+                num_partitions=partitions,
+                key=key,
+            )
+            arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
+            started = time.perf_counter()
+            with session_conf(
+                ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch
+            ):
+                ctx.store.append(
+                    table, rows, metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id}
+                )
+            seconds = time.perf_counter() - started
+    finally:
+        if pending is not None:
+            pending.unpersist()
+        texts.unpersist()
+    result = EmbedCounts(total=total, embedded=n_pending, empty=empty, seconds=seconds)
+    log.info(
+        "embed %s: %d embedded in %.1fs (%.1f/s), %d unchanged, %d empty (quarantined)",
+        table,
+        result.embedded,
+        result.seconds,
+        result.per_s,
+        result.unchanged,
+        result.empty,
+    )
+    return result
+
+
+def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
+    """The landing user profiles (JSON lines, schema USER_PROFILE) in line order, or None.
+
+    Profiles are optional: a catalog without them has no such folder.
+    """
+    from llmrec_spark.io import filesystem
+    from llmrec_spark.schema import USER_PROFILE
+
+    if not filesystem.exists(spark, path):
+        return None
+    raw = spark.read.schema(USER_PROFILE).option("recursiveFileLookup", "true").json(path)
+    return raw.withColumn("line_seq", F.monotonically_increasing_id())
+
+
+def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
+    """(one profile per user, the last line wins; embedding_quarantine rows of lines without a user_id)."""
+    from llmrec_spark.stages.clean import blank_to_null
+
+    trimmed = raw.withColumn("user_id", blank_to_null(F.trim("user_id")))
+    last = Window.partitionBy("user_id").orderBy(F.col("line_seq").desc())
+    profiles = (
+        trimmed.where(F.col("user_id").isNotNull())
+        .withColumn("_n", F.row_number().over(last))
+        .where(F.col("_n") == 1)
+        .drop("_n", "line_seq")
+    )
+    missing = trimmed.where(F.col("user_id").isNull()).select(
+        F.lit("user").alias("kind"),
+        F.lit("").alias("id"),
+        F.lit(REASON_MISSING_USER).alias("reason"),
+        F.lit(ds).alias("ds"),
+    )
+    return profiles, missing
+
+
+def run_embed(ctx: RunContext) -> StageResult:
+    """Embed new or changed catalog (and user-profile) texts into item_embeddings/user_embeddings.
+
+    Texts that are empty after normalisation are not embedded; they go to
+    `embedding_quarantine` (this run date's partition, replaced on a rerun) with a reason.
+    """
+    cfg = ctx.cfg.embed
+    started = time.perf_counter()
+    model_path, model_id = resolve_model(cfg.model)
+    check_embed_config(cfg, model_path)
+    if not ctx.store.exists("items"):
+        raise InputError(
+            "no `items` table (the item catalog) yet; load the catalog before `llmrec embed`"
+        )
+    item_texts = item_text(
+        ctx.store.read("items"), template=cfg.text_template, max_chars=cfg.max_text_chars
+    )
+    items = embed_new_texts(
+        ctx,
+        item_texts,
+        key="item_id",
+        table="item_embeddings",
+        model_path=model_path,
+        model_id=model_id,
+    )
+    quarantine = empty_text_quarantine(item_texts, key="item_id", kind="item", ds=ctx.ds)
+
+    users: EmbedCounts | None = None
+    profiles_path = ctx.landing(cfg.user_profiles) if cfg.user_profiles else ""
+    raw_profiles = read_user_profiles(ctx.spark, profiles_path) if profiles_path else None
+    if raw_profiles is not None:
+        profiles, no_user = split_profiles(raw_profiles, ds=ctx.ds)
+        ctx.store.overwrite("user_profiles", profiles)
+        user_texts = template_text(
+            ctx.store.read("user_profiles"),
+            template=cfg.user_text_template,
+            max_chars=cfg.max_text_chars,
+            setting="embed.user_text_template",
+        )
+        users = embed_new_texts(
+            ctx,
+            user_texts,
+            key="user_id",
+            table="user_embeddings",
+            model_path=model_path,
+            model_id=model_id,
+        )
+        quarantine = quarantine.unionByName(
+            empty_text_quarantine(user_texts, key="user_id", kind="user", ds=ctx.ds)
+        ).unionByName(no_user)
+    elif profiles_path:
+        log.info("embed: no user profiles at %s; only items embedded", profiles_path)
+    ctx.store.overwrite("embedding_quarantine", quarantine, partitions={"ds": ctx.ds})
+    empty_items = sorted(
+        r.id
+        for r in ctx.store.read("embedding_quarantine", where={"ds": ctx.ds})
+        .where(F.col("kind") == "item")
+        .select("id")
+        .limit(20)
+        .collect()
+    )
+    if empty_items:
+        log.warning(
+            "embed: %d items have no text after normalisation, not embedded (e.g. %s)",
+            items.empty,
+            ", ".join(empty_items),
+        )
+    summary: dict[str, Any] = {
+        "model_id": model_id,
+        "items": items.total,
+        "embedded": items.embedded,
+        "unchanged": items.unchanged,
+        "empty_text": items.empty,
+        "empty_text_items": empty_items,
+        "items_per_s": round(items.per_s, 1),
+    }
+    metrics = {
+        "items_per_s": items.per_s,
+        "embed_seconds": items.seconds,
+        "stage_seconds": time.perf_counter() - started,
+    }
+    if users is not None:
+        summary |= {
+            "user_profiles": users.total,
+            "users_embedded": users.embedded,
+            "users_empty_text": users.empty,
+        }
+        metrics |= {"users_per_s": users.per_s, "user_embed_seconds": users.seconds}
+    return StageResult(
+        rows_in=items.total,
+        rows_out=items.embedded,
+        rows_quarantined=items.empty,
+        rows_excluded=items.unchanged,
+        metrics=metrics,
+        params={"embed.model_id": model_id, **{f"embed.{k}": v for k, v in vars(cfg).items()}},
+        summary=summary,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark
+
+_BENCH_WORDS = (
+    "wireless noise cancelling headphones with long battery life and soft ear cushions "
+    "organic cotton t-shirt slim fit crew neck breathable fabric everyday wear "
+    "stainless steel chef knife forged blade ergonomic handle dishwasher safe "
+    "ultralight hiking backpack waterproof zipper padded laptop sleeve hydration port "
+    "smart fitness tracker heart rate monitor sleep analysis water resistant"
+).split()
+
+
+def bench_items(spark: SparkSession, n_items: int, seed: int = 11) -> DataFrame:
+    """A synthetic catalog of `n_items` rows with varied text lengths (seeded)."""
+    from llmrec_spark.schema import CATALOG
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_items):
+        title = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(2, 8))))
+        description = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(5, 120))))
+        rows.append(
+            (
+                f"i{i:06d}",
+                title.title(),
+                description,
+                f"cat{i % 17}",
+                f"brand{i % 31}",
+                "true",
+                "2026-11-01",
+            )
+        )
+    return spark.createDataFrame(rows, CATALOG)
+
+
+def bench_embed(spark: SparkSession, cfg: Config, n_items: int) -> dict[str, Any]:
+    """Items/s of the Spark stage (cold and warm workers) vs SentenceTransformer.encode on the same cores."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from llmrec_spark.io.tables import open_store
+
+    ds = "2026-11-23"
+    scratch = tempfile.mkdtemp(prefix="llmrec-bench-embed-")
+    try:
+        items = bench_items(spark, n_items).cache()
+        texts = [
+            r.text
+            for r in item_text(
+                items, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
+            )
+            .select("text")
+            .collect()
+        ]
+        rates = []
+        for attempt in ("cold", "warm"):  # warm: Python workers already hold the model
+            store = open_store(spark, os.path.join(scratch, attempt), "embedded")
+            store.overwrite("items", items)
+            result = run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=ds))
+            rates.append(result.metrics["items_per_s"])
+
+        model_path, model_id = resolve_model(cfg.embed.model)
+        cores = spark.sparkContext.defaultParallelism
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        try:
+            st_model = SentenceTransformer(model_path, device="cpu")
+            st_model.max_seq_length = cfg.embed.max_length
+            st_model.encode(texts[:32], batch_size=cfg.embed.batch_size, show_progress_bar=False)
+            st_started = time.perf_counter()
+            st_model.encode(
+                texts,
+                batch_size=cfg.embed.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            st_rate = len(texts) / (time.perf_counter() - st_started)
+        finally:
+            torch.set_num_threads(previous_threads)
+        items.unpersist()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "n_items": n_items,
+        "model_id": model_id,
+        "cores": cores,
+        "batch_size": cfg.embed.batch_size,
+        "max_length": cfg.embed.max_length,
+        "items_per_s": round(rates[1], 1),
+        "items_per_s_cold": round(rates[0], 1),
+        "st_items_per_s": round(st_rate, 1),
+        "ratio_vs_sentence_transformers": round(rates[1] / st_rate, 3),
+        "ratio_cold_vs_sentence_transformers": round(rates[0] / st_rate, 3),
+        "timing": "Spark: stage write incl. UDF; ST: encode only, model loaded, same cores",
+    }
