@@ -95,7 +95,7 @@ chromium:  ## Debian's Chromium for `make screenshot` (apt-get, when root)
 
 screenshot: install chromium  ## render a report (REPORT=path.html; default the newest in reports/) to path.png
 	@test -n "$(REPORT)" && test -f "$(REPORT)" || { echo "no report to render: run \`make demo\` or pass REPORT=path.html"; exit 1; }
-	$(BIN)/python -c 'import sys; from llmrec_spark.evaluation.report import screenshot; \
+	$(BIN)/python -c 'import sys; from llmrec_spark.evaluation.screenshot import screenshot; \
 		sys.exit(0 if screenshot(sys.argv[1], sys.argv[2], height=int(sys.argv[3])) else 1)' \
 		"$(REPORT)" "$(basename $(REPORT)).png" "$${HEIGHT:-3000}"
 	@echo "wrote $(basename $(REPORT)).png"

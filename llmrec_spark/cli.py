@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     spark = build_spark(cfg)
     try:
         if args.command == "tune-als":
-            from llmrec_spark.stages.als import tune_als
+            from llmrec_spark.stages.als_search import tune_als
 
             result = tune_als(make_context(cfg, spark, args.ds), trials=args.trials)
             _write(json.dumps(result, default=str))

@@ -12,6 +12,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ import yaml  # type: ignore[import-untyped]
 from llmrec_spark.errors import ConfigError
 
 ENVIRONMENTS = ("local", "cluster", "databricks")
+# Event types of the behaviour logs (their one definition: schema and the clean stage import
+# it); each but rating needs a clean.event_weights entry.
+EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")
+# Metric names of core.metrics.METRIC_FUNCTIONS, for als.search.metric ("ndcg@10").
+RANKING_METRICS = ("precision", "recall", "f1", "ndcg", "map", "hit_rate")
+# Evaluation protocols (evaluate.protocols); stages.splits imports them.
+EVALUATE_PROTOCOLS = ("user_temporal", "cold_item", "global_temporal")
 # Landing formats the clean stage reads (clean.source_format).
 SOURCE_FORMATS = ("json", "parquet", "delta")
 # Storage levels MLlib's ALS accepts for its intermediate RDDs (NONE is refused).
@@ -32,8 +40,7 @@ ALS_STORAGE_LEVELS = (
     "DISK_ONLY",
 )
 # Choices of the text tower (contrastive.anchor_pooling, contrastive.examples, contrastive.device).
-# tower.ANCHOR_POOLINGS and contrastive.EXAMPLE_KINDS must equal these (tests/test_config.py);
-# they are spelled here because config must not import torch.
+# core.tower and stages.contrastive import them from here (config must not import torch).
 ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
 EXAMPLE_KINDS = ("user_item", "next_item")
 CONTRASTIVE_DEVICES = ("auto", "cpu", "cuda")
@@ -350,7 +357,7 @@ class Config:
 
     def path(self, value: str) -> str:
         """Resolve a configured path: URIs and absolute paths as they are, others under `root`."""
-        if _is_uri(value) or os.path.isabs(value):
+        if is_uri(value) or os.path.isabs(value):
             return value
         return str((Path(self.root) / value).resolve())
 
@@ -367,8 +374,9 @@ class Config:
         return out
 
 
-def _is_uri(value: str) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) is not None
+def is_uri(value: str) -> bool:
+    """`scheme://...` or `scheme:/...` (dbfs:/x); a scheme has 2+ characters, so C:/x is a path."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", value) is not None
 
 
 def load_config(
@@ -509,123 +517,122 @@ def _expand_env(value: str, key: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", repl, value)
 
 
+# ---------------------------------------------------------------------------------------
+# Validation: the checks across keys that types alone cannot express. Each raises ConfigError
+# with one line naming the offending key. They all live in this module and `validate` runs
+# them when the config loads (the list is at the end of the module); a stage that needs
+# another check writes it here and registers it with `register_check`, never in the stage.
+
+Check = Callable[[Any], None]
+_CHECKS: list[tuple[str, Check]] = []
+
+
+def register_check(check: Check, section: str = "") -> Check:
+    """Have `validate` run `check(cfg.<section>)`, or `check(cfg)` when section is ""; returns it.
+
+    Registering the same check for the same section twice keeps one.
+    """
+    if section and section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"register_check: the config has no section {section!r}")
+    if (section, check) not in _CHECKS:
+        _CHECKS.append((section, check))
+    return check
+
+
 def validate(cfg: Config) -> Config:
-    """Checks across keys that types alone cannot express."""
-    checks = [
-        (
-            cfg.storage.engine in ("auto", "embedded", "spark"),
-            "storage.engine: choose auto, embedded or spark",
-        ),
-        (cfg.als.rank > 0, "als.rank: must be positive"),
-        (cfg.recommend.top_n > 0, "recommend.top_n: must be positive"),
-        (0.0 <= cfg.recommend.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
-        (
-            cfg.recommend.text_half_life >= 0
-            and all(h >= 0 for h in cfg.evaluate.tune_text_half_lives),
-            "recommend.text_half_life, evaluate.tune_text_half_lives: must not be negative (0 = plain mean)",
-        ),
-        (
-            cfg.recommend.text_kernel >= 0 and all(k >= 0 for k in cfg.evaluate.tune_text_kernels),
-            "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative (0 = the mean vector)",
-        ),
-        (
-            cfg.recommend.neighbour_factors >= 0
-            and all(k >= 0 for k in cfg.evaluate.tune_neighbour_factors),
-            "recommend.neighbour_factors, evaluate.tune_neighbour_factors: must not be negative (0 = off)",
-        ),
-        (
-            cfg.recommend.neighbour_temperature > 0,
-            "recommend.neighbour_temperature: must be positive",
-        ),
-        (
-            0.0 <= cfg.recommend.recent_weight <= 1.0
-            and all(0.0 <= r <= 1.0 for r in cfg.evaluate.tune_recent_weights),
-            "recommend.recent_weight, evaluate.tune_recent_weights: must be within [0, 1]",
-        ),
-        (
-            all(t > 0 for t in cfg.evaluate.tune_tower_temperatures),
-            "evaluate.tune_tower_temperatures: must be positive",
-        ),
-        (
-            cfg.recommend.recent_half_life >= 0
-            and all(h >= 0 for h in cfg.evaluate.tune_recent_half_lives),
-            "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be negative (0 = plain mean)",
-        ),
-        (0.0 < cfg.evaluate.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
-        (
-            bool(cfg.evaluate.protocols)
-            and set(cfg.evaluate.protocols) <= {"user_temporal", "cold_item", "global_temporal"},
-            "evaluate.protocols: a non-empty list of user_temporal, cold_item, global_temporal",
-        ),
-        (0.0 < cfg.evaluate.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
-        (cfg.evaluate.max_test_users > 0, "evaluate.max_test_users: must be positive"),
-        (cfg.evaluate.cold_item_draws >= 0, "evaluate.cold_item_draws: must not be negative"),
-        (
-            cfg.demo.n_items >= 10 and cfg.demo.n_users >= 10,
-            "demo.n_items/n_users: at least 10 each",
-        ),
-        (cfg.recommend.user_block_size > 0, "recommend.user_block_size: must be positive"),
-        (
-            cfg.recommend.driver_max_cells >= 0,
-            "recommend.driver_max_cells: must be 0 (always score on executors) or positive",
-        ),
-        (
-            cfg.recommend.retention_days >= 0,
-            "recommend.retention_days: must be 0 (off) or positive",
-        ),
-        (
-            cfg.recommend.vacuum_retention_hours >= 0,
-            "recommend.vacuum_retention_hours: must not be negative",
-        ),
-        (
-            0.0 <= cfg.recommend.max_metric_drop <= 1.0,
-            "recommend.max_metric_drop: must be within [0, 1]",
-        ),
-        (
-            cfg.recommend.max_per_category >= 0,
-            "recommend.max_per_category: must be 0 (off) or positive",
-        ),
-        (cfg.als.max_iter >= 1, "als.max_iter: must be at least 1"),
-        (cfg.als.train_days >= 1, "als.train_days: must be at least 1"),
-        (cfg.als.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),
-        (
-            cfg.als.intermediate_storage_level in ALS_STORAGE_LEVELS,
-            f"als.intermediate_storage_level: choose {', '.join(ALS_STORAGE_LEVELS)}, "
-            f"got {cfg.als.intermediate_storage_level!r}",
-        ),
-        (
-            all(r > 0 for r in cfg.als.search.rank)
-            and all(i >= 1 for i in cfg.als.search.max_iter),
-            "als.search: every rank must be positive and every max_iter at least 1",
-        ),
-        (
-            all(len(v) > 0 for v in vars(cfg.als.search).values() if isinstance(v, list)),
-            "als.search: every list of values needs at least one value",
-        ),
-        (cfg.als.search.trials >= 0, "als.search.trials: must be 0 (the whole grid) or positive"),
-        (
-            cfg.clean.source_format in SOURCE_FORMATS,
-            f"clean.source_format: choose {', '.join(SOURCE_FORMATS)}, "
-            f"got {cfg.clean.source_format!r}",
-        ),
-        (
-            cfg.clean.rating_min < cfg.clean.rating_max,
-            "clean.rating_min, clean.rating_max: rating_min must be below rating_max, "
-            f"got {cfg.clean.rating_min:g} and {cfg.clean.rating_max:g}",
-        ),
-        (
-            cfg.clean.rating_step >= 0,
-            "clean.rating_step: must not be negative (0 = any value from rating_min to "
-            f"rating_max), got {cfg.clean.rating_step:g}",
-        ),
-    ]
+    """Run every registered check in registration order; returns `cfg`, or raises ConfigError."""
+    for section, check in _CHECKS:
+        check(getattr(cfg, section) if section else cfg)
+    return cfg
+
+
+def _first_failure(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first (ok, message) pair that is not ok."""
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    check_embed(cfg.embed)
-    check_contrastive(cfg.contrastive)
-    _validate_paths(cfg)
-    return cfg
+
+
+def _check_storage(cfg: Config) -> None:
+    """Storage paths are set, and relative ones stay under `root` (no `..` out of the project)."""
+    storage = cfg.storage
+    if storage.engine not in ("auto", "embedded", "spark"):
+        raise ConfigError("storage.engine: choose auto, embedded or spark")
+    paths = {
+        "storage.lakehouse": storage.lakehouse,
+        "storage.landing": storage.landing,
+        "storage.checkpoint_dir": storage.checkpoint_dir,
+        "storage.models_dir": storage.models_dir,
+        "storage.reports_dir": storage.reports_dir,
+    }
+    root = Path(cfg.root).resolve()
+    for key, value in paths.items():
+        if not value.strip() or "\0" in value:
+            raise ConfigError(f"{key}: must be a non-empty path, got {value!r}")
+        if is_uri(value) or os.path.isabs(value):
+            continue
+        if not Path(cfg.path(value)).is_relative_to(root):
+            raise ConfigError(
+                f"{key}: {value!r} resolves outside root {str(root)!r}; "
+                "give an absolute path or a URI to write elsewhere"
+            )
+    if cfg.path(storage.lakehouse) == cfg.path(storage.landing):
+        raise ConfigError("storage.lakehouse and storage.landing must be different folders")
+    if cfg.path(storage.lakehouse) == str(root):
+        raise ConfigError("storage.lakehouse: must be a folder below root, not root itself")
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """The settings the demo generator can honour; generate_demo repeats it for configs built in code."""
+    if cfg.n_items < 10 or cfg.n_users < 10:
+        raise ConfigError("demo.n_items/n_users: at least 10 each")
+    rates = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    rates = {name: rates[name] for name in sorted(rates) if name.endswith("_rate")}
+    bad = [f"demo.{k}={v}" for k, v in rates.items() if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: rates must lie within [0, 1]")
+    # Duplicates and retries copy good events; every other rate replaces one with a broken record.
+    if sum(v for k, v in rates.items() if k not in ("exact_duplicate_rate", "retry_rate")) > 1.0:
+        raise ConfigError("demo: the *_rate settings of broken records add up to more than 1")
+    for name in ("days", "n_topics", "events_per_day"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"demo.{name}: must be at least 1")
+    for name in ("n_bots", "bot_events_per_day", "new_items"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"demo.{name}: must not be negative")
+
+
+def check_clean(cfg: CleanConfig) -> None:
+    """The landing format, the rating scale, and a weight for every event type but rating."""
+    _first_failure(
+        [
+            (
+                cfg.source_format in SOURCE_FORMATS,
+                f"clean.source_format: choose {', '.join(SOURCE_FORMATS)}, "
+                f"got {cfg.source_format!r}",
+            ),
+            (
+                cfg.rating_min < cfg.rating_max,
+                "clean.rating_min, clean.rating_max: rating_min must be below rating_max, "
+                f"got {cfg.rating_min:g} and {cfg.rating_max:g}",
+            ),
+            (
+                cfg.rating_step >= 0,
+                "clean.rating_step: must not be negative (0 = any value from rating_min to "
+                f"rating_max), got {cfg.rating_step:g}",
+            ),
+        ]
+    )
+    # Ratings weigh rating_weight_scale * r, so "rating" needs no weight of its own.
+    missing = [t for t in EVENT_TYPES if t != "rating" and t not in cfg.event_weights]
+    unknown = sorted(set(cfg.event_weights) - set(EVENT_TYPES))
+    if missing:
+        raise ConfigError(f"clean.event_weights: no weight for event type(s) {', '.join(missing)}")
+    if unknown:
+        raise ConfigError(
+            f"clean.event_weights: unknown event type(s) {', '.join(unknown)}; "
+            f"known: {', '.join(EVENT_TYPES)}"
+        )
 
 
 def check_embed(cfg: EmbedConfig, max_positions: int | None = None) -> None:
@@ -647,6 +654,48 @@ def check_embed(cfg: EmbedConfig, max_positions: int | None = None) -> None:
         )
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"embed.device: {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+    if cfg.max_text_chars <= 0:
+        raise ConfigError(f"embed.max_text_chars: must be positive, got {cfg.max_text_chars}")
+
+
+def check_als(cfg: AlsConfig) -> None:
+    """The ALS fit's settings, then the `llmrec tune-als` search space (`als.search`)."""
+    _first_failure(
+        [
+            (cfg.rank > 0, "als.rank: must be positive"),
+            (cfg.max_iter >= 1, "als.max_iter: must be at least 1"),
+            (cfg.train_days >= 1, "als.train_days: must be at least 1"),
+            (cfg.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),
+            (
+                cfg.intermediate_storage_level in ALS_STORAGE_LEVELS,
+                f"als.intermediate_storage_level: choose {', '.join(ALS_STORAGE_LEVELS)}, "
+                f"got {cfg.intermediate_storage_level!r}",
+            ),
+        ]
+    )
+    _check_als_search(cfg.search)
+
+
+def _check_als_search(search: AlsSearchConfig) -> None:
+    name, _, k = search.metric.partition("@")
+    _first_failure(
+        [
+            (
+                all(r > 0 for r in search.rank) and all(i >= 1 for i in search.max_iter),
+                "als.search: every rank must be positive and every max_iter at least 1",
+            ),
+            (
+                all(len(v) > 0 for v in vars(search).values() if isinstance(v, list)),
+                "als.search: every list of values needs at least one value",
+            ),
+            (search.trials >= 0, "als.search.trials: must be 0 (the whole grid) or positive"),
+            (
+                name in RANKING_METRICS and k.isdigit(),
+                f"als.search.metric: a metric@k of {', '.join(sorted(RANKING_METRICS))}, "
+                f"got {search.metric!r}",
+            ),
+        ]
+    )
 
 
 def check_contrastive(cfg: ContrastiveConfig) -> None:
@@ -673,28 +722,96 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
         raise ConfigError("contrastive.input_dropout: must be within [0, 1) (0 = off)")
 
 
-def _validate_paths(cfg: Config) -> None:
-    """Storage paths are set, and relative ones stay under `root` (no `..` out of the project)."""
-    storage = cfg.storage
-    paths = {
-        "storage.lakehouse": storage.lakehouse,
-        "storage.landing": storage.landing,
-        "storage.checkpoint_dir": storage.checkpoint_dir,
-        "storage.models_dir": storage.models_dir,
-        "storage.reports_dir": storage.reports_dir,
-    }
-    root = Path(cfg.root).resolve()
-    for key, value in paths.items():
-        if not value.strip() or "\0" in value:
-            raise ConfigError(f"{key}: must be a non-empty path, got {value!r}")
-        if _is_uri(value) or os.path.isabs(value):
-            continue
-        if not Path(cfg.path(value)).is_relative_to(root):
-            raise ConfigError(
-                f"{key}: {value!r} resolves outside root {str(root)!r}; "
-                "give an absolute path or a URI to write elsewhere"
-            )
-    if cfg.path(storage.lakehouse) == cfg.path(storage.landing):
-        raise ConfigError("storage.lakehouse and storage.landing must be different folders")
-    if cfg.path(storage.lakehouse) == str(root):
-        raise ConfigError("storage.lakehouse: must be a folder below root, not root itself")
+def check_recommend(cfg: RecommendConfig) -> None:
+    """Scoring, filters, retention and the publish gate (the tuned ones: `_check_tuned_settings`)."""
+    _first_failure(
+        [
+            (cfg.top_n > 0, "recommend.top_n: must be positive"),
+            (0.0 <= cfg.text_weight <= 1.0, "recommend.text_weight: must be within [0, 1]"),
+            (cfg.neighbour_temperature > 0, "recommend.neighbour_temperature: must be positive"),
+            (cfg.user_block_size > 0, "recommend.user_block_size: must be positive"),
+            (
+                cfg.driver_max_cells >= 0,
+                "recommend.driver_max_cells: must be 0 (always score on executors) or positive",
+            ),
+            (cfg.retention_days >= 0, "recommend.retention_days: must be 0 (off) or positive"),
+            (
+                cfg.vacuum_retention_hours >= 0,
+                "recommend.vacuum_retention_hours: must not be negative",
+            ),
+            (
+                0.0 <= cfg.max_metric_drop <= 1.0,
+                "recommend.max_metric_drop: must be within [0, 1]",
+            ),
+            (
+                cfg.max_per_category >= 0,
+                "recommend.max_per_category: must be 0 (off) or positive",
+            ),
+        ]
+    )
+
+
+def check_evaluate(cfg: EvaluateConfig) -> None:
+    """The protocols, their split sizes, and the tower temperatures tried when tuning."""
+    _first_failure(
+        [
+            (
+                all(t > 0 for t in cfg.tune_tower_temperatures),
+                "evaluate.tune_tower_temperatures: must be positive",
+            ),
+            (0.0 < cfg.test_fraction < 1.0, "evaluate.test_fraction: must be within (0, 1)"),
+            (
+                bool(cfg.protocols) and set(cfg.protocols) <= set(EVALUATE_PROTOCOLS),
+                f"evaluate.protocols: a non-empty list of {', '.join(EVALUATE_PROTOCOLS)}",
+            ),
+            (0.0 < cfg.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
+            (cfg.max_test_users > 0, "evaluate.max_test_users: must be positive"),
+            (cfg.cold_item_draws >= 0, "evaluate.cold_item_draws: must not be negative"),
+        ]
+    )
+
+
+def _check_tuned_settings(cfg: Config) -> None:
+    """A recommend setting and the evaluate grid that tunes it share one rule and one message."""
+    rec, grids = cfg.recommend, cfg.evaluate
+    _first_failure(
+        [
+            (
+                rec.text_half_life >= 0 and all(h >= 0 for h in grids.tune_text_half_lives),
+                "recommend.text_half_life, evaluate.tune_text_half_lives: must not be negative "
+                "(0 = plain mean)",
+            ),
+            (
+                rec.text_kernel >= 0 and all(k >= 0 for k in grids.tune_text_kernels),
+                "recommend.text_kernel, evaluate.tune_text_kernels: must not be negative "
+                "(0 = the mean vector)",
+            ),
+            (
+                rec.neighbour_factors >= 0 and all(k >= 0 for k in grids.tune_neighbour_factors),
+                "recommend.neighbour_factors, evaluate.tune_neighbour_factors: must not be "
+                "negative (0 = off)",
+            ),
+            (
+                0.0 <= rec.recent_weight <= 1.0
+                and all(0.0 <= r <= 1.0 for r in grids.tune_recent_weights),
+                "recommend.recent_weight, evaluate.tune_recent_weights: must be within [0, 1]",
+            ),
+            (
+                rec.recent_half_life >= 0 and all(h >= 0 for h in grids.tune_recent_half_lives),
+                "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be "
+                "negative (0 = plain mean)",
+            ),
+        ]
+    )
+
+
+# What `validate` runs, in this order.
+register_check(_check_storage)
+register_check(check_demo, "demo")
+register_check(check_clean, "clean")
+register_check(check_embed, "embed")
+register_check(check_als, "als")
+register_check(check_contrastive, "contrastive")
+register_check(check_recommend, "recommend")
+register_check(check_evaluate, "evaluate")
+register_check(_check_tuned_settings)

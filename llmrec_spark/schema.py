@@ -16,8 +16,6 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")
-
 # Recommendation sources, in the `source` column.
 SOURCE_ALS = "als"
 SOURCE_TEXT = "text"
@@ -65,6 +63,8 @@ EVENTS_CLEAN = StructType(
         StructField("ingest_ds", StringType(), False),
     ]
 )
+# The columns of events_clean that the splits, the models and the evaluation read.
+EVENT_COLUMNS = ("user_id", "item_id", "event_ts", "weight")
 
 EVENTS_QUARANTINE = StructType(
     [
@@ -137,6 +137,18 @@ RECOMMENDATIONS = StructType(
             "model_version", StringType(), False, {"comment": "MLflow run id of the models"}
         ),
         StructField("ds", StringType(), False, {"comment": "run date, YYYY-MM-DD; the partition"}),
+    ]
+)
+
+# The recommend stage's scored rows, before model_version and ds are stamped on them.
+# A StructType, not DDL: parsing DDL is a JVM round trip (~10 ms) per small driver-path call.
+SCORED_SCHEMA = StructType(
+    [
+        StructField("user_id", StringType()),
+        StructField("rank", IntegerType()),
+        StructField("item_id", StringType()),
+        StructField("score", FloatType()),
+        StructField("source", StringType()),
     ]
 )
 

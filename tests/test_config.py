@@ -1,16 +1,23 @@
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from llmrec_spark import config
 from llmrec_spark.config import (
     ENVIRONMENTS,
+    CleanConfig,
     Config,
     EmbedConfig,
+    check_clean,
     check_embed,
+    is_uri,
     load_config,
+    register_check,
+    validate,
 )
 from llmrec_spark.errors import ConfigError
 
@@ -95,6 +102,40 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
         ("embed.batch_size=0", "embed.batch_size: must be positive, got 0"),
         ("embed.max_length=1", "embed.max_length: must be at least 2, got 1"),
         ("embed.device=gpu0", "embed.device: 'gpu0' is not auto, cpu, cuda or cuda:N"),
+        ("embed.max_text_chars=0", "embed.max_text_chars: must be positive, got 0"),
+        (
+            "clean.event_weights.like=1",
+            "clean.event_weights: unknown event type(s) like; known: view, click, cart, purchase, rating",
+        ),
+        ("demo.malformed_rate=1.5", "demo.malformed_rate=1.5: rates must lie within [0, 1]"),
+        (
+            "demo.late_rate=0.99",  # + 0.013 of the other broken-record rates
+            "demo: the *_rate settings of broken records add up to more than 1",
+        ),
+        ("demo.days=0", "demo.days: must be at least 1"),
+        ("demo.n_bots=-1", "demo.n_bots: must not be negative"),
+        ("demo.n_items=9", "demo.n_items/n_users: at least 10 each"),
+        (
+            "als.search.metric=ndgc@10",
+            "als.search.metric: a metric@k of f1, hit_rate, map, ndcg, precision, recall, "
+            "got 'ndgc@10'",
+        ),
+        (
+            "als.search.metric=ndcg",
+            "als.search.metric: a metric@k of f1, hit_rate, map, ndcg, precision, recall, "
+            "got 'ndcg'",
+        ),
+        ("als.search.trials=-1", "als.search.trials: must be 0 (the whole grid) or positive"),
+        ("storage.engine=duckdb", "storage.engine: choose auto, embedded or spark"),
+        (
+            "evaluate.protocols=[user_temporal, leave_one_out]",
+            "evaluate.protocols: a non-empty list of user_temporal, cold_item, global_temporal",
+        ),
+        (
+            "recommend.recent_half_life=-1",
+            "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be negative "
+            "(0 = plain mean)",
+        ),
         ("als", "--conf expects key=value, got 'als'"),
         ("evaluate.ks=5", "evaluate.ks: expected a list, got int 5"),
     ],
@@ -146,6 +187,21 @@ def test_base_yaml_sets_every_setting():
     assert "spark.extra" in DEFAULTS and "als.search.trials" in DEFAULTS  # the walk reaches both
 
 
+def test_base_yaml_comments_every_setting():
+    """Each key has a comment on its line or on the line just above it."""
+    lines = (CONF / "base.yaml").read_text().splitlines()
+    path: list[str] = []
+    bare = []
+    for above, line in zip(["#", *lines], lines, strict=False):
+        key = re.match(r"( *)([a-z_]+):", line)
+        if key is None:
+            continue
+        path[len(key.group(1)) // 2 :] = [key.group(2)]
+        if " #" not in line and not above.lstrip().startswith("#"):
+            bare.append(".".join(path))
+    assert bare == [], f"say what these settings do in conf/base.yaml: {bare}"
+
+
 def test_base_yaml_values_are_the_dataclass_defaults(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "base.yaml").write_text((CONF / "base.yaml").read_text())
@@ -178,10 +234,80 @@ def test_embed_max_length_is_bounded_by_the_models_positions():
     assert str(err.value) == "embed.max_length: must be within [2, 512] for this model, got 513"
 
 
-def test_tower_choices_match_the_tower_modules():
-    from llmrec_spark import config
-    from llmrec_spark.core import tower
-    from llmrec_spark.stages import contrastive
+def test_metric_names_in_config_match_the_metric_functions():
+    from llmrec_spark.core import metrics
 
-    assert config.ANCHOR_POOLINGS == tower.ANCHOR_POOLINGS
-    assert config.EXAMPLE_KINDS == contrastive.EXAMPLE_KINDS
+    # The one set of names config cannot import (core.metrics maps them to functions).
+    assert tuple(metrics.METRIC_FUNCTIONS) == config.RANKING_METRICS
+
+
+def test_every_event_type_but_rating_needs_a_weight():
+    # An overlay or --conf can only add weights (mappings merge), so a gap comes from code.
+    with pytest.raises(ConfigError) as err:
+        check_clean(CleanConfig(event_weights={"view": 1.0}))
+    assert (
+        str(err.value) == "clean.event_weights: no weight for event type(s) click, cart, purchase"
+    )
+    check_clean(CleanConfig(event_weights={"view": 1, "click": 2, "cart": 3, "purchase": 4}))
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """The registered checks, restored after the test."""
+    monkeypatch.setattr(config, "_CHECKS", list(config._CHECKS))
+    return config._CHECKS
+
+
+def test_a_registered_check_runs_at_load_and_its_message_reaches_the_user(checks):
+    seen = []
+
+    def top_n_fits_the_catalog(recommend):
+        seen.append(recommend.top_n)
+        if recommend.top_n > 100:
+            raise ConfigError(
+                f"recommend.top_n: at most 100 for this catalog, got {recommend.top_n}"
+            )
+
+    assert register_check(top_n_fits_the_catalog, "recommend") is top_n_fits_the_catalog
+    register_check(top_n_fits_the_catalog, "recommend")  # a second registration keeps one
+    assert load_config(CONF).recommend.top_n == 20
+    assert seen == [20]
+    with pytest.raises(ConfigError) as err:
+        load_config(CONF, overrides=["recommend.top_n=500"])
+    assert str(err.value) == "recommend.top_n: at most 100 for this catalog, got 500"
+
+
+def test_a_whole_config_check_sees_every_section(checks):
+    def landing_beside_lakehouse(cfg):
+        if not cfg.path(cfg.storage.landing).startswith(cfg.root):
+            raise ConfigError("storage.landing: keep it under root")
+
+    register_check(landing_beside_lakehouse)
+    validate(Config(root="/srv/llmrec", storage=config.StorageConfig(landing="landing")))
+    with pytest.raises(ConfigError, match="storage.landing: keep it under root"):
+        validate(Config(root="/srv/llmrec", storage=config.StorageConfig(landing="/data/in")))
+    with pytest.raises(ValueError, match="no section 'recomend'"):
+        register_check(landing_beside_lakehouse, "recomend")
+
+
+@pytest.mark.parametrize(
+    ("value", "uri"),
+    [
+        ("s3a://bucket/lake", True),
+        ("dbfs:/landing", True),
+        ("abfss://c@acct.dfs.core.windows.net/x", True),
+        ("file:/tmp/lake", True),
+        ("C:/data/lake", False),  # a drive letter, not a scheme
+        ("lakehouse", False),
+        ("/data/lake", False),
+        ("lake:house", False),
+    ],
+)
+def test_uris_have_a_scheme_of_two_or_more_letters(value, uri):
+    assert is_uri(value) is uri
+
+
+def test_a_single_slash_uri_is_not_resolved_under_root(tmp_path):
+    cfg = load_config(CONF, overrides=[f"root={tmp_path}", "storage.landing=dbfs:/landing"])
+    assert cfg.path(cfg.storage.landing) == "dbfs:/landing"
+    assert cfg.path("C:/data") == str(tmp_path.resolve() / "C:" / "data")

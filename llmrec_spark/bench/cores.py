@@ -20,9 +20,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llmrec_spark.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +277,24 @@ def bench_cores(
         "training_step_speedup": speedups(training["rows"], "size", "examples_per_s"),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def run(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
+    """`llmrec bench cores`: `bench_cores` on `cfg.embed.model`, sized by LLMREC_BENCH_* variables.
+
+    LLMREC_BENCH_DEVICE=cpu keeps it on the CPU; LLMREC_BENCH_TEXTS and LLMREC_BENCH_CPU_TEXTS
+    are the texts the accelerator and the CPU encode. `options` are unused.
+    """
+    from llmrec_spark.core.encoder import resolve_model
+
+    model_path, _ = resolve_model(cfg.embed.model)
+    on_cpu_only = os.environ.get("LLMREC_BENCH_DEVICE", "auto") == "cpu"
+    return bench_cores(
+        model_path,
+        device="cpu" if on_cpu_only else "auto",
+        texts=int(os.environ.get("LLMREC_BENCH_TEXTS", "20000")),
+        cpu_texts=int(os.environ.get("LLMREC_BENCH_CPU_TEXTS", "1000")),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 The dataset (`io.datasets`) lands as one landing date (the day after its last event) in a
 scratch lakehouse; the real `clean` and `embed` stages run on it, then the offline
-evaluation (`evaluate.evaluate_events`) fits ALS and the text tower on each protocol's
+evaluation (`evaluation.evaluate.evaluate_events`) fits ALS and the text tower on each protocol's
 training part, chooses the hybrids' mix on a validation split of that training part, and
 ranks the six models. Ratings are not clickstreams, so the bot rule and the lateness window
 are widened to the dataset (a rater who rates 500 films in a day is a person catching up),
@@ -14,17 +14,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from typing import Any
 
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.config import Config
+from llmrec_spark.core import encoder
 from llmrec_spark.errors import InputError
-from llmrec_spark.io.datasets import RatingScale
+from llmrec_spark.evaluation.evaluate import Evaluation, evaluate_events
+from llmrec_spark.evaluation.report import MODEL_ORDER, draw_summary, report_summary
+from llmrec_spark.io.datasets import Dataset, RatingScale, load_public_dataset
+from llmrec_spark.pipeline.runner import make_context, run_stage
+from llmrec_spark.runtime.context import RunContext
+from llmrec_spark.runtime.session import build_spark
+from llmrec_spark.runtime.tracking import Tracker
+from llmrec_spark.stages import embed
 
 log = logging.getLogger(__name__)
 
@@ -86,103 +96,183 @@ def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingSca
     )
 
 
-def bench_quality(cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
-    """Run the pipeline on the dataset at `path`; the bar protocols' metrics and the seconds."""
-    from llmrec_spark.evaluation import evaluate
-    from llmrec_spark.io.datasets import load_public_dataset
-    from llmrec_spark.pipeline.runner import make_context, run_stage
-    from llmrec_spark.runtime.session import build_spark
-    from llmrec_spark.runtime.tracking import Tracker
+def run(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
+    """`llmrec bench quality --dataset NAME --path DIR`: `bench_quality` on that folder."""
+    if not options.get("path"):
+        raise InputError(
+            "bench quality needs the dataset folder: llmrec bench quality --dataset movielens --path DIR"
+        )
+    return bench_quality(cfg, dataset=options.get("dataset") or "movielens", path=options["path"])
 
+
+def bench_quality(cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
+    """Run the pipeline on the dataset at `path` in a Spark session of its own (stopped after);
+    the bar protocols' metrics and the seconds."""
     if dataset not in DATASETS:
         raise InputError(
             f"bench quality: unknown dataset {dataset!r}; choose {', '.join(DATASETS)}"
         )
     if not path or not os.path.isdir(path):
         raise InputError(f"bench quality: --path {path!r} is not a folder with the dataset's files")
-    started = time.perf_counter()
-    root = tempfile.mkdtemp(prefix="llmrec-quality-")
     spark = build_spark(cfg)
     try:
+        return measure_quality(spark, cfg, dataset=dataset, path=path)
+    finally:
+        spark.stop()
+
+
+def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
+    """`bench_quality` in `spark`: the dataset landed in a scratch lakehouse (removed after),
+    clean and embed run on it, every protocol evaluated with tuning; the report is copied to
+    cfg's reports folder."""
+    started = time.perf_counter()
+    root = tempfile.mkdtemp(prefix="llmrec-quality-")
+    try:
         data = load_public_dataset(spark, path)
-        span = data.events.agg(
-            F.min(F.to_timestamp("event_ts")).alias("first"),
-            F.max(F.to_timestamp("event_ts")).alias("last"),
-        ).collect()[0]
-        if span["last"] is None:
-            raise InputError(f"bench quality: no events in {path}")
-        ds = (span["last"].date() + dt.timedelta(days=1)).isoformat()
-        span_days = (span["last"] - span["first"]).days + 1
+        ds, span_days = _landing_date(data.events, path)
         qcfg = quality_config(cfg, root, span_days=span_days, ratings=data.rating_scale)
-        qcfg = dataclasses.replace(
-            qcfg,
-            als=dataclasses.replace(qcfg.als, train_days=span_days + 2),
-            contrastive=dataclasses.replace(qcfg.contrastive, train_days=span_days + 2),
-        )
-        landing = qcfg.path(qcfg.storage.landing)
-        data.events.write.mode("overwrite").parquet(os.path.join(landing, "events", f"ds={ds}"))
-        data.catalog.write.mode("overwrite").json(os.path.join(landing, "catalog"))
+        _land(qcfg, data, ds)
         log.info(
             "bench quality: %s (%s) landed as ds=%s, %d days", path, data.layout, ds, span_days
         )
-
         ctx = make_context(qcfg, spark, ds)
-        tracker = Tracker(qcfg)
-        stages = {}
-        for stage in ("clean", "embed"):
-            record = run_stage(ctx, stage, tracker)
-            stages[stage] = {
-                "seconds": round(record.seconds, 1),
-                "rows_in": record.result.rows_in,
-                "rows_out": record.result.rows_out,
-                "rows_quarantined": record.result.rows_quarantined,
-                "rows_excluded": record.result.rows_excluded,
-            }
-        from llmrec_spark.core import encoder
-        from llmrec_spark.stages import embed
-
-        base_id = encoder.base_model_id(qcfg.embed)
-        frozen = embed.latest_embeddings(ctx.store, base_id, qcfg.embed).select(
-            "item_id", "embedding"
-        )
-        protocols = list(BAR_PROTOCOLS) + (
-            ["global_temporal"] if os.environ.get("LLMREC_QUALITY_GLOBAL", "1") == "1" else []
-        )
-        evaluation = evaluate.evaluate_events(
-            ctx,
-            ctx.store.read("events_clean"),
-            catalog=ctx.store.read("items"),
-            frozen=frozen,
-            protocols=protocols,
-            tune=True,
-            work_dir=ctx.model_dir("evaluation"),
-            title=f"llmrec bench quality: {dataset} ({data.layout})",
-        )
+        stages = _prepare(ctx)
+        evaluation = _evaluate(ctx, title=f"llmrec bench quality: {dataset} ({data.layout})")
         report_dir = cfg.path(cfg.storage.reports_dir)
         os.makedirs(report_dir, exist_ok=True)
         report = os.path.join(report_dir, f"quality-{dataset}-{data.layout}.html")
         shutil.copyfile(evaluation.report, report)
-        result = evaluate.quality_json(evaluation)
         return {
             "dataset": dataset,
             "layout": data.layout,
             "path": path,
             "stages": stages,
-            "users": {p.name: {v.name: v.users for v in p.views} for p in evaluation.protocols},
-            "hybrid_params": {k: dataclasses.asdict(v) for k, v in evaluation.params.items()},
-            "als": {
-                "rank": qcfg.als.rank,
-                "max_iter": qcfg.als.max_iter,
-                **(evaluation.tuning.get("als") or {}),
-            },
-            "validation": evaluation.tuning,
-            "report": report,
-            "global_temporal": evaluate.report_summary(
-                [p for p in evaluation.protocols if p.name == "global_temporal"]
-            ).get("global_temporal"),
-            **result,
+            **_evaluation_json(evaluation, qcfg, report),
+            **quality_json(evaluation),
             "seconds": round(time.perf_counter() - started, 1),
         }
     finally:
-        spark.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _landing_date(events: DataFrame, path: str) -> tuple[str, int]:
+    """The landing date (the day after the last event) and the days the events span."""
+    span = events.agg(
+        F.min(F.to_timestamp("event_ts")).alias("first"),
+        F.max(F.to_timestamp("event_ts")).alias("last"),
+    ).collect()[0]
+    if span["last"] is None:
+        raise InputError(f"bench quality: no events in {path}")
+    ds = (span["last"].date() + dt.timedelta(days=1)).isoformat()
+    return ds, (span["last"] - span["first"]).days + 1
+
+
+def _land(cfg: Config, data: Dataset, ds: str) -> None:
+    """The dataset's events as landing date `ds` and its catalog, in cfg's landing zone."""
+    landing = cfg.path(cfg.storage.landing)
+    data.events.write.mode("overwrite").parquet(os.path.join(landing, "events", f"ds={ds}"))
+    data.catalog.write.mode("overwrite").json(os.path.join(landing, "catalog"))
+
+
+def _prepare(ctx: RunContext) -> dict[str, Any]:
+    """The real clean and embed stages on the landed data; per stage its seconds and rows."""
+    tracker = Tracker(ctx.cfg)
+    stages = {}
+    for stage in ("clean", "embed"):
+        record = run_stage(ctx, stage, tracker)
+        stages[stage] = {
+            "seconds": round(record.seconds, 1),
+            "rows_in": record.result.rows_in,
+            "rows_out": record.result.rows_out,
+            "rows_quarantined": record.result.rows_quarantined,
+            "rows_excluded": record.result.rows_excluded,
+        }
+    return stages
+
+
+def _evaluate(ctx: RunContext, *, title: str) -> Evaluation:
+    """The offline evaluation of the cleaned events with tuning: the bar protocols, and
+    global_temporal unless LLMREC_QUALITY_GLOBAL=0."""
+    base_id = encoder.base_model_id(ctx.cfg.embed)
+    frozen = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
+        "item_id", "embedding"
+    )
+    protocols = list(BAR_PROTOCOLS) + (
+        ["global_temporal"] if os.environ.get("LLMREC_QUALITY_GLOBAL", "1") == "1" else []
+    )
+    return evaluate_events(
+        ctx,
+        ctx.store.read("events_clean"),
+        catalog=ctx.store.read("items"),
+        frozen=frozen,
+        protocols=protocols,
+        tune=True,
+        work_dir=ctx.model_dir("evaluation"),
+        title=title,
+    )
+
+
+def _evaluation_json(evaluation: Evaluation, cfg: Config, report: str) -> dict[str, Any]:
+    """Test users per view, the chosen mixes, ALS's settings, the validation trials, the
+    report's path and global_temporal's summary."""
+    return {
+        "users": {p.name: {v.name: v.users for v in p.views} for p in evaluation.protocols},
+        "hybrid_params": {k: dataclasses.asdict(v) for k, v in evaluation.params.items()},
+        "als": {
+            "rank": cfg.als.rank,
+            "max_iter": cfg.als.max_iter,
+            **(evaluation.tuning.get("als") or {}),
+        },
+        "validation": evaluation.tuning,
+        "report": report,
+        "global_temporal": report_summary(
+            [p for p in evaluation.protocols if p.name == "global_temporal"]
+        ).get("global_temporal"),
+    }
+
+
+def quality_json(evaluation: Evaluation) -> dict[str, Any]:
+    """Per protocol and model the bar's metrics (cold_item: cold-only + mixed), and the
+    cold_item draws' Recall@20 with its mean per model."""
+    summary = evaluation.summary()
+    out: dict[str, Any] = {}
+    if "user_temporal" in summary:
+        out["user_temporal"] = {
+            model: {k: round(v, 4) for k, v in values.items() if not _nan(v)}
+            for model, values in summary["user_temporal"]["warm"].items()
+        }
+    if "cold_item" in summary:
+        cold_only = summary["cold_item"].get("cold_only", {})
+        mixed = summary["cold_item"].get("mixed", {})
+        out["cold_item"] = {}
+        for model in MODEL_ORDER:
+            if model not in cold_only and model not in mixed:
+                continue
+            row = {
+                "recall@20": cold_only.get(model, {}).get("recall@20"),
+                "ndcg@20": cold_only.get(model, {}).get("ndcg@20"),
+                "mixed_ndcg@10": mixed.get(model, {}).get("ndcg@10"),
+                "mixed_cold_recall@20": mixed.get(model, {}).get("cold_recall@20"),
+            }
+            out["cold_item"][model] = {k: round(v, 4) for k, v in row.items() if not _nan(v)}
+    if evaluation.draws:
+        out["cold_item_draws"] = _draws_json(evaluation)
+    return out
+
+
+def _draws_json(evaluation: Evaluation) -> dict[str, Any]:
+    """Per cold_item draw its seed, cold items and each model's Recall@20; the means."""
+    draws = evaluation.draws
+    models = [m for m in MODEL_ORDER if any(m in d.recall for d in draws)]
+    return {
+        "seeds": [d.seed for d in draws],
+        "cold_items": [d.cold_items for d in draws],
+        "recall@20": {
+            m: [round(d.recall[m], 4) if m in d.recall else None for d in draws] for m in models
+        },
+        "mean_recall@20": {m: round(v["mean"], 4) for m, v in draw_summary(draws).items()},
+    }
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

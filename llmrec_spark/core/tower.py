@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from llmrec_spark.config import ANCHOR_POOLINGS
+
 PAD = -1
-ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
 
 
 class TextTowerHead(torch.nn.Module):

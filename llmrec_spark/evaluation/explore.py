@@ -1,5 +1,6 @@
 """Views for the notebooks: embeddings, the nightly's MLflow runs, evaluation plots, and the
-published tables read through Spark SQL or delta-rs. Read-only: nothing here writes a table.
+published tables read with delta-rs (Spark SQL views: `io.views.register_views`). Read-only:
+nothing here writes a table.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from llmrec_spark.config import Config
 from llmrec_spark.io.tables import TableStore
 
 log = logging.getLogger(__name__)
-
-PUBLISHED_TABLES = ("items", "events_clean", "item_embeddings", "recommendations", "pipeline_runs")
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,18 +192,7 @@ def user_recommendations(store: TableStore, ds: str, user_id: str) -> DataFrame:
 
 
 # ---------------------------------------------------------------------------------------
-# Querying the published tables
-
-
-def register_views(store: TableStore, names: Sequence[str] = PUBLISHED_TABLES) -> list[str]:
-    """Expose tables as Spark SQL temporary views of the same name; returns the names.
-
-    Works with either engine (the embedded one has no `delta.` SQL source), so notebook SQL
-    reads `FROM recommendations` wherever it runs.
-    """
-    for name in names:
-        store.read(name).createOrReplaceTempView(name)
-    return list(names)
+# Reading the published tables without Spark
 
 
 def read_partition_delta_rs(table_path: str, ds: str | None = None) -> pd.DataFrame:

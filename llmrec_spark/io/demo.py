@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec_spark.config import DemoConfig
+from llmrec_spark.config import DemoConfig, check_demo
 from llmrec_spark.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, A
 
     Returns counts of items, users and events written and of each kind of planted dirt.
     """
-    check_demo_config(cfg)
+    check_demo(cfg)  # a DemoConfig built in code has not been through load_config
     try:
         end = dt.date.fromisoformat(end_ds)
     except ValueError:
@@ -273,22 +273,6 @@ def generate_demo(cfg: DemoConfig, landing_dir: str, end_ds: str) -> dict[str, A
         summary["seconds"],
     )
     return summary
-
-
-def check_demo_config(cfg: DemoConfig) -> None:
-    """ConfigError for settings the generator cannot honour."""
-    rates = {name: getattr(cfg, name) for name in dir(cfg) if name.endswith("_rate")}
-    bad = [f"demo.{k}={v}" for k, v in sorted(rates.items()) if not 0.0 <= v <= 1.0]
-    if bad:
-        raise ConfigError(f"{', '.join(bad)}: rates must lie within [0, 1]")
-    if sum(v for k, v in rates.items() if k not in ("exact_duplicate_rate", "retry_rate")) > 1.0:
-        raise ConfigError("demo: the *_rate settings of broken records add up to more than 1")
-    for name in ("days", "n_topics", "events_per_day"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"demo.{name}: must be at least 1")
-    for name in ("n_bots", "bot_events_per_day", "new_items"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"demo.{name}: must not be negative")
 
 
 @dataclass

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from llmrec_spark.config import Config
+from llmrec_spark.runtime.tracking import tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +31,24 @@ def registered_name(cfg: Config, artifact: str) -> str:
     return str(getattr(cfg.mlflow, REGISTERED_ARTIFACTS[artifact]))
 
 
+def _client(cfg: Config) -> MlflowClient:
+    """A client of the configured tracking server (also made MLflow's current one)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return MlflowClient()
+
+
 def register_artifacts(
     cfg: Config, run_id: str | None, artifacts: Mapping[str, str], ds: str
 ) -> dict[str, str]:
     """Register each registrable artifact logged by run `run_id`; returns artifact -> "name/version"."""
     if not cfg.mlflow.enabled or run_id is None:
         return {}
-    import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from llmrec_spark.runtime.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
+    client = _client(cfg)
     run = client.get_run(run_id)
     out: dict[str, str] = {}
     for artifact in artifacts:
@@ -65,14 +74,9 @@ def versions_for(cfg: Config, ds: str) -> dict[str, str]:
     """artifact -> "name/version": the newest registered version of each model trained for `ds`."""
     if not cfg.mlflow.enabled:
         return {}
-    import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from llmrec_spark.runtime.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
+    client = _client(cfg)
     out: dict[str, str] = {}
     for artifact in REGISTERED_ARTIFACTS:
         name = registered_name(cfg, artifact)
@@ -90,13 +94,7 @@ def set_champions(cfg: Config, versions: Mapping[str, str]) -> None:
     """Point the champion alias of each registered model at the published version."""
     if not cfg.mlflow.enabled or not versions:
         return
-    import mlflow
-    from mlflow import MlflowClient
-
-    from llmrec_spark.runtime.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
+    client = _client(cfg)
     for qualified in versions.values():
         name, _, version = qualified.rpartition("/")
         client.set_registered_model_alias(name, cfg.mlflow.champion_alias, version)

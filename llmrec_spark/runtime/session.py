@@ -6,12 +6,13 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from llmrec_spark.config import Config
+from llmrec_spark.config import Config, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +106,24 @@ logger.netlib_blas.filter.vector_api.onMismatch = NEUTRAL
 
 def _local_log4j2(cfg: Config) -> str | None:
     """Path of LOCAL_LOG4J2, written to the scratch folder; None where the user's Spark conf
-    folder has its own log4j2.properties (theirs wins) or the scratch folder is not local."""
+    folder has its own log4j2.properties (theirs wins)."""
     spark_home = os.environ.get("SPARK_HOME")
     conf_dir = os.environ.get("SPARK_CONF_DIR") or (spark_home and os.path.join(spark_home, "conf"))
     if conf_dir and os.path.isfile(os.path.join(conf_dir, "log4j2.properties")):
         return None
-    scratch = _scratch(cfg)
-    if "://" in scratch:
-        return None
-    path = Path(scratch) / "log4j2.properties"
+    path = Path(_scratch(cfg)) / "log4j2.properties"
     path.write_text(LOCAL_LOG4J2)
     return str(path)
 
 
 def _scratch(cfg: Config) -> str:
-    path = Path(cfg.path(cfg.storage.lakehouse)) / "_scratch"
-    if "://" not in str(path):
-        path.mkdir(parents=True, exist_ok=True)
+    """A local folder for Derby's home and the local log4j2 file: `_scratch` under the lakehouse
+    when that is a local path, else under the machine's temp folder (an s3a:// or dbfs:/
+    lakehouse is no place for either, and a Path would fold its `//`)."""
+    lakehouse = cfg.path(cfg.storage.lakehouse)
+    base = Path(tempfile.gettempdir()) / "llmrec-spark" if is_uri(lakehouse) else Path(lakehouse)
+    path = base / "_scratch"
+    path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 

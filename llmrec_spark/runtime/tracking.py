@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from llmrec_spark.config import Config
+from llmrec_spark.config import Config, is_uri
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -30,7 +30,7 @@ def artifact_location(cfg: Config) -> str | None:
     location = cfg.mlflow.artifact_location
     if not location:
         return None
-    if "://" in location:
+    if is_uri(location):
         return location
     return "file://" + cfg.path(location)
 

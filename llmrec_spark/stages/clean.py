@@ -10,13 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import operator
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import reduce
-from typing import Any
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -24,11 +20,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 from pyspark.sql.utils import AnalysisException
 
-from llmrec_spark.config import CleanConfig, Config
-from llmrec_spark.errors import ConfigError, GateError, InputError
-from llmrec_spark.io.sources import read_event_lines, read_landing_lines
+from llmrec_spark.config import EVENT_TYPES, CleanConfig, check_clean
+from llmrec_spark.errors import GateError, InputError
+from llmrec_spark.io.sources import read_event_lines
 from llmrec_spark.runtime.context import RunContext, StageResult
-from llmrec_spark.schema import CATALOG, EVENT_TYPES, RAW_EVENT
+from llmrec_spark.schema import CATALOG, EVENTS_CLEAN, EVENTS_QUARANTINE, RAW_EVENT
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +208,7 @@ def validate_events(
     `event_ts` becomes a timestamp, ids are trimmed, `event_type` lower-cased, `value` kept for
     ratings only; a missing event_id becomes a hash of the raw line, so its repeats still dedup.
     """
-    day_start = _epoch_s(ds)
+    day_start = utc_day_start_s(ds)
     latest_s = day_start + DAY_S + max_future_skew_s
     earliest_s = day_start - max_late_days * DAY_S
     known = known_items.select(F.col("item_id").alias("_known_item")).distinct()
@@ -461,24 +457,20 @@ def clean_events(
 
 def to_events_clean(outcomes: DataFrame, *, ingest_ds: str) -> DataFrame:
     """Clean rows in the events_clean layout: ds = UTC event date, ingest_ds = landing date."""
-    return outcomes.where(F.col("outcome") == CLEAN).select(
-        "event_id",
-        "user_id",
-        "item_id",
-        "event_type",
-        "event_ts",
-        "value",
-        "session_id",
-        "weight",
-        _event_date(F.col("event_ts")).alias("ds"),
-        F.lit(ingest_ds).alias("ingest_ds"),
+    return (
+        outcomes.where(F.col("outcome") == CLEAN)
+        .withColumn("ds", _event_date(F.col("event_ts")))
+        .withColumn("ingest_ds", F.lit(ingest_ds))
+        .select(*EVENTS_CLEAN.fieldNames())
     )
 
 
 def to_quarantine(outcomes: DataFrame, *, ds: str) -> DataFrame:
     """Quarantined and excluded rows in the events_quarantine layout (ds = landing date)."""
-    return outcomes.where(F.col("outcome").isin(QUARANTINED, EXCLUDED)).select(
-        "raw", "reasons", "source_file", "user_id", F.lit(ds).alias("ds")
+    return (
+        outcomes.where(F.col("outcome").isin(QUARANTINED, EXCLUDED))
+        .withColumn("ds", F.lit(ds))
+        .select(*EVENTS_QUARANTINE.fieldNames())
     )
 
 
@@ -507,7 +499,8 @@ def _event_date(ts: Column) -> Column:
     return F.date_format(F.date_from_unix_date(days), "yyyy-MM-dd")
 
 
-def _epoch_s(ds: str) -> int:
+def utc_day_start_s(ds: str) -> int:
+    """Unix seconds of 00:00 UTC on date `ds` (YYYY-MM-DD)."""
     day = dt.date.fromisoformat(ds)
     return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
 
@@ -528,17 +521,24 @@ def read_catalog(spark: SparkSession, path: str) -> DataFrame:
         raise
 
 
-def check_weights(cfg: CleanConfig) -> None:
-    """Every event type needs a weight (ratings use rating_weight_scale)."""
-    missing = [t for t in EVENT_TYPES if t != "rating" and t not in cfg.event_weights]
-    unknown = sorted(set(cfg.event_weights) - set(EVENT_TYPES))
-    if missing:
-        raise ConfigError(f"clean.event_weights: no weight for event type(s) {', '.join(missing)}")
-    if unknown:
-        raise ConfigError(
-            f"clean.event_weights: unknown event type(s) {', '.join(unknown)}; "
-            f"known: {', '.join(EVENT_TYPES)}"
-        )
+@dataclass(frozen=True)
+class OutcomeCounts:
+    """Rows of one landing date per outcome, as `_outcome_counts` finds them."""
+
+    clean: int
+    duplicates_exact: int
+    duplicates_near: int
+    quarantined: int
+    excluded: int
+    # Clean events dated before the landing date.
+    late: int
+    bot_users: int
+    # Quarantined rows per reason code ("bad_type:user_id" also counts under "bad_type").
+    reasons: dict[str, int]
+
+    @property
+    def duplicates(self) -> int:
+        return self.duplicates_exact + self.duplicates_near
 
 
 def run_clean(ctx: RunContext) -> StageResult:
@@ -547,62 +547,103 @@ def run_clean(ctx: RunContext) -> StageResult:
     The quarantine partition is written before the gates, so a failed gate can be inspected;
     events_clean is only replaced when the gates pass.
     """
-    cfg = ctx.cfg.clean
-    ds = ctx.ds
-    check_weights(cfg)
+    cfg, ds = ctx.cfg.clean, ctx.ds
+    check_clean(cfg)  # a Config built in code skips load_config's checks
+    _check_run_date(ds)
+    all_lines = read_event_lines(
+        ctx.spark, cfg.source_format, events_root=ctx.landing("events"), ds=ds
+    )
+    # Both inputs are opened (InputError when one is missing) before either is counted.
+    raw_catalog = read_catalog(ctx.spark, ctx.landing("catalog"))
+    rows_in, blank_lines = _count_lines(all_lines, landing=ctx.landing("events", f"ds={ds}"))
+    lines = all_lines.where(~_is_blank(F.col("raw")))
+    catalog, n_items = _cached_catalog(raw_catalog, path=ctx.landing("catalog"))
+    try:
+        prior, lookback = _recent_clean_events(ctx, days=cfg.lookback_days)
+        log.info(
+            "clean %s: %d input lines, %d catalog items, dedup against ingest dates %s",
+            ds,
+            rows_in,
+            n_items,
+            ", ".join(lookback) or "none",
+        )
+        outcomes = clean_events(lines, ds=ds, known_items=catalog, prior=prior, cfg=cfg)
+        counts = _write_outcomes(ctx, outcomes, catalog, rows_in=rows_in)
+    finally:
+        catalog.unpersist()
+    _reconcile_written(ctx, rows_in=rows_in, duplicates=counts.duplicates)
+    _log_outcomes(ds, rows_in, counts)
+    return _clean_result(cfg, ds, counts, rows_in=rows_in, blank_lines=blank_lines, n_items=n_items)
+
+
+def _check_run_date(ds: str) -> None:
     try:
         dt.date.fromisoformat(ds)
     except ValueError:
         raise InputError(f"run date {ds!r} is not a date in YYYY-MM-DD form") from None
-    spark = ctx.spark
 
-    landing = ctx.landing("events", f"ds={ds}")
-    all_lines = read_event_lines(spark, cfg.source_format, events_root=ctx.landing("events"), ds=ds)
-    catalog_path = ctx.landing("catalog")
-    raw_catalog = read_catalog(spark, catalog_path)
 
+def _is_blank(raw: Column) -> Column:
     # Blank lines are not records (as in Spark's own JSON reader); they are counted, not kept.
-    is_blank = F.trim(F.col("raw")) == ""
-    line_counts = all_lines.agg(
-        F.count(F.lit(1)).alias("lines"), F.sum(is_blank.cast("long")).alias("blank")
+    return F.trim(raw) == ""
+
+
+def _count_lines(lines: DataFrame, *, landing: str) -> tuple[int, int]:
+    """(records, blank lines) among the landing lines; InputError when there is no record."""
+    counts = lines.agg(
+        F.count(F.lit(1)).alias("lines"),
+        F.sum(_is_blank(F.col("raw")).cast("long")).alias("blank"),
     ).collect()[0]
-    rows_in = int(line_counts["lines"]) - int(line_counts["blank"] or 0)
-    if rows_in == 0:
+    blank = int(counts["blank"] or 0)
+    records = int(counts["lines"]) - blank
+    if records == 0:
         raise InputError(
             f"no event lines under {landing}; check the upstream export or storage.landing"
         )
-    lines = all_lines.where(~is_blank)
+    return records, blank
 
+
+def _cached_catalog(raw_catalog: DataFrame, *, path: str) -> tuple[DataFrame, int]:
+    """(the normalised catalog, cached; its item count); InputError when it has no item."""
     catalog = normalize_catalog(raw_catalog).cache()
     n_items = catalog.count()
     if n_items == 0:
         catalog.unpersist()
-        raise InputError(f"the item catalog at {catalog_path} has no item with an item_id")
-    lookback = [_shift(ds, -d) for d in range(1, cfg.lookback_days + 1)]
-    prior = ctx.store.read("events_clean", where={"ingest_ds": lookback}) if lookback else None
-    log.info(
-        "clean %s: %d input lines, %d catalog items, dedup against ingest dates %s",
-        ds,
-        rows_in,
-        n_items,
-        ", ".join(lookback) or "none",
-    )
+        raise InputError(f"the item catalog at {path} has no item with an item_id")
+    return catalog, n_items
 
-    outcomes = clean_events(lines, ds=ds, known_items=catalog, prior=prior, cfg=cfg)
+
+def _recent_clean_events(ctx: RunContext, *, days: int) -> tuple[DataFrame | None, list[str]]:
+    """(events_clean of the `days` landing dates before ctx.ds, or None when days is 0; those dates)."""
+    lookback = [_shift(ctx.ds, -d) for d in range(1, days + 1)]
+    if not lookback:
+        return None, lookback
+    return ctx.store.read("events_clean", where={"ingest_ds": lookback}), lookback
+
+
+def _write_outcomes(
+    ctx: RunContext, outcomes: DataFrame, catalog: DataFrame, *, rows_in: int
+) -> OutcomeCounts:
+    """Count and reconcile the outcomes, write the quarantine partition, pass the gates, then
+    write events_clean and the catalog snapshot."""
+    cfg, ds = ctx.cfg.clean, ctx.ds
     outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts, reasons = _outcome_counts(outcomes, ds=ds)
-        late, bot_users = counts["late"], counts["bot_users"]
-        n_out = counts[CLEAN]
-        n_dup = counts["duplicate_exact"] + counts["duplicate_near"]
-        n_quarantined, n_excluded = counts[QUARANTINED], counts[EXCLUDED]
-        _reconcile(ds, rows_in, n_out, n_dup, n_quarantined, n_excluded, "before writing")
-
+        counts = _outcome_counts(outcomes, ds=ds)
+        _reconcile(
+            ds,
+            rows_in,
+            counts.clean,
+            counts.duplicates,
+            counts.quarantined,
+            counts.excluded,
+            "before writing",
+        )
         ctx.store.overwrite(
             "events_quarantine", to_quarantine(outcomes, ds=ds), partitions={"ds": ds}
         )
-        _quarantine_gate(cfg, rows_in, n_quarantined)
-        _volume_gate(ctx, cfg, n_out + n_quarantined + n_excluded)
+        _quarantine_gate(cfg, rows_in, counts.quarantined)
+        _volume_gate(ctx, cfg, counts.clean + counts.quarantined + counts.excluded)
         ctx.store.overwrite(
             "events_clean", to_events_clean(outcomes, ingest_ds=ds), partitions={"ingest_ds": ds}
         )
@@ -610,8 +651,12 @@ def run_clean(ctx: RunContext) -> StageResult:
         ctx.store.overwrite("items", catalog)
     finally:
         outcomes.unpersist()
-        catalog.unpersist()
+    return counts
 
+
+def _reconcile_written(ctx: RunContext, *, rows_in: int, duplicates: int) -> None:
+    """Reconcile again against what events_clean and events_quarantine now hold for ctx.ds."""
+    ds = ctx.ds
     written_clean = ctx.store.read("events_clean", where={"ingest_ds": ds}).count()
     quarantine = ctx.store.read("events_quarantine", where={"ds": ds})
     is_bot = F.array_contains("reasons", BOT_REASON)
@@ -622,62 +667,79 @@ def run_clean(ctx: RunContext) -> StageResult:
         ds,
         rows_in,
         written_clean,
-        n_dup,
+        duplicates,
         int(written["other"] or 0),
         int(written["bot"] or 0),
         "in the written tables",
     )
 
-    quarantine_rate = n_quarantined / rows_in if rows_in else 0.0
-    metrics: dict[str, float] = {
-        "quarantine_rate": quarantine_rate,
-        "duplicate_rate": n_dup / rows_in if rows_in else 0.0,
-        "duplicates_exact": counts["duplicate_exact"],
-        "duplicates_near": counts["duplicate_near"],
-        "bot_users": bot_users,
-        "late_events": late,
-        "blank_lines": int(line_counts["blank"] or 0),
-        "catalog_items": n_items,
-        **{f"quarantine_{code}": reasons.get(code, 0) for code in REASONS},
-    }
+
+def _log_outcomes(ds: str, rows_in: int, counts: OutcomeCounts) -> None:
     log.info(
         "clean %s: %d in -> %d clean, %d duplicate (%d exact, %d near), %d quarantined (%.2f%%), "
         "%d excluded from %d bot users",
         ds,
         rows_in,
-        n_out,
-        n_dup,
-        counts["duplicate_exact"],
-        counts["duplicate_near"],
-        n_quarantined,
-        100 * quarantine_rate,
-        n_excluded,
-        bot_users,
+        counts.clean,
+        counts.duplicates,
+        counts.duplicates_exact,
+        counts.duplicates_near,
+        counts.quarantined,
+        100 * _rate(counts.quarantined, rows_in),
+        counts.excluded,
+        counts.bot_users,
     )
+
+
+def _rate(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _clean_result(
+    cfg: CleanConfig,
+    ds: str,
+    counts: OutcomeCounts,
+    *,
+    rows_in: int,
+    blank_lines: int,
+    n_items: int,
+) -> StageResult:
+    """The stage's row counts, metrics (rates, counts per reason code) and nightly summary."""
+    metrics: dict[str, float] = {
+        "quarantine_rate": _rate(counts.quarantined, rows_in),
+        "duplicate_rate": _rate(counts.duplicates, rows_in),
+        "duplicates_exact": counts.duplicates_exact,
+        "duplicates_near": counts.duplicates_near,
+        "bot_users": counts.bot_users,
+        "late_events": counts.late,
+        "blank_lines": blank_lines,
+        "catalog_items": n_items,
+        **{f"quarantine_{code}": counts.reasons.get(code, 0) for code in REASONS},
+    }
     return StageResult(
         rows_in=rows_in,
-        rows_out=n_out,
-        rows_duplicate=n_dup,
-        rows_quarantined=n_quarantined,
-        rows_excluded=n_excluded,
+        rows_out=counts.clean,
+        rows_duplicate=counts.duplicates,
+        rows_quarantined=counts.quarantined,
+        rows_excluded=counts.excluded,
         metrics=metrics,
         params={f"clean.{k}": v for k, v in vars(cfg).items()},
         summary={
             "ds": ds,
-            "clean": n_out,
-            "duplicates": n_dup,
-            "quarantined": n_quarantined,
-            "quarantine_reasons": {k: v for k, v in sorted(reasons.items())},
-            "excluded_bot_events": n_excluded,
-            "bot_users": bot_users,
-            "late_events": late,
+            "clean": counts.clean,
+            "duplicates": counts.duplicates,
+            "quarantined": counts.quarantined,
+            "quarantine_reasons": dict(sorted(counts.reasons.items())),
+            "excluded_bot_events": counts.excluded,
+            "bot_users": counts.bot_users,
+            "late_events": counts.late,
             "catalog_items": n_items,
         },
     )
 
 
-def _outcome_counts(outcomes: DataFrame, *, ds: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(rows per outcome with duplicates by kind, late clean events and bot users; rows per reason code)."""
+def _outcome_counts(outcomes: DataFrame, *, ds: str) -> OutcomeCounts:
+    """Rows per outcome (duplicates by kind), late clean events, bot users and rows per reason code."""
     keys = (CLEAN, QUARANTINED, EXCLUDED, "duplicate_exact", "duplicate_near", "late", "bot_users")
     counts = dict.fromkeys(keys, 0)
     reasons: dict[str, int] = {}
@@ -703,7 +765,16 @@ def _outcome_counts(outcomes: DataFrame, *, ds: str) -> tuple[dict[str, int], di
             families = {code.partition(":")[0] for code in row["reasons"]}
             for code in families | set(row["reasons"]):
                 reasons[code] = reasons.get(code, 0) + int(row["rows"])
-    return counts, reasons
+    return OutcomeCounts(
+        clean=counts[CLEAN],
+        duplicates_exact=counts["duplicate_exact"],
+        duplicates_near=counts["duplicate_near"],
+        quarantined=counts[QUARANTINED],
+        excluded=counts[EXCLUDED],
+        late=counts["late"],
+        bot_users=counts["bot_users"],
+        reasons=reasons,
+    )
 
 
 def _reconcile(
@@ -742,120 +813,3 @@ def _volume_gate(ctx: RunContext, cfg: CleanConfig, records: int) -> None:
 
 def _shift(ds: str, days: int) -> str:
     return (dt.date.fromisoformat(ds) + dt.timedelta(days=days)).isoformat()
-
-
-# --------------------------------------------------------------------------- benchmark
-
-BENCH_USERS, BENCH_ITEMS = 200_000, 20_000
-
-
-def generate_bench_lines(spark: SparkSession, *, n_events: int, ds: str, seed: int) -> DataFrame:
-    """`n_events` landing lines (one JSON text column `value`) for `ds`, generated by Spark.
-
-    Deterministic by `seed`: every 50th line repeats the previous event (exact duplicate),
-    every 50th is a client retry 3 s after an earlier event, 1 in 200 is not JSON and 1 in 333
-    names an unknown item.
-    """
-    day_start = _epoch_s(ds)
-    idx = F.col("id")
-    phase = idx % 50
-    src = F.when(phase == 1, idx - 1).when(phase == 2, idx - 2).otherwise(idx)
-
-    def rand(salt: int, modulus: int) -> Column:
-        return F.pmod(F.xxhash64(src, F.lit(seed), F.lit(salt)), F.lit(modulus))
-
-    types = F.array(*[F.lit(t) for t in ("view", "view", "view", "click", "click", "cart")])
-    item = F.when((idx % 333 == 4) & (phase > 2), F.lit("i-unknown")).otherwise(
-        F.format_string("i%05d", rand(2, BENCH_ITEMS))
-    )
-    ts_s = F.lit(day_start) + rand(4, DAY_S - 60) + F.when(phase == 2, F.lit(3)).otherwise(0)
-    record = F.struct(
-        F.format_string("e%010d", F.when(phase == 1, src).otherwise(idx)).alias("event_id"),
-        F.format_string("u%06d", rand(1, BENCH_USERS)).alias("user_id"),
-        item.alias("item_id"),
-        F.element_at(types, (rand(3, 6) + 1).cast("int")).alias("event_type"),
-        F.date_format(F.timestamp_seconds(ts_s), "yyyy-MM-dd'T'HH:mm:ss'Z'").alias("event_ts"),
-        F.format_string("s%07d", rand(5, 10_000_000)).alias("session_id"),
-        F.lit("web").alias("source"),
-    )
-    line = F.when((idx % 200 == 7) & (phase > 2), F.lit("ERROR 502 upstream timed out")).otherwise(
-        F.to_json(record)
-    )
-    return spark.range(n_events).select(line.alias("value"))
-
-
-def plain_sql_clean(
-    lines: DataFrame, *, ds: str, known_items: DataFrame, cfg: CleanConfig
-) -> DataFrame:
-    """The reference job: parse, the same validity filters, `dropDuplicates` on event_id."""
-    day_start = _epoch_s(ds)
-    parsed = lines.select(F.from_json("raw", RAW_EVENT).alias("e")).select("e.*")
-    ts_s = F.unix_seconds(F.expr("try_cast(event_ts AS TIMESTAMP)"))
-    longest = F.greatest(*[F.length(name) for name in STRING_FIELDS])
-    known = known_items.select("item_id").distinct()
-    return (
-        parsed.where(
-            (F.trim("user_id") != "")
-            & (F.trim("item_id") != "")
-            & F.lower(F.trim("event_type")).isin(*EVENT_TYPES)
-            & ts_s.between(
-                day_start - cfg.max_late_days * DAY_S, day_start + DAY_S + cfg.max_future_skew_s
-            )
-            & (longest <= cfg.max_field_chars)
-        )
-        .join(F.broadcast(known), "item_id", "left_semi")
-        .dropDuplicates(["event_id"])
-    )
-
-
-def bench_clean(spark: SparkSession, cfg: Config, *, n_events: int, runs: int) -> dict[str, Any]:
-    """Events/s of `clean_events` and its time against `plain_sql_clean` on the same landing files."""
-    ds = "2026-11-23"
-    scratch = tempfile.mkdtemp(prefix="llmrec-bench-clean-")
-    try:
-        landing = os.path.join(scratch, "events")
-        started = time.perf_counter()
-        generate_bench_lines(spark, n_events=n_events, ds=ds, seed=cfg.demo.seed).write.text(
-            landing
-        )
-        log.info(
-            "bench clean: %d lines generated in %.1fs", n_events, time.perf_counter() - started
-        )
-        items = spark.range(BENCH_ITEMS).select(F.format_string("i%05d", "id").alias("item_id"))
-        items = items.cache()
-        items.count()
-
-        def stage() -> None:
-            lines = read_landing_lines(spark, landing)
-            outcomes = clean_events(lines, ds=ds, known_items=items, prior=None, cfg=cfg.clean)
-            outcomes.write.format("noop").mode("overwrite").save()
-
-        def plain() -> None:
-            lines = read_landing_lines(spark, landing)
-            plain_sql_clean(lines, ds=ds, known_items=items, cfg=cfg.clean).write.format(
-                "noop"
-            ).mode("overwrite").save()
-
-        timings: dict[str, list[float]] = {"stage": [], "plain": []}
-        for attempt in range(runs):
-            for name, job in (("plain", plain), ("stage", stage)):
-                started = time.perf_counter()
-                job()
-                timings[name].append(time.perf_counter() - started)
-                log.info("bench clean: run %d %s %.1fs", attempt + 1, name, timings[name][-1])
-        items.unpersist()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    stage_s, plain_s = min(timings["stage"]), min(timings["plain"])
-    return {
-        "events": n_events,
-        "events_per_s": round(n_events / stage_s, 1),
-        "stage_seconds": round(stage_s, 3),
-        "plain_sql_seconds": round(plain_s, 3),
-        "ratio_vs_plain_sql": round(stage_s / plain_s, 3),
-        "target_ratio_vs_plain_sql": 1.3,
-        "cores": spark.sparkContext.defaultParallelism,
-        "runs": runs,
-        "timing": f"best of {runs}; both read the same JSON-lines files and write to a noop sink",
-        "all_seconds": {k: [round(x, 2) for x in v] for k, v in timings.items()},
-    }

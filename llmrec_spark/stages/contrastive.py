@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
-from llmrec_spark.config import ContrastiveConfig, check_contrastive
+from llmrec_spark.config import EXAMPLE_KINDS, ContrastiveConfig, check_contrastive
 from llmrec_spark.core.tower import (
     PAD,
     EnsembleHead,
@@ -62,9 +62,6 @@ HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
 # Member k of an ensemble trains with seed + k * this (its init, batch order and negatives).
 MEMBER_SEED_STRIDE = 100_003
-# user_item: (user, positive item) with the user's other items as the anchor's history;
-# next_item: (items touched so far -> the next new item), the sequential variant.
-EXAMPLE_KINDS = ("user_item", "next_item")
 PETASTORM_CACHE_CONF = "petastorm.spark.converter.parentCacheDirUrl"
 # Rows per training-data file; petastorm shards files/row groups across ranks.
 EXAMPLES_PER_FILE = 50_000
@@ -153,119 +150,192 @@ def _train(
     loader_fn: Callable[..., Any],
     save_file: Callable[..., Any],
 ) -> dict[str, Any]:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    seed = int(config["seed"])
-    members = int(config.get("members", 1))
-    epochs = int(config["epochs"])
+    """Train every member head of `train_text_tower`'s config in this process, resuming from the
+    checkpoint; rank 0 saves the head. Returns the training summary (the same on every rank)."""
     base_np = np.load(config["item_matrix_path"], allow_pickle=False)
-    base = torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device)
-    n_items, in_dim = base.shape
-    checkpoint_path = os.path.join(config["checkpoint_dir"], CHECKPOINT)
-    state = _load_checkpoint(checkpoint_path, config.get("fingerprint", ""), device)
-    # The checkpoint holds the finished members' weights and the current member's state.
-    finished: list[dict[str, torch.Tensor]] = []
-    start_member, start_epoch, step, losses = 0, 0, 0, []
-    if state is not None:
-        finished = list(state.get("finished", []))
-        start_member, start_epoch = int(state.get("member", 0)), int(state["epoch"])
-        step, losses = int(state["step"]), list(state["losses"])
-        if rank == 0:
-            log.info(
-                "resuming from %s: member %d, epoch %d, step %d",
-                checkpoint_path,
-                start_member + 1,
-                start_epoch,
-                step,
-            )
-    loss_fn = InfoNCELoss(float(config["temperature"]))
-    tracker = _RankZeroMetrics(config if rank == 0 else {})
-    fail_after = config.get("fail_after_epoch")
-
-    for member in range(start_member, members):
-        member_seed = seed + MEMBER_SEED_STRIDE * member  # member 0 trains as a lone head would
-        head = _new_head(config, in_dim, member_seed).to(device)
-        optimizer = make_optimizer(head, config)
-        first_epoch = 0
-        if state is not None and member == start_member:
-            head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            first_epoch = start_epoch
-        model: torch.nn.Module = head
-        if distributed:
-            model = DistributedDataParallel(
-                head, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        for epoch in range(first_epoch, epochs):
-            started = time.perf_counter()
-            epoch_loss, rows, step = _train_epoch(
-                config,
-                model,
-                optimizer,
-                loss_fn,
-                base,
-                loader_fn,
-                member_seed,
-                epoch,
-                step,
-                rank=rank,
-                world_size=world_size,
-                distributed=distributed,
-            )
-            losses.append(epoch_loss)
-            done = member * epochs + epoch + 1  # epochs finished over all members
-            if rank == 0:
-                _save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "member": member,
-                        "finished": finished,
-                        "head": head.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "losses": list(losses),
-                        "fingerprint": config.get("fingerprint", ""),
-                    },
-                )
-                seconds = time.perf_counter() - started
-                log.info(
-                    "member %d/%d epoch %d/%d loss %.4f step %d (%.1fs, %.0f examples/s)",
-                    member + 1,
-                    members,
-                    epoch + 1,
-                    epochs,
-                    epoch_loss,
-                    step,
-                    seconds,
-                    rows / max(seconds, 1e-9),
-                )
-                tracker.log(epoch_loss, done)
-            if distributed:
-                dist.barrier()
-            if fail_after is not None and done == int(fail_after):
-                raise RuntimeError(f"simulated failure after epoch {done} (fail_after_epoch)")
-        finished.append({k: v.detach().cpu() for k, v in head.state_dict().items()})
+    process = _Process(
+        config=config,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        distributed=distributed,
+        loader_fn=loader_fn,
+        base=torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device),
+        loss_fn=InfoNCELoss(float(config["temperature"])),
+        checkpoint_path=os.path.join(config["checkpoint_dir"], CHECKPOINT),
+        tracker=_RankZeroMetrics(config if rank == 0 else {}),
+    )
+    members, epochs = int(config.get("members", 1)), int(config["epochs"])
+    state = _load_checkpoint(process.checkpoint_path, config.get("fingerprint", ""), device)
+    progress = _resume_point(state, process)
+    for member in range(progress.start_member, members):
+        resume = state if state is not None and member == progress.start_member else None
+        progress.finished.append(_train_member(process, member, progress, resume))
 
     if rank == 0:
-        final = _trained_head(config, in_dim, finished)
+        final = _trained_head(config, process.base.shape[1], progress.finished)
         save_head(final, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
-    if distributed:
-        # Rank 0's step counter is the one checkpointed; shards may differ by a batch.
-        shared_step = torch.tensor([step], dtype=torch.int64, device=device)
-        dist.broadcast(shared_step, src=0)  # also: no rank returns before the head is on disk
-        step = int(shared_step.item())
-    resumed_from = start_member * epochs + start_epoch if state is not None else None
+    step = _shared_step(process, progress.step)
+    resumed_from = (
+        progress.start_member * epochs + progress.start_epoch if state is not None else None
+    )
     # TorchDistributor's local mode keeps whichever rank's return value is written last, so
     # every rank returns the same summary (losses are all-reduced, the head path is shared).
     return {
         "head_path": config["output_dir"],
-        "losses": losses,
+        "losses": progress.losses,
         "epochs_run": members * epochs - (resumed_from or 0),
         "resumed_from": resumed_from,
         "steps": step,
     }
+
+
+@dataclass
+class _Process:
+    """One training process: its config, place among the ranks, data, loss, checkpoint file
+    and metrics logger."""
+
+    config: dict[str, Any]
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+    loader_fn: Callable[..., Any]
+    base: torch.Tensor  # (n_items, in_dim) frozen base embeddings, on `device`
+    loss_fn: torch.nn.Module
+    checkpoint_path: str
+    tracker: _RankZeroMetrics
+
+
+@dataclass
+class _Progress:
+    """Where training stands: the member and epoch it (re)started at, the finished members'
+    weights, the step counter and the loss of every epoch so far."""
+
+    start_member: int = 0
+    start_epoch: int = 0
+    finished: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _resume_point(state: dict[str, Any] | None, process: _Process) -> _Progress:
+    """The progress recorded in checkpoint `state` (which holds the finished members' weights
+    and the current member's state), or a fresh start without one."""
+    if state is None:
+        return _Progress()
+    progress = _Progress(
+        start_member=int(state.get("member", 0)),
+        start_epoch=int(state["epoch"]),
+        finished=list(state.get("finished", [])),
+        step=int(state["step"]),
+        losses=list(state["losses"]),
+    )
+    if process.rank == 0:
+        log.info(
+            "resuming from %s: member %d, epoch %d, step %d",
+            process.checkpoint_path,
+            progress.start_member + 1,
+            progress.start_epoch,
+            progress.step,
+        )
+    return progress
+
+
+def _train_member(
+    process: _Process, member: int, progress: _Progress, resume: dict[str, Any] | None
+) -> dict[str, torch.Tensor]:
+    """Train member head `member` through the remaining epochs (from checkpoint `resume` when
+    given), checkpointing after each; returns its trained weights on the CPU."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    config = process.config
+    epochs = int(config["epochs"])
+    member_seed = int(config["seed"]) + MEMBER_SEED_STRIDE * member  # member 0: as a lone head
+    head = _new_head(config, process.base.shape[1], member_seed).to(process.device)
+    optimizer = make_optimizer(head, config)
+    first_epoch = 0
+    if resume is not None:
+        head.load_state_dict(resume["head"])
+        optimizer.load_state_dict(resume["optimizer"])
+        first_epoch = progress.start_epoch
+    model: torch.nn.Module = head
+    if process.distributed:
+        cuda = process.device.type == "cuda"
+        model = DistributedDataParallel(head, device_ids=[process.device.index] if cuda else None)
+    for epoch in range(first_epoch, epochs):
+        started = time.perf_counter()
+        epoch_loss, rows, progress.step = _train_epoch(
+            config,
+            model,
+            optimizer,
+            process.loss_fn,
+            process.base,
+            process.loader_fn,
+            member_seed,
+            epoch,
+            progress.step,
+            rank=process.rank,
+            world_size=process.world_size,
+            distributed=process.distributed,
+        )
+        progress.losses.append(epoch_loss)
+        done = member * epochs + epoch + 1  # epochs finished over all members
+        if process.rank == 0:
+            _save_checkpoint(
+                process.checkpoint_path,
+                {
+                    "member": member,
+                    "finished": progress.finished,
+                    "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": progress.step,
+                    "losses": list(progress.losses),
+                    "fingerprint": config.get("fingerprint", ""),
+                },
+            )
+            _log_epoch(process, member, epoch, progress, rows, time.perf_counter() - started)
+        if process.distributed:
+            dist.barrier()
+        fail_after = config.get("fail_after_epoch")
+        if fail_after is not None and done == int(fail_after):
+            raise RuntimeError(f"simulated failure after epoch {done} (fail_after_epoch)")
+    return {k: v.detach().cpu() for k, v in head.state_dict().items()}
+
+
+def _log_epoch(
+    process: _Process, member: int, epoch: int, progress: _Progress, rows: float, seconds: float
+) -> None:
+    """The epoch's loss and rate to the log, and its loss to the stage's MLflow run (rank 0)."""
+    config = process.config
+    members, epochs = int(config.get("members", 1)), int(config["epochs"])
+    loss = progress.losses[-1]
+    log.info(
+        "member %d/%d epoch %d/%d loss %.4f step %d (%.1fs, %.0f examples/s)",
+        member + 1,
+        members,
+        epoch + 1,
+        epochs,
+        loss,
+        progress.step,
+        seconds,
+        rows / max(seconds, 1e-9),
+    )
+    process.tracker.log(loss, member * epochs + epoch + 1)
+
+
+def _shared_step(process: _Process, step: int) -> int:
+    """Rank 0's step counter on every rank (the one checkpointed; shards may differ by a
+    batch). The broadcast also keeps every rank from returning before the head is on disk."""
+    if not process.distributed:
+        return step
+    import torch.distributed as dist
+
+    shared_step = torch.tensor([step], dtype=torch.int64, device=process.device)
+    dist.broadcast(shared_step, src=0)
+    return int(shared_step.item())
 
 
 def _new_head(config: dict[str, Any], in_dim: int, seed: int) -> TextTowerHead:

@@ -10,31 +10,30 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 from pyspark import TaskContext
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType
 
-from llmrec_spark.config import Config, EmbedConfig
+from llmrec_spark.config import EmbedConfig
 from llmrec_spark.core.encoder import (
     check_embed_config,
     make_encoder,
     resolve_model,
 )
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.io import filesystem
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.session import session_conf
+from llmrec_spark.schema import USER_PROFILE
+from llmrec_spark.stages.clean import blank_to_null
 
 if TYPE_CHECKING:
     from llmrec_spark.io.tables import TableStore
@@ -203,10 +202,17 @@ def pending_texts(
 
 def empty_text_quarantine(texts: DataFrame, *, key: str, kind: str, ds: str) -> DataFrame:
     """embedding_quarantine rows for texts that are empty after normalisation."""
-    return texts.where(F.col("text") == "").select(
+    return _quarantine_rows(
+        texts.where(F.col("text") == ""), kind=kind, id_=F.col(key), reason=REASON_EMPTY_TEXT, ds=ds
+    )
+
+
+def _quarantine_rows(rows: DataFrame, *, kind: str, id_: Column, reason: str, ds: str) -> DataFrame:
+    """One embedding_quarantine row per row of `rows`."""
+    return rows.select(
         F.lit(kind).alias("kind"),
-        F.col(key).alias("id"),
-        F.lit(REASON_EMPTY_TEXT).alias("reason"),
+        id_.alias("id"),
+        F.lit(reason).alias("reason"),
         F.lit(ds).alias("ds"),
     )
 
@@ -288,7 +294,6 @@ def embed_new_texts(
     model_id: str,
 ) -> EmbedCounts:
     """Embed the (key, text, text_hash) rows `table` lacks under `model_id`; append them in one commit."""
-    cfg = ctx.cfg.embed
     texts = texts.select(key, "text", "text_hash").cache()
     pending: DataFrame | None = None
     try:
@@ -300,38 +305,16 @@ def embed_new_texts(
         n_pending = pending.count()
         seconds = 0.0
         if n_pending:
-            partitions = embedding_partitions(
-                n_pending,
-                batch_size=cfg.batch_size,
-                task_slots=ctx.spark.sparkContext.defaultParallelism,
-            )
-            log.info(
-                "embed %s: %d of %d texts new or changed; %s on device=%s, %d partitions",
-                table,
-                n_pending,
-                total,
-                model_id,
-                cfg.device,
-                partitions,
-            )
-            rows = embed_items(
+            seconds = _append_embeddings(
+                ctx,
                 pending,
+                n_pending=n_pending,
+                total=total,
+                key=key,
+                table=table,
                 model_path=model_path,
                 model_id=model_id,
-                ds=ctx.ds,
-                cfg=cfg,
-                num_partitions=partitions,
-                key=key,
             )
-            arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
-            started = time.perf_counter()
-            with session_conf(
-                ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch
-            ):
-                ctx.store.append(
-                    table, rows, metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id}
-                )
-            seconds = time.perf_counter() - started
     finally:
         if pending is not None:
             pending.unpersist()
@@ -349,14 +332,55 @@ def embed_new_texts(
     return result
 
 
+def _append_embeddings(
+    ctx: RunContext,
+    pending: DataFrame,
+    *,
+    n_pending: int,
+    total: int,
+    key: str,
+    table: str,
+    model_path: str,
+    model_id: str,
+) -> float:
+    """Embed the `n_pending` rows of `pending` (of `total` texts) and append them to `table`;
+    the seconds that took."""
+    cfg = ctx.cfg.embed
+    partitions = embedding_partitions(
+        n_pending, batch_size=cfg.batch_size, task_slots=ctx.spark.sparkContext.defaultParallelism
+    )
+    log.info(
+        "embed %s: %d of %d texts new or changed; %s on device=%s, %d partitions",
+        table,
+        n_pending,
+        total,
+        model_id,
+        cfg.device,
+        partitions,
+    )
+    rows = embed_items(
+        pending,
+        model_path=model_path,
+        model_id=model_id,
+        ds=ctx.ds,
+        cfg=cfg,
+        num_partitions=partitions,
+        key=key,
+    )
+    arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
+    started = time.perf_counter()
+    with session_conf(ctx.spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch):
+        ctx.store.append(
+            table, rows, metadata={"stage": "embed", "ds": ctx.ds, "model_id": model_id}
+        )
+    return time.perf_counter() - started
+
+
 def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
     """The landing user profiles (JSON lines, schema USER_PROFILE) in line order, or None.
 
     Profiles are optional: a catalog without them has no such folder.
     """
-    from llmrec_spark.io import filesystem
-    from llmrec_spark.schema import USER_PROFILE
-
     if not filesystem.exists(spark, path):
         return None
     raw = spark.read.schema(USER_PROFILE).option("recursiveFileLookup", "true").json(path)
@@ -365,8 +389,6 @@ def read_user_profiles(spark: SparkSession, path: str) -> DataFrame | None:
 
 def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
     """(one profile per user, the last line wins; embedding_quarantine rows of lines without a user_id)."""
-    from llmrec_spark.stages.clean import blank_to_null
-
     trimmed = raw.withColumn("user_id", blank_to_null(F.trim("user_id")))
     last = Window.partitionBy("user_id").orderBy(F.col("line_seq").desc())
     profiles = (
@@ -375,11 +397,12 @@ def split_profiles(raw: DataFrame, *, ds: str) -> tuple[DataFrame, DataFrame]:
         .where(F.col("_n") == 1)
         .drop("_n", "line_seq")
     )
-    missing = trimmed.where(F.col("user_id").isNull()).select(
-        F.lit("user").alias("kind"),
-        F.lit("").alias("id"),
-        F.lit(REASON_MISSING_USER).alias("reason"),
-        F.lit(ds).alias("ds"),
+    missing = _quarantine_rows(
+        trimmed.where(F.col("user_id").isNull()),
+        kind="user",
+        id_=F.lit(""),
+        reason=REASON_MISSING_USER,
+        ds=ds,
     )
     return profiles, missing
 
@@ -394,50 +417,78 @@ def run_embed(ctx: RunContext) -> StageResult:
     started = time.perf_counter()
     model_path, model_id = resolve_model(cfg.model)
     check_embed_config(cfg, model_path)
+    items, quarantine = _embed_catalog(ctx, model_path=model_path, model_id=model_id)
+    users: EmbedCounts | None = None
+    profiles = _embed_user_profiles(ctx, model_path=model_path, model_id=model_id)
+    if profiles is not None:
+        users, user_quarantine = profiles
+        quarantine = quarantine.unionByName(user_quarantine)
+    ctx.store.overwrite("embedding_quarantine", quarantine, partitions={"ds": ctx.ds})
+    empty_items = _empty_text_examples(ctx, n_empty=items.empty)
+    seconds = time.perf_counter() - started
+    return _embed_result(cfg, model_id, items, users, empty_items=empty_items, seconds=seconds)
+
+
+def _embed_catalog(
+    ctx: RunContext, *, model_path: str, model_id: str
+) -> tuple[EmbedCounts, DataFrame]:
+    """Embed the `items` table's new or changed texts: (counts, quarantine rows of empty texts)."""
+    cfg = ctx.cfg.embed
     if not ctx.store.exists("items"):
         raise InputError(
             "no `items` table (the item catalog) yet; load the catalog before `llmrec embed`"
         )
-    item_texts = item_text(
+    texts = item_text(
         ctx.store.read("items"), template=cfg.text_template, max_chars=cfg.max_text_chars
     )
-    items = embed_new_texts(
+    counts = embed_new_texts(
         ctx,
-        item_texts,
+        texts,
         key="item_id",
         table="item_embeddings",
         model_path=model_path,
         model_id=model_id,
     )
-    quarantine = empty_text_quarantine(item_texts, key="item_id", kind="item", ds=ctx.ds)
+    return counts, empty_text_quarantine(texts, key="item_id", kind="item", ds=ctx.ds)
 
-    users: EmbedCounts | None = None
-    profiles_path = ctx.landing(cfg.user_profiles) if cfg.user_profiles else ""
-    raw_profiles = read_user_profiles(ctx.spark, profiles_path) if profiles_path else None
-    if raw_profiles is not None:
-        profiles, no_user = split_profiles(raw_profiles, ds=ctx.ds)
-        ctx.store.overwrite("user_profiles", profiles)
-        user_texts = template_text(
-            ctx.store.read("user_profiles"),
-            template=cfg.user_text_template,
-            max_chars=cfg.max_text_chars,
-            setting="embed.user_text_template",
-        )
-        users = embed_new_texts(
-            ctx,
-            user_texts,
-            key="user_id",
-            table="user_embeddings",
-            model_path=model_path,
-            model_id=model_id,
-        )
-        quarantine = quarantine.unionByName(
-            empty_text_quarantine(user_texts, key="user_id", kind="user", ds=ctx.ds)
-        ).unionByName(no_user)
-    elif profiles_path:
-        log.info("embed: no user profiles at %s; only items embedded", profiles_path)
-    ctx.store.overwrite("embedding_quarantine", quarantine, partitions={"ds": ctx.ds})
-    empty_items = sorted(
+
+def _embed_user_profiles(
+    ctx: RunContext, *, model_path: str, model_id: str
+) -> tuple[EmbedCounts, DataFrame] | None:
+    """Snapshot the landing user profiles into `user_profiles` and embed their new or changed
+    texts: (counts, quarantine rows of empty texts and lines without a user_id); None when
+    `embed.user_profiles` is unset or its folder does not exist."""
+    cfg = ctx.cfg.embed
+    if not cfg.user_profiles:
+        return None
+    path = ctx.landing(cfg.user_profiles)
+    raw_profiles = read_user_profiles(ctx.spark, path)
+    if raw_profiles is None:
+        log.info("embed: no user profiles at %s; only items embedded", path)
+        return None
+    profiles, no_user = split_profiles(raw_profiles, ds=ctx.ds)
+    ctx.store.overwrite("user_profiles", profiles)
+    texts = template_text(
+        ctx.store.read("user_profiles"),
+        template=cfg.user_text_template,
+        max_chars=cfg.max_text_chars,
+        setting="embed.user_text_template",
+    )
+    counts = embed_new_texts(
+        ctx,
+        texts,
+        key="user_id",
+        table="user_embeddings",
+        model_path=model_path,
+        model_id=model_id,
+    )
+    empty = empty_text_quarantine(texts, key="user_id", kind="user", ds=ctx.ds)
+    return counts, empty.unionByName(no_user)
+
+
+def _empty_text_examples(ctx: RunContext, *, n_empty: int) -> list[str]:
+    """Up to 20 item ids quarantined for empty text on ctx.ds (sorted); logs them as a warning."""
+    examples = sorted(
         r.id
         for r in ctx.store.read("embedding_quarantine", where={"ds": ctx.ds})
         .where(F.col("kind") == "item")
@@ -445,12 +496,25 @@ def run_embed(ctx: RunContext) -> StageResult:
         .limit(20)
         .collect()
     )
-    if empty_items:
+    if examples:
         log.warning(
             "embed: %d items have no text after normalisation, not embedded (e.g. %s)",
-            items.empty,
-            ", ".join(empty_items),
+            n_empty,
+            ", ".join(examples),
         )
+    return examples
+
+
+def _embed_result(
+    cfg: EmbedConfig,
+    model_id: str,
+    items: EmbedCounts,
+    users: EmbedCounts | None,
+    *,
+    empty_items: list[str],
+    seconds: float,
+) -> StageResult:
+    """The stage's row counts (of items), metrics and nightly summary."""
     summary: dict[str, Any] = {
         "model_id": model_id,
         "items": items.total,
@@ -463,7 +527,7 @@ def run_embed(ctx: RunContext) -> StageResult:
     metrics = {
         "items_per_s": items.per_s,
         "embed_seconds": items.seconds,
-        "stage_seconds": time.perf_counter() - started,
+        "stage_seconds": seconds,
     }
     if users is not None:
         summary |= {
@@ -481,100 +545,3 @@ def run_embed(ctx: RunContext) -> StageResult:
         params={"embed.model_id": model_id, **{f"embed.{k}": v for k, v in vars(cfg).items()}},
         summary=summary,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmark
-
-_BENCH_WORDS = (
-    "wireless noise cancelling headphones with long battery life and soft ear cushions "
-    "organic cotton t-shirt slim fit crew neck breathable fabric everyday wear "
-    "stainless steel chef knife forged blade ergonomic handle dishwasher safe "
-    "ultralight hiking backpack waterproof zipper padded laptop sleeve hydration port "
-    "smart fitness tracker heart rate monitor sleep analysis water resistant"
-).split()
-
-
-def bench_items(spark: SparkSession, n_items: int, seed: int = 11) -> DataFrame:
-    """A synthetic catalog of `n_items` rows with varied text lengths (seeded)."""
-    from llmrec_spark.schema import CATALOG
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n_items):
-        title = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(2, 8))))
-        description = " ".join(rng.choice(_BENCH_WORDS, size=int(rng.integers(5, 120))))
-        rows.append(
-            (
-                f"i{i:06d}",
-                title.title(),
-                description,
-                f"cat{i % 17}",
-                f"brand{i % 31}",
-                "true",
-                "2026-11-01",
-            )
-        )
-    return spark.createDataFrame(rows, CATALOG)
-
-
-def bench_embed(spark: SparkSession, cfg: Config, n_items: int) -> dict[str, Any]:
-    """Items/s of the Spark stage (cold and warm workers) vs SentenceTransformer.encode on the same cores."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from llmrec_spark.io.tables import open_store
-
-    ds = "2026-11-23"
-    scratch = tempfile.mkdtemp(prefix="llmrec-bench-embed-")
-    try:
-        items = bench_items(spark, n_items).cache()
-        texts = [
-            r.text
-            for r in item_text(
-                items, template=cfg.embed.text_template, max_chars=cfg.embed.max_text_chars
-            )
-            .select("text")
-            .collect()
-        ]
-        rates = []
-        for attempt in ("cold", "warm"):  # warm: Python workers already hold the model
-            store = open_store(spark, os.path.join(scratch, attempt), "embedded")
-            store.overwrite("items", items)
-            result = run_embed(RunContext(cfg=cfg, spark=spark, store=store, ds=ds))
-            rates.append(result.metrics["items_per_s"])
-
-        model_path, model_id = resolve_model(cfg.embed.model)
-        cores = spark.sparkContext.defaultParallelism
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(cores)
-        try:
-            st_model = SentenceTransformer(model_path, device="cpu")
-            st_model.max_seq_length = cfg.embed.max_length
-            st_model.encode(texts[:32], batch_size=cfg.embed.batch_size, show_progress_bar=False)
-            st_started = time.perf_counter()
-            st_model.encode(
-                texts,
-                batch_size=cfg.embed.batch_size,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            st_rate = len(texts) / (time.perf_counter() - st_started)
-        finally:
-            torch.set_num_threads(previous_threads)
-        items.unpersist()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {
-        "n_items": n_items,
-        "model_id": model_id,
-        "cores": cores,
-        "batch_size": cfg.embed.batch_size,
-        "max_length": cfg.embed.max_length,
-        "items_per_s": round(rates[1], 1),
-        "items_per_s_cold": round(rates[0], 1),
-        "st_items_per_s": round(st_rate, 1),
-        "ratio_vs_sentence_transformers": round(rates[1] / st_rate, 3),
-        "ratio_cold_vs_sentence_transformers": round(rates[0] / st_rate, 3),
-        "timing": "Spark: stage write incl. UDF; ST: encode only, model loaded, same cores",
-    }

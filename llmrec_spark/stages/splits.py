@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from llmrec_spark.config import EVALUATE_PROTOCOLS
 from llmrec_spark.runtime.indexing import dense_index
 
-PROTOCOLS = ("user_temporal", "cold_item", "global_temporal")
+PROTOCOLS = EVALUATE_PROTOCOLS
 MIN_TRAIN_POSITIVES = 3
 
 

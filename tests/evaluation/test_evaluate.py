@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmrec_spark.core.hybrid import Mix
 from llmrec_spark.core.metrics import (
     average_precision_at_k,
     hit_rate_at_k,
@@ -17,8 +18,10 @@ from llmrec_spark.core.metrics import (
     precision_at_k,
     recall_at_k,
 )
-from llmrec_spark.evaluation.evaluate import MODELS, pick_trial, user_temporal_split
-from llmrec_spark.stages.recommend import Mix, top_n_block
+from llmrec_spark.core.topn import top_n_block
+from llmrec_spark.evaluation.report import MODEL_ORDER
+from llmrec_spark.evaluation.tuning import pick_trial
+from llmrec_spark.stages.splits import user_temporal_split
 
 LOG2_3, LOG2_6 = np.log2(3), np.log2(6)
 
@@ -271,7 +274,7 @@ def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp
     # The kernel's soft best match finds the same items: u0-u3's history item i1 (cosine 0.5
     # to i0), u4-u7's i0 (0.69 to i9, against 0.5 to their other candidate i1).
     assert m["text_frozen_kernel.hit_rate@1"] == pytest.approx(1.0)
-    for model in MODELS:
+    for model in MODEL_ORDER:
         for metric in ("precision", "recall", "f1", "ndcg", "map", "hit_rate"):
             for k in (1, 5):
                 assert 0.0 <= m[f"{model}.{metric}@{k}"] <= 1.0
@@ -324,7 +327,8 @@ def test_one_standard_error_rule_picks_the_trial_that_shows_new_items_most_when_
 def test_development_part_holds_only_events_every_protocol_trains_on(spark):
     from types import SimpleNamespace
 
-    from llmrec_spark.evaluation.evaluate import development_part, make_split
+    from llmrec_spark.evaluation.refit import make_split
+    from llmrec_spark.evaluation.validation import development_part
 
     rows = []
     for u in range(6):

@@ -7,19 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from llmrec_spark.evaluation.evaluate import (
-    Fitted,
-    holds_on,
-    ndcg_per_user,
-    only_items_in,
-    pick_trial,
-    protocol_result,
-    rank_view,
-    tie_order,
-    tune_hybrid,
-    tune_text_kernel,
-)
-from llmrec_spark.stages.recommend import ItemMatrices, Mix
+from llmrec_spark.core.hybrid import ItemMatrices, Mix
+from llmrec_spark.evaluation.ranking import ndcg_per_user, protocol_result, rank_view, tie_order
+from llmrec_spark.evaluation.refit import Fitted, only_items_in
+from llmrec_spark.evaluation.tuning import holds_on, pick_trial, tune_hybrid, tune_text_kernel
 
 
 def fitted(cold: np.ndarray | None = None) -> Fitted:
@@ -179,7 +170,7 @@ def test_tune_recent_term_picks_the_weight_that_follows_the_users_last_item():
 
 def test_best_config_keeps_the_first_of_the_highest_scores_and_skips_unbuilt_trials():
     from llmrec_spark.config import Config
-    from llmrec_spark.evaluation.evaluate import _best_config
+    from llmrec_spark.evaluation.validation import _best_config
     from llmrec_spark.runtime.context import RunContext
 
     base = Config()
@@ -200,7 +191,8 @@ def test_best_config_keeps_the_first_of_the_highest_scores_and_skips_unbuilt_tri
 
 
 def test_cold_item_draws_summarise_the_cold_only_recall_per_model():
-    from llmrec_spark.evaluation.evaluate import Evaluation, _draw, quality_json
+    from llmrec_spark.bench.quality import quality_json
+    from llmrec_spark.evaluation.evaluate import Evaluation, _draw
 
     # Draw A: cold i2, i4 -> frozen text hits both users' cold positives at 1 (see above).
     fa = fitted(np.array([False, False, True, False, True]))

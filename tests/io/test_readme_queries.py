@@ -23,7 +23,7 @@ from llmrec_spark.errors import InputError
 from llmrec_spark.io.tables import open_store
 from llmrec_spark.io.views import register_views, table_metadata
 from llmrec_spark.runtime.context import RunContext
-from llmrec_spark.stages.recommend import (
+from llmrec_spark.stages.publish import (
     PROP_MLFLOW_RUN_ID,
     PROP_MODEL_VERSION,
     publish_recommendations,

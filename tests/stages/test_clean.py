@@ -22,7 +22,6 @@ from llmrec_spark.stages import clean
 from llmrec_spark.stages.clean import (
     ReconciliationError,
     add_weights,
-    check_weights,
     clean_events,
     dedup_events,
     flag_bots,
@@ -348,13 +347,6 @@ def test_add_weights_by_type_and_rating_value(spark):
         rating_weight_scale=0.5,
     )
     assert [r["weight"] for r in weighted.collect()] == [1.0, 8.0, 2.0, 0.5]
-
-
-def test_event_weights_must_cover_every_type():
-    with pytest.raises(ConfigError, match="no weight for event type"):
-        check_weights(CleanConfig(event_weights={"view": 1.0}))
-    with pytest.raises(ConfigError, match="unknown event type.*like"):
-        check_weights(CleanConfig(event_weights={**CleanConfig().event_weights, "like": 1.0}))
 
 
 def test_clean_events_assigns_every_line_one_outcome(spark):

@@ -1,31 +1,21 @@
-"""Publishing recommendations: crash safety, latest table, properties, retention, gate."""
+"""Publishing recommendations: crash safety, latest table, properties, retention."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 from deltalake import DeltaTable
 from pyspark.testing import assertDataFrameEqual
 
-from llmrec_spark.errors import GateError
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.schema import RECOMMENDATIONS
-from llmrec_spark.stages.recommend import (
+from llmrec_spark.stages.publish import (
     PROP_DS,
     PROP_EVENTS_THROUGH,
-    PROP_GATE_METRIC,
-    PROP_GATE_METRIC_VALUE,
     PROP_MLFLOW_RUN_ID,
     PROP_MODEL_VERSION,
-    check_gate,
-    check_metric_gate,
-    gate_counts,
-    gate_report,
-    metric_gate,
     publish_recommendations,
     published_metadata,
 )
@@ -161,113 +151,3 @@ def test_publish_serves_the_newest_date_and_applies_retention(spark, store, tmp_
             for r in store.read("recommendations", where={"ds": "2026-11-21"}).collect()
         }
     ) == ["m1b"]
-
-
-@pytest.mark.parametrize("engine", ["spark", "pandas"])
-def test_gate_report_counts_every_check(spark, engine):
-    rows = [
-        # u1: fine. u2: duplicate item and a rising score. u3: NaN score, seen item at rank 2.
-        # u5: ranks 2..3, not 1..N.
-        ("u1", 1, "a", 3.0, "als", "m", "d"),
-        ("u1", 2, "b", 2.0, "als", "m", "d"),
-        ("u2", 1, "a", 1.0, "als", "m", "d"),
-        ("u2", 2, "a", 1.5, "als", "m", "d"),
-        ("u3", 1, "c", float("nan"), "als", "m", "d"),
-        ("u3", 2, "s", 0.5, "als", "m", "d"),
-        ("stranger", 1, "a", 1.0, "als", "m", "d"),
-        ("u5", 3, "e", 1.0, "als", "m", "d"),
-        ("u5", 2, "d", 2.0, "als", "m", "d"),
-    ]
-    users = [("u1",), ("u2",), ("u3",), ("u4",), ("u5",)]
-    seen = [("u3", "s"), ("u1", "z"), ("u3", "s")]
-
-    if engine == "spark":
-        report = gate_report(
-            recs(spark, rows),
-            spark.createDataFrame(users, "user_id string"),
-            spark.createDataFrame(seen, "user_id string, item_id string"),
-            top_n=2,
-        )
-        report = report.collect()[0].asDict()
-    else:  # the driver path's gate, over the rows it holds in pandas
-        report = gate_counts(
-            pd.DataFrame(rows, columns=RECOMMENDATIONS.fieldNames()),
-            [u for (u,) in users],
-            pd.DataFrame(seen, columns=["user_id", "item_id"]),
-            top_n=2,
-        )
-
-    assert report == {
-        "users": 5,
-        "missing_users": 1,  # u4
-        "unexpected_users": 1,  # stranger
-        "duplicate_items": 1,  # u2's second "a"
-        "short_lists": 2,  # u2 (1 distinct item), stranger (1 row)
-        "bad_ranks": 1,  # u5
-        "non_finite_scores": 1,  # u3 rank 1
-        "score_increases": 1,  # u2 rank 2 > rank 1
-        "seen_items": 1,  # (u3, s)
-    }
-    with pytest.raises(GateError, match=r"'missing_users' failed: 1 users without .*of 5"):
-        check_gate(report, top_n=2)
-    clean = dict.fromkeys(report, 0) | {"users": 5, "non_finite_scores": 1}
-    with pytest.raises(GateError, match=r"'non_finite_scores' failed: 1 rows whose score"):
-        check_gate(clean, top_n=2)
-
-
-def test_driver_gate_counts_nan_and_null_as_spark_sees_them():
-    # Rows scored in pandas reach Spark with NaN as null: non-finite, never an increase; a
-    # null seen pair never matches (a join on null keys matches nothing).
-    rows = pd.DataFrame(
-        {"user_id": ["u", "u"], "rank": [1, 2], "item_id": ["a", None], "score": [1.0, np.nan]}
-    )
-    seen = pd.DataFrame({"user_id": ["u"], "item_id": [None]})
-
-    report = gate_counts(rows, ["u"], seen, top_n=2)
-
-    assert report["non_finite_scores"] == 1
-    assert report["score_increases"] == 0
-    assert report["seen_items"] == 0
-    assert report["short_lists"] == 1  # one distinct item (the null one does not count)
-
-
-def test_metric_gate_compares_with_the_last_published_value():
-    assert "skipped" in check_metric_gate("hybrid.ndcg@10", None, 0.5, max_drop=0.1)
-    assert "nothing published" in check_metric_gate("hybrid.ndcg@10", 0.2, None, max_drop=0.1)
-    # floor = 0.5 * (1 - 0.1) = 0.45
-    assert "ok" in check_metric_gate("hybrid.ndcg@10", 0.45, 0.5, max_drop=0.1)
-    with pytest.raises(
-        GateError,
-        match=r"'offline_metric' failed: hybrid.ndcg@10 0.4400 is below 0.4500 "
-        r"\(last published 0.5000 minus the allowed 10%\)",
-    ):
-        check_metric_gate("hybrid.ndcg@10", 0.44, 0.5, max_drop=0.1)
-
-
-def test_metric_gate_reads_mlflow_and_the_served_publish(spark, store, tmp_path, monkeypatch):
-    from llmrec_spark.runtime import tracking
-
-    ctx = publish_ctx(spark, store, tmp_path)
-    publish(
-        ctx,
-        "2026-11-23",
-        "m3",
-        **{PROP_GATE_METRIC: "hybrid.ndcg@10", PROP_GATE_METRIC_VALUE: "0.5"},
-    )
-    asked = []
-
-    def metrics(cfg, *, stage, ds):
-        asked.append((stage, ds))
-        return {"hybrid.ndcg_10": 0.3, "als.ndcg_10": 0.9}
-
-    monkeypatch.setattr(tracking, "latest_stage_metrics", metrics)
-    ctx.stage_run_id = "stage-run"
-    with pytest.raises(GateError, match=r"hybrid.ndcg@10 0.3000 is below 0.4500"):
-        metric_gate(ctx)
-    assert asked == [("evaluate", "2026-11-23")]
-
-    ctx.cfg = make_config(tmp_path, "recommend.gate_metric=als.ndcg@10")
-    assert metric_gate(ctx) == (
-        0.9,
-        "als.ndcg@10=0.9000: nothing published with this metric before",
-    )

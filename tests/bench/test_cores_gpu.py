@@ -1,7 +1,7 @@
 """On a CUDA device, the encoder and the tower's training step compute what the CPU computes.
 
 Marked `gpu` (not in the default run). They need torch and transformers only, no Spark:
-`python -m pytest -m gpu tests/test_gpu.py` on a GPU machine; LLMREC_TEST_MODEL names the
+`python -m pytest -m gpu tests/bench/test_cores_gpu.py` on a GPU machine; LLMREC_TEST_MODEL names the
 model package or folder (default: the packaged MiniLM).
 """
 

@@ -1,0 +1,244 @@
+"""Cutting a protocol's split and fitting its models: `Fitted`, what ranking needs on the driver.
+
+Per split, ALS (`als.fit_als`) and the text tower (`contrastive.fit_text_tower`) are fitted
+on the training events only (Spark); the item matrices, the test users (at most
+`evaluate.max_test_users`, a seeded sample), their factors, histories and test positives are
+then collected to the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from llmrec_spark.core.hybrid import ItemMatrices
+from llmrec_spark.errors import ConfigError
+from llmrec_spark.runtime.context import RunContext
+from llmrec_spark.stages import als, recommend, splits
+
+# The models that score with ALS factors alone (they cannot rank cold items).
+ALS_ONLY = ("als", "als_recent")
+
+
+@dataclass
+class Fitted:
+    """One split with its models fitted: item matrices, tuned text, test users in a fixed order."""
+
+    items: ItemMatrices  # ALS factors + frozen text
+    tuned: np.ndarray | None  # (n, out_dim) unit rows of the fine-tuned tower, or None
+    users: list[str]
+    user_als: np.ndarray | None  # (u, rank)
+    user_has_als: np.ndarray  # (u,)
+    histories: list[np.ndarray]  # training item indices per user
+    relevant: list[np.ndarray]  # test positives (item indices) per user
+    cold: np.ndarray | None  # (n,) bool: cold items (cold_item protocol)
+    train_users_per_item: np.ndarray  # (n,) distinct training users per item
+    n_train_users: int
+
+    def variant(self, model: str) -> ItemMatrices | None:
+        """The item matrices model `model` scores with (None: the model cannot be built)."""
+        m = self.items
+        tuned: dict[str, Any] = {}
+        if self.tuned is not None:
+            tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
+        if model == "popularity":
+            return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
+        if model in ALS_ONLY:  # als_recent: its Mix adds the recent-items term
+            return None if m.als is None else dataclasses.replace(m, text=None, has_text=None)
+        if model in ("text_frozen", "text_frozen_kernel"):  # the latter: its Mix has a kernel
+            return None if m.text is None else dataclasses.replace(m, als=None, has_als=None)
+        if model == "text_finetuned":
+            return dataclasses.replace(m, als=None, has_als=None, **tuned) if tuned else None
+        if model == "hybrid_frozen":
+            return m if m.als is not None and m.text is not None else None
+        if model == "hybrid":
+            return dataclasses.replace(m, **tuned) if tuned and m.als is not None else None
+        raise ValueError(f"unknown model {model!r}")
+
+
+def make_split(events: DataFrame, protocol: str, cfg: Any, *, seed: int) -> splits.Split:
+    """Protocol `protocol` of `events` under evaluate config `cfg` (seeded)."""
+    if protocol == "user_temporal":
+        return splits.user_temporal(
+            events, test_fraction=cfg.test_fraction, positive_min_weight=cfg.positive_min_weight
+        )
+    if protocol == "cold_item":
+        return splits.cold_item(
+            events,
+            cold_fraction=cfg.cold_fraction,
+            min_item_positives=cfg.cold_min_positives,
+            test_fraction=cfg.test_fraction,
+            positive_min_weight=cfg.positive_min_weight,
+            seed=seed,
+        )
+    if protocol == "global_temporal":
+        return splits.global_temporal(
+            events, test_fraction=cfg.test_fraction, positive_min_weight=cfg.positive_min_weight
+        )
+    raise ConfigError(
+        f"evaluate.protocols: unknown protocol {protocol!r}; choose from {splits.PROTOCOLS}"
+    )
+
+
+def fit_split(
+    ctx: RunContext,
+    split: splits.Split,
+    *,
+    catalog: DataFrame,
+    embeddings: DataFrame | None,
+    work_dir: str,
+    max_test_users: int,
+    seed: int,
+    tower: bool = True,
+) -> Fitted:
+    """Fit ALS and (with `tower`) the text tower on split.train; collect the test users."""
+    train = split.train.cache()
+    pairs = als.interactions(train).cache()
+    factors = als.fit_als(pairs, ctx.cfg.als)
+    frame = recommend.item_frame(
+        catalog,
+        popularity=recommend.popularity_frame(train),
+        item_factors=factors.items,
+        embeddings=embeddings,
+        apply_rules=False,
+    ).cache()
+    items = recommend.item_matrices(frame.toPandas())
+    tuned = None
+    if tower and embeddings is not None and items.text is not None:
+        tuned = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
+    users, relevant = _test_users(split.test, items, max_test_users, seed)
+    user_pd: pd.DataFrame = recommend.user_frame(
+        ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
+        history=train.select("user_id", "item_id", "event_ts"),
+        item_index=frame.select("item_id", "item_idx"),
+        user_factors=factors.users,
+    ).toPandas()
+    user_pd = user_pd.set_index("user_id").loc[users]
+    user_als, has_als = _user_factors(user_pd["als_features"], items)
+    per_item, n_train_users = _training_users(pairs, frame, items.size)
+    cold = _cold_mask(split, items)
+    for df in (frame, pairs, train):
+        df.unpersist()
+    return Fitted(
+        items=items,
+        tuned=tuned,
+        users=users,
+        user_als=user_als,
+        user_has_als=has_als,
+        histories=[np.asarray(h if h is not None else [], np.int64) for h in user_pd["history"]],
+        relevant=relevant,
+        cold=cold,
+        train_users_per_item=per_item,
+        n_train_users=max(n_train_users, 1),
+    )
+
+
+def _fine_tuned_text(
+    ctx: RunContext,
+    split: splits.Split,
+    train: DataFrame,
+    embeddings: DataFrame,
+    items: ItemMatrices,
+    work_dir: str,
+) -> np.ndarray:
+    """The tower fitted on `train` applied to every item's frozen text: (n, out_dim)."""
+    from llmrec_spark.stages import contrastive
+
+    current = contrastive.with_item_index(embeddings.select("item_id", "embedding"))
+    current = current.withColumn("dim", F.size("embedding")).cache()
+    fit = contrastive.fit_text_tower(
+        ctx,
+        ctx.cfg.contrastive,
+        train,
+        current,
+        work_dir=os.path.join(work_dir, "tower"),
+        head_metadata={"base_model_id": "evaluation", "protocol": split.protocol},
+    )
+    current.unpersist()
+    assert items.text is not None and items.has_text is not None
+    return _apply_head(contrastive.load_head(fit.head_dir), items.text, items.has_text)
+
+
+def _apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:
+    import torch
+
+    out = np.zeros((len(text), head.out_dim), dtype=np.float32)
+    with torch.inference_mode():
+        out[has_text] = head(torch.from_numpy(np.ascontiguousarray(text[has_text]))).numpy()
+    return out
+
+
+def _test_users(
+    test_events: DataFrame, items: ItemMatrices, max_test_users: int, seed: int
+) -> tuple[list[str], list[np.ndarray]]:
+    """The test users in sorted order (a seeded sample of `max_test_users` when more) and each
+    one's test positives as sorted item indices."""
+    index = {item: k for k, item in enumerate(items.item_ids)}
+    test: pd.DataFrame = test_events.toPandas()
+    users = sorted(test["user_id"].unique())
+    if len(users) > max_test_users:
+        rng = np.random.default_rng(seed)
+        users = sorted(rng.choice(np.array(users, dtype=object), max_test_users, replace=False))
+    test = test[test["user_id"].isin(set(users))]
+    relevant_by_user = {
+        u: np.array(sorted(index[i] for i in g["item_id"] if i in index), dtype=np.int64)
+        for u, g in test.groupby("user_id")
+    }
+    return list(users), [relevant_by_user.get(u, np.zeros(0, np.int64)) for u in users]
+
+
+def _user_factors(features: pd.Series, items: ItemMatrices) -> tuple[np.ndarray | None, np.ndarray]:
+    """The users' ALS factors as a (u, rank) matrix (None without item factors; zero rows for
+    users without a factor) and which users have one."""
+    has_als = features.map(lambda v: v is not None and len(v) > 0).to_numpy(bool)
+    if items.als is None:
+        return None, has_als
+    user_als = np.zeros((len(features), items.als.shape[1]), dtype=np.float32)
+    for row, vector in enumerate(features):
+        if vector is not None and len(vector):
+            user_als[row] = np.asarray(vector, dtype=np.float32)
+    return user_als, has_als
+
+
+def _training_users(pairs: DataFrame, frame: DataFrame, n_items: int) -> tuple[np.ndarray, int]:
+    """Distinct training users per item index (n_items,), and of all items together."""
+    per_item: pd.DataFrame = (
+        pairs.join(frame.select("item_id", "item_idx"), "item_id")
+        .groupBy("item_idx")
+        .agg(F.countDistinct("user_id").alias("users"))
+        .toPandas()
+    )
+    counts = np.zeros(n_items, dtype=np.float64)
+    counts[per_item["item_idx"].to_numpy()] = per_item["users"].to_numpy()
+    return counts, int(pairs.select("user_id").distinct().count())
+
+
+def _cold_mask(split: splits.Split, items: ItemMatrices) -> np.ndarray | None:
+    """(n,) bool: the split's cold items (None outside cold_item); they must have no factor."""
+    if split.cold_items is None:
+        return None
+    cold_ids = {r["item_id"] for r in split.cold_items.collect()}
+    cold = np.array([i in cold_ids for i in items.item_ids], dtype=bool)
+    if items.has_als is not None and (items.has_als & cold).any():
+        raise AssertionError("cold items have ALS factors: they leaked into training")
+    return cold
+
+
+def only_items_in(fitted: Fitted, item_ids: set[str]) -> Fitted:
+    """`fitted` with the items outside `item_ids` made ineligible: never a candidate.
+
+    A validation split is cut from the development part, whose catalog still lists the
+    items the test splits hold out whole; in the validation's world they have no events at
+    all, so no user can want them, and ranking them only adds noise (the more a setting lets
+    new items in, the more it is penalised for them).
+    """
+    present = np.array([item in item_ids for item in fitted.items.item_ids], dtype=bool)
+    items = dataclasses.replace(fitted.items, eligible=fitted.items.eligible & present)
+    return dataclasses.replace(fitted, items=items)

@@ -1,0 +1,325 @@
+"""Tuning on validation splits of the development part: ALS, the tower, the models' mixes.
+
+The development part (`development_part`) holds only events every protocol's test split
+trains on; the validation splits are the same protocols cut from it with another seed, so
+no choice made here has seen a test event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyspark.sql import DataFrame
+
+from llmrec_spark.core.hybrid import Mix
+from llmrec_spark.evaluation.ranking import cold_only_recall, ndcg_per_user
+from llmrec_spark.evaluation.refit import Fitted, fit_split, make_split, only_items_in
+from llmrec_spark.evaluation.tuning import (
+    holds_on,
+    text_only_params,
+    trial_key,
+    tune_hybrid,
+    tune_text_kernel,
+)
+from llmrec_spark.runtime.context import RunContext
+from llmrec_spark.schema import EVENT_COLUMNS
+from llmrec_spark.stages import splits
+
+log = logging.getLogger(__name__)
+
+HYBRIDS = ("hybrid", "hybrid_frozen")
+
+
+def development_part(events: DataFrame, protocols: Sequence[str], cfg: Any) -> DataFrame:
+    """The events in the training part of every protocol's test split: what tuning may see.
+
+    Validation splits are cut from this, so no choice made on them has seen a test event of
+    any protocol: user_temporal's training part holds cold_item's cold positives, and
+    cold_item's holds some of the events user_temporal holds out.
+    """
+    part = events.select(*EVENT_COLUMNS)
+    for protocol in protocols:
+        train = make_split(events, protocol, cfg, seed=cfg.seed).train
+        part = part.join(train.select(*EVENT_COLUMNS), list(EVENT_COLUMNS), "left_semi")
+    return part
+
+
+def tune_on_validation(
+    ctx: RunContext,
+    events: DataFrame,
+    catalog: DataFrame,
+    frozen: DataFrame | None,
+    protocols: Sequence[str],
+    work_dir: str,
+) -> tuple[RunContext, dict[str, Mix], dict[str, Any]]:
+    """ALS and text weights on user_temporal validation; on cold_item validation the tuned
+    text's kernel for items scored by text alone, then the cold offsets.
+
+    Returns the context to fit the test splits with (its ALS config the chosen one), the
+    hybrids' parameters and every trial's validation NDCG@10.
+    """
+    cfg = ctx.cfg.evaluate
+    dev = development_part(events, protocols, cfg).cache()
+    tuning: dict[str, Any] = {"development_events": dev.count()}
+    log.info(
+        "evaluate: tuning on the %d events in every protocol's training part",
+        tuning["development_events"],
+    )
+    kernel = ctx.cfg.recommend.text_kernel  # the text-only items' kernel (frozen text: none)
+    # The recent term and text choices made on user_temporal, kept for the cold_offset search.
+    shipped = Mix.configured(ctx.cfg.recommend)
+    warm = {
+        "hybrid": Mix(
+            0.0,
+            text_kernel=kernel,
+            neighbour_factors=shipped.neighbour_factors,
+            neighbour_temperature=shipped.neighbour_temperature,
+        ),
+        "hybrid_frozen": Mix(0.0),  # LLM4Rec-style text: new items scored by text alone
+    }
+    chosen = text_only_params(kernel)
+    if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
+        ctx, tuning["tower"] = _tune_tower(ctx, dev, catalog, frozen, work_dir)
+    # The catalog's items that have events in the development part: the others (the test
+    # splits' cold items, items whose every event is held out) do not exist in it.
+    dev_items = {r["item_id"] for r in dev.select("item_id").distinct().collect()}
+    validation: dict[str, Fitted] = {}
+    for protocol in ("user_temporal", "cold_item"):
+        if protocol not in protocols and protocol != "user_temporal":
+            continue
+        # Validation: the same protocol applied to the development part, with another seed.
+        inner = make_split(dev, protocol, cfg, seed=cfg.seed + 1)
+        if protocol == "user_temporal" and cfg.tune_als_reg_params and cfg.tune_als_alphas:
+            ctx, tuning["als"] = _tune_als(ctx, inner, catalog, cfg)
+        fitted = fit_split(
+            ctx,
+            inner,
+            catalog=catalog,
+            embeddings=frozen,
+            work_dir=os.path.join(work_dir, "validation", protocol),
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+        )
+        validation[protocol] = fitted = only_items_in(fitted, dev_items)
+        if protocol == "user_temporal":
+            picked, trials = _tune_warm(fitted, cfg, warm)
+            warm |= {model: picked[model] for model in HYBRIDS}  # their cold_offset is 0.0
+        else:
+            picked, trials = _tune_cold(fitted, validation["user_temporal"], cfg, warm)
+        chosen |= picked
+        tuning |= trials
+    dev.unpersist()
+    return ctx, chosen, tuning
+
+
+def _tune_warm(
+    fitted: Fitted, cfg: Any, warm: dict[str, Mix]
+) -> tuple[dict[str, Mix], dict[str, Any]]:
+    """On the user_temporal validation split: first the collaborative score alone (ALS with
+    the recent-items term), then each hybrid's text weight and half-life with that recent
+    term. Returns the chosen mixes and every trial's mean."""
+    recent, trials = tune_hybrid(
+        fitted,
+        "als_recent",
+        text_weights=[0.0],
+        cold_offsets=[0.0],
+        recent_weights=cfg.tune_recent_weights,
+        recent_half_lives=cfg.tune_recent_half_lives,
+        one_standard_error=cfg.tune_one_standard_error,
+    )
+    chosen = {"als_recent": recent}
+    tuning: dict[str, Any] = {"user_temporal.als_recent": trials}
+    for model in HYBRIDS:
+        chosen[model], tuning[f"user_temporal.{model}"] = tune_hybrid(
+            fitted,
+            model,
+            text_weights=cfg.tune_text_weights,
+            cold_offsets=[0.0],
+            half_lives=cfg.tune_text_half_lives,
+            recent_weights=[recent.recent_weight],
+            recent_half_lives=[recent.recent_half_life],
+            text_kernel=warm[model].text_kernel,
+            neighbour_factors=[warm[model].neighbour_factors],
+            neighbour_temperature=warm[model].neighbour_temperature,
+            one_standard_error=cfg.tune_one_standard_error,
+        )
+    return chosen, tuning
+
+
+def _tune_cold(
+    fitted: Fitted, warm_split: Fitted, cfg: Any, warm: dict[str, Mix]
+) -> tuple[dict[str, Mix], dict[str, Any]]:
+    """On the cold_item validation split: the tuned tower's text-only kernel (the shipped
+    hybrid scores new items so), then each hybrid's cold offset and borrowed factors on top
+    of its `warm` mix, among the settings that cost `warm_split`'s lists nothing."""
+    chosen: dict[str, Mix] = {}
+    tuning: dict[str, Any] = {}
+    warm = dict(warm)
+    if cfg.tune_text_kernels:
+        kernel, tuning["cold_item.text_finetuned"] = tune_text_kernel(
+            fitted, "text_finetuned", kernels=cfg.tune_text_kernels
+        )
+        if kernel is not None:  # else the configured kernel stays
+            chosen |= text_only_params(kernel)
+            warm["hybrid"] = dataclasses.replace(warm["hybrid"], text_kernel=kernel)
+    for model in HYBRIDS:
+        params, tuning[f"cold_item.{model}"] = tune_hybrid(
+            fitted,
+            model,
+            text_weights=[warm[model].text_weight],
+            cold_offsets=cfg.tune_cold_offsets,
+            half_lives=[warm[model].text_half_life],
+            recent_weights=[warm[model].recent_weight],
+            recent_half_lives=[warm[model].recent_half_life],
+            text_kernel=warm[model].text_kernel,
+            neighbour_factors=(
+                (cfg.tune_neighbour_factors or [warm[model].neighbour_factors])
+                if model == "hybrid"
+                else [0]
+            ),
+            neighbour_temperature=warm[model].neighbour_temperature,
+            one_standard_error=cfg.tune_one_standard_error,
+            admissible=_costs_no_warm_hits(warm_split, model, warm[model]),
+        )
+        chosen[model] = dataclasses.replace(
+            warm[model], cold_offset=params.cold_offset, neighbour_factors=params.neighbour_factors
+        )
+    return chosen, tuning
+
+
+def _costs_no_warm_hits(warm_split: Fitted, model: str, warm: Mix) -> Callable[[Mix], bool]:
+    """Whether a new-item setting (cold offset, borrowed factors) tried on the cold_item
+    validation split keeps the user_temporal validation's NDCG@10 within one standard
+    error of `warm`, the mix chosen there, without an offset or borrowing.
+
+    The two protocols' new items differ: cold_item makes cold only items with five or more
+    positive users, while on user_temporal the items without training events are the rare
+    ones whose every event is held out. A setting that lifts the first kind into the lists
+    also lifts the second, so it is chosen only where it costs the warm lists nothing the
+    validation can tell.
+    """
+
+    baseline = ndcg_per_user(
+        warm_split, model, dataclasses.replace(warm, cold_offset=0.0, neighbour_factors=0)
+    )
+
+    def admissible(params: Mix) -> bool:
+        candidate = dataclasses.replace(
+            warm, cold_offset=params.cold_offset, neighbour_factors=params.neighbour_factors
+        )
+        holds, means = holds_on(ndcg_per_user(warm_split, model, candidate), baseline)
+        log.info(
+            "evaluate: %s %s on user_temporal validation: ndcg@10 %s against %s: %s",
+            model,
+            trial_key(params),
+            means.get("candidate"),
+            means.get("fallback"),
+            "admissible" if holds else "inadmissible",
+        )
+        return holds
+
+    return admissible
+
+
+def _tune_tower(
+    ctx: RunContext,
+    dev: DataFrame,
+    catalog: DataFrame,
+    frozen: DataFrame | None,
+    work_dir: str,
+) -> tuple[RunContext, dict[str, Any]]:
+    """The tower's temperature with the best cold-only Recall@20 of text_finetuned on a
+    cold_item validation split of `dev` (`development_part`); ctx with that contrastive
+    config."""
+    cfg = ctx.cfg.evaluate
+    inner = make_split(dev, "cold_item", cfg, seed=cfg.seed + 1)
+
+    def cold_recall(trial: RunContext) -> float | None:
+        fitted = fit_split(
+            trial,
+            inner,
+            catalog=catalog,
+            embeddings=frozen,
+            work_dir=os.path.join(
+                work_dir, "validation", f"tower-{trial.cfg.contrastive.temperature:g}"
+            ),
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+        )
+        return cold_only_recall(fitted, "text_finetuned", Mix(0.0))
+
+    candidates = [
+        (
+            f"temperature={t:g}",
+            dataclasses.replace(
+                ctx.cfg,
+                contrastive=dataclasses.replace(ctx.cfg.contrastive, temperature=float(t)),
+            ),
+        )
+        for t in cfg.tune_tower_temperatures
+    ]
+    tuned, trials = _best_config(ctx, candidates, cold_recall)
+    temperature = tuned.cfg.contrastive.temperature
+    log.info("evaluate: tower tuned on validation: temperature %s (%s)", temperature, trials)
+    return tuned, {"trials": trials, "temperature": temperature}
+
+
+def _tune_als(
+    ctx: RunContext, inner: splits.Split, catalog: DataFrame, cfg: Any
+) -> tuple[RunContext, dict[str, Any]]:
+    """ALS reg_param x alpha with the best validation NDCG@10 (ALS alone); ctx with that ALS config."""
+
+    def als_ndcg(trial: RunContext) -> float:
+        fitted = fit_split(
+            trial,
+            inner,
+            catalog=catalog,
+            embeddings=None,
+            work_dir="",
+            max_test_users=cfg.max_test_users,
+            seed=cfg.seed,
+            tower=False,
+        )
+        _, scores = tune_hybrid(fitted, "als", text_weights=[0.0], cold_offsets=[0.0])
+        return next(iter(scores.values()), -1.0)
+
+    candidates = [
+        (
+            f"reg={reg:g},alpha={alpha:g}",
+            dataclasses.replace(
+                ctx.cfg,
+                als=dataclasses.replace(ctx.cfg.als, reg_param=float(reg), alpha=float(alpha)),
+            ),
+        )
+        for reg in cfg.tune_als_reg_params
+        for alpha in cfg.tune_als_alphas
+    ]
+    tuned, trials = _best_config(ctx, candidates, als_ndcg)
+    chosen = tuned.cfg.als
+    log.info("evaluate: ALS tuned on validation: reg %s alpha %s", chosen.reg_param, chosen.alpha)
+    return tuned, {"trials": trials, "reg_param": chosen.reg_param, "alpha": chosen.alpha}
+
+
+def _best_config(
+    ctx: RunContext,
+    candidates: Sequence[tuple[str, Any]],
+    score: Callable[[RunContext], float | None],
+) -> tuple[RunContext, dict[str, float]]:
+    """ctx with the candidate config (label, Config) of the highest validation score (the first
+    of equal scores; ctx itself when none scores), and every scored trial's value. A score of
+    None (the trial could not be built) is left out."""
+    trials: dict[str, float] = {}
+    best: tuple[float, RunContext] = (-1.0, ctx)
+    for label, config in candidates:
+        trial = dataclasses.replace(ctx, cfg=config)
+        value = score(trial)
+        if value is None:
+            continue
+        trials[label] = round(value, 5)
+        if value > best[0] + 1e-12:
+            best = (value, trial)
+    return best[1], trials
