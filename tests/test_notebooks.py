@@ -16,10 +16,10 @@ import yaml
 from llmrec_spark.config import load_config
 from llmrec_spark.io.demo import generate_demo
 from llmrec_spark.pipeline.runner import NIGHTLY_AFTER_CLEAN
+from tests.conftest import PROJECT, TINY_OVERLAY
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow, pytest.mark.spark]
 
-PROJECT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT / "notebooks"
 DS = "2026-11-23"
 
@@ -33,26 +33,7 @@ def tiny_project(tmp_path_factory, spark):
     overlay = {
         "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g"},
         "storage": {"engine": "embedded"},
-        "demo": {
-            "n_users": 40,
-            "n_items": 60,
-            "n_topics": 4,
-            "days": 2,
-            "events_per_day": 400,
-            "n_bots": 1,
-            "bot_events_per_day": 600,
-            "new_items": 4,
-        },
-        "als": {"rank": 8, "max_iter": 3},
-        "contrastive": {
-            "epochs": 1,
-            "batch_size": 64,
-            "hidden_dim": 64,
-            "out_dim": 32,
-            "num_sampled_negatives": 32,
-        },
-        "recommend": {"top_n": 5},
-        "evaluate": {"bootstrap_samples": 20},
+        **TINY_OVERLAY,
     }
     (conf / "local.yaml").write_text(yaml.safe_dump(overlay))
     cfg = load_config(conf, env="local")

@@ -1,4 +1,4 @@
-"""Ranking metrics against hand-computed values; bootstrap intervals seeded. No Spark."""
+"""Ranking metrics against hand-computed values and Spark's RankingMetrics; bootstrap intervals seeded."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from llmrec_spark.core.metrics import (
     precision_at_k,
     recall_at_k,
 )
+from llmrec_spark.core.topn import top_n_block
 
 
 def test_list_metrics_on_a_hand_computed_list():
@@ -189,3 +190,39 @@ def test_paired_bootstrap_excludes_zero_only_for_a_real_difference():
     with pytest.raises(ValueError, match="same users"):
         paired_bootstrap(a, b[:10], samples=10, seed=0)
     assert all(math.isnan(x) for x in paired_bootstrap(b[:0], b[:0], samples=10, seed=0))
+
+
+LOG2_3 = np.log2(3)
+
+
+def test_tied_scores_rank_the_lower_item_index_first():
+    # Items 0 and 1 tie for user 0; the rule (lower index first) puts the relevant item 1 second.
+    indices, _ = top_n_block(
+        np.array([[1.0, 0.0]]), np.array([[2.0, 0.0], [2.0, 5.0], [1.0, 0.0]]), 3
+    )
+    ranked = ["i0", "i1", "i2"]
+    recommended = [ranked[j] for j in indices[0]]
+    assert recommended == ["i0", "i1", "i2"]
+    assert ndcg_at_k(recommended, {"i1"}, 2) == pytest.approx(1 / LOG2_3)
+    assert precision_at_k(recommended, {"i1"}, 1) == 0.0
+
+
+@pytest.mark.spark
+def test_metrics_match_spark_ranking_metrics(spark):
+    from pyspark.mllib.evaluation import RankingMetrics
+
+    rng = np.random.default_rng(21)
+    recommended, relevant = {}, {}
+    for u in range(25):
+        recommended[u] = [int(x) for x in rng.choice(30, size=rng.integers(0, 12), replace=False)]
+        relevant[u] = {int(x) for x in rng.choice(30, size=rng.integers(1, 8), replace=False)}
+    ours = mean_metrics(recommended, relevant, [3, 10])
+    pairs = spark.sparkContext.parallelize(
+        [(recommended[u], sorted(relevant[u])) for u in range(25)]
+    )
+    spark_metrics = RankingMetrics(pairs)
+    for k in (3, 10):
+        assert ours[f"precision@{k}"] == pytest.approx(spark_metrics.precisionAt(k))
+        assert ours[f"recall@{k}"] == pytest.approx(spark_metrics.recallAt(k))
+        assert ours[f"ndcg@{k}"] == pytest.approx(spark_metrics.ndcgAt(k))
+        assert ours[f"map@{k}"] == pytest.approx(spark_metrics.meanAveragePrecisionAt(k))

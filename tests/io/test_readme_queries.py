@@ -28,7 +28,7 @@ from llmrec_spark.stages.publish import (
     PROP_MODEL_VERSION,
     publish_recommendations,
 )
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, TINY_OVERLAY
 
 pytestmark = pytest.mark.spark
 
@@ -212,29 +212,7 @@ def test_views_name_only_existing_tables(spark, published):
 # Against the demo's own nightly: the README's user and the published properties exist
 
 DEMO_DS = "2026-11-23"
-TOP_N = 5
-TINY_DEMO = {
-    "demo": {
-        "n_users": 40,
-        "n_items": 60,
-        "n_topics": 4,
-        "days": 2,
-        "events_per_day": 400,
-        "n_bots": 1,
-        "bot_events_per_day": 600,
-        "new_items": 4,
-    },
-    "als": {"rank": 8, "max_iter": 3},
-    "contrastive": {
-        "epochs": 1,
-        "batch_size": 64,
-        "hidden_dim": 64,
-        "out_dim": 32,
-        "num_sampled_negatives": 32,
-    },
-    "recommend": {"top_n": TOP_N},
-    "evaluate": {"bootstrap_samples": 20},
-}
+TOP_N = TINY_OVERLAY["recommend"]["top_n"]
 
 
 @pytest.mark.slow
@@ -242,7 +220,7 @@ def test_readme_blocks_run_against_the_demo_nightly(spark, tmp_path, monkeypatch
     from llmrec_spark.io.demo import generate_demo
     from llmrec_spark.pipeline.runner import run_nightly
 
-    root = write_project(tmp_path, **TINY_DEMO)
+    root = write_project(tmp_path, **TINY_OVERLAY)
     cfg = load_config(root / "conf", env="local")
     generate_demo(cfg.demo, cfg.path(cfg.storage.landing), DEMO_DS)
     summary = run_nightly(cfg, spark, DEMO_DS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from llmrec_spark.io.demo import generate_demo
-from tests.conftest import PROJECT, make_config
+from tests.conftest import make_config, run_llmrec
 from tests.pipeline.test_nightly import DS, TINY, TOP_N
 
 pytestmark = pytest.mark.slow
@@ -41,24 +40,7 @@ REC_COLUMNS = ["user_id", "rank", "item_id", "source"]
 
 
 def _cli(root: Path, *args: str, conf: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    overrides = [
-        f"root={root}",
-        f"spark.master={LOCAL_CLUSTER}",
-        "spark.shuffle_partitions=2",
-        "spark.driver_memory=1g",
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"mlflow.artifact_location={root}/mlruns",
-        *TINY,
-        *conf,
-    ]
-    command = [sys.executable, "-m", "llmrec_spark.cli", *args, "--ds", DS]
-    command += ["--conf-dir", str(PROJECT / "conf")]
-    for override in overrides:
-        command += ["--conf", override]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
+    return run_llmrec(root, *args, ds=DS, master=LOCAL_CLUSTER, overrides=(*TINY, *conf))
 
 
 def _delta_frame(path: Path, ds: str | None = None):

@@ -7,11 +7,8 @@ after a Delta commit, with nothing after it allowed to run.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from deltalake import DeltaTable
 
 from llmrec_spark.faults import CRASH_ENV
 from llmrec_spark.io.demo import generate_demo
-from tests.conftest import PROJECT, make_config
+from tests.conftest import make_config, run_llmrec
 from tests.pipeline.test_nightly import DS, TINY
 
 pytestmark = pytest.mark.slow
@@ -34,26 +31,7 @@ COLUMNS = ["user_id", "rank", "item_id", "source"]
 
 def llmrec(root: Path, *args: str, ds: str, crash_at: str | None = None):
     """Run `llmrec ARGS --ds ds` on the project under `root`, optionally killed at a crash point."""
-    overrides = [
-        f"root={root}",
-        "spark.master=local[2]",
-        "spark.shuffle_partitions=2",
-        "spark.driver_memory=1g",
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"mlflow.artifact_location={root}/mlruns",
-        *TINY,
-    ]
-    command = [sys.executable, "-m", "llmrec_spark.cli", *args, "--ds", ds]
-    command += ["--conf-dir", str(PROJECT / "conf")]
-    for override in overrides:
-        command += ["--conf", override]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
-    env.pop(CRASH_ENV, None)
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    return subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
+    return run_llmrec(root, *args, ds=ds, overrides=TINY, env={CRASH_ENV: crash_at})
 
 
 def rows(table: Path, ds: str | None = None):
