@@ -135,7 +135,10 @@ def _model_name(folder: Path) -> str:
 def _load(model_path: str, device: str) -> tuple[Any, Any]:
     """Tokenizer and eval-mode model on `device`; cached per (path, device) for the process."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # transformers 5 draws a "Loading weights" progress bar per load: one per Python worker.
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # safetensors only: a model folder's pytorch_model.bin is a pickle and could run code.

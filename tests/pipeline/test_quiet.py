@@ -159,6 +159,7 @@ def test_nightly_prints_no_warning_and_a_runnable_mlflow_hint(tmp_path):
     assert "recommend 2026-11-23 ok" in output
     assert noise(output) == []
     assert "Setting OMP_NUM_THREADS" not in output  # torchrun's banner
+    assert "Loading weights" not in output  # transformers' per-worker progress bar
     hint = next(line for line in output.splitlines() if "browse with:" in line)
     command = shlex.split(hint.split("browse with:", 1)[1])
     assert command[1:] == ["ui", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db"]
