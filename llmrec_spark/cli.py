@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("name", help="benchmark name (see `llmrec bench list`)")
     bench.add_argument("--out-dir", default="bench-results")
-    bench.add_argument("--dataset", default=None, help="bench quality: dataset kind (movielens)")
+    bench.add_argument(
+        "--dataset",
+        default=None,
+        help="bench quality: movielens or amazon (default: the folder's layout)",
+    )
     bench.add_argument("--path", default=None, help="bench quality: the dataset's folder")
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -202,6 +203,9 @@ class AlsConfig:
     alpha: float = 10.0
     max_iter: int = 10
     train_days: int = 90
+    # (user, item) pairs whose summed weight is below this are not trained on (0 = every pair):
+    # on explicit ratings, the lowest rating that means "liked" (4 on a 5-star scale).
+    min_weight: float = 0.0
     seed: int = 42
     checkpoint_interval: int = 5
     # User and item blocks of MLlib's ALS; 0 = the session's default parallelism (its cores).
@@ -281,6 +285,11 @@ class RecommendConfig:
     exclude_seen: bool = True
     exclude_categories: list[str] = field(default_factory=list)
     max_per_category: int = 0
+    # At least this many of the top_n places go to the user's best new items (text, no ALS
+    # factor of their own) whose text z-score (kernel z with text_kernel) is at least
+    # new_item_min_z: placed last, displacing the lowest others (0 = off).
+    new_item_slots: int = 0
+    new_item_min_z: float = 1.0
     # Partitions of `recommendations` older than this many days before the run date are
     # dropped after publishing (0 = keep all); files unreferenced this long are vacuumed.
     retention_days: int = 30
@@ -327,12 +336,20 @@ class EvaluateConfig:
     # recommend.neighbour_factors tried with the cold offsets on the cold_item validation
     # split (the hybrid's mixed NDCG@10; [] = the configured one).
     tune_neighbour_factors: list[int] = field(default_factory=list)
+    # recommend.new_item_slots x new_item_min_z chosen for the hybrid on the cold_item
+    # validation split by mixed NDCG@20, after its cold offset ([] = the configured one).
+    tune_new_item_slots: list[int] = field(default_factory=list)
+    tune_new_item_min_z: list[float] = field(default_factory=list)
     # The tower's temperatures tried on a cold_item validation split (text_finetuned's
     # cold-only Recall@20), before the hybrids are tuned ([] = contrastive.temperature).
     tune_tower_temperatures: list[float] = field(default_factory=list)
     # With tune_hybrid: ALS reg_param x alpha chosen first on the user_temporal validation split.
     tune_als_reg_params: list[float] = field(default_factory=list)
     tune_als_alphas: list[float] = field(default_factory=list)
+    tune_als_min_weights: list[float] = field(default_factory=list)  # [] = als.min_weight
+    # Rank `implicit`'s CPU ALS beside the models, tuned on the user_temporal validation
+    # split (needs the `implicit` package; `llmrec bench quality` turns it on).
+    implicit_anchor: bool = False
     # cold_item refitted on this many other seeded picks of the cold items (seed + 100 k): the
     # report's spread of cold-only Recall@20 over the picks (each costs one ALS + tower fit).
     cold_item_draws: int = 0
@@ -665,6 +682,7 @@ def check_als(cfg: AlsConfig) -> None:
             (cfg.rank > 0, "als.rank: must be positive"),
             (cfg.max_iter >= 1, "als.max_iter: must be at least 1"),
             (cfg.train_days >= 1, "als.train_days: must be at least 1"),
+            (cfg.min_weight >= 0, "als.min_weight: must be 0 (every pair) or positive"),
             (cfg.num_blocks >= 0, "als.num_blocks: must be 0 (the session's cores) or positive"),
             (
                 cfg.intermediate_storage_level in ALS_STORAGE_LEVELS,
@@ -800,6 +818,15 @@ def _check_tuned_settings(cfg: Config) -> None:
                 rec.recent_half_life >= 0 and all(h >= 0 for h in grids.tune_recent_half_lives),
                 "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be "
                 "negative (0 = plain mean)",
+            ),
+            (
+                all(0 <= s < rec.top_n for s in [rec.new_item_slots, *grids.tune_new_item_slots]),
+                "recommend.new_item_slots, evaluate.tune_new_item_slots: must be within "
+                "[0, recommend.top_n) (0 = off)",
+            ),
+            (
+                all(math.isfinite(z) for z in [rec.new_item_min_z, *grids.tune_new_item_min_z]),
+                "recommend.new_item_min_z, evaluate.tune_new_item_min_z: must be finite",
             ),
         ]
     )

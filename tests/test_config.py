@@ -136,6 +136,24 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
             "recommend.recent_half_life, evaluate.tune_recent_half_lives: must not be negative "
             "(0 = plain mean)",
         ),
+        (
+            "recommend.new_item_slots=20",  # top_n is 20: a list of new items only
+            "recommend.new_item_slots, evaluate.tune_new_item_slots: must be within "
+            "[0, recommend.top_n) (0 = off)",
+        ),
+        (
+            "evaluate.tune_new_item_slots=[0, -1]",
+            "recommend.new_item_slots, evaluate.tune_new_item_slots: must be within "
+            "[0, recommend.top_n) (0 = off)",
+        ),
+        (
+            "recommend.new_item_min_z=.nan",
+            "recommend.new_item_min_z, evaluate.tune_new_item_min_z: must be finite",
+        ),
+        (
+            "evaluate.tune_new_item_min_z=[1.0, .inf]",
+            "recommend.new_item_min_z, evaluate.tune_new_item_min_z: must be finite",
+        ),
         ("als", "--conf expects key=value, got 'als'"),
         ("evaluate.ks=5", "evaluate.ks: expected a list, got int 5"),
     ],

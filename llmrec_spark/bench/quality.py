@@ -29,7 +29,14 @@ from llmrec_spark.core import encoder
 from llmrec_spark.errors import InputError
 from llmrec_spark.evaluation.evaluate import Evaluation, evaluate_events
 from llmrec_spark.evaluation.report import MODEL_ORDER, draw_summary, report_summary
-from llmrec_spark.io.datasets import Dataset, RatingScale, load_public_dataset
+from llmrec_spark.io.datasets import (
+    AMAZON,
+    MOVIELENS_LAYOUTS,
+    Dataset,
+    RatingScale,
+    folder_layout,
+    load_public_dataset,
+)
 from llmrec_spark.pipeline.runner import make_context, run_stage
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.runtime.session import build_spark
@@ -38,11 +45,15 @@ from llmrec_spark.stages import embed
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("movielens",)
+# Each `--dataset` and the folder layouts (io.datasets) it stands for.
+DATASETS = {"movielens": tuple(MOVIELENS_LAYOUTS), "amazon": (AMAZON,)}
 BAR_PROTOCOLS = ("user_temporal", "cold_item")
-# ALS grid searched on the user_temporal validation split unless evaluate.tune_als_* are set.
-ALS_REG_PARAMS = (0.1, 0.3)
-ALS_ALPHAS = (0.3, 1.0)
+# ALS grid searched on the user_temporal validation split unless evaluate.tune_als_* are set
+# (reg_param and alpha widen while the best sits on an edge). min_weight: every rating as a
+# weighted positive (0), or only ratings of at least LIKED (see quality_config).
+ALS_REG_PARAMS = (0.03, 0.1, 0.3)
+ALS_ALPHAS = (0.03, 0.1, 0.3)
+LIKED = 4.0  # the least rating that counts as a positive (x clean.rating_weight_scale)
 # The tower's temperatures tried on the cold_item validation split unless set in config.
 TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
 # Other seeded picks of the cold items refitted for the report's spread (unless set in config).
@@ -52,6 +63,10 @@ TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2)
 # How many text neighbours a new item borrows an ALS factor from (0: none), tried with the
 # hybrid's cold offsets on the cold_item validation split.
 NEIGHBOUR_FACTORS = (0, 30)
+# The hybrid's places reserved for new items in its list of recommend.top_n, and the text
+# z-score a new item needs to take one, tried on the cold_item validation split.
+NEW_ITEM_SLOTS = (0, 1, 2, 3, 5)
+NEW_ITEM_MIN_Z = (0.5, 1.0, 2.0)
 
 
 def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingScale) -> Config:
@@ -78,18 +93,22 @@ def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingSca
     scale = cfg.clean.rating_weight_scale
     evaluate = dataclasses.replace(
         cfg.evaluate,
-        positive_min_weight=4.0 * scale,  # rating >= 4 is a positive
+        positive_min_weight=LIKED * scale,  # rating >= 4 is a positive
         tune_als_reg_params=cfg.evaluate.tune_als_reg_params or list(ALS_REG_PARAMS),
         tune_als_alphas=cfg.evaluate.tune_als_alphas or list(ALS_ALPHAS),
+        tune_als_min_weights=cfg.evaluate.tune_als_min_weights or [0.0, LIKED * scale],
+        implicit_anchor=True,
         tune_tower_temperatures=(cfg.evaluate.tune_tower_temperatures or list(TOWER_TEMPERATURES)),
         cold_item_draws=cfg.evaluate.cold_item_draws or COLD_ITEM_DRAWS,
         tune_text_kernels=cfg.evaluate.tune_text_kernels or list(TEXT_KERNELS),
         tune_neighbour_factors=cfg.evaluate.tune_neighbour_factors or list(NEIGHBOUR_FACTORS),
+        tune_new_item_slots=cfg.evaluate.tune_new_item_slots or list(NEW_ITEM_SLOTS),
+        tune_new_item_min_z=cfg.evaluate.tune_new_item_min_z or list(NEW_ITEM_MIN_Z),
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
     als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)
     contrastive = dataclasses.replace(
-        cfg.contrastive, train_days=span_days + 2, positive_min_weight=4.0 * scale
+        cfg.contrastive, train_days=span_days + 2, positive_min_weight=LIKED * scale
     )
     return dataclasses.replace(
         cfg, storage=storage, clean=clean, evaluate=evaluate, als=als, contrastive=contrastive
@@ -97,28 +116,43 @@ def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingSca
 
 
 def run(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
-    """`llmrec bench quality --dataset NAME --path DIR`: `bench_quality` on that folder."""
+    """`llmrec bench quality --path DIR [--dataset NAME]`: `bench_quality` on that folder."""
     if not options.get("path"):
         raise InputError(
-            "bench quality needs the dataset folder: llmrec bench quality --dataset movielens --path DIR"
+            "bench quality needs the dataset folder: "
+            f"llmrec bench quality --path DIR [--dataset {'|'.join(DATASETS)}]"
         )
-    return bench_quality(cfg, dataset=options.get("dataset") or "movielens", path=options["path"])
+    return bench_quality(cfg, dataset=options.get("dataset"), path=options["path"])
 
 
-def bench_quality(cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
+def bench_quality(cfg: Config, *, dataset: str | None, path: str) -> dict[str, Any]:
     """Run the pipeline on the dataset at `path` in a Spark session of its own (stopped after);
-    the bar protocols' metrics and the seconds."""
-    if dataset not in DATASETS:
+    the bar protocols' metrics and the seconds. `dataset` None: the one the folder holds."""
+    if dataset is not None and dataset not in DATASETS:
         raise InputError(
             f"bench quality: unknown dataset {dataset!r}; choose {', '.join(DATASETS)}"
         )
     if not path or not os.path.isdir(path):
         raise InputError(f"bench quality: --path {path!r} is not a folder with the dataset's files")
+    dataset = dataset_in_folder(path, asked=dataset)
     spark = build_spark(cfg)
     try:
         return measure_quality(spark, cfg, dataset=dataset, path=path)
     finally:
         spark.stop()
+
+
+def dataset_in_folder(path: str, *, asked: str | None = None) -> str:
+    """The DATASETS name of the layout in `path` (no Spark); InputError when none is known or
+    when `asked` names another dataset."""
+    layout = folder_layout(path)
+    found = next(name for name, layouts in DATASETS.items() if layout in layouts)
+    if asked is not None and asked != found:
+        raise InputError(
+            f"bench quality: --dataset {asked} but {path} holds {found} files "
+            f"(the {layout} layout); pass --dataset {found} or leave --dataset out"
+        )
+    return found
 
 
 def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str) -> dict[str, Any]:
@@ -140,7 +174,8 @@ def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str
         evaluation = _evaluate(ctx, title=f"llmrec bench quality: {dataset} ({data.layout})")
         report_dir = cfg.path(cfg.storage.reports_dir)
         os.makedirs(report_dir, exist_ok=True)
-        report = os.path.join(report_dir, f"quality-{dataset}-{data.layout}.html")
+        name = dataset if data.layout == dataset else f"{dataset}-{data.layout}"
+        report = os.path.join(report_dir, f"quality-{name}.html")
         shutil.copyfile(evaluation.report, report)
         return {
             "dataset": dataset,

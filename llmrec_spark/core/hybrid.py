@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmrec_spark.config import RecommendConfig
-from llmrec_spark.core.topn import select_top_n
+from llmrec_spark.core.topn import reserve_new_item_slots, select_top_n
 
 # The source code `hybrid_top_n` returns per recommended item (stages.recommend.SOURCES
 # names them in this order).
@@ -32,7 +32,11 @@ class Mix:
     user's text vector; the weight and half-life of the recent-items term in the
     collaborative score (the user's recent items' ALS factors; weight 0 = ALS alone); and the
     kernel width of the text-only items' match against the history (0 = the mean vector's
-    cosine, see `history_kernel_scores`)."""
+    cosine, see `history_kernel_scores`). And the list built from the scores: at least
+    `new_item_slots` of its places hold the user's best-scoring new items whose text z-score
+    is at least `new_item_min_z` (`reserve_new_item_slots`). The list is `list_length`
+    (recommend.top_n) long in the evaluation's `rank_view`, whatever a metric's cut-off;
+    `hybrid_top_n`'s is its n."""
 
     text_weight: float
     cold_offset: float = 0.0
@@ -42,11 +46,15 @@ class Mix:
     text_kernel: float = 0.0
     neighbour_factors: int = 0
     neighbour_temperature: float = 0.05
+    new_item_slots: int = 0
+    new_item_min_z: float = 1.0
+    list_length: int = 20
 
     @classmethod
     def configured(cls, cfg: RecommendConfig) -> Mix:
         """The mix `recommend` ships with (recommend.text_weight, cold_offset, text_half_life,
-        recent_weight, recent_half_life, text_kernel, neighbour_factors and temperature)."""
+        recent_weight, recent_half_life, text_kernel, neighbour_factors and temperature,
+        new_item_slots and new_item_min_z; top_n as the list length)."""
         return cls(
             cfg.text_weight,
             cfg.cold_offset,
@@ -56,6 +64,9 @@ class Mix:
             cfg.text_kernel,
             cfg.neighbour_factors,
             cfg.neighbour_temperature,
+            cfg.new_item_slots,
+            cfg.new_item_min_z,
+            cfg.top_n,
         )
 
 
@@ -325,9 +336,11 @@ def hybrid_top_n(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-n per user of the calibrated ALS/text mix: (indices, scores, source codes), each (b, n).
 
-    See `hybrid_scores` for the score; this selects the top n (category cap applied).
+    See `hybrid_scores` for the score; this selects the top n (category cap applied), then
+    gives `mix.new_item_slots` of the n places to new items (`reserve_new_item_slots`, the
+    cap kept; a placed new item's source is TEXT). Past a short list's end: score -inf.
     """
-    scores, has_als, has_text = hybrid_scores(
+    scores, has_als, has_text, new = hybrid_scores_with_new_items(
         user_als,
         user_has_als,
         histories,
@@ -343,6 +356,19 @@ def hybrid_top_n(
         max_per_category=max_per_category,
         backend=backend,
     )
+    if len(new.columns):
+        indices, top = reserve_new_item_slots(
+            indices,
+            top,
+            new.columns,
+            scores[:, new.columns],
+            new.z,
+            n=n,
+            slots=mix.new_item_slots,
+            min_z=mix.new_item_min_z,
+            categories=items.categories,
+            max_per_category=max_per_category,
+        )
     borrowing = items.with_neighbour_factors(mix.neighbour_factors, mix.neighbour_temperature)
     return indices, top, _source_codes(indices, has_als, has_text, borrowing)
 
@@ -382,6 +408,62 @@ def hybrid_scores(
     the (b, items) matrix is written once, never rescaled in place -- into `out` when given
     (float32, C-contiguous, at least (b, items); reusing it saves page faults per block).
     """
+    scores, sources, _ = _scores_and_sources(
+        user_als, user_has_als, histories, items, mix, exclude_seen, out
+    )
+    return scores, sources.has_collab, sources.has_text
+
+
+@dataclass(frozen=True)
+class NewItems:
+    """A block's new items -- eligible, with text, no ALS factor of their own (a borrowed
+    one still counts) and no interaction in the window (an item everyone rated below
+    als.min_weight has no factor, but it is no new item) -- and each user's text z-score of
+    them: the score a new item's plausibility is judged by (`Mix.new_item_min_z`)."""
+
+    columns: np.ndarray  # (m,) int64 item indices
+    # (b, m) float32 text z-scores (kernel z with text_kernel); -inf where the item is no
+    # candidate of the user's or the user has no text vector
+    z: np.ndarray
+
+
+def hybrid_scores_with_new_items(
+    user_als: np.ndarray | None,
+    user_has_als: np.ndarray,
+    histories: Sequence[np.ndarray],
+    items: ItemMatrices,
+    *,
+    mix: Mix,
+    exclude_seen: bool = True,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, NewItems]:
+    """`hybrid_scores` and the block's `NewItems` (none when `mix.new_item_slots` is 0)."""
+    scores, sources, seen = _scores_and_sources(
+        user_als, user_has_als, histories, items, mix, exclude_seen, out
+    )
+    columns = np.zeros(0, dtype=np.int64)
+    if mix.new_item_slots > 0 and items.has_text is not None:
+        own_factor = np.zeros(items.size, dtype=bool)
+        if items.has_als is not None:
+            own_factor = items.has_als & ~(items.borrowed if items.borrowed is not None else False)
+        eligible = np.asarray(items.eligible, dtype=bool)
+        unseen = np.asarray(items.popularity) <= 0
+        columns = np.flatnonzero(eligible & items.has_text & ~own_factor & unseen)
+    z = _text_z(sources, histories, items, mix, seen, columns)
+    z[~np.isfinite(scores[:, columns])] = -np.inf
+    return scores, sources.has_collab, sources.has_text, NewItems(columns, z)
+
+
+def _scores_and_sources(
+    user_als: np.ndarray | None,
+    user_has_als: np.ndarray,
+    histories: Sequence[np.ndarray],
+    items: ItemMatrices,
+    mix: Mix,
+    exclude_seen: bool,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, _Sources, tuple[np.ndarray, np.ndarray]]:
+    """`hybrid_scores`' matrix, the block's sources and its seen (rows, cols) pairs."""
     items = items.with_neighbour_factors(mix.neighbour_factors, mix.neighbour_temperature)
     seen = _seen_pairs(histories) if exclude_seen else (_NO_PAIRS, _NO_PAIRS)
     sources = _score_sources(user_als, user_has_als, histories, items, mix, seen)
@@ -389,7 +471,31 @@ def hybrid_scores(
         sources, _item_groups(sources, items, mix), histories, items, mix, seen, out
     )
     _mask_non_candidates(scores, sources, items, seen)
-    return scores, sources.has_collab, sources.has_text
+    return scores, sources, seen
+
+
+def _text_z(
+    sources: _Sources,
+    histories: Sequence[np.ndarray],
+    items: ItemMatrices,
+    mix: Mix,
+    seen: tuple[np.ndarray, np.ndarray],
+    columns: np.ndarray,
+) -> np.ndarray:
+    """(b, len(columns)) float32: each user's text z-score of the items at `columns` (over
+    their text candidates; with `mix.text_kernel` the kernel z of `_kernel_z`), -inf for the
+    users without a text vector."""
+    b = len(histories)
+    text = next((part for part in sources.parts if part.source == "text"), None)
+    if text is None or not len(columns):
+        return np.full((b, len(columns)), -np.inf, dtype=np.float32)
+    if mix.text_kernel > 0:
+        z = _kernel_z(histories, items, columns, sources.text_items, mix, *seen, np.zeros(b))
+    else:
+        z = (text.users @ text.matrix[columns].T) * text.scale[:, None] + text.shift[:, None]
+    z = z.astype(np.float32)
+    z[~sources.has_text] = -np.inf
+    return z
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ columns above a per-row lower bound (`_select_prefiltered`), a few times n per r
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -208,3 +209,164 @@ def _exclude(scores: np.ndarray, exclude: Sequence[np.ndarray]) -> None:
     if rows:
         cols = [np.asarray(e, dtype=np.int64) for e in exclude if len(e)]
         scores[np.concatenate(rows), np.concatenate(cols)] = -np.inf
+
+
+def reserve_new_item_slots(
+    indices: np.ndarray,
+    top: np.ndarray,
+    new_items: np.ndarray,
+    new_scores: np.ndarray,
+    new_z: np.ndarray,
+    *,
+    n: int,
+    slots: int,
+    min_z: float,
+    categories: np.ndarray | None = None,
+    max_per_category: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each ranked list with at least `slots` new items in its first n where the user has
+    plausible ones: (indices, scores) (b, k), best first, -1 and -inf past a list's end.
+
+    `indices`, `top` (b, k): each user's list by score (-inf past its end; k may exceed n).
+    `new_items` (m,): the new items' indices, in the order ties among them go; `new_scores`,
+    `new_z` (b, m): their scores and text z-scores per user. Plausible: a finite score and a
+    z of at least `min_z`. When the first n positions hold fewer than `slots` new items, the
+    best-scoring plausible new items not among them (as many as are missing, if there are)
+    take the last of the n positions in score order, displacing the lowest others; the
+    positions after n continue the list's order without the items placed. With
+    `max_per_category` > 0 a new item is placed only if its category stays within the cap in
+    the first n positions (what follows position n is not capped again).
+    """
+    b, k = indices.shape
+    n = min(n, k)
+    if slots <= 0 or n == 0 or b == 0 or len(new_items) == 0:
+        return indices, top
+    valid = np.isfinite(top) & (indices >= 0)
+    position = np.full(max(int(indices.max()), int(new_items.max())) + 1, -1, dtype=np.int64)
+    position[new_items] = np.arange(len(new_items))
+    column = np.where(valid, position[np.maximum(indices, 0)], -1)  # (b, k): new item or -1
+    listed = np.zeros(new_scores.shape, dtype=bool)  # (b, m): among the first n
+    rows, cols = np.nonzero(column[:, :n] >= 0)
+    listed[rows, column[rows, cols]] = True
+    missing = np.maximum(slots - listed.sum(axis=1), 0)
+    length = valid[:, :n].sum(axis=1)  # the list's items in the first n
+    chosen = np.zeros((b, min(slots, len(new_items))), dtype=np.int64)  # (b, s) columns
+    placed = np.zeros(b, dtype=np.int64)
+    short = np.flatnonzero(missing > 0)  # only these rows' new items are looked at
+    available = np.isfinite(new_scores[short]) & (new_z[short] >= min_z) & ~listed[short]
+    candidates = np.where(available, new_scores[short], -np.inf).astype(np.float32)
+    if max_per_category > 0 and categories is not None:
+        chosen[short], placed[short] = _capped_new_items(
+            indices[short, :n],
+            candidates,
+            new_items,
+            length[short],
+            missing[short],
+            categories,
+            max_per_category,
+            width=chosen.shape[1],
+        )
+    elif len(short):
+        # Ties to the lower column: `new_items`' order.
+        chosen[short] = _select(candidates, chosen.shape[1], "numpy")[0]
+        placed[short] = np.minimum(missing[short], available.sum(axis=1))
+    return _splice(indices, top, column, new_items, new_scores, chosen, placed, length, n)
+
+
+def _capped_new_items(
+    head: np.ndarray,
+    candidates: np.ndarray,
+    new_items: np.ndarray,
+    length: np.ndarray,
+    missing: np.ndarray,
+    categories: np.ndarray,
+    cap: int,
+    *,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`reserve_new_item_slots` under a category cap: per row the new items' columns placed
+    (b, width), best first, and how many (b,). `candidates` (b, m): the new items' scores,
+    -inf where not placeable; `head` (b, n): the lists' first n. Each row's best candidates
+    are looked at first (a pool, as `_select_with_category_cap`), all of them when the pool
+    cannot fill the row."""
+    b, m = candidates.shape
+    chosen = np.zeros((b, width), dtype=np.int64)
+    placed = np.zeros(b, dtype=np.int64)
+    if b == 0:
+        return chosen, placed
+    pool = min(m, max(4 * width, width + 50))
+    columns, values = _select(candidates, pool, "numpy")
+    for row in range(b):
+        head_row, length_row, need = head[row], int(length[row]), int(missing[row])
+        order = columns[row][np.isfinite(values[row])].tolist()
+        picked = _fill_capped(head_row, length_row, order, need, new_items, categories, cap)
+        if len(picked) < need and pool < m and np.isfinite(values[row, -1]):
+            every, scores = _select(candidates[row : row + 1], m, "numpy")
+            order = every[0][np.isfinite(scores[0])].tolist()
+            picked = _fill_capped(head_row, length_row, order, need, new_items, categories, cap)
+        chosen[row, : len(picked)], placed[row] = picked, len(picked)
+    return chosen, placed
+
+
+def _fill_capped(
+    head: np.ndarray,
+    length: int,
+    order: list[int],
+    missing: int,
+    new_items: np.ndarray,
+    categories: np.ndarray,
+    cap: int,
+) -> list[int]:
+    """The most (up to `missing`) of the columns `order` (best first) that fit the category
+    cap beside the items of `head` (n,) kept: placing s keeps its first min(length, n - s)."""
+    for s in range(missing, 0, -1):
+        counts = Counter(categories[head[: min(length, len(head) - s)]].tolist())
+        picked = []
+        for column in order:
+            category = int(categories[new_items[column]])
+            if counts[category] < cap:
+                counts[category] += 1
+                picked.append(column)
+                if len(picked) == s:
+                    return picked
+    return []
+
+
+def _splice(
+    indices: np.ndarray,
+    top: np.ndarray,
+    column: np.ndarray,
+    new_items: np.ndarray,
+    new_scores: np.ndarray,
+    chosen: np.ndarray,
+    placed: np.ndarray,
+    length: np.ndarray,
+    n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lists (b, k) with the first `placed` (b,) of `chosen` (b, s: columns of
+    `new_items`) after their first min(length, n - placed) items, then the rest of each list
+    without them; -1 and -inf past the end. `column` (b, k): each listed item's column of
+    `new_items`, -1 for the others and past the end."""
+    b, k = indices.shape
+    kept = np.minimum(length, n - placed)[:, None]  # (b, 1) the list's items before the new
+    slot = np.arange(chosen.shape[1])[None, :]
+    placing = slot < placed[:, None]  # (b, s)
+    is_placed = np.zeros(new_scores.shape, dtype=bool)  # (b, m)
+    rows, slots = np.nonzero(placing)
+    is_placed[rows, chosen[rows, slots]] = True
+    # Each entry's place in the result: the list's own items keep their order around the new
+    # ones, which take places kept .. kept + placed - 1; inf drops an entry.
+    position = np.arange(k)[None, :]
+    own = np.where(position < kept, position, position + placed[:, None]).astype(np.float64)
+    gone = ~np.isfinite(top) | (indices < 0)
+    gone |= (column >= 0) & is_placed[np.arange(b)[:, None], np.maximum(column, 0)]
+    own[gone] = np.inf
+    keys = np.hstack([own, np.where(placing, kept + slot, np.inf)])  # (b, k + s)
+    order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(np.hstack([indices, new_items[chosen]]), order, axis=1)
+    values = np.take_along_axis(
+        np.hstack([top, np.take_along_axis(new_scores, chosen, axis=1)]), order, axis=1
+    )
+    empty = np.isinf(np.take_along_axis(keys, order, axis=1))
+    out[empty], values[empty] = -1, -np.inf
+    return out.astype(np.int64, copy=False), values.astype(top.dtype, copy=False)

@@ -17,15 +17,17 @@ from llmrec_spark.evaluation.report import NAN_STAT, Stat, ordered
 MODEL_COLORS = {
     "popularity": "#7f7f7f",
     "als": "#0072b2",
+    "implicit_als": "#000000",
     "als_recent": "#56b4e9",
     "text_frozen": "#e69f00",
     "text_frozen_kernel": "#f0c04a",
     "text_finetuned": "#d55e00",
     "hybrid_frozen": "#cc79a7",
+    "hybrid_no_slots": "#8fd3b8",
     "hybrid": "#009e73",
 }
 
-OTHER_COLORS = ("#000000", "#8c6d31", "#6b6ecf", "#b5cf6b")
+OTHER_COLORS = ("#8c6d31", "#6b6ecf", "#b5cf6b")
 
 SERIES_COLORS = ("#3b5b92", "#e3a33b", "#6a9f6e", "#b56576", "#5fa8d3", "#8e7dbe", "#c9a227")
 

@@ -23,9 +23,11 @@ from pyspark.sql import DataFrame
 
 from llmrec_spark.config import Config
 from llmrec_spark.core.hybrid import Mix
-from llmrec_spark.errors import InputError
+from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.evaluation.anchor import MODEL as ANCHOR
+from llmrec_spark.evaluation.anchor import AnchorParams, attach_anchor
 from llmrec_spark.evaluation.ranking import protocol_result, same_as_text_frozen
-from llmrec_spark.evaluation.refit import Fitted, fit_split, make_split
+from llmrec_spark.evaluation.refit import UNSLOTTED, Fitted, fit_split, make_split
 from llmrec_spark.evaluation.report import (
     Claim,
     Draw,
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 # The differences the report states: (protocol, view, metric, model, baseline).
 CLAIMS = (
     ("user_temporal", "warm", "ndcg@10", "hybrid", "als"),
+    ("user_temporal", "warm", "ndcg@10", "hybrid", "implicit_als"),
+    ("user_temporal", "warm", "ndcg@10", "als", "implicit_als"),
     ("user_temporal", "warm", "ndcg@10", "hybrid", "hybrid_frozen"),
     ("user_temporal", "warm", "ndcg@10", "hybrid", "als_recent"),
     ("user_temporal", "warm", "ndcg@10", "als_recent", "als"),
@@ -51,8 +55,14 @@ CLAIMS = (
     ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen_kernel"),
     ("cold_item", "cold_only", "recall@20", "text_frozen_kernel", "text_frozen"),
     ("cold_item", "mixed", "ndcg@10", "hybrid", "als"),
+    ("cold_item", "mixed", "ndcg@10", "hybrid", "implicit_als"),
     ("cold_item", "mixed", "ndcg@10", "hybrid", "hybrid_frozen"),
     ("cold_item", "mixed", "cold_recall@20", "hybrid", "hybrid_frozen"),
+    # What the new-item slots cost on warm lists (they fill the list's last places, so
+    # NDCG@20, not @10) and gain in shown new items.
+    ("user_temporal", "warm", "ndcg@20", "hybrid", UNSLOTTED),
+    ("cold_item", "mixed", "ndcg@20", "hybrid", UNSLOTTED),
+    ("cold_item", "mixed", "cold_recall@20", "hybrid", UNSLOTTED),
 )
 
 
@@ -158,8 +168,12 @@ def evaluate_events(
     if tune:
         ctx, params, tuning = tune_on_validation(ctx, events, catalog, frozen, protocols, work_dir)
 
+    if params["hybrid"].new_item_slots > 0:
+        params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
+    anchor = _anchor_params(cfg, tuning)
+
     def fit(protocol: str, seed: int, folder: str) -> Fitted:
-        return fit_split(
+        fitted = fit_split(
             ctx,
             make_split(events, protocol, cfg, seed=seed),
             catalog=catalog,
@@ -167,7 +181,11 @@ def evaluate_events(
             work_dir=os.path.join(work_dir, folder),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
+            keep_pairs=anchor is not None,
         )
+        if anchor is None:
+            return fitted
+        return attach_anchor(fitted, anchor, positive_min_weight=cfg.positive_min_weight)
 
     results, draws = _rank_protocols(fit, protocols, params, ks, cfg, started)
     events.unpersist()
@@ -184,10 +202,22 @@ def evaluate_events(
         claims=_claims(results),
         bootstrap_samples=cfg.bootstrap_samples,
         seed=cfg.seed,
-        notes=_notes(ctx.cfg, params, tuned=tune),
+        notes=_notes(ctx.cfg, params, tuned=tune, tuning=tuning),
         draws=draws,
     )
     return Evaluation(results, params, tuning, path, time.perf_counter() - started, draws)
+
+
+def _anchor_params(cfg: Any, tuning: dict[str, Any]) -> AnchorParams | None:
+    """The outside anchor's settings chosen on validation (None: evaluate.implicit_anchor off)."""
+    if not cfg.implicit_anchor:
+        return None
+    if ANCHOR not in tuning:
+        raise ConfigError(
+            "evaluate.implicit_anchor needs evaluate.tune_hybrid: true (it is tuned on validation)"
+        )
+    record = tuning[ANCHOR]
+    return AnchorParams(**{f.name: record[f.name] for f in dataclasses.fields(AnchorParams)})
 
 
 def _configured_params(cfg: Config) -> dict[str, Mix]:
@@ -196,7 +226,9 @@ def _configured_params(cfg: Config) -> dict[str, Mix]:
     return {
         "hybrid": shipped,
         # LLM4Rec-style text: new items scored by text alone, as in `tune_on_validation`.
-        "hybrid_frozen": dataclasses.replace(shipped, text_kernel=0.0, neighbour_factors=0),
+        "hybrid_frozen": dataclasses.replace(
+            shipped, text_kernel=0.0, neighbour_factors=0, new_item_slots=0
+        ),
         "als_recent": Mix(
             0.0, recent_weight=shipped.recent_weight, recent_half_life=shipped.recent_half_life
         ),
@@ -261,7 +293,9 @@ def _claims(results: Sequence[ProtocolResult]) -> list[Claim]:
     ]
 
 
-def _notes(cfg: Config, params: dict[str, Mix], *, tuned: bool) -> list[str]:
+def _notes(
+    cfg: Config, params: dict[str, Mix], *, tuned: bool, tuning: dict[str, Any]
+) -> list[str]:
     """The report's notes: the models' mixes and where they came from; ALS and the tower."""
     mixes = "; ".join(
         f"{model}: {describe_mix(params[model])}"
@@ -282,7 +316,30 @@ def _notes(cfg: Config, params: dict[str, Mix], *, tuned: bool) -> list[str]:
     return [
         mixes + origin,
         f"ALS rank {cfg.als.rank}, reg {cfg.als.reg_param}, alpha {cfg.als.alpha}, "
+        f"min_weight {cfg.als.min_weight:g}, "
         f"{cfg.als.max_iter} iterations; tower {cfg.contrastive.members} member(s), "
         f"each {cfg.contrastive.epochs} epochs of {cfg.contrastive.batch_size} "
         f"examples per process and step, temperature {cfg.contrastive.temperature}",
+        *_search_notes(tuning),
     ]
+
+
+def _search_notes(tuning: dict[str, Any]) -> list[str]:
+    """A note per grid search (ALS, the implicit anchor): its choice, and any setting still
+    on the edge of its grid after widening."""
+    notes = []
+    for key, name in (("als", "ALS"), (ANCHOR, "implicit_als (the implicit library's CPU ALS)")):
+        record = tuning.get(key)
+        if not record or "grid" not in record:
+            continue
+        chosen = ", ".join(f"{axis} {record[axis]}" for axis in record["grid"])
+        edge = (
+            f"; on the edge of its grid even after widening: {', '.join(record['at_edge'])}"
+            if record["at_edge"]
+            else "; every setting inside its grid"
+        )
+        notes.append(
+            f"{name} chosen on validation: {chosen} (validation NDCG@10 {record['score']}, "
+            f"{len(record['trials'])} trials){edge}"
+        )
+    return notes

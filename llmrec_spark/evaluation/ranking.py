@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmrec_spark.core.hybrid import ItemMatrices, Mix, hybrid_scores
+from llmrec_spark.core.hybrid import ItemMatrices, Mix, NewItems, hybrid_scores_with_new_items
 from llmrec_spark.core.metrics import (
     auc_from_scores,
     average_recommendation_popularity,
@@ -21,7 +21,7 @@ from llmrec_spark.core.metrics import (
     novelty,
     per_user_metrics,
 )
-from llmrec_spark.core.topn import select_top_n
+from llmrec_spark.core.topn import reserve_new_item_slots, select_top_n
 from llmrec_spark.evaluation.refit import ALS_ONLY, Fitted
 from llmrec_spark.evaluation.report import MODEL_ORDER, ModelResult, ProtocolResult, ViewResult
 
@@ -61,14 +61,16 @@ def rank_view(
 
     Tied scores are listed in a fixed pseudo-random item order (`tie_order`), not by index:
     popularity scores every cold item 0, and index order would make its cold-only list the
-    first item ids, a baseline below random order.
+    first item ids, a baseline below random order. With `params.new_item_slots` the list is
+    the published one (`reserve_new_item_slots` over its `params.list_length` places), cut
+    at k or continued past it in score order.
     """
     order = tie_order(fitted.items.size)
     top = np.full((len(rows), k), -1, dtype=np.int64)
     auc = np.full(len(rows), np.nan)
     for start in range(0, len(rows), BLOCK):
         block = rows[start : start + BLOCK]
-        scores, _, _ = hybrid_scores(
+        scores, _, _, new = hybrid_scores_with_new_items(
             None if fitted.user_als is None else fitted.user_als[block],
             fitted.user_has_als[block],
             [fitted.histories[r] for r in block],
@@ -81,12 +83,42 @@ def rank_view(
         if candidates is not None:
             in_view[:, ~candidates] = False
         scores = np.where(in_view, scores, -np.inf).astype(np.float32)
-        indices, best = select_top_n(scores[:, order], k)
+        depth = max(k, params.list_length) if len(new.columns) else k
+        indices, best = select_top_n(scores[:, order], depth)
+        indices = order[indices]
+        if len(new.columns):
+            indices, best = _with_new_item_slots(indices, best, scores, new, params, order)
         for j in range(len(block)):
-            keep = np.isfinite(best[j])
-            top[start + j, : int(keep.sum())] = order[indices[j][keep]]
+            keep = np.isfinite(best[j, :k])
+            top[start + j, : int(keep.sum())] = indices[j, :k][keep]
             auc[start + j] = _auc(scores[j], in_view[j], relevant[start + j])
     return Ranked(top=top, auc=auc)
+
+
+def _with_new_item_slots(
+    indices: np.ndarray,
+    best: np.ndarray,
+    scores: np.ndarray,
+    new: NewItems,
+    params: Mix,
+    order: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rank_view`'s lists (item indices, scores) with the new-item slots of `params`, the
+    new items' ties in `order` (`tie_order`) as every other tie."""
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))
+    by_tie = np.argsort(place[new.columns], kind="stable")
+    columns = new.columns[by_tie]
+    return reserve_new_item_slots(
+        indices,
+        best,
+        columns,
+        scores[:, columns],
+        new.z[:, by_tie],
+        n=params.list_length,
+        slots=params.new_item_slots,
+        min_z=params.new_item_min_z,
+    )
 
 
 def _auc(scores: np.ndarray, candidates: np.ndarray, positives: np.ndarray) -> float:
@@ -116,7 +148,7 @@ def view_result(
     out: dict[str, ModelResult] = {}
     for model, (matrices, params) in models.items():
         ranked = rank_view(
-            fitted,
+            fitted.for_model(model),
             matrices,
             params,
             rows=rows,
@@ -263,7 +295,7 @@ def ndcg_per_user(fitted: Fitted, model: str, params: Mix, k: int = 10) -> np.nd
     rows, relevant = users_with_positives(fitted)
     if matrices is None or len(rows) == 0:
         return np.zeros(0)
-    lists = top_lists(fitted, matrices, params, rows, k)
+    lists = top_lists(fitted.for_model(model), matrices, params, rows, k)
     return per_user_metrics(lists, relevant, [k])[f"ndcg@{k}"]
 
 

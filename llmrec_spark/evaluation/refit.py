@@ -24,7 +24,32 @@ from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
 
 # The models that score with ALS factors alone (they cannot rank cold items).
-ALS_ONLY = ("als", "als_recent")
+ALS_ONLY = ("als", "als_recent", "implicit_als")
+# The shipped hybrid without its new-item slots: what the slots cost and gain.
+UNSLOTTED = "hybrid_no_slots"
+
+
+@dataclass(frozen=True)
+class TrainPairs:
+    """A split's training pairs on the driver: every training user, and per (user, item) pair
+    the user's row in `user_ids`, the item index and the summed weight (no als.min_weight)."""
+
+    user_ids: list[str]
+    user_idx: np.ndarray  # (pairs,) int64
+    item_idx: np.ndarray  # (pairs,) int64
+    weight: np.ndarray  # (pairs,) float64
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The outside anchor's factors (`evaluation.anchor`): items in item order, the test users
+    in `Fitted.users` order (zero rows without one), and its settings."""
+
+    params: dict[str, Any]
+    item_factors: np.ndarray  # (n, factors)
+    has_item: np.ndarray  # (n,) bool
+    user_factors: np.ndarray  # (u, factors)
+    has_user: np.ndarray  # (u,) bool
 
 
 @dataclass
@@ -41,6 +66,21 @@ class Fitted:
     cold: np.ndarray | None  # (n,) bool: cold items (cold_item protocol)
     train_users_per_item: np.ndarray  # (n,) distinct training users per item
     n_train_users: int
+    train_pairs: TrainPairs | None = None  # with fit_split(keep_pairs=True)
+    anchor: Anchor | None = None  # the outside anchor's factors (`evaluation.anchor`)
+
+    def for_model(self, model: str) -> Fitted:
+        """This split as `model` ranks it: the anchor's factors in place of ALS's for
+        implicit_als, else itself."""
+        if model != "implicit_als" or self.anchor is None:
+            return self
+        a = self.anchor
+        items = dataclasses.replace(
+            self.items, als=a.item_factors, has_als=a.has_item, text=None, has_text=None
+        )
+        return dataclasses.replace(
+            self, items=items, user_als=a.user_factors, user_has_als=a.has_user
+        )
 
     def variant(self, model: str) -> ItemMatrices | None:
         """The item matrices model `model` scores with (None: the model cannot be built)."""
@@ -48,6 +88,8 @@ class Fitted:
         tuned: dict[str, Any] = {}
         if self.tuned is not None:
             tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
+        if model == "implicit_als":  # ranked with for_model's users
+            return None if self.anchor is None else self.for_model(model).items
         if model == "popularity":
             return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
         if model in ALS_ONLY:  # als_recent: its Mix adds the recent-items term
@@ -58,7 +100,7 @@ class Fitted:
             return dataclasses.replace(m, als=None, has_als=None, **tuned) if tuned else None
         if model == "hybrid_frozen":
             return m if m.als is not None and m.text is not None else None
-        if model == "hybrid":
+        if model in ("hybrid", UNSLOTTED):  # the latter: its Mix has no new-item slots
             return dataclasses.replace(m, **tuned) if tuned and m.als is not None else None
         raise ValueError(f"unknown model {model!r}")
 
@@ -97,10 +139,12 @@ def fit_split(
     max_test_users: int,
     seed: int,
     tower: bool = True,
+    keep_pairs: bool = False,
 ) -> Fitted:
-    """Fit ALS and (with `tower`) the text tower on split.train; collect the test users."""
+    """Fit ALS and (with `tower`) the text tower on split.train; collect the test users (and
+    with `keep_pairs` every training pair, for the outside anchor)."""
     train = split.train.cache()
-    pairs = als.interactions(train).cache()
+    pairs = als.interactions(train, ctx.cfg.als.min_weight).cache()
     factors = als.fit_als(pairs, ctx.cfg.als)
     frame = recommend.item_frame(
         catalog,
@@ -124,6 +168,7 @@ def fit_split(
     user_als, has_als = _user_factors(user_pd["als_features"], items)
     per_item, n_train_users = _training_users(pairs, frame, items.size)
     cold = _cold_mask(split, items)
+    train_pairs = _train_pairs(train, items) if keep_pairs else None
     for df in (frame, pairs, train):
         df.unpersist()
     return Fitted(
@@ -137,7 +182,44 @@ def fit_split(
         cold=cold,
         train_users_per_item=per_item,
         n_train_users=max(n_train_users, 1),
+        train_pairs=train_pairs,
     )
+
+
+def _train_pairs(train: DataFrame, items: ItemMatrices) -> TrainPairs:
+    """Every training (user, item) pair with its summed weight, indexed on the driver."""
+    pairs: pd.DataFrame = als.interactions(train).toPandas()
+    index = {item: k for k, item in enumerate(items.item_ids)}
+    pairs = pairs[pairs["item_id"].isin(index.keys())]
+    user_ids = sorted(pairs["user_id"].unique())
+    row = {user: k for k, user in enumerate(user_ids)}
+    return TrainPairs(
+        user_ids=list(user_ids),
+        user_idx=pairs["user_id"].map(row).to_numpy(np.int64),
+        item_idx=pairs["item_id"].map(index).to_numpy(np.int64),
+        weight=pairs["weight"].to_numpy(np.float64),
+    )
+
+
+def with_als_factors(fitted: Fitted, factors: als.AlsFactors) -> Fitted:
+    """`fitted` with other ALS factors (a trial of the ALS search): item rows and the test
+    users' rows taken from `factors`, zero rows where it has none."""
+    item_pd: pd.DataFrame = factors.items.toPandas()
+    user_pd: pd.DataFrame = factors.users.where(F.col("id").isin(fitted.users)).toPandas()
+    rank = len(item_pd["features"].iloc[0]) if len(item_pd) else 0
+    item_rows = {item: k for k, item in enumerate(fitted.items.item_ids)}
+    item_als = np.zeros((fitted.items.size, rank), dtype=np.float32)
+    for item, vector in zip(item_pd["id"], item_pd["features"], strict=True):
+        if item in item_rows:
+            item_als[item_rows[item]] = vector
+    user_rows = {user: k for k, user in enumerate(fitted.users)}
+    user_als = np.zeros((len(fitted.users), rank), dtype=np.float32)
+    for user, vector in zip(user_pd["id"], user_pd["features"], strict=True):
+        user_als[user_rows[user]] = vector
+    has_item = np.linalg.norm(item_als, axis=1) > 0
+    items = dataclasses.replace(fitted.items, als=item_als, has_als=has_item)
+    has_user = np.linalg.norm(user_als, axis=1) > 0
+    return dataclasses.replace(fitted, items=items, user_als=user_als, user_has_als=has_user)
 
 
 def _fine_tuned_text(

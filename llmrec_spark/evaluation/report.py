@@ -21,11 +21,13 @@ from llmrec_spark.core.metrics import METRIC_FUNCTIONS, bootstrap_interval
 MODEL_ORDER = (
     "popularity",
     "als",
+    "implicit_als",
     "als_recent",
     "text_frozen",
     "text_frozen_kernel",
     "text_finetuned",
     "hybrid_frozen",
+    "hybrid_no_slots",
     "hybrid",
 )
 

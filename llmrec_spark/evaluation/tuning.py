@@ -5,6 +5,7 @@ Never run on a test split: `validation.py` cuts the validation splits these sear
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -132,6 +133,62 @@ def tune_hybrid(
     return chosen, trials
 
 
+def tune_new_item_slots(
+    fitted: Fitted,
+    model: str,
+    base: Mix,
+    *,
+    slots: Sequence[int],
+    min_zs: Sequence[float],
+    one_standard_error: bool = False,
+    k: int = 20,
+) -> tuple[Mix, dict[str, float]]:
+    """`base` with the new-item slots and plausibility threshold (`Mix.new_item_slots`,
+    `new_item_min_z`) of the best mean NDCG@k of `model` over every unseen item, new ones
+    included, on a validation split (cold_item's mixed view); every slot count with every
+    threshold (0 slots once). With `one_standard_error`, of the trials within one standard
+    error of the best, the one that shows new items most: more slots, then a lower
+    threshold. Returns the choice (`base` when the model cannot be built) and every trial's
+    mean, keyed as `slot_key`."""
+    matrices = fitted.variant(model)
+    if matrices is None or len(users_with_positives(fitted)[0]) == 0:
+        return base, {}
+    # Least shown first: without the one-SE rule the first of equal means wins.
+    grid = [
+        dataclasses.replace(base, new_item_slots=int(s), new_item_min_z=float(z))
+        for s in sorted(set(slots))
+        for z in (sorted(set(min_zs), reverse=True) if s > 0 else [base.new_item_min_z])
+    ]
+    scored, shares = _score_grid(fitted, matrices, grid, k)
+    chosen, best = pick_trial(
+        scored, one_standard_error=one_standard_error, shown=list(range(len(grid)))
+    )
+    trials = {slot_key(params): round(float(values.mean()), 5) for params, values in scored}
+    if shares:
+        log.info(
+            "evaluate: %s share of cold positives in the top %d per new-item trial: %s",
+            model,
+            k,
+            {slot_key(p): round(v, 4) for (p, _), v in zip(scored, shares, strict=True)},
+        )
+    log.info(
+        "evaluate: %s new-item slots tuned on validation: %s (ndcg@%d %.4f; best %.4f)",
+        model,
+        slot_key(chosen),
+        k,
+        _trial_mean(scored, chosen),
+        best,
+    )
+    return chosen, trials
+
+
+def slot_key(params: Mix) -> str:
+    """A new-item slots trial's name in the tuning record: "slots=2,min_z=1" ("slots=0")."""
+    if params.new_item_slots <= 0:
+        return "slots=0"
+    return f"slots={params.new_item_slots},min_z={params.new_item_min_z:g}"
+
+
 def _mix_grid(
     text_weights: Sequence[float],
     cold_offsets: Sequence[float],
@@ -188,7 +245,12 @@ def describe_mix(params: Mix) -> str:
         f"text_weight={params.text_weight:g}, cold_offset={params.cold_offset:g}, "
         f"text_half_life={params.text_half_life:g}, recent_weight={params.recent_weight:g}, "
         f"recent_half_life={params.recent_half_life:g}, text_kernel={params.text_kernel:g}, "
-        f"neighbour_factors={params.neighbour_factors}"
+        f"neighbour_factors={params.neighbour_factors}, new_item_slots={params.new_item_slots}"
+        + (
+            f" (new_item_min_z={params.new_item_min_z:g}, in a list of {params.list_length})"
+            if params.new_item_slots
+            else ""
+        )
     )
 
 

@@ -16,18 +16,28 @@ from typing import Any
 from pyspark.sql import DataFrame
 
 from llmrec_spark.core.hybrid import Mix
+from llmrec_spark.evaluation.anchor import MODEL as ANCHOR
+from llmrec_spark.evaluation.anchor import tune_anchor
 from llmrec_spark.evaluation.ranking import cold_only_recall, ndcg_per_user
-from llmrec_spark.evaluation.refit import Fitted, fit_split, make_split, only_items_in
+from llmrec_spark.evaluation.refit import (
+    Fitted,
+    fit_split,
+    make_split,
+    only_items_in,
+    with_als_factors,
+)
+from llmrec_spark.evaluation.search import widening_grid_search
 from llmrec_spark.evaluation.tuning import (
     holds_on,
     text_only_params,
     trial_key,
     tune_hybrid,
+    tune_new_item_slots,
     tune_text_kernel,
 )
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.schema import EVENT_COLUMNS
-from llmrec_spark.stages import splits
+from llmrec_spark.stages import als, splits
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +67,11 @@ def tune_on_validation(
     work_dir: str,
 ) -> tuple[RunContext, dict[str, Mix], dict[str, Any]]:
     """ALS and text weights on user_temporal validation; on cold_item validation the tuned
-    text's kernel for items scored by text alone, then the cold offsets.
+    text's kernel for items scored by text alone, then the cold offsets, then the hybrid's
+    new-item slots (the configured ones without a cold_item split).
 
     Returns the context to fit the test splits with (its ALS config the chosen one), the
-    hybrids' parameters and every trial's validation NDCG@10.
+    hybrids' parameters and every trial's validation NDCG@10 (the slots': NDCG@20).
     """
     cfg = ctx.cfg.evaluate
     dev = development_part(events, protocols, cfg).cache()
@@ -103,15 +114,21 @@ def tune_on_validation(
             work_dir=os.path.join(work_dir, "validation", protocol),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
+            keep_pairs=cfg.implicit_anchor and protocol == "user_temporal",
         )
         validation[protocol] = fitted = only_items_in(fitted, dev_items)
+        if protocol == "user_temporal" and cfg.implicit_anchor:
+            _, search = tune_anchor(fitted, positive_min_weight=cfg.positive_min_weight)
+            tuning[ANCHOR] = search.record()
         if protocol == "user_temporal":
             picked, trials = _tune_warm(fitted, cfg, warm)
             warm |= {model: picked[model] for model in HYBRIDS}  # their cold_offset is 0.0
         else:
-            picked, trials = _tune_cold(fitted, validation["user_temporal"], cfg, warm)
+            picked, trials = _tune_cold(fitted, validation["user_temporal"], cfg, warm, shipped)
         chosen |= picked
         tuning |= trials
+    if "cold_item" not in validation:  # no split to tune them on: the configured ones
+        chosen["hybrid"] = _configured_slots(chosen["hybrid"], shipped)
     dev.unpersist()
     return ctx, chosen, tuning
 
@@ -151,11 +168,12 @@ def _tune_warm(
 
 
 def _tune_cold(
-    fitted: Fitted, warm_split: Fitted, cfg: Any, warm: dict[str, Mix]
+    fitted: Fitted, warm_split: Fitted, cfg: Any, warm: dict[str, Mix], shipped: Mix
 ) -> tuple[dict[str, Mix], dict[str, Any]]:
     """On the cold_item validation split: the tuned tower's text-only kernel (the shipped
     hybrid scores new items so), then each hybrid's cold offset and borrowed factors on top
-    of its `warm` mix, among the settings that cost `warm_split`'s lists nothing."""
+    of its `warm` mix, among the settings that cost `warm_split`'s lists nothing; then the
+    hybrid's new-item slots (`_tune_new_item_slots`; `shipped`: the configured mix)."""
     chosen: dict[str, Mix] = {}
     tuning: dict[str, Any] = {}
     warm = dict(warm)
@@ -188,7 +206,42 @@ def _tune_cold(
         chosen[model] = dataclasses.replace(
             warm[model], cold_offset=params.cold_offset, neighbour_factors=params.neighbour_factors
         )
+    chosen["hybrid"], slot_trials = _tune_new_item_slots(fitted, chosen["hybrid"], shipped, cfg)
+    if slot_trials:
+        tuning["cold_item.new_item_slots"] = slot_trials
     return chosen, tuning
+
+
+def _tune_new_item_slots(
+    fitted: Fitted, hybrid: Mix, shipped: Mix, cfg: Any
+) -> tuple[Mix, dict[str, float]]:
+    """`hybrid` with the new-item slots and threshold of evaluate.tune_new_item_slots x
+    tune_new_item_min_z (an empty list: the configured value) with the best mixed NDCG@20 on
+    the cold_item validation split `fitted` (`tune_new_item_slots`), and every trial's mean
+    ({} and the configured ones when neither list is set). Only the hybrid gets slots:
+    hybrid_frozen is the ablation."""
+    configured = _configured_slots(hybrid, shipped)
+    if not (cfg.tune_new_item_slots or cfg.tune_new_item_min_z):
+        return configured, {}
+    return tune_new_item_slots(
+        fitted,
+        "hybrid",
+        configured,
+        slots=cfg.tune_new_item_slots or [shipped.new_item_slots],
+        min_zs=cfg.tune_new_item_min_z or [shipped.new_item_min_z],
+        one_standard_error=cfg.tune_one_standard_error,
+        k=20,
+    )
+
+
+def _configured_slots(hybrid: Mix, shipped: Mix) -> Mix:
+    """`hybrid` with the configured (`shipped`) new-item slots, threshold and list length."""
+    return dataclasses.replace(
+        hybrid,
+        new_item_slots=shipped.new_item_slots,
+        new_item_min_z=shipped.new_item_min_z,
+        list_length=shipped.list_length,
+    )
 
 
 def _costs_no_warm_hits(warm_split: Fitted, model: str, warm: Mix) -> Callable[[Mix], bool]:
@@ -271,37 +324,55 @@ def _tune_tower(
 def _tune_als(
     ctx: RunContext, inner: splits.Split, catalog: DataFrame, cfg: Any
 ) -> tuple[RunContext, dict[str, Any]]:
-    """ALS reg_param x alpha with the best validation NDCG@10 (ALS alone); ctx with that ALS config."""
+    """ALS min_weight x reg_param x alpha with the best validation NDCG@10 (ALS alone), the
+    numeric axes widened while the best sits on an edge; ctx with that ALS config.
 
-    def als_ndcg(trial: RunContext) -> float:
-        fitted = fit_split(
-            trial,
-            inner,
-            catalog=catalog,
-            embeddings=None,
-            work_dir="",
-            max_test_users=cfg.max_test_users,
-            seed=cfg.seed,
-            tower=False,
-        )
-        _, scores = tune_hybrid(fitted, "als", text_weights=[0.0], cold_offsets=[0.0])
-        return next(iter(scores.values()), -1.0)
+    The split is fitted once; a trial refits ALS alone and swaps its factors in."""
+    base = fit_split(
+        ctx,
+        inner,
+        catalog=catalog,
+        embeddings=None,
+        work_dir="",
+        max_test_users=cfg.max_test_users,
+        seed=cfg.seed,
+        tower=False,
+    )
+    train = inner.train.cache()
 
-    candidates = [
-        (
-            f"reg={reg:g},alpha={alpha:g}",
-            dataclasses.replace(
-                ctx.cfg,
-                als=dataclasses.replace(ctx.cfg.als, reg_param=float(reg), alpha=float(alpha)),
-            ),
-        )
-        for reg in cfg.tune_als_reg_params
-        for alpha in cfg.tune_als_alphas
-    ]
-    tuned, trials = _best_config(ctx, candidates, als_ndcg)
-    chosen = tuned.cfg.als
-    log.info("evaluate: ALS tuned on validation: reg %s alpha %s", chosen.reg_param, chosen.alpha)
-    return tuned, {"trials": trials, "reg_param": chosen.reg_param, "alpha": chosen.alpha}
+    def als_ndcg(point: dict[str, Any]) -> float | None:
+        trial = _als_config(ctx.cfg.als, point)
+        factors = als.fit_als(als.interactions(train, trial.min_weight), trial)
+        values = ndcg_per_user(with_als_factors(base, factors), "als", Mix(0.0))
+        return float(values.mean()) if len(values) else None
+
+    axes = {
+        "min_weight": cfg.tune_als_min_weights or [ctx.cfg.als.min_weight],
+        "reg_param": sorted(cfg.tune_als_reg_params),
+        "alpha": sorted(cfg.tune_als_alphas),
+    }
+    result = widening_grid_search(axes, als_ndcg, widen=("reg_param", "alpha"))
+    train.unpersist()
+    chosen = _als_config(ctx.cfg.als, result.best)
+    log.info(
+        "evaluate: ALS tuned on validation: min_weight %s reg %s alpha %s (on an edge: %s)",
+        chosen.min_weight,
+        chosen.reg_param,
+        chosen.alpha,
+        result.at_edge or "none",
+    )
+    tuned = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, als=chosen))
+    return tuned, result.record()
+
+
+def _als_config(base: Any, point: dict[str, Any]) -> Any:
+    """ALS config `base` with a search point's min_weight, reg_param and alpha."""
+    return dataclasses.replace(
+        base,
+        min_weight=float(point["min_weight"]),
+        reg_param=float(point["reg_param"]),
+        alpha=float(point["alpha"]),
+    )
 
 
 def _best_config(

@@ -94,6 +94,18 @@ class Dataset:
 
 def load_public_dataset(spark: SparkSession, folder: str) -> Dataset:
     """The dataset in `folder`, whichever supported layout it has; InputError when none matches."""
+    layout = folder_layout(folder)
+    if layout == AMAZON:
+        names = _list_names(folder)
+        reviews = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_reviews(n)]
+        metadata = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_metadata(n)]
+        return load_amazon_reviews(spark, reviews, metadata)
+    return load_movielens(spark, folder, layout=layout)
+
+
+def folder_layout(folder: str) -> str:
+    """The layout of the dataset in `folder` ("ml-100k", "amazon", ...) from its file names,
+    without Spark; InputError when none matches."""
     names = _list_names(folder)
     layout = detect_layout(names)
     if layout is None:
@@ -103,11 +115,7 @@ def load_public_dataset(spark: SparkSession, folder: str) -> Dataset:
             "or review + meta*.json files (Amazon); found "
             + (", ".join(sorted(names)[:10]) or "no files")
         )
-    if layout == AMAZON:
-        reviews = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_reviews(n)]
-        metadata = [os.path.join(folder, n) for n in sorted(names) if _is_amazon_metadata(n)]
-        return load_amazon_reviews(spark, reviews, metadata)
-    return load_movielens(spark, folder, layout=layout)
+    return layout
 
 
 def detect_layout(names: set[str]) -> str | None:

@@ -38,9 +38,12 @@ def training_window(events: DataFrame, ds: str, days: int) -> DataFrame:
     return events.where((F.col("ds") >= start) & (F.col("ds") <= ds))
 
 
-def interactions(events: DataFrame) -> DataFrame:
-    """One row per (user_id, item_id) with the summed implicit weight."""
-    return events.groupBy("user_id", "item_id").agg(F.sum("weight").alias("weight"))
+def interactions(events: DataFrame, min_weight: float = 0.0) -> DataFrame:
+    """One row per (user_id, item_id) with the summed implicit weight; with `min_weight` > 0
+    only the pairs weighing at least that (`als.min_weight`: on explicit ratings, a rating
+    below "liked" is no evidence of a taste the factors should reproduce)."""
+    pairs = events.groupBy("user_id", "item_id").agg(F.sum("weight").alias("weight"))
+    return pairs.where(F.col("weight") >= min_weight) if min_weight > 0 else pairs
 
 
 def index_ids(pairs: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
@@ -101,11 +104,15 @@ def run_train_als(ctx: RunContext) -> StageResult:
     """Fit ALS on the training window ending at ctx.ds; write `als_factors` for that date."""
     cfg = ctx.cfg.als
     events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.train_days)
-    pairs = interactions(events).cache()
+    pairs = interactions(events, cfg.min_weight).cache()
     n_pairs = pairs.count()
     if n_pairs == 0:
+        heavy = (
+            f" weighing at least als.min_weight={cfg.min_weight:g}" if cfg.min_weight > 0 else ""
+        )
         raise InputError(
-            f"no clean events in the {cfg.train_days} days up to {ctx.ds}; run `llmrec clean` first"
+            f"no clean events{heavy} in the {cfg.train_days} days up to {ctx.ds}; "
+            "run `llmrec clean` first"
         )
     factors = fit_als(pairs, cfg)
     table = (

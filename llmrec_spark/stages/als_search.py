@@ -193,6 +193,7 @@ def _tuning_split(ctx: RunContext) -> ValidationSplit:
         events,
         test_fraction=cfg.evaluate.test_fraction,
         positive_min_weight=cfg.evaluate.positive_min_weight,
+        min_weight=cfg.als.min_weight,
     )
     if not split.user_ids:
         split.indexed.unpersist()
@@ -204,14 +205,14 @@ def _tuning_split(ctx: RunContext) -> ValidationSplit:
 
 
 def validation_split(
-    events: DataFrame, *, test_fraction: float, positive_min_weight: float
+    events: DataFrame, *, test_fraction: float, positive_min_weight: float, min_weight: float = 0.0
 ) -> ValidationSplit:
-    """Per-user temporal split of `events` (evaluate's), the training part indexed and cached;
-    collects the test users' training items and held-out items to the driver."""
+    """Per-user temporal split of `events` (evaluate's), the training pairs (`als.min_weight`)
+    indexed and cached; collects the test users' training items and held-out items to the driver."""
     train, test = user_temporal_split(
         events, test_fraction=test_fraction, positive_min_weight=positive_min_weight
     )
-    indexed, users, items = index_ids(interactions(train))
+    indexed, users, items = index_ids(interactions(train, min_weight))
     indexed = indexed.select("user_idx", "item_idx", "weight").cache()
     train_pairs = indexed.count()
     held_out = test.select("user_id", "item_id").distinct().join(users, "user_id").collect()

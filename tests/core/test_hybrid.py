@@ -12,6 +12,7 @@ from llmrec_spark.core.hybrid import (
     history_kernel_scores,
     history_vectors,
     hybrid_scores,
+    hybrid_scores_with_new_items,
     hybrid_top_n,
     neighbour_factors,
 )
@@ -316,3 +317,70 @@ def test_items_with_borrowed_factors_are_scored_as_known_items_plus_the_cold_off
     indices, _, codes = hybrid_top_n(*user, items, n=4, mix=mix)
     assert indices[0].tolist() == [2, 0, 3, 1]
     assert [SOURCES[c] for c in codes[0]] == ["text", "als", "text", "als"]
+
+
+def test_a_new_items_plausibility_is_its_text_z_score_with_or_without_a_borrowed_factor():
+    # a, b known; c, d new. u0: factor (1, 0), history a; u1: d seen; u2: no history.
+    text = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]], dtype=np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    items = ItemMatrices(
+        item_ids=np.array(["a", "b", "c", "d"], dtype=object),
+        eligible=np.ones(4, dtype=bool),
+        popularity=np.zeros(4, dtype=np.float32),
+        categories=np.zeros(4, dtype=np.int32),
+        als=np.array([[2, 0], [0, 1], [0, 0], [0, 0]], dtype=np.float32),
+        has_als=np.array([True, True, False, False]),
+        text=text,
+        has_text=np.ones(4, dtype=bool),
+    )
+    users = (
+        np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=np.float32),
+        np.array([True, False, False]),
+        [np.array([0]), np.array([3]), np.zeros(0, np.int64)],
+    )
+    # u0's text vector is a's: z of the cosines over the unseen b, c, d.
+    cosines = text[[1, 2, 3]] @ text[0]
+    z = (cosines - cosines.mean()) / cosines.std()
+    plain = Mix(0.0, cold_offset=0.5, new_item_slots=1)
+    scores, _, _, new = hybrid_scores_with_new_items(*users, items, mix=plain)
+    assert new.columns.tolist() == [2, 3]
+    np.testing.assert_allclose(new.z[0], z[1:], atol=1e-5)
+    np.testing.assert_allclose(scores[0, [2, 3]], z[1:] + 0.5, atol=1e-5)  # text z + offset
+    assert np.isneginf(new.z[1, 1]) and np.isfinite(new.z[1, 0])  # u1 has seen d
+    assert np.isneginf(new.z[2]).all()  # u2 has no text vector
+    # Borrowed factors change the new items' scores, not their plausibility.
+    borrowing = Mix(0.0, cold_offset=0.5, neighbour_factors=1, new_item_slots=1)
+    scores_b, _, _, new_b = hybrid_scores_with_new_items(*users, items, mix=borrowing)
+    assert new_b.columns.tolist() == [2, 3]
+    np.testing.assert_allclose(new_b.z, new.z, atol=1e-6)
+    assert not np.allclose(scores_b[0, [2, 3]], scores[0, [2, 3]])
+    # With a kernel: the kernel z-score, which the text-only items' score adds the offset to.
+    kernel = Mix(0.0, cold_offset=0.5, text_kernel=0.1, new_item_slots=1)
+    scores_k, _, _, new_k = hybrid_scores_with_new_items(*users, items, mix=kernel)
+    np.testing.assert_allclose(new_k.z[0], scores_k[0, [2, 3]] - 0.5, atol=1e-5)
+    # Without slots there is nothing to judge.
+    assert hybrid_scores_with_new_items(*users, items, mix=Mix(0.0))[3].columns.size == 0
+
+
+def test_new_item_slots_put_a_plausible_new_item_last_with_source_text():
+    users = (
+        np.array([[1.0], [0.0]], dtype=np.float32),
+        np.array([True, False]),
+        [np.array([4]), np.array([], dtype=np.int64)],
+    )
+    # As in the first test, with d's text z-score 1 offset by -2: u0's scores are c 0.1124,
+    # a -0.1124, b -0.5, d -1.0, so d is fourth.
+    organic = Mix(0.5, cold_offset=-2.0)
+    indices, scores, _ = hybrid_top_n(*users, hand_items(), n=3, mix=organic)
+    assert indices[0].tolist() == [2, 0, 1]
+    slotted = Mix(0.5, cold_offset=-2.0, new_item_slots=1, new_item_min_z=0.5)
+    indices, scores, codes = hybrid_top_n(*users, hand_items(), n=3, mix=slotted)
+    assert indices[0].tolist() == [2, 0, 3]
+    np.testing.assert_allclose(scores[0], [0.112372, -0.112372, -1.0], atol=1e-5)
+    assert [SOURCES[c] for c in codes[0]] == ["hybrid", "hybrid", "text"]
+    # u1 has no text vector, so no plausible new item: popularity as before.
+    assert indices[1].tolist() == [4, 0, 2]
+    assert set(codes[1]) == {3}
+    # z 1 is below a threshold of 1.5: the organic list.
+    strict = Mix(0.5, cold_offset=-2.0, new_item_slots=1, new_item_min_z=1.5)
+    assert hybrid_top_n(*users, hand_items(), n=3, mix=strict)[0][0].tolist() == [2, 0, 1]

@@ -10,7 +10,13 @@ import pytest
 from llmrec_spark.core.hybrid import ItemMatrices, Mix
 from llmrec_spark.evaluation.ranking import ndcg_per_user, protocol_result, rank_view, tie_order
 from llmrec_spark.evaluation.refit import Fitted, only_items_in
-from llmrec_spark.evaluation.tuning import holds_on, pick_trial, tune_hybrid, tune_text_kernel
+from llmrec_spark.evaluation.tuning import (
+    holds_on,
+    pick_trial,
+    tune_hybrid,
+    tune_new_item_slots,
+    tune_text_kernel,
+)
 
 
 def fitted(cold: np.ndarray | None = None) -> Fitted:
@@ -315,3 +321,100 @@ def test_only_items_in_makes_the_other_items_ineligible_everywhere_they_rank():
     # u0 (history i0): only i1 and i3 are left; u1 (history i3): i0 and i1.
     assert sorted(ranked.top[0][ranked.top[0] >= 0].tolist()) == [1, 3]
     assert sorted(ranked.top[1][ranked.top[1] >= 0].tolist()) == [0, 1]
+
+
+def test_rank_view_gives_the_published_lists_new_item_slots_and_continues_past_them():
+    f = fitted()
+    # u0 (history i0): hybrid 1.078 (i1), -0.157 (i2), -1.319 (i3); the new i4 scores its
+    # text z-score 0.795 offset by -5. u1 (history i3): i2, i1, i0, then i4 (z -0.578).
+    organic = Mix(0.5, -5.0)
+    slotted = Mix(0.5, -5.0, new_item_slots=1, new_item_min_z=0.5, list_length=2)
+
+    def top(params: Mix, k: int) -> list[list[int]]:
+        ranked = rank_view(
+            f,
+            f.variant("hybrid"),
+            params,
+            rows=np.array([0, 1]),
+            relevant=f.relevant,
+            candidates=None,
+            k=k,
+        )
+        return ranked.top.tolist()
+
+    f.tuned = f.items.text  # the hybrid's text: the frozen one
+    assert top(organic, 4) == [[1, 2, 3, 4], [2, 1, 0, 4]]
+    # A published list of 2 with one slot: i4 second for u0; then the rest in score order.
+    # u1's i4 is below the threshold: as before.
+    assert top(slotted, 4) == [[1, 4, 2, 3], [2, 1, 0, 4]]
+    # Metrics at k = 1 read the same published list: its first item.
+    assert top(slotted, 1) == [[1], [2]]
+    assert top(dataclasses.replace(slotted, new_item_min_z=0.9), 4)[0] == [1, 2, 3, 4]
+    # Among the candidates i2 and i4, i4 is in the list of 2 already: it stays second.
+    ranked = rank_view(
+        f,
+        f.variant("hybrid"),
+        slotted,
+        rows=np.array([0]),
+        relevant=f.relevant[:1],
+        candidates=np.array([False, False, True, False, True]),
+        k=2,
+    )
+    assert ranked.top.tolist() == [[2, 4]]
+
+
+def three_like_u0(relevant: list[list[int]]) -> Fitted:
+    """`fitted` with three users like u0 (factor (1, 0), history i0), each wanting `relevant`."""
+    f = fitted(np.array([False, False, False, False, True]))
+    f.tuned = f.items.text
+    f.users = ["a", "b", "c"]
+    f.user_als = np.array([[1.0, 0.0]] * 3, dtype=np.float32)
+    f.user_has_als = np.ones(3, dtype=bool)
+    f.histories = [np.array([0])] * 3
+    f.relevant = [np.array(r) for r in relevant]
+    return f
+
+
+def test_tune_new_item_slots_shows_new_items_most_within_one_standard_error():
+    # Users a, b want the known i2, c the new i4. Organic lists: i1, i2, i3, i4. One slot in a
+    # list of 2 (i4's z 0.795 >= 0.5) gives i1, i4, i2, i3: a and b lose NDCG@20 0.631 -> 0.5,
+    # c gains 0.431 -> 0.631. A threshold of 0.9 leaves the lists as without slots.
+    f = three_like_u0([[2], [2], [4]])
+    base = Mix(0.5, -5.0, list_length=2)
+    grid = {"slots": [0, 1], "min_zs": [0.5, 0.9]}
+
+    best, trials = tune_new_item_slots(f, "hybrid", base, **grid)
+    assert trials == pytest.approx(
+        {"slots=0": 0.56418, "slots=1,min_z=0.9": 0.56418, "slots=1,min_z=0.5": 0.54364}, abs=1e-5
+    )
+    assert best == base  # the first of the best means: no slot
+    # Paired differences -0.131, -0.131, +0.2 (mean -0.021, standard error 0.110): within one
+    # standard error, and it shows new items most.
+    best, _ = tune_new_item_slots(f, "hybrid", base, one_standard_error=True, **grid)
+    assert best == Mix(0.5, -5.0, new_item_slots=1, new_item_min_z=0.5, list_length=2)
+    # A model that cannot be built keeps the given mix.
+    f.tuned = None
+    assert tune_new_item_slots(f, "hybrid", base, **grid) == (base, {})
+
+
+def test_validation_tunes_the_hybrids_slots_only_when_asked_and_else_keeps_the_configured():
+    from types import SimpleNamespace
+
+    from llmrec_spark.evaluation.validation import _tune_new_item_slots
+
+    f = three_like_u0([[2], [2], [4]])
+    hybrid = Mix(0.5, -5.0)  # as tuned on validation: no slots, the default list length
+    shipped = Mix(0.2, new_item_slots=3, new_item_min_z=2.0, list_length=2)
+    keep = SimpleNamespace(
+        tune_new_item_slots=[], tune_new_item_min_z=[], tune_one_standard_error=True
+    )
+    assert _tune_new_item_slots(f, hybrid, shipped, keep) == (
+        Mix(0.5, -5.0, new_item_slots=3, new_item_min_z=2.0, list_length=2),
+        {},
+    )
+    tune = SimpleNamespace(
+        tune_new_item_slots=[0, 1], tune_new_item_min_z=[0.5], tune_one_standard_error=True
+    )
+    chosen, trials = _tune_new_item_slots(f, hybrid, shipped, tune)
+    assert chosen == Mix(0.5, -5.0, new_item_slots=1, new_item_min_z=0.5, list_length=2)
+    assert set(trials) == {"slots=0", "slots=1,min_z=0.5"}

@@ -215,6 +215,49 @@ def test_half_star_ratings_clean_on_the_datasets_scale(spark, tmp_path, cfg):
     assert outcomes(cfg.clean)[0] == ("1", "1", "quarantined", ["bad_rating"], None)
 
 
+def test_amazon_repeat_reviews_clean_as_exact_duplicates_within_their_day(spark, tmp_path, cfg):
+    day = 1_699_920_000  # 2023-11-14T00:00:00Z; unixReviewTime is a whole day
+
+    def review(user, asin, stars, ts):
+        return (
+            f'{{"reviewerID": "{user}", "asin": "{asin}", "overall": {stars}, '
+            f'"unixReviewTime": {ts}}}\n'
+        ).encode()
+
+    folder = write(
+        tmp_path / "amazon",
+        {
+            "Toys_5.json": review("U", "B1", 5.0, day)
+            + review("V", "B1", 3.0, day)  # another user, the same day: no duplicate
+            + review("U", "B2", 4.0, day)  # another item, the same second: no duplicate
+            + review("U", "B1", 5.0, day)  # the same line again
+            + review("U", "B1", 2.0, day)  # the same day, other stars
+            + review("U", "B1", 1.0, day + 3 * 86_400),  # three days on
+            "meta_Toys.json": b'{"asin": "B1", "title": "Kite"}\n{"asin": "B2", "title": "Doll"}\n',
+        },
+    )
+    data = load_public_dataset(spark, str(folder))
+    lines = records_to_lines(data.events.withColumn("_source_file", F.lit("part-0.parquet")))
+    bench = quality_config(cfg, str(tmp_path / "bench"), span_days=4, ratings=data.rating_scale)
+    rows = clean_events(
+        lines, ds="2023-11-18", known_items=data.catalog, prior=None, cfg=bench.clean
+    ).collect()
+    outcomes = sorted(
+        (r["user_id"], r["item_id"], r["value"], r["outcome"], r["duplicate"]) for r in rows
+    )
+    # One event_id per (user, item, day): a same-day repeat is an exact duplicate and the first
+    # line's stars stand; a re-rating days later is an event of its own (the near-duplicate
+    # window is seconds), so both ratings stay clean.
+    assert outcomes == [
+        ("U", "B1", 1.0, "clean", None),
+        ("U", "B1", 2.0, "duplicate", "exact"),
+        ("U", "B1", 5.0, "clean", None),
+        ("U", "B1", 5.0, "duplicate", "exact"),
+        ("U", "B2", 4.0, "clean", None),
+        ("V", "B1", 3.0, "clean", None),
+    ]
+
+
 def test_a_folder_of_no_known_layout_is_an_input_error(spark, tmp_path):
     folder = write(tmp_path / "other", {"notes.txt": b"x", "ratings.csv": b"a,b\n"})
     with pytest.raises(InputError, match=r"no known dataset layout in .*other: .*found notes.txt"):

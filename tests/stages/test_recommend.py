@@ -34,6 +34,19 @@ def test_hybrid_excludes_ineligible_and_seen_items():
     assert frame["source"].tolist() == ["text", "hybrid", "hybrid"]
 
 
+def test_block_frame_gives_a_new_item_slot_to_a_plausible_new_item():
+    users = pd.DataFrame(
+        {"user_id": ["u0"], "als_features": [np.array([1.0])], "history": [np.array([4])]}
+    )
+    # d (new, text z-score 1) offset by -2 scores -1.0, fourth after c, a, b.
+    slotted = Mix(0.5, cold_offset=-2.0, new_item_slots=1, new_item_min_z=0.5)
+    frame = score_block_frame(users, hand_items(), n=3, mix=slotted)
+    assert frame["item_id"].tolist() == ["c", "a", "d"]
+    assert frame["rank"].tolist() == [1, 2, 3]
+    assert frame["source"].tolist() == ["hybrid", "hybrid", "text"]
+    np.testing.assert_allclose(frame["score"], [0.112372, -0.112372, -1.0], atol=1e-5)
+
+
 USER_FRAME_SCHEMA = "user_id string, als_features array<float>, history array<int>"
 
 
@@ -255,6 +268,51 @@ def test_run_recommend_publishes_gated_lists(
     first = samples[0]
     assert [i["rank"] for i in first["items"]] == [1, 2, 3]
     assert all(i["title"] == f"Title {int(i['item_id'][1:])}" for i in first["items"])
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("driver_max_cells", [0, 50_000_000], ids=["exec", "drv"])
+def test_new_item_slots_publish_the_plausible_new_item_last(
+    spark, lakehouse, tmp_path, driver_max_cells
+):
+    from llmrec_spark.runtime.context import RunContext
+    from llmrec_spark.stages.recommend import run_recommend
+
+    store, _ = lakehouse
+    # i11 is the one new item. Without slots and offset, every warm user's top 3 holds it at
+    # its text z-score: u1 0.70, u2 0.57, u3 1.19, u4 1.42, u5 0.82 (u3: i11, i10, i09; u4:
+    # i11, i00, i10). An offset of -5 pushes it out; two slots with z >= 1 bring it back
+    # last for u3 and u4 only (one new item: fewer plausible than slots).
+    cfg = stage_config(
+        tmp_path,
+        "recommend.top_n=3",
+        f"recommend.driver_max_cells={driver_max_cells}",
+        "recommend.cold_offset=-5.0",
+        "recommend.new_item_slots=2",
+        "recommend.new_item_min_z=1.0",
+    )
+
+    run_recommend(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+
+    recs = (
+        store.read("recommendations", where={"ds": DS}).toPandas().sort_values(["user_id", "rank"])
+    )
+    lists = recs.groupby("user_id")["item_id"].apply(list).to_dict()
+    assert lists["u3"] == ["i10", "i09", "i11"]
+    assert lists["u4"] == ["i00", "i10", "i11"]
+    new = recs[recs["item_id"] == "i11"]
+    assert new["user_id"].tolist() == ["u3", "u4"]
+    assert new["source"].tolist() == ["text", "text"]
+    np.testing.assert_allclose(new["score"], [1.18707 - 5.0, 1.421243 - 5.0], atol=1e-4)
+    # Below the threshold, the known items keep their order; u6 (no text vector) popularity.
+    assert [lists[u][:2] for u in ("u1", "u2", "u5")] == [
+        ["i02", "i08"],
+        ["i10", "i08"],
+        ["i01", "i08"],
+    ]
+    assert lists["u6"] == ["i00", "i01", "i08"]
+    for _, group in recs.groupby("user_id"):
+        assert group["score"].is_monotonic_decreasing
 
 
 @pytest.mark.spark
