@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -28,7 +29,13 @@ from llmrec_spark.config import Config
 from llmrec_spark.core import encoder
 from llmrec_spark.errors import InputError
 from llmrec_spark.evaluation.evaluate import Evaluation, evaluate_events
-from llmrec_spark.evaluation.report import MODEL_ORDER, draw_summary, report_summary
+from llmrec_spark.evaluation.report import (
+    MODEL_ORDER,
+    Stats,
+    draw_summary,
+    find_view,
+    report_summary,
+)
 from llmrec_spark.io.datasets import (
     AMAZON,
     MOVIELENS_LAYOUTS,
@@ -51,7 +58,7 @@ BAR_PROTOCOLS = ("user_temporal", "cold_item")
 # ALS grid searched on the user_temporal validation split unless evaluate.tune_als_* are set
 # (reg_param and alpha widen while the best sits on an edge). min_weight: every rating as a
 # weighted positive (0), or only ratings of at least LIKED (see quality_config).
-ALS_REG_PARAMS = (0.03, 0.1, 0.3)
+ALS_REG_PARAMS = (0.1, 0.3)
 ALS_ALPHAS = (0.03, 0.1, 0.3)
 LIKED = 4.0  # the least rating that counts as a positive (x clean.rating_weight_scale)
 # The tower's temperatures tried on the cold_item validation split unless set in config.
@@ -59,14 +66,14 @@ TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
 # Other seeded picks of the cold items refitted for the report's spread (unless set in config).
 COLD_ITEM_DRAWS = 2
 # The text-only items' kernels tried on the cold_item validation split (0: the mean vector).
-TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2)
+TEXT_KERNELS = (0.0, 0.05, 0.1, 0.2, 0.4)
 # How many text neighbours a new item borrows an ALS factor from (0: none), tried with the
 # hybrid's cold offsets on the cold_item validation split.
 NEIGHBOUR_FACTORS = (0, 30)
 # The hybrid's places reserved for new items in its list of recommend.top_n, and the text
 # z-score a new item needs to take one, tried on the cold_item validation split.
-NEW_ITEM_SLOTS = (0, 1, 2, 3, 5)
-NEW_ITEM_MIN_Z = (0.5, 1.0, 2.0)
+NEW_ITEM_SLOTS = (0, 1, 2, 3, 5, 8)
+NEW_ITEM_MIN_Z = (0.0, 0.5, 1.0, 2.0)
 
 
 def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingScale) -> Config:
@@ -184,6 +191,9 @@ def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str
             "stages": stages,
             **_evaluation_json(evaluation, qcfg, report),
             **quality_json(evaluation),
+            "intervals": interval_json(evaluation, qcfg),
+            "grid_edges": grid_edges(evaluation, qcfg),
+            "bar": bar_json(evaluation),
             "seconds": round(time.perf_counter() - started, 1),
         }
     finally:
@@ -227,13 +237,13 @@ def _prepare(ctx: RunContext) -> dict[str, Any]:
 
 def _evaluate(ctx: RunContext, *, title: str) -> Evaluation:
     """The offline evaluation of the cleaned events with tuning: the bar protocols, and
-    global_temporal unless LLMREC_QUALITY_GLOBAL=0."""
+    global_temporal with LLMREC_QUALITY_GLOBAL=1 (not a bar protocol; off keeps the run short)."""
     base_id = encoder.base_model_id(ctx.cfg.embed)
     frozen = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
         "item_id", "embedding"
     )
     protocols = list(BAR_PROTOCOLS) + (
-        ["global_temporal"] if os.environ.get("LLMREC_QUALITY_GLOBAL", "1") == "1" else []
+        ["global_temporal"] if os.environ.get("LLMREC_QUALITY_GLOBAL", "0") == "1" else []
     )
     return evaluate_events(
         ctx,
@@ -311,3 +321,134 @@ def _draws_json(evaluation: Evaluation) -> dict[str, Any]:
 
 def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# The figures the bench reports with their 95% user-bootstrap intervals: (protocol, view, metric).
+INTERVAL_FIGURES = (
+    ("user_temporal", "warm", "ndcg@10"),
+    ("user_temporal", "warm", "ndcg@20"),
+    ("cold_item", "cold_only", "recall@20"),
+    ("cold_item", "mixed", "ndcg@10"),
+    ("cold_item", "mixed", "cold_recall@20"),
+)
+# The issue's quality bar: (name, (protocol, view, metric, model), baseline (the same, or
+# "draws" for the mean over the cold-item picks), factor).
+BAR = (
+    (
+        "user_temporal hybrid ndcg@10 >= 1.0x implicit_als",
+        ("user_temporal", "warm", "ndcg@10", "hybrid"),
+        ("user_temporal", "warm", "ndcg@10", "implicit_als"),
+        1.0,
+    ),
+    (
+        "user_temporal hybrid ndcg@10 >= 1.05x als",
+        ("user_temporal", "warm", "ndcg@10", "hybrid"),
+        ("user_temporal", "warm", "ndcg@10", "als"),
+        1.05,
+    ),
+    (
+        "cold_item cold-only text_finetuned recall@20 (mean over picks) >= 1.3x text_frozen",
+        ("draws", "text_finetuned"),
+        ("draws", "text_frozen"),
+        1.3,
+    ),
+    (
+        "cold_item mixed hybrid cold_recall@20 >= 0.5x text_finetuned",
+        ("cold_item", "mixed", "cold_recall@20", "hybrid"),
+        ("cold_item", "mixed", "cold_recall@20", "text_finetuned"),
+        0.5,
+    ),
+    (
+        "cold_item mixed hybrid ndcg@10 >= 1.03x als",
+        ("cold_item", "mixed", "ndcg@10", "hybrid"),
+        ("cold_item", "mixed", "ndcg@10", "als"),
+        1.03,
+    ),
+)
+
+
+def interval_json(evaluation: Evaluation, cfg: Config) -> dict[str, Any]:
+    """Per `INTERVAL_FIGURES` figure and model: [mean, low, high] of the report's 95%
+    user-bootstrap interval (the same resamples as the report)."""
+    stats = Stats(bootstrap_samples=cfg.evaluate.bootstrap_samples, seed=cfg.evaluate.seed)
+    out: dict[str, Any] = {}
+    for protocol, view_name, metric in INTERVAL_FIGURES:
+        view = find_view(evaluation.protocols, protocol, view_name)
+        if view is None:
+            continue
+        out[f"{protocol}.{view_name}.{metric}"] = {
+            model: [round(v, 4) for v in stats.get(view.models[model], metric)]
+            for model in MODEL_ORDER
+            if model in view.models and metric in view.models[model].per_user
+        }
+    return out
+
+
+def bar_json(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """Each `BAR` check: the value, the baseline, their ratio, the factor and whether it holds
+    (None where a figure is missing)."""
+    summary = evaluation.summary()
+    means = draw_summary(evaluation.draws) if evaluation.draws else {}
+
+    def figure(key: tuple[str, ...]) -> float | None:
+        if key[0] == "draws":
+            return means.get(key[1], {}).get("mean")
+        protocol, view, metric, model = key
+        value = summary.get(protocol, {}).get(view, {}).get(model, {}).get(metric)
+        return None if _nan(value) else float(value)
+
+    checks = []
+    for name, model, baseline, factor in BAR:
+        value, base = figure(model), figure(baseline)
+        ratio = value / base if value is not None and base else None
+        checks.append(
+            {
+                "check": name,
+                "value": None if value is None else round(value, 4),
+                "baseline": None if base is None else round(base, 4),
+                "ratio": None if ratio is None else round(ratio, 3),
+                "factor": factor,
+                "met": None if ratio is None else ratio >= factor,
+            }
+        )
+    return checks
+
+
+def grid_edges(evaluation: Evaluation, cfg: Config) -> list[str]:
+    """Every setting chosen on validation whose value is the first or last of its grid (after
+    the widening of the ALS, anchor and tower searches), as "setting=value"; a lower edge at
+    0, the setting's own bound, is none."""
+    e, params = cfg.evaluate, evaluation.params
+    hybrid, recent = params.get("hybrid"), params.get("als_recent")
+    chosen: list[tuple[str, Sequence[float], float | None]] = [
+        ("als_recent.recent_weight", e.tune_recent_weights, _field(recent, "recent_weight")),
+        (
+            "als_recent.recent_half_life",
+            e.tune_recent_half_lives,
+            _field(recent, "recent_half_life"),
+        ),
+        ("hybrid.text_weight", e.tune_text_weights, _field(hybrid, "text_weight")),
+        ("hybrid.text_half_life", e.tune_text_half_lives, _field(hybrid, "text_half_life")),
+        ("hybrid.text_kernel", e.tune_text_kernels, _field(hybrid, "text_kernel")),
+        ("hybrid.cold_offset", e.tune_cold_offsets, _field(hybrid, "cold_offset")),
+        ("hybrid.neighbour_factors", e.tune_neighbour_factors, _field(hybrid, "neighbour_factors")),
+        ("hybrid.new_item_slots", e.tune_new_item_slots, _field(hybrid, "new_item_slots")),
+    ]
+    if hybrid is not None and hybrid.new_item_slots > 0:
+        chosen.append(("hybrid.new_item_min_z", e.tune_new_item_min_z, hybrid.new_item_min_z))
+    edges = [
+        f"{name}={value:g}"
+        for name, grid, value in chosen
+        if value is not None
+        and len(grid) > 1
+        and value in (min(grid), max(grid))
+        and not (value == min(grid) == 0 and name != "hybrid.new_item_min_z")
+    ]
+    for key in ("als", "implicit_als", "tower"):
+        record = evaluation.tuning.get(key) or {}
+        edges += [f"{key}.{axis}={record[axis]}" for axis in record.get("at_edge", [])]
+    return edges
+
+
+def _field(mix: Any, name: str) -> float | None:
+    return None if mix is None else float(getattr(mix, name))

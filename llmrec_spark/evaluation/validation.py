@@ -93,8 +93,13 @@ def tune_on_validation(
         "hybrid_frozen": Mix(0.0),  # LLM4Rec-style text: new items scored by text alone
     }
     chosen = text_only_params(kernel)
+    # ALS first: every later fit (the tower's trials too) fits ALS, with the chosen settings.
+    if cfg.tune_als_reg_params and cfg.tune_als_alphas:
+        inner = make_split(dev, "user_temporal", cfg, seed=cfg.seed + 1)
+        ctx, tuning["als"] = _tune_als(ctx, inner, catalog, cfg)
+    fitted_cold: Fitted | None = None  # the tower search's fit of the cold_item validation split
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
-        ctx, tuning["tower"] = _tune_tower(ctx, dev, catalog, frozen, work_dir)
+        ctx, tuning["tower"], fitted_cold = _tune_tower(ctx, dev, catalog, frozen, work_dir)
     # The catalog's items that have events in the development part: the others (the test
     # splits' cold items, items whose every event is held out) do not exist in it.
     dev_items = {r["item_id"] for r in dev.select("item_id").distinct().collect()}
@@ -104,18 +109,19 @@ def tune_on_validation(
             continue
         # Validation: the same protocol applied to the development part, with another seed.
         inner = make_split(dev, protocol, cfg, seed=cfg.seed + 1)
-        if protocol == "user_temporal" and cfg.tune_als_reg_params and cfg.tune_als_alphas:
-            ctx, tuning["als"] = _tune_als(ctx, inner, catalog, cfg)
-        fitted = fit_split(
-            ctx,
-            inner,
-            catalog=catalog,
-            embeddings=frozen,
-            work_dir=os.path.join(work_dir, "validation", protocol),
-            max_test_users=cfg.max_test_users,
-            seed=cfg.seed,
-            keep_pairs=cfg.implicit_anchor and protocol == "user_temporal",
-        )
+        if protocol == "cold_item" and fitted_cold is not None:
+            fitted = fitted_cold  # the same split, ALS and tower settings: fitted once
+        else:
+            fitted = fit_split(
+                ctx,
+                inner,
+                catalog=catalog,
+                embeddings=frozen,
+                work_dir=os.path.join(work_dir, "validation", protocol),
+                max_test_users=cfg.max_test_users,
+                seed=cfg.seed,
+                keep_pairs=cfg.implicit_anchor and protocol == "user_temporal",
+            )
         validation[protocol] = fitted = only_items_in(fitted, dev_items)
         if protocol == "user_temporal" and cfg.implicit_anchor:
             _, search = tune_anchor(fitted, positive_min_weight=cfg.positive_min_weight)
@@ -284,41 +290,40 @@ def _tune_tower(
     catalog: DataFrame,
     frozen: DataFrame | None,
     work_dir: str,
-) -> tuple[RunContext, dict[str, Any]]:
+) -> tuple[RunContext, dict[str, Any], Fitted | None]:
     """The tower's temperature with the best cold-only Recall@20 of text_finetuned on a
     cold_item validation split of `dev` (`development_part`); ctx with that contrastive
-    config."""
+    config, and the split as fitted with it (None when no trial scored)."""
     cfg = ctx.cfg.evaluate
     inner = make_split(dev, "cold_item", cfg, seed=cfg.seed + 1)
+    fits: dict[float, Fitted] = {}
 
-    def cold_recall(trial: RunContext) -> float | None:
-        fitted = fit_split(
-            trial,
+    def with_temperature(temperature: float) -> RunContext:
+        contrastive = dataclasses.replace(ctx.cfg.contrastive, temperature=float(temperature))
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, contrastive=contrastive))
+
+    def cold_recall(point: dict[str, Any]) -> float | None:
+        temperature = float(point["temperature"])
+        fits[temperature] = fitted = fit_split(
+            with_temperature(temperature),
             inner,
             catalog=catalog,
             embeddings=frozen,
-            work_dir=os.path.join(
-                work_dir, "validation", f"tower-{trial.cfg.contrastive.temperature:g}"
-            ),
+            work_dir=os.path.join(work_dir, "validation", f"tower-{temperature:g}"),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
         )
         return cold_only_recall(fitted, "text_finetuned", Mix(0.0))
 
-    candidates = [
-        (
-            f"temperature={t:g}",
-            dataclasses.replace(
-                ctx.cfg,
-                contrastive=dataclasses.replace(ctx.cfg.contrastive, temperature=float(t)),
-            ),
-        )
-        for t in cfg.tune_tower_temperatures
-    ]
-    tuned, trials = _best_config(ctx, candidates, cold_recall)
-    temperature = tuned.cfg.contrastive.temperature
-    log.info("evaluate: tower tuned on validation: temperature %s (%s)", temperature, trials)
-    return tuned, {"trials": trials, "temperature": temperature}
+    # A tower fit is the dearest trial: an edge is widened once.
+    axes = {"temperature": sorted(float(t) for t in cfg.tune_tower_temperatures)}
+    try:
+        result = widening_grid_search(axes, cold_recall, widen=("temperature",), max_widenings=1)
+    except ValueError:  # no trial could be built: the configured tower
+        return ctx, {"trials": {}, "temperature": ctx.cfg.contrastive.temperature}, None
+    temperature = float(result.best["temperature"])
+    log.info("evaluate: tower tuned on validation: temperature %s (%s)", temperature, result.trials)
+    return with_temperature(temperature), result.record(), fits.get(temperature)
 
 
 def _tune_als(
@@ -373,24 +378,3 @@ def _als_config(base: Any, point: dict[str, Any]) -> Any:
         reg_param=float(point["reg_param"]),
         alpha=float(point["alpha"]),
     )
-
-
-def _best_config(
-    ctx: RunContext,
-    candidates: Sequence[tuple[str, Any]],
-    score: Callable[[RunContext], float | None],
-) -> tuple[RunContext, dict[str, float]]:
-    """ctx with the candidate config (label, Config) of the highest validation score (the first
-    of equal scores; ctx itself when none scores), and every scored trial's value. A score of
-    None (the trial could not be built) is left out."""
-    trials: dict[str, float] = {}
-    best: tuple[float, RunContext] = (-1.0, ctx)
-    for label, config in candidates:
-        trial = dataclasses.replace(ctx, cfg=config)
-        value = score(trial)
-        if value is None:
-            continue
-        trials[label] = round(value, 5)
-        if value > best[0] + 1e-12:
-            best = (value, trial)
-    return best[1], trials

@@ -208,7 +208,7 @@ def test_quality_config_moves_storage_and_widens_clean_for_ratings(tmp_path):
     )
     # Unset grids get the bench's own; a rating of 4 is the least positive, and ALS tries
     # training on every rating or only on those.
-    assert q.evaluate.tune_als_reg_params == [0.03, 0.1, 0.3]
+    assert q.evaluate.tune_als_reg_params == [0.1, 0.3]
     assert q.evaluate.tune_als_alphas == [0.03, 0.1, 0.3]
     assert q.evaluate.tune_als_min_weights == [0.0, 4.0 * cfg.clean.rating_weight_scale]
     assert q.evaluate.implicit_anchor is True
@@ -277,13 +277,17 @@ def test_quality_bench_on_a_tiny_movielens_reports_every_protocol(spark, tmp_pat
     assert set(anchor["grid"]["alpha"]) >= {0.1, 0.3, 1.0, 3.0, 10.0}
     assert result["validation"]["tower"]["temperature"] == 0.1
     assert 0 < result["validation"]["development_events"] < n_ratings
+    hybrid = result["hybrid_params"]["hybrid"]
     assert set(result["hybrid_params"]) == {
         "text_finetuned",
         "text_frozen_kernel",
         "als_recent",
         "hybrid",
         "hybrid_frozen",
-    }
+    } | ({"hybrid_no_slots"} if hybrid["new_item_slots"] else set())
+    # The new-item slots were chosen on the bench's grid, in a list of recommend.top_n.
+    assert hybrid["new_item_slots"] in (0, 1, 2, 3, 5, 8) and hybrid["list_length"] == 20
+    assert len(result["validation"]["cold_item.new_item_slots"]) == 1 + 5 * 4
     assert result["hybrid_params"]["hybrid"]["text_weight"] in (0.0, 0.5)
     assert result["hybrid_params"]["hybrid"]["cold_offset"] in (0.0, 1.0)
     assert Path(result["report"]) == Path(cfg.path(cfg.storage.reports_dir)) / (
@@ -352,3 +356,98 @@ def test_quality_bench_on_a_tiny_amazon_reports_every_protocol(spark, tmp_path, 
         assert {"recall@20", "ndcg@20", "mixed_ndcg@10"} <= set(cold[model])
         assert 0.0 <= cold[model]["recall@20"] <= 1.0
     assert all(n > 0 for n in result["cold_item_draws"]["cold_items"])
+
+
+def test_bar_and_intervals_are_computed_from_the_evaluations_figures(tmp_path):
+    from llmrec_spark.bench.quality import bar_json, interval_json
+    from llmrec_spark.evaluation.evaluate import Evaluation
+    from llmrec_spark.evaluation.report import Draw, ModelResult, ProtocolResult, ViewResult
+
+    def result(**per_user):
+        return ModelResult(per_user={k: np.array(v) for k, v in per_user.items()}, scalars={})
+
+    warm = ViewResult(
+        "warm",
+        "",
+        4,
+        {
+            "als": result(**{"ndcg@10": [0.2, 0.2, 0.2, 0.2]}),
+            "implicit_als": result(**{"ndcg@10": [0.1, 0.3, 0.2, 0.2]}),
+            "hybrid": result(**{"ndcg@10": [0.3, 0.2, 0.2, 0.2]}),
+        },
+    )
+    mixed = ViewResult(
+        "mixed",
+        "",
+        3,
+        {
+            "als": result(**{"ndcg@10": [0.1, 0.1, 0.1], "cold_recall@20": [0.0, np.nan, 0.0]}),
+            "text_finetuned": result(
+                **{"ndcg@10": [0.0, 0.0, 0.0], "cold_recall@20": [0.5, np.nan, 0.5]}
+            ),
+            "hybrid": result(**{"ndcg@10": [0.1, 0.2, 0.1], "cold_recall@20": [0.5, np.nan, 0.0]}),
+        },
+    )
+    draws = [
+        Draw(seed=5, users=3, cold_items=2, recall={"text_finetuned": 0.4, "text_frozen": 0.2}),
+        Draw(seed=105, users=3, cold_items=2, recall={"text_finetuned": 0.2, "text_frozen": 0.2}),
+    ]
+    evaluation = Evaluation(
+        [ProtocolResult("user_temporal", "", [warm]), ProtocolResult("cold_item", "", [mixed])],
+        {},
+        {},
+        "report.html",
+        1.0,
+        draws,
+    )
+    checks = {c["check"].split(" >=")[0] + f" {c['factor']}": c for c in bar_json(evaluation)}
+    ut = checks["user_temporal hybrid ndcg@10 1.0"]
+    assert (ut["value"], ut["baseline"], ut["ratio"], ut["met"]) == (0.225, 0.2, 1.125, True)
+    assert checks["user_temporal hybrid ndcg@10 1.05"]["met"] is True  # 0.225 / 0.2
+    cold = checks["cold_item cold-only text_finetuned recall@20 (mean over picks) 1.3"]
+    assert (cold["value"], cold["baseline"], cold["ratio"]) == (0.3, 0.2, 1.5)
+    shown = checks["cold_item mixed hybrid cold_recall@20 0.5"]
+    # Over the users with cold positives only: hybrid 0.25, text 0.5.
+    assert (shown["value"], shown["baseline"], shown["ratio"], shown["met"]) == (
+        0.25,
+        0.5,
+        0.5,
+        True,
+    )
+    mixed_check = checks["cold_item mixed hybrid ndcg@10 1.03"]
+    assert mixed_check["ratio"] == pytest.approx(1.333, abs=1e-3) and mixed_check["met"] is True
+
+    cfg = make_config(tmp_path, "evaluate.bootstrap_samples=50")
+    intervals = interval_json(evaluation, cfg)
+    mean, low, high = intervals["user_temporal.warm.ndcg@10"]["implicit_als"]
+    assert mean == 0.2 and low <= mean <= high and low >= 0.1 and high <= 0.3
+    assert intervals["user_temporal.warm.ndcg@10"]["als"] == [0.2, 0.2, 0.2]
+    assert intervals["cold_item.mixed.cold_recall@20"]["hybrid"][0] == 0.25
+    assert "user_temporal.warm.ndcg@20" in intervals and not intervals["user_temporal.warm.ndcg@20"]
+
+
+def test_grid_edges_names_each_choice_on_the_edge_of_its_grid(tmp_path):
+    from llmrec_spark.bench.quality import grid_edges
+    from llmrec_spark.core.hybrid import Mix
+    from llmrec_spark.evaluation.evaluate import Evaluation
+
+    cfg = make_config(
+        tmp_path,
+        "evaluate.tune_text_weights=[0.1, 0.5]",
+        "evaluate.tune_cold_offsets=[0.0, 1.0]",
+        "evaluate.tune_new_item_slots=[0, 3, 8]",
+        "evaluate.tune_new_item_min_z=[0.0, 1.0]",
+    )
+    params = {
+        # text weight 0.1: the grid's first value; cold offset 0: the setting's own bound.
+        "hybrid": Mix(0.1, cold_offset=0.0, new_item_slots=8, new_item_min_z=0.0),
+        "als_recent": Mix(0.0, recent_weight=0.35, recent_half_life=3.0),
+    }
+    tuning = {"als": {"alpha": 0.9, "at_edge": ["alpha"]}, "tower": {"at_edge": []}}
+    evaluation = Evaluation([], params, tuning, "report.html", 1.0)
+    assert grid_edges(evaluation, cfg) == [
+        "hybrid.text_weight=0.1",
+        "hybrid.new_item_slots=8",
+        "hybrid.new_item_min_z=0",
+        "als.alpha=0.9",
+    ]

@@ -174,28 +174,6 @@ def test_tune_recent_term_picks_the_weight_that_follows_the_users_last_item():
     }
 
 
-def test_best_config_keeps_the_first_of_the_highest_scores_and_skips_unbuilt_trials():
-    from llmrec_spark.config import Config
-    from llmrec_spark.evaluation.validation import _best_config
-    from llmrec_spark.runtime.context import RunContext
-
-    base = Config()
-    ctx = RunContext(cfg=base, spark=None, store=None, ds="2026-12-02")  # type: ignore[arg-type]
-    configs = {
-        name: dataclasses.replace(base, als=dataclasses.replace(base.als, rank=rank))
-        for name, rank in (("a", 4), ("b", 8), ("c", 16), ("d", 32))
-    }
-    scores = {4: 0.1234567, 8: 0.3, 16: 0.3, 32: None}  # c ties b; d cannot be built
-    tuned, trials = _best_config(
-        ctx, list(configs.items()), lambda trial: scores[trial.cfg.als.rank]
-    )
-    assert tuned.cfg is configs["b"] and tuned.ds == ctx.ds
-    assert trials == {"a": 0.12346, "b": 0.3, "c": 0.3}
-    # Nothing scored: the context comes back unchanged.
-    untouched, none = _best_config(ctx, [("d", configs["d"])], lambda trial: None)
-    assert untouched is ctx and none == {}
-
-
 def test_cold_item_draws_summarise_the_cold_only_recall_per_model():
     from llmrec_spark.bench.quality import quality_json
     from llmrec_spark.evaluation.evaluate import Evaluation, _draw

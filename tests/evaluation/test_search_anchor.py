@@ -44,9 +44,13 @@ def test_search_stops_widening_once_the_best_is_inside():
     assert result.record()["score"] == pytest.approx(1.3)
 
 
-def test_search_leaves_out_points_that_cannot_be_scored():
+def test_search_leaves_out_points_that_cannot_be_scored_and_keeps_the_first_of_equals():
     result = widening_grid_search({"x": [1.0, 2.0]}, lambda p: None if p["x"] == 2.0 else 0.5)
     assert result.best == {"x": 1.0} and result.trials == {"x=1": 0.5}
+    scores = {4: 0.1234567, 8: 0.3, 16: 0.3, 32: None}  # 16 ties 8; 32 cannot be built
+    tied = widening_grid_search({"rank": [4, 8, 16, 32]}, lambda p: scores[p["rank"]])
+    assert tied.best == {"rank": 8}
+    assert tied.trials == {"rank=4": 0.12346, "rank=8": 0.3, "rank=16": 0.3}
     with pytest.raises(ValueError, match="no trial"):
         widening_grid_search({"x": [1.0]}, lambda p: None)
 
