@@ -22,7 +22,7 @@ from llmrec_spark.core.metrics import (
     per_user_metrics,
 )
 from llmrec_spark.core.topn import reserve_new_item_slots, select_top_n
-from llmrec_spark.evaluation.refit import ALS_ONLY, Fitted
+from llmrec_spark.evaluation.refit import ALS_ONLY, UNSLOTTED, Fitted
 from llmrec_spark.evaluation.report import MODEL_ORDER, ModelResult, ProtocolResult, ViewResult
 
 DESCRIPTIONS = {
@@ -196,6 +196,8 @@ def protocol_result(
     """The protocol's views (warm; or cold-only and mixed for cold_item) for every buildable model."""
     built = {}
     for model in models:
+        if model == UNSLOTTED and model not in params:  # ranked only beside a slotted hybrid
+            continue
         matrices, mix = fitted.variant(model), params.get(model, Mix(0.0))
         if same_as_text_frozen(model, mix):
             continue
