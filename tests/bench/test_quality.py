@@ -223,28 +223,7 @@ def test_quality_bench_on_a_tiny_movielens_reports_every_protocol(spark, tmp_pat
     monkeypatch.setenv("LLMREC_QUALITY_GLOBAL", "0")  # the two bar protocols only
     folder = tmp_path / "ml-100k"
     n_ratings = write_ml100k(folder)
-    cfg = make_config(
-        tmp_path,
-        "evaluate.ks=[10, 20]",
-        "evaluate.bootstrap_samples=20",
-        "evaluate.tune_als_reg_params=[0.1]",
-        "evaluate.tune_als_alphas=[1.0]",
-        "evaluate.tune_tower_temperatures=[0.1]",
-        "evaluate.tune_text_kernels=[0.0]",
-        "evaluate.tune_neighbour_factors=[0]",
-        "evaluate.tune_text_weights=[0.0, 0.5]",
-        "evaluate.tune_text_half_lives=[0.0]",
-        "evaluate.tune_recent_weights=[0.0]",
-        "evaluate.tune_recent_half_lives=[1.0]",
-        "evaluate.tune_cold_offsets=[0.0, 1.0]",
-        "evaluate.cold_item_draws=1",
-        "contrastive.epochs=1",
-        "contrastive.members=1",
-        "contrastive.num_processes=1",
-        "contrastive.hidden_dim=32",
-        "contrastive.out_dim=16",
-        "contrastive.num_sampled_negatives=8",
-    )
+    cfg = make_config(tmp_path, *TINY_QUALITY)
 
     result = measure_quality(spark, cfg, dataset="movielens", path=str(folder))
 
