@@ -33,6 +33,7 @@ EVALUATE_PROTOCOLS = ("user_temporal", "cold_item", "global_temporal")
 # Landing formats the clean stage reads (clean.source_format).
 SOURCE_FORMATS = ("json", "parquet", "delta")
 # Storage levels MLlib's ALS accepts for its intermediate RDDs (NONE is refused).
+ALS_SOLVERS = ("mllib", "cg")
 ALS_STORAGE_LEVELS = (
     "MEMORY_AND_DISK",
     "MEMORY_AND_DISK_SER",
@@ -213,6 +214,16 @@ class AlsConfig:
     num_blocks: int = 0
     # Storage level of ALS's per-iteration RDDs (MLlib's default; MEMORY_ONLY when they fit).
     intermediate_storage_level: str = "MEMORY_AND_DISK"
+    # "mllib": MLlib's ALS (an exact solve per row, factors stay distributed); "cg": a few
+    # conjugate-gradient steps per row (stages.als_cg), factors held by the driver.
+    solver: str = "mllib"
+    # The L2 penalty of a row: "count" = reg_param x the row's pairs (MLlib's only choice);
+    # "constant" = reg_param (the `implicit` library's; needs solver cg).
+    reg_scaling: str = "count"
+    cg_steps: int = 3  # CG steps per row per sweep (solver cg)
+    cg_max_factor_mb: float = 1024.0  # solver cg: the largest side's factors, broadcast each sweep
+    # solver cg: up to this many pairs the sweeps run on the driver (no Spark job per sweep)
+    cg_local_max_pairs: int = 1_000_000
     search: AlsSearchConfig = field(default_factory=AlsSearchConfig)
 
 
@@ -689,6 +700,19 @@ def check_als(cfg: AlsConfig) -> None:
                 f"als.intermediate_storage_level: choose {', '.join(ALS_STORAGE_LEVELS)}, "
                 f"got {cfg.intermediate_storage_level!r}",
             ),
+            (cfg.solver in ALS_SOLVERS, f"als.solver: choose mllib or cg, got {cfg.solver!r}"),
+            (
+                cfg.reg_scaling in ("count", "constant"),
+                f"als.reg_scaling: choose count or constant, got {cfg.reg_scaling!r}",
+            ),
+            (
+                cfg.reg_scaling == "count" or cfg.solver == "cg",
+                "als.reg_scaling: constant needs als.solver: cg (MLlib always scales the "
+                "penalty by the row's pair count)",
+            ),
+            (cfg.cg_steps >= 1, "als.cg_steps: must be at least 1"),
+            (cfg.cg_max_factor_mb > 0, "als.cg_max_factor_mb: must be positive"),
+            (cfg.cg_local_max_pairs >= 0, "als.cg_local_max_pairs: must be 0 or positive"),
         ]
     )
     _check_als_search(cfg.search)

@@ -57,9 +57,13 @@ DATASETS = {"movielens": tuple(MOVIELENS_LAYOUTS), "amazon": (AMAZON,)}
 BAR_PROTOCOLS = ("user_temporal", "cold_item")
 # ALS grid searched on the user_temporal validation split unless evaluate.tune_als_* are set
 # (reg_param and alpha widen while the best sits on an edge). min_weight: every rating as a
-# weighted positive (0), or only ratings of at least LIKED (see quality_config).
-ALS_REG_PARAMS = (0.1, 0.3)
-ALS_ALPHAS = (0.03, 0.1, 0.3)
+# weighted positive (0), or only ratings of at least LIKED (see quality_config). The solver
+# is cg with a constant penalty (MLlib's penalty grows with a row's pairs, which favours rare
+# items: docs/2026-12-06-quality-beyond-one-dataset.md).
+ALS_SOLVER = "cg"
+ALS_REG_SCALING = "constant"
+ALS_REG_PARAMS = (3.0, 10.0, 30.0)
+ALS_ALPHAS = (0.03, 0.1, 0.3, 1.0)
 LIKED = 4.0  # the least rating that counts as a positive (x clean.rating_weight_scale)
 # The tower's temperatures tried on the cold_item validation split unless set in config.
 TOWER_TEMPERATURES = (0.05, 0.1, 0.2)
@@ -116,7 +120,14 @@ def quality_config(cfg: Config, root: str, *, span_days: int, ratings: RatingSca
         tune_new_item_min_z=cfg.evaluate.tune_new_item_min_z or list(NEW_ITEM_MIN_Z),
     )
     # The bar is stated at rank 64; every window covers the whole dataset.
-    als = dataclasses.replace(cfg.als, rank=64, max_iter=15, train_days=span_days + 2)
+    als = dataclasses.replace(
+        cfg.als,
+        rank=64,
+        max_iter=15,
+        train_days=span_days + 2,
+        solver=ALS_SOLVER,
+        reg_scaling=ALS_REG_SCALING,
+    )
     contrastive = dataclasses.replace(
         cfg.contrastive, train_days=span_days + 2, positive_min_weight=LIKED * scale
     )
@@ -269,6 +280,8 @@ def _evaluation_json(evaluation: Evaluation, cfg: Config, report: str) -> dict[s
         "als": {
             "rank": cfg.als.rank,
             "max_iter": cfg.als.max_iter,
+            "solver": cfg.als.solver,
+            "reg_scaling": cfg.als.reg_scaling,
             **(evaluation.tuning.get("als") or {}),
         },
         "validation": evaluation.tuning,

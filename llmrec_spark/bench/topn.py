@@ -29,6 +29,7 @@ from llmrec_spark.bench.delta_write import measure_delta_write
 from llmrec_spark.config import Config, RecommendConfig
 from llmrec_spark.core.hybrid import ItemMatrices, Mix
 from llmrec_spark.schema import SCORED_SCHEMA
+from llmrec_spark.stages.als import als_model_from_factors
 from llmrec_spark.stages.recommend import score_stage, scoring_partitions, scoring_path
 
 log = logging.getLogger(__name__)
@@ -108,21 +109,6 @@ def mllib_top_n_unseen(model: Any, seen: DataFrame, *, n: int, max_seen: int) ->
     )
 
 
-def als_model_from_factors(spark: Any, users: DataFrame, items: DataFrame, rank: int) -> Any:
-    """An MLlib ALSModel over given (id int, features array<float>) factor frames.
-
-    ALSModel's constructor is `private[ml]` in Scala, which is public in the JVM; this is how
-    MLlib's own tests build models from known factors.
-    """
-    from pyspark.ml.recommendation import ALSModel
-
-    java_model = spark.sparkContext._jvm.org.apache.spark.ml.recommendation.ALSModel(
-        "als_bench", rank, users._jdf, items._jdf
-    )
-    java_model.setUserCol("user").setItemCol("item")  # the output's column names
-    return ALSModel(java_model)
-
-
 def bench_topn(
     spark: Any,
     *,
@@ -166,7 +152,14 @@ def bench_topn(
             mix=Mix(0.0),
             block_size=block_size,
         )
-        model = als_model_from_factors(spark, problem.user_factors, problem.item_factors, rank)
+        model = als_model_from_factors(
+            spark,
+            problem.user_factors,
+            problem.item_factors,
+            rank,
+            user_col="user",
+            item_col="item",
+        )
         reference = functools.partial(
             mllib_top_n_unseen, model, problem.seen, n=n, max_seen=problem.max_seen
         )

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -19,6 +21,7 @@ from llmrec_spark.config import AlsConfig
 from llmrec_spark.errors import InputError
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
+from llmrec_spark.stages import als_cg
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +84,21 @@ def als_estimator(cfg: AlsConfig, *, num_blocks: int) -> ALS:
     )
 
 
-def fit_als(pairs: DataFrame, cfg: AlsConfig) -> AlsFactors:
-    """Fit implicit ALS on (user_id, item_id, weight) rows; factors come back with string ids.
+def fit_als(pairs: DataFrame, cfg: AlsConfig, *, warm: AlsFactors | None = None) -> AlsFactors:
+    """Fit implicit ALS on (user_id, item_id, weight) rows with `cfg.solver`; factors come back
+    with string ids. With solver cg, ids that have a factor in `warm` start from it.
 
     The SparkContext must have a checkpoint directory (the session factory sets one), so
-    long lineages are cut every `checkpoint_interval` iterations.
+    MLlib's long lineages are cut every `checkpoint_interval` iterations.
     """
     indexed, users, items = index_ids(pairs)
     indexed = indexed.cache()
-    model = als_estimator(cfg, num_blocks=als_blocks(pairs.sparkSession, cfg)).fit(indexed)
+    num_blocks = als_blocks(pairs.sparkSession, cfg)
+    if cfg.solver == "cg":
+        factors = _fit_cg(indexed, users, items, cfg, num_blocks=num_blocks, warm=warm)
+        indexed.unpersist()
+        return factors
+    model = als_estimator(cfg, num_blocks=num_blocks).fit(indexed)
     indexed.unpersist()
     user_factors = model.userFactors.join(users, F.col("id") == F.col("user_idx")).select(
         F.col("user_id").alias("id"), F.col("features").cast("array<float>").alias("features")
@@ -98,6 +107,88 @@ def fit_als(pairs: DataFrame, cfg: AlsConfig) -> AlsFactors:
         F.col("item_id").alias("id"), F.col("features").cast("array<float>").alias("features")
     )
     return AlsFactors(users=user_factors, items=item_factors, model=model)
+
+
+def _fit_cg(
+    indexed: DataFrame,
+    users: DataFrame,
+    items: DataFrame,
+    cfg: AlsConfig,
+    *,
+    num_blocks: int,
+    warm: AlsFactors | None,
+) -> AlsFactors:
+    spark = indexed.sparkSession
+    user_pd: pd.DataFrame = users.orderBy("user_idx").toPandas()
+    item_pd: pd.DataFrame = items.orderBy("item_idx").toPandas()
+    user_ids, item_ids = user_pd["user_id"].tolist(), item_pd["item_id"].tolist()
+    init: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if warm is not None:
+        init = (
+            _known_rows(warm.users, user_ids, cfg.rank),
+            _known_rows(warm.items, item_ids, cfg.rank),
+        )
+    user_matrix, item_matrix = als_cg.fit_cg_factors(
+        spark,
+        indexed,
+        n_users=len(user_ids),
+        n_items=len(item_ids),
+        cfg=cfg,
+        num_blocks=num_blocks,
+        init=init,
+    )
+    return AlsFactors(
+        users=_factor_frame(spark, user_ids, user_matrix),
+        items=_factor_frame(spark, item_ids, item_matrix),
+        model=als_model_from_factors(
+            spark,
+            _factor_frame(spark, list(range(len(user_ids))), user_matrix, id_type="int"),
+            _factor_frame(spark, list(range(len(item_ids))), item_matrix, id_type="int"),
+            cfg.rank,
+        ),
+    )
+
+
+def _known_rows(previous: DataFrame, ids: list[str], rank: int) -> np.ndarray | None:
+    """Rows of `previous` (id, features) in the order of `ids`, NaN where it has none; None
+    when its rank is not `rank` (no warm start across a change of rank)."""
+    known: pd.DataFrame = previous.where(F.col("id").isin(ids)).toPandas()
+    if known.empty or len(known["features"].iloc[0]) != rank:
+        return None
+    rows = np.full((len(ids), rank), np.nan, dtype=np.float32)
+    position = {item: k for k, item in enumerate(ids)}
+    for key, vector in zip(known["id"], known["features"], strict=True):
+        rows[position[key]] = vector
+    return rows
+
+
+def _factor_frame(
+    spark: SparkSession, ids: list[Any], matrix: np.ndarray, *, id_type: str = "string"
+) -> DataFrame:
+    frame = pd.DataFrame({"id": ids, "features": list(matrix.astype(np.float32))})
+    return spark.createDataFrame(frame, schema=f"id {id_type}, features array<float>")
+
+
+def als_model_from_factors(
+    spark: SparkSession,
+    users: DataFrame,
+    items: DataFrame,
+    rank: int,
+    *,
+    user_col: str = "user_idx",
+    item_col: str = "item_idx",
+) -> ALSModel:
+    """An MLlib ALSModel over given (id int, features array<float>) factor frames, so both
+    solvers save the same artifact (`ALSModel.load` reads it).
+
+    ALSModel's constructor is `private[ml]` in Scala, which is public in the JVM; this is how
+    MLlib's own tests build models from known factors.
+    """
+    java_model = _jvm(spark).org.apache.spark.ml.recommendation.ALSModel(
+        "als_cg", rank, users._jdf, items._jdf
+    )
+    java_model.setUserCol(user_col).setItemCol(item_col)
+    return ALSModel(java_model)
 
 
 def run_train_als(ctx: RunContext) -> StageResult:

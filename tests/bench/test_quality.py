@@ -206,10 +206,11 @@ def test_quality_config_moves_storage_and_widens_clean_for_ratings(tmp_path):
         32,
         32,
     )
+    assert (q.als.solver, q.als.reg_scaling) == ("cg", "constant")
     # Unset grids get the bench's own; a rating of 4 is the least positive, and ALS tries
     # training on every rating or only on those.
-    assert q.evaluate.tune_als_reg_params == [0.1, 0.3]
-    assert q.evaluate.tune_als_alphas == [0.03, 0.1, 0.3]
+    assert q.evaluate.tune_als_reg_params == [3.0, 10.0, 30.0]
+    assert q.evaluate.tune_als_alphas == [0.03, 0.1, 0.3, 1.0]
     assert q.evaluate.tune_als_min_weights == [0.0, 4.0 * cfg.clean.rating_weight_scale]
     assert q.evaluate.implicit_anchor is True
     assert q.evaluate.tune_tower_temperatures == [0.05, 0.1, 0.2]

@@ -1,0 +1,184 @@
+"""`als.solver: cg`: implicit ALS as Spark jobs, a few conjugate-gradient steps per row.
+
+The pairs are packed once into CSR blocks, by user and by item (`als.num_blocks` of each,
+cached). Each half-sweep broadcasts the factors of both sides, solves every block's rows in a
+pandas UDF (`core.als_cg.solve_rows`, torch sparse kernels, one thread per task core) and
+brings the new rows back to the driver, which holds both factor matrices: that is the limit
+of this solver (`als.cg_max_factor_mb` per side; beyond it use `solver: mllib`, which keeps
+factors distributed). Nothing grows from sweep to sweep (every sweep starts from arrays on the
+driver), so there is no lineage to checkpoint; a crashed fit is rerun, like MLlib's.
+Up to `als.cg_local_max_pairs` pairs the sweeps run on the driver instead (the same solve,
+without a Spark job per half-sweep). Warm start: rows whose id has a factor in `init`
+(yesterday's) start from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from pyspark import RDD, StorageLevel
+from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import functions as F
+
+from llmrec_spark.config import AlsConfig
+from llmrec_spark.core.als_cg import CgParams, RowBlock, initial_factors, solve_rows
+from llmrec_spark.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BLOCK_SCHEMA = "block int, rows binary, indptr binary, cols binary, weights binary"
+
+
+def cg_params(cfg: AlsConfig) -> CgParams:
+    """The solve's settings from `als`."""
+    return CgParams(
+        alpha=cfg.alpha, reg=cfg.reg_param, reg_scaling=cfg.reg_scaling, steps=cfg.cg_steps
+    )
+
+
+def fit_cg_factors(
+    spark: SparkSession,
+    indexed: DataFrame,
+    *,
+    n_users: int,
+    n_items: int,
+    cfg: AlsConfig,
+    num_blocks: int,
+    init: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+) -> tuple[np.ndarray, np.ndarray]:
+    """User (n_users, rank) and item (n_items, rank) factors from (user_idx, item_idx, weight)
+    rows with dense indices; `init` rows (NaN = none) replace the seeded random start."""
+    _check_size(max(n_users, n_items), cfg)
+    params = cg_params(cfg)
+    users = _start(initial_factors(n_users, cfg.rank, cfg.seed), init[0])
+    items = _start(initial_factors(n_items, cfg.rank, cfg.seed + 1), init[1])
+    n_pairs = indexed.count()
+    if n_pairs <= cfg.cg_local_max_pairs:
+        # Small enough for the driver: a Spark job per half-sweep would cost more than the solve.
+        local: pd.DataFrame = indexed.select("user_idx", "item_idx", "weight").toPandas()
+        by_user_rows = RowBlock.from_pairs(*_columns(local, "user_idx", "item_idx"))
+        by_item_rows = RowBlock.from_pairs(*_columns(local, "item_idx", "user_idx"))
+        for sweep in range(cfg.max_iter):
+            users[by_user_rows.rows] = solve_rows(by_user_rows, users, items, params)
+            items[by_item_rows.rows] = solve_rows(by_item_rows, items, users, params)
+            log.debug("als cg: sweep %d/%d on the driver", sweep + 1, cfg.max_iter)
+        log.info("als cg: %d pairs solved on the driver (als.cg_local_max_pairs)", n_pairs)
+        return users, items
+    by_user = _blocks(indexed, "user_idx", "item_idx", num_blocks)
+    by_item = _blocks(indexed, "item_idx", "user_idx", num_blocks)
+    try:
+        for sweep in range(cfg.max_iter):
+            started = time.perf_counter()
+            users = _half_sweep(spark, by_user, users, items, params)
+            items = _half_sweep(spark, by_item, items, users, params)
+            log.info(
+                "als cg: sweep %d/%d in %.1f s",
+                sweep + 1,
+                cfg.max_iter,
+                time.perf_counter() - started,
+            )
+    finally:
+        by_user.unpersist()
+        by_item.unpersist()
+    return users, items
+
+
+def _columns(pairs: pd.DataFrame, row: str, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        pairs[row].to_numpy(np.int64),
+        pairs[col].to_numpy(np.int64),
+        pairs["weight"].to_numpy(np.float32),
+    )
+
+
+def _check_size(rows: int, cfg: AlsConfig) -> None:
+    megabytes = rows * cfg.rank * 4 / 2**20
+    if megabytes > cfg.cg_max_factor_mb:
+        raise InputError(
+            f"als.solver cg: {rows:,} rows x rank {cfg.rank} is {megabytes:,.0f} MB of factors, "
+            f"over als.cg_max_factor_mb={cfg.cg_max_factor_mb:g} (they are broadcast every "
+            "sweep); set als.solver: mllib, which keeps factors distributed"
+        )
+
+
+def _start(seeded: np.ndarray, known: np.ndarray | None) -> np.ndarray:
+    if known is None:
+        return seeded
+    has = ~np.isnan(known).any(axis=1)
+    seeded[has] = known[has]
+    return seeded
+
+
+def _blocks(indexed: DataFrame, row: str, col: str, num_blocks: int) -> RDD[RowBlock]:
+    """The pair matrix's rows in `num_blocks` CSR blocks, one per partition, cached."""
+    pairs = indexed.select(
+        F.col(row).alias("row"), F.col(col).alias("col"), F.col("weight").cast("float")
+    ).withColumn("block", F.col("row") % num_blocks)
+    packed = pairs.groupBy("block").applyInPandas(_pack, schema=BLOCK_SCHEMA)
+    blocks = (
+        packed.rdd.map(lambda r: (r["block"], _unpack(r)))
+        .partitionBy(num_blocks, lambda block: block)
+        .values()
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    blocks.count()
+    return blocks
+
+
+def _pack(pairs: pd.DataFrame) -> pd.DataFrame:
+    block = RowBlock.from_pairs(
+        pairs["row"].to_numpy(np.int64),
+        pairs["col"].to_numpy(np.int64),
+        pairs["weight"].to_numpy(np.float32),
+    )
+    return pd.DataFrame(
+        {
+            "block": [int(pairs["block"].iloc[0])],
+            "rows": [block.rows.tobytes()],
+            "indptr": [block.indptr.tobytes()],
+            "cols": [block.cols.tobytes()],
+            "weights": [block.weights.tobytes()],
+        }
+    )
+
+
+def _unpack(packed: Row) -> RowBlock:
+    return RowBlock(
+        rows=np.frombuffer(packed["rows"], np.int64).copy(),
+        indptr=np.frombuffer(packed["indptr"], np.int64).copy(),
+        cols=np.frombuffer(packed["cols"], np.int64).copy(),
+        weights=np.frombuffer(packed["weights"], np.float32).copy(),
+    )
+
+
+def _half_sweep(
+    spark: SparkSession,
+    blocks: RDD[RowBlock],
+    current: np.ndarray,
+    other: np.ndarray,
+    params: CgParams,
+) -> np.ndarray:
+    """`current` with every block's rows solved against `other`."""
+    sc = spark.sparkContext
+    current_bc, other_bc = sc.broadcast(current), sc.broadcast(other)
+
+    def solve(block: RowBlock) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        torch.set_num_threads(max(1, context.cpus() if context is not None else 1))
+        return block.rows, solve_rows(block, current_bc.value, other_bc.value, params)
+
+    try:
+        solved = blocks.map(solve).collect()
+    finally:
+        current_bc.destroy()
+        other_bc.destroy()
+    updated = current.copy()
+    for rows, factors in solved:
+        updated[rows] = factors
+    return updated
