@@ -224,6 +224,9 @@ class AlsConfig:
     cg_max_factor_mb: float = 1024.0  # solver cg: the largest side's factors, broadcast each sweep
     # solver cg: up to this many pairs the sweeps run on the driver (no Spark job per sweep)
     cg_local_max_pairs: int = 1_000_000
+    # solver cg: sweeps of `train-als` when the previous run date's factors exist (they are
+    # its starting point); 0 = always max_iter from a seeded random start.
+    warm_max_iter: int = 5
     search: AlsSearchConfig = field(default_factory=AlsSearchConfig)
 
 
@@ -713,6 +716,7 @@ def check_als(cfg: AlsConfig) -> None:
             (cfg.cg_steps >= 1, "als.cg_steps: must be at least 1"),
             (cfg.cg_max_factor_mb > 0, "als.cg_max_factor_mb: must be positive"),
             (cfg.cg_local_max_pairs >= 0, "als.cg_local_max_pairs: must be 0 or positive"),
+            (cfg.warm_max_iter >= 0, "als.warm_max_iter: must be 0 (no warm start) or positive"),
         ]
     )
     _check_als_search(cfg.search)

@@ -204,8 +204,14 @@ def _train_pairs(train: DataFrame, items: ItemMatrices) -> TrainPairs:
 def with_als_factors(fitted: Fitted, factors: als.AlsFactors) -> Fitted:
     """`fitted` with other ALS factors (a trial of the ALS search): item rows and the test
     users' rows taken from `factors`, zero rows where it has none."""
-    item_pd: pd.DataFrame = factors.items.toPandas()
-    user_pd: pd.DataFrame = factors.users.where(F.col("id").isin(fitted.users)).toPandas()
+    if factors.arrays is not None:  # solver cg: the driver has them already
+        arrays = factors.arrays
+        item_pd = pd.DataFrame({"id": arrays.item_ids, "features": list(arrays.items)})
+        user_pd = pd.DataFrame({"id": arrays.user_ids, "features": list(arrays.users)})
+        user_pd = user_pd[user_pd["id"].isin(fitted.users)]
+    else:
+        item_pd = factors.items.toPandas()
+        user_pd = factors.users.where(F.col("id").isin(fitted.users)).toPandas()
     rank = len(item_pd["features"].iloc[0]) if len(item_pd) else 0
     item_rows = {item: k for k, item in enumerate(fitted.items.item_ids)}
     item_als = np.zeros((fitted.items.size, rank), dtype=np.float32)

@@ -6,6 +6,7 @@ The search over its settings (`llmrec tune-als`) is `als_search`; its benchmark 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -27,12 +28,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AlsFactors:
+class FactorFrames:
     """ALS factors keyed by the original string ids."""
 
     users: DataFrame  # id string, features array<float>
     items: DataFrame  # id string, features array<float>
-    model: ALSModel
+
+
+@dataclass
+class FactorArrays:
+    """Factors held by the driver (solver cg): row k of `users` is user `user_ids[k]`."""
+
+    user_ids: list[str]
+    users: np.ndarray  # (n_users, rank) float32
+    item_ids: list[str]
+    items: np.ndarray  # (n_items, rank) float32
+
+
+@dataclass
+class AlsFactors(FactorFrames):
+    """A fit's factors and the MLlib model that holds them (both solvers save one); solver
+    cg also keeps its arrays, and builds the model only when asked."""
+
+    model: ALSModel | None
+    arrays: FactorArrays | None = None
+
+    def als_model(self) -> ALSModel:
+        """The fit as an MLlib ALSModel over dense indices (`ALSModel.load` reads it back)."""
+        if self.model is None:
+            if self.arrays is None:
+                raise ValueError("an ALS fit without a model or arrays")
+            spark = self.users.sparkSession
+            self.model = als_model_from_factors(
+                spark,
+                factor_frame(spark, list(range(len(self.arrays.users))), self.arrays.users, "int"),
+                factor_frame(spark, list(range(len(self.arrays.items))), self.arrays.items, "int"),
+                self.arrays.users.shape[1],
+            )
+        return self.model
 
 
 def training_window(events: DataFrame, ds: str, days: int) -> DataFrame:
@@ -84,21 +117,18 @@ def als_estimator(cfg: AlsConfig, *, num_blocks: int) -> ALS:
     )
 
 
-def fit_als(pairs: DataFrame, cfg: AlsConfig, *, warm: AlsFactors | None = None) -> AlsFactors:
+def fit_als(pairs: DataFrame, cfg: AlsConfig, *, warm: FactorFrames | None = None) -> AlsFactors:
     """Fit implicit ALS on (user_id, item_id, weight) rows with `cfg.solver`; factors come back
     with string ids. With solver cg, ids that have a factor in `warm` start from it.
 
     The SparkContext must have a checkpoint directory (the session factory sets one), so
     MLlib's long lineages are cut every `checkpoint_interval` iterations.
     """
+    if cfg.solver == "cg":
+        return _fit_cg(pairs, cfg, warm=warm)
     indexed, users, items = index_ids(pairs)
     indexed = indexed.cache()
-    num_blocks = als_blocks(pairs.sparkSession, cfg)
-    if cfg.solver == "cg":
-        factors = _fit_cg(indexed, users, items, cfg, num_blocks=num_blocks, warm=warm)
-        indexed.unpersist()
-        return factors
-    model = als_estimator(cfg, num_blocks=num_blocks).fit(indexed)
+    model = als_estimator(cfg, num_blocks=als_blocks(pairs.sparkSession, cfg)).fit(indexed)
     indexed.unpersist()
     user_factors = model.userFactors.join(users, F.col("id") == F.col("user_idx")).select(
         F.col("user_id").alias("id"), F.col("features").cast("array<float>").alias("features")
@@ -109,44 +139,53 @@ def fit_als(pairs: DataFrame, cfg: AlsConfig, *, warm: AlsFactors | None = None)
     return AlsFactors(users=user_factors, items=item_factors, model=model)
 
 
-def _fit_cg(
-    indexed: DataFrame,
-    users: DataFrame,
-    items: DataFrame,
-    cfg: AlsConfig,
-    *,
-    num_blocks: int,
-    warm: AlsFactors | None,
-) -> AlsFactors:
-    spark = indexed.sparkSession
-    user_pd: pd.DataFrame = users.orderBy("user_idx").toPandas()
-    item_pd: pd.DataFrame = items.orderBy("item_idx").toPandas()
-    user_ids, item_ids = user_pd["user_id"].tolist(), item_pd["item_id"].tolist()
-    init: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
-    if warm is not None:
-        init = (
-            _known_rows(warm.users, user_ids, cfg.rank),
-            _known_rows(warm.items, item_ids, cfg.rank),
+def _fit_cg(pairs: DataFrame, cfg: AlsConfig, *, warm: FactorFrames | None) -> AlsFactors:
+    """Solver cg: on the driver up to `als.cg_local_max_pairs` pairs (one collect, ids
+    numbered there in the same order as `index_ids`), else as Spark jobs over CSR blocks."""
+    spark = pairs.sparkSession
+    n_pairs = pairs.count()
+    if n_pairs == 0:
+        raise InputError("als: no (user, item) pairs to fit")
+    if n_pairs <= cfg.cg_local_max_pairs:
+        local: pd.DataFrame = pairs.select("user_id", "item_id", "weight").toPandas()
+        user_ids, user_idx = np.unique(local["user_id"].to_numpy(object), return_inverse=True)
+        item_ids, item_idx = np.unique(local["item_id"].to_numpy(object), return_inverse=True)
+        user_ids, item_ids = user_ids.tolist(), item_ids.tolist()
+        init = _warm_rows(warm, user_ids, item_ids, cfg.rank)
+        user_matrix, item_matrix = als_cg.fit_on_driver(
+            user_idx, item_idx, local["weight"].to_numpy(np.float32), cfg=cfg, init=init
         )
-    user_matrix, item_matrix = als_cg.fit_cg_factors(
-        spark,
-        indexed,
-        n_users=len(user_ids),
-        n_items=len(item_ids),
-        cfg=cfg,
-        num_blocks=num_blocks,
-        init=init,
-    )
-    return AlsFactors(
-        users=_factor_frame(spark, user_ids, user_matrix),
-        items=_factor_frame(spark, item_ids, item_matrix),
-        model=als_model_from_factors(
+        log.info("als cg: %d pairs solved on the driver (als.cg_local_max_pairs)", n_pairs)
+    else:
+        indexed, users, items = index_ids(pairs)
+        indexed = indexed.cache()
+        user_pd: pd.DataFrame = users.orderBy("user_idx").toPandas()
+        item_pd: pd.DataFrame = items.orderBy("item_idx").toPandas()
+        user_ids, item_ids = user_pd["user_id"].tolist(), item_pd["item_id"].tolist()
+        user_matrix, item_matrix = als_cg.fit_cg_factors(
             spark,
-            _factor_frame(spark, list(range(len(user_ids))), user_matrix, id_type="int"),
-            _factor_frame(spark, list(range(len(item_ids))), item_matrix, id_type="int"),
-            cfg.rank,
-        ),
+            indexed,
+            n_users=len(user_ids),
+            n_items=len(item_ids),
+            cfg=cfg,
+            num_blocks=als_blocks(spark, cfg),
+            init=_warm_rows(warm, user_ids, item_ids, cfg.rank),
+        )
+        indexed.unpersist()
+    return AlsFactors(
+        users=factor_frame(spark, user_ids, user_matrix),
+        items=factor_frame(spark, item_ids, item_matrix),
+        model=None,
+        arrays=FactorArrays(user_ids, user_matrix, item_ids, item_matrix),
     )
+
+
+def _warm_rows(
+    warm: FactorFrames | None, user_ids: list[str], item_ids: list[str], rank: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if warm is None:
+        return None, None
+    return _known_rows(warm.users, user_ids, rank), _known_rows(warm.items, item_ids, rank)
 
 
 def _known_rows(previous: DataFrame, ids: list[str], rank: int) -> np.ndarray | None:
@@ -162,9 +201,10 @@ def _known_rows(previous: DataFrame, ids: list[str], rank: int) -> np.ndarray | 
     return rows
 
 
-def _factor_frame(
-    spark: SparkSession, ids: list[Any], matrix: np.ndarray, *, id_type: str = "string"
+def factor_frame(
+    spark: SparkSession, ids: list[Any], matrix: np.ndarray, id_type: str = "string"
 ) -> DataFrame:
+    """(id, features array<float>) rows: row k of `matrix` under ids[k]."""
     frame = pd.DataFrame({"id": ids, "features": list(matrix.astype(np.float32))})
     return spark.createDataFrame(frame, schema=f"id {id_type}, features array<float>")
 
@@ -205,7 +245,10 @@ def run_train_als(ctx: RunContext) -> StageResult:
             f"no clean events{heavy} in the {cfg.train_days} days up to {ctx.ds}; "
             "run `llmrec clean` first"
         )
-    factors = fit_als(pairs, cfg)
+    warm = previous_factors(ctx.store, ctx.ds) if cfg.solver == "cg" and cfg.warm_max_iter else None
+    if warm is not None:
+        cfg = dataclasses.replace(cfg, max_iter=cfg.warm_max_iter)
+    factors = fit_als(pairs, cfg, warm=warm)
     table = (
         factors.users.withColumn("kind", F.lit("user"))
         .unionByName(factors.items.withColumn("kind", F.lit("item")))
@@ -213,18 +256,55 @@ def run_train_als(ctx: RunContext) -> StageResult:
     )
     ctx.store.overwrite("als_factors", table, partitions={"ds": ctx.ds})
     model_path = ctx.model_dir("als")
-    factors.model.write().overwrite().save(model_path)
+    factors.als_model().write().overwrite().save(model_path)
     n_users = factors.users.count()
     n_items = factors.items.count()
     pairs.unpersist()
-    log.info("als: %d pairs, %d users, %d items, rank %d", n_pairs, n_users, n_items, cfg.rank)
+    log.info(
+        "als: %d pairs, %d users, %d items, rank %d, %d sweeps (%s)",
+        n_pairs,
+        n_users,
+        n_items,
+        cfg.rank,
+        cfg.max_iter,
+        f"warm from {warm.ds}" if warm is not None else "cold start",
+    )
     return StageResult(
         rows_in=n_pairs,
         rows_out=n_users + n_items,
         params={f"als.{k}": v for k, v in vars(cfg).items() if k != "search"},
         metrics={"als_users": n_users, "als_items": n_items},
         artifacts={"als_model": model_path},
-        summary={"users": n_users, "items": n_items, "pairs": n_pairs},
+        summary={
+            "users": n_users,
+            "items": n_items,
+            "pairs": n_pairs,
+            "sweeps": cfg.max_iter,
+            "warm_from": warm.ds if warm is not None else None,
+        },
+    )
+
+
+@dataclass
+class PreviousFactors(FactorFrames):
+    """The factors of an earlier run date, a warm start for solver cg."""
+
+    ds: str
+
+
+def previous_factors(store: Any, ds: str) -> PreviousFactors | None:
+    """The latest `als_factors` partition before `ds`, or None when there is none."""
+    if not store.exists("als_factors"):
+        return None
+    earlier = sorted(d for d in store.partition_values("als_factors", "ds") if d < ds)
+    if not earlier:
+        return None
+    table = store.read("als_factors", where={"ds": earlier[-1]})
+    pick = ["id", "features"]
+    return PreviousFactors(
+        users=table.where(F.col("kind") == "user").select(*pick),
+        items=table.where(F.col("kind") == "item").select(*pick),
+        ds=earlier[-1],
     )
 
 

@@ -50,23 +50,10 @@ def fit_cg_factors(
     init: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> tuple[np.ndarray, np.ndarray]:
     """User (n_users, rank) and item (n_items, rank) factors from (user_idx, item_idx, weight)
-    rows with dense indices; `init` rows (NaN = none) replace the seeded random start."""
-    _check_size(max(n_users, n_items), cfg)
+    rows with dense indices, solved per partition; `init` rows (NaN = none) replace the
+    seeded random start."""
     params = cg_params(cfg)
-    users = _start(initial_factors(n_users, cfg.rank, cfg.seed), init[0])
-    items = _start(initial_factors(n_items, cfg.rank, cfg.seed + 1), init[1])
-    n_pairs = indexed.count()
-    if n_pairs <= cfg.cg_local_max_pairs:
-        # Small enough for the driver: a Spark job per half-sweep would cost more than the solve.
-        local: pd.DataFrame = indexed.select("user_idx", "item_idx", "weight").toPandas()
-        by_user_rows = RowBlock.from_pairs(*_columns(local, "user_idx", "item_idx"))
-        by_item_rows = RowBlock.from_pairs(*_columns(local, "item_idx", "user_idx"))
-        for sweep in range(cfg.max_iter):
-            users[by_user_rows.rows] = solve_rows(by_user_rows, users, items, params)
-            items[by_item_rows.rows] = solve_rows(by_item_rows, items, users, params)
-            log.debug("als cg: sweep %d/%d on the driver", sweep + 1, cfg.max_iter)
-        log.info("als cg: %d pairs solved on the driver (als.cg_local_max_pairs)", n_pairs)
-        return users, items
+    users, items = _starting_factors(n_users, n_items, cfg, init)
     by_user = _blocks(indexed, "user_idx", "item_idx", num_blocks)
     by_item = _blocks(indexed, "item_idx", "user_idx", num_blocks)
     try:
@@ -86,12 +73,38 @@ def fit_cg_factors(
     return users, items
 
 
-def _columns(pairs: pd.DataFrame, row: str, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        pairs[row].to_numpy(np.int64),
-        pairs[col].to_numpy(np.int64),
-        pairs["weight"].to_numpy(np.float32),
-    )
+def fit_on_driver(
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    weights: np.ndarray,
+    *,
+    cfg: AlsConfig,
+    init: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same sweeps as `fit_cg_factors` on pairs the driver holds (dense indices from 0):
+    a Spark job per half-sweep would cost more than the solve of a small fit."""
+    n_users, n_items = int(user_idx.max()) + 1, int(item_idx.max()) + 1
+    params = cg_params(cfg)
+    users, items = _starting_factors(n_users, n_items, cfg, init)
+    by_user = RowBlock.from_pairs(user_idx, item_idx, weights)
+    by_item = RowBlock.from_pairs(item_idx, user_idx, weights)
+    for _ in range(cfg.max_iter):
+        users[by_user.rows] = solve_rows(by_user, users, items, params)
+        items[by_item.rows] = solve_rows(by_item, items, users, params)
+    return users, items
+
+
+def _starting_factors(
+    n_users: int,
+    n_items: int,
+    cfg: AlsConfig,
+    init: tuple[np.ndarray | None, np.ndarray | None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random factors, with the rows `init` knows (NaN = unknown) taken from it."""
+    _check_size(max(n_users, n_items), cfg)
+    users = _start(initial_factors(n_users, cfg.rank, cfg.seed), init[0])
+    items = _start(initial_factors(n_items, cfg.rank, cfg.seed + 1), init[1])
+    return users, items
 
 
 def _check_size(rows: int, cfg: AlsConfig) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -23,10 +24,13 @@ from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages.als import (
     als_blocks,
     als_estimator,
+    als_model_from_factors,
+    factor_frame,
     index_ids,
     interactions,
     training_window,
 )
+from llmrec_spark.stages.als_cg import fit_cg_factors, fit_on_driver
 from llmrec_spark.stages.splits import user_temporal_split
 
 if TYPE_CHECKING:
@@ -162,9 +166,38 @@ def _fit_and_score(
 ) -> tuple[dict[str, float], float]:
     """(ranking metrics, seconds) of one ALS fit with the `trial` settings on `split`."""
     started = time.perf_counter()
-    model = als_estimator(trial, num_blocks=blocks).fit(split.indexed)
-    metrics = score_trial(model, split, ks)
+    metrics = score_trial(_fit_model(trial, split, blocks), split, ks)
     return metrics, time.perf_counter() - started
+
+
+def _fit_model(trial: AlsConfig, split: ValidationSplit, blocks: int) -> ALSModel:
+    """The trial's fit on the split's indexed pairs with its `als.solver`, as an ALSModel."""
+    if trial.solver != "cg":
+        return als_estimator(trial, num_blocks=blocks).fit(split.indexed)
+    spark = split.indexed.sparkSession
+    if split.train_pairs <= trial.cg_local_max_pairs:
+        local: pd.DataFrame = split.indexed.toPandas()
+        users, items = fit_on_driver(
+            local["user_idx"].to_numpy(np.int64),
+            local["item_idx"].to_numpy(np.int64),
+            local["weight"].to_numpy(np.float32),
+            cfg=trial,
+        )
+    else:
+        users, items = fit_cg_factors(
+            spark,
+            split.indexed,
+            n_users=split.n_users,
+            n_items=len(split.item_ids),
+            cfg=trial,
+            num_blocks=blocks,
+        )
+    return als_model_from_factors(
+        spark,
+        factor_frame(spark, list(range(len(users))), users, "int"),
+        factor_frame(spark, list(range(len(items))), items, "int"),
+        trial.rank,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +215,7 @@ class ValidationSplit:
     seen: list[np.ndarray]  # per test user, the item_idx of their training items
     relevant: dict[str, set[str]]  # per test user, held-out item_ids
     train_pairs: int
+    n_users: int  # users with a training pair (user_idx 0..n_users-1)
 
 
 def _tuning_split(ctx: RunContext) -> ValidationSplit:
@@ -243,6 +277,7 @@ def validation_split(
         seen=[np.array(seen_by_user.get(int(i), []), dtype=np.int64) for i in test_idx],
         relevant=relevant,
         train_pairs=train_pairs,
+        n_users=users.count(),
     )
 
 

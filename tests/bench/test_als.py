@@ -46,23 +46,30 @@ def test_planted_interactions_are_distinct_seeded_and_follow_the_topics():
     assert (counts[busy].max(axis=1) / counts[busy].sum(axis=1)).mean() > 0.6
 
 
-def test_timing_summary_takes_each_sides_best_run_and_divides_mllibs_best_by_implicits():
+def test_timing_summary_takes_each_sides_best_run_and_divides_by_implicits():
     timings = {
         "implicit_cg": [0.5, 0.4],
         "implicit_cholesky": [2.0, 2.5],
         "spark": [3.0, 2.0],
+        "spark_cg": [0.9, 0.8],
     }
-    assert bench_als_module.timing_summary(timings) == {
+    assert bench_als_module.timing_summary(timings, solver="cg") == {
         "spark_fit_seconds": 2.0,
         "implicit_fit_seconds": 0.4,
-        "ratio_vs_implicit": 5.0,
+        "solver": "cg",
+        "ratio_vs_implicit": 2.0,
+        "ratio_vs_implicit_mllib": 5.0,
+        "spark_cg_fit_seconds": 0.8,
+        "ratio_vs_implicit_cg": 2.0,
         "implicit_cholesky_fit_seconds": 2.0,
         "ratio_vs_implicit_cholesky": 1.0,
     }
     assert bench_als_module.timing_summary({"implicit_cg": [0.3], "spark": [0.9]}) == {
         "spark_fit_seconds": 0.9,
         "implicit_fit_seconds": 0.3,
+        "solver": "mllib",
         "ratio_vs_implicit": 3.0,
+        "ratio_vs_implicit_mllib": 3.0,
     }
 
 
@@ -109,7 +116,11 @@ def test_a_small_run_reports_every_field_and_ratios_of_its_timed_seconds(spark):
         "max_iter",
         "spark_fit_seconds",
         "implicit_fit_seconds",
+        "solver",
         "ratio_vs_implicit",
+        "ratio_vs_implicit_mllib",
+        "spark_cg_fit_seconds",
+        "ratio_vs_implicit_cg",
         "implicit_cholesky_fit_seconds",
         "ratio_vs_implicit_cholesky",
         "target_ratio_vs_implicit",
@@ -135,21 +146,25 @@ def test_a_small_run_reports_every_field_and_ratios_of_its_timed_seconds(spark):
     # The reported seconds are the best (only) timed run of each side, and each ratio is
     # MLlib's seconds over that solver's, up to the rounding of the reported numbers.
     seconds = result["all_seconds"]
-    assert list(seconds) == ["implicit_cg", "implicit_cholesky", "spark"]
+    assert list(seconds) == ["implicit_cg", "implicit_cholesky", "spark", "spark_cg"]
     assert all(len(v) == 1 and v[0] > 0 for v in seconds.values())
     assert result["spark_fit_seconds"] == seconds["spark"][0]
+    assert result["spark_cg_fit_seconds"] == seconds["spark_cg"][0]
+    assert result["solver"] == "mllib"
     assert result["implicit_fit_seconds"] == seconds["implicit_cg"][0]
     assert result["implicit_cholesky_fit_seconds"] == seconds["implicit_cholesky"][0]
-    for ratio, other in (
-        ("ratio_vs_implicit", "implicit_fit_seconds"),
-        ("ratio_vs_implicit_cholesky", "implicit_cholesky_fit_seconds"),
+    for ratio, mine, other in (
+        ("ratio_vs_implicit", "spark_fit_seconds", "implicit_fit_seconds"),
+        ("ratio_vs_implicit_mllib", "spark_fit_seconds", "implicit_fit_seconds"),
+        ("ratio_vs_implicit_cg", "spark_cg_fit_seconds", "implicit_fit_seconds"),
+        ("ratio_vs_implicit_cholesky", "spark_fit_seconds", "implicit_cholesky_fit_seconds"),
     ):
-        spark_s, other_s = result["spark_fit_seconds"], result[other]
+        spark_s, other_s = result[mine], result[other]
         rounding = 0.005 + spark_s / other_s * (0.5e-4 / spark_s + 0.5e-4 / other_s) * 1.01
         assert abs(result[ratio] - spark_s / other_s) <= rounding, (ratio, spark_s, other_s)
 
     ndcg = result["ndcg@10"]
-    assert list(ndcg) == ["spark", "implicit_cg", "implicit_cholesky", "popularity"]
+    assert list(ndcg) == ["spark", "spark_cg", "implicit_cg", "implicit_cholesky", "popularity"]
     assert all(0.0 <= v <= 1.0 for v in ndcg.values())
     assert result["spark"]["num_blocks"] == spark.sparkContext.defaultParallelism
     assert result["spark"]["params"] == {"regParam": 0.05, "alpha": 10.0, "implicitPrefs": True}

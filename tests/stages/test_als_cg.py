@@ -101,7 +101,7 @@ def test_a_warm_start_from_converged_factors_needs_one_sweep(spark):
 @pytest.mark.spark
 def test_the_cg_model_saves_as_an_mllib_model_with_the_same_factors(spark, tmp_path):
     factors = als.fit_als(_pairs(spark), CG)
-    factors.model.write().overwrite().save(str(tmp_path / "als"))
+    factors.als_model().write().overwrite().save(str(tmp_path / "als"))
 
     loaded = ALSModel.load(str(tmp_path / "als"))
 
@@ -125,3 +125,40 @@ def test_constant_penalty_needs_the_cg_solver():
         check_als(AlsConfig(solver="mllib", reg_scaling="constant"))
     with pytest.raises(ConfigError, match="als.solver: choose mllib or cg"):
         check_als(AlsConfig(solver="lbfgs"))
+
+
+@pytest.mark.spark
+def test_train_als_starts_from_the_previous_dates_factors(spark, tmp_path):
+    import datetime as dt
+
+    from pyspark.sql import functions as F
+
+    from llmrec_spark.pipeline.runner import make_context
+    from llmrec_spark.schema import EVENTS_CLEAN
+    from tests.conftest import make_config
+
+    cfg = make_config(
+        tmp_path, "als.solver=cg", "als.rank=3", "als.max_iter=12", "als.warm_max_iter=2"
+    )
+    ts = dt.datetime(2026, 11, 1, 12)
+    events = [
+        (f"e{k}", u, i, "view", ts, None, None, w, day, day)
+        for day in ("2026-11-01", "2026-11-02")
+        for k, (u, i, w) in enumerate(PAIRS)
+    ]
+    first = make_context(cfg, spark, "2026-11-01")
+    first.store.append("events_clean", spark.createDataFrame(events, EVENTS_CLEAN))
+
+    cold = als.run_train_als(first)
+    warm = als.run_train_als(make_context(cfg, spark, "2026-11-02"))
+
+    assert (cold.summary["sweeps"], cold.summary["warm_from"]) == (12, None)
+    assert (warm.summary["sweeps"], warm.summary["warm_from"]) == (2, "2026-11-01")
+    # Twice the weight on the same pairs: the tastes stay, each user's own items still first.
+    table = first.store.read("als_factors", where={"ds": "2026-11-02"})
+    users = _as_matrix(table.where(F.col("kind") == "user"), "u", 6)
+    items = _as_matrix(table.where(F.col("kind") == "item"), "i", 8)
+    scores = users @ items.T
+    for u in range(6):
+        own = list(range(4) if u < 3 else range(4, 8))
+        assert min(scores[u, own]) > max(np.delete(scores[u], own))

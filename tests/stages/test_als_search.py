@@ -133,6 +133,33 @@ def test_tune_als_picks_the_best_trial_and_logs_one_mlflow_run_per_trial(spark, 
 
 
 @pytest.mark.spark
+@pytest.mark.parametrize("local_max_pairs", [1_000_000, 0], ids=["driver", "executors"])
+def test_tune_als_with_the_cg_solver_finds_the_planted_groups(
+    spark, tmp_path, store, local_max_pairs
+):
+    from llmrec_spark.pipeline.runner import make_context
+    from tests.conftest import make_config
+
+    cfg = make_config(
+        tmp_path,
+        "als.solver=cg",
+        "als.reg_scaling=constant",
+        f"als.cg_local_max_pairs={local_max_pairs}",
+        "als.search.rank=[1, 8]",
+        "als.search.reg_param=[1.0]",
+        "als.search.alpha=[1.0]",
+        "als.search.max_iter=[6]",
+        "als.search.trials=0",
+    )
+    _grouped_events(spark, store)
+    result = als_search.tune_als(make_context(cfg, spark, DS, store))
+
+    scores = [t["metrics"]["ndcg@10"] for t in result["trials"]]
+    assert scores[1] > scores[0] + 0.1  # rank 8 separates the four groups, rank 1 cannot
+    assert result["best"]["params"]["rank"] == 8
+
+
+@pytest.mark.spark
 def test_tune_als_checks_a_config_built_in_code_and_names_the_known_metrics(spark, tmp_path, store):
     from llmrec_spark.errors import ConfigError
     from llmrec_spark.pipeline.runner import make_context
