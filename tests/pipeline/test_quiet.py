@@ -125,7 +125,7 @@ pairs = spark.createDataFrame(
      ("u3", "c", 2.0)],
     "user_id string, item_id string, weight double",
 )
-factors = fit_als(pairs, AlsConfig(rank=2, max_iter=2))
+factors = fit_als(pairs, AlsConfig(rank=2, max_iter=2, solver="mllib"))
 print("users", sorted(r["id"] for r in factors.users.collect()))
 """
 
