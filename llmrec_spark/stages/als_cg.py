@@ -1,25 +1,27 @@
 """`als.solver: cg`: implicit ALS as Spark jobs, a few conjugate-gradient steps per row.
 
-The pairs are packed once into CSR blocks, by user and by item (`als.num_blocks` of each,
-cached). Each half-sweep broadcasts the factors of both sides, solves every block's rows in a
-pandas UDF (`core.als_cg.solve_rows`, torch sparse kernels, one thread per task core) and
-brings the new rows back to the driver, which holds both factor matrices: that is the limit
-of this solver (`als.cg_max_factor_mb` per side; beyond it use `solver: mllib`, which keeps
-factors distributed). Nothing grows from sweep to sweep (every sweep starts from arrays on the
-driver), so there is no lineage to checkpoint; a crashed fit is rerun, like MLlib's.
-Up to `als.cg_local_max_pairs` pairs the sweeps run on the driver instead (the same solve,
-without a Spark job per half-sweep). Warm start: rows whose id has a factor in `init`
-(yesterday's) start from it.
+The pairs are packed once into CSR blocks, by user and by item (`als.num_blocks` row ranges
+of each, cached). Each half-sweep is one Spark job: every block's rows are solved
+(`core.als_cg.solve_rows`, torch sparse kernels, one thread per task core) against both
+sides' broadcast factors, and the new rows come back to the driver, which holds both factor
+matrices. That is the limit of this solver (`als.cg_max_factor_mb` per side; beyond it use
+`solver: mllib`, which keeps factors distributed). Nothing grows from sweep to sweep, so
+there is no lineage to checkpoint; a crashed fit is rerun, like MLlib's. Up to
+`als.cg_local_max_pairs` pairs the sweeps run on the driver instead (the same solve, without
+a Spark job per half-sweep). Warm start: rows whose id has a factor in `init` (yesterday's)
+start from it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 from pyspark import RDD, StorageLevel
+from pyspark.broadcast import Broadcast
 from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
@@ -29,7 +31,7 @@ from llmrec_spark.errors import InputError
 
 log = logging.getLogger(__name__)
 
-BLOCK_SCHEMA = "block int, rows binary, indptr binary, cols binary, weights binary"
+BLOCK_SCHEMA = "rows binary, indptr binary, cols binary, weights binary"
 
 
 def cg_params(cfg: AlsConfig) -> CgParams:
@@ -56,11 +58,19 @@ def fit_cg_factors(
     users, items = _starting_factors(n_users, n_items, cfg, init)
     by_user = _blocks(indexed, "user_idx", "item_idx", num_blocks)
     by_item = _blocks(indexed, "item_idx", "user_idx", num_blocks)
+    # Each matrix is broadcast once per sweep: the side just solved is the other side of the
+    # next half-sweep and the warm start of its own next solve.
+    sc = spark.sparkContext
+    shared = {"users": sc.broadcast(users), "items": sc.broadcast(items)}
     try:
         for sweep in range(cfg.max_iter):
             started = time.perf_counter()
-            users = _half_sweep(spark, by_user, users, items, params)
-            items = _half_sweep(spark, by_item, items, users, params)
+            users = _half_sweep(by_user, users, shared["users"], shared["items"], params)
+            shared["users"].destroy()
+            shared["users"] = sc.broadcast(users)
+            items = _half_sweep(by_item, items, shared["items"], shared["users"], params)
+            shared["items"].destroy()
+            shared["items"] = sc.broadcast(items)
             log.info(
                 "als cg: sweep %d/%d in %.1f s",
                 sweep + 1,
@@ -68,6 +78,8 @@ def fit_cg_factors(
                 time.perf_counter() - started,
             )
     finally:
+        for handle in shared.values():
+            handle.destroy()
         by_user.unpersist()
         by_item.unpersist()
     return users, items
@@ -126,30 +138,33 @@ def _start(seeded: np.ndarray, known: np.ndarray | None) -> np.ndarray:
 
 
 def _blocks(indexed: DataFrame, row: str, col: str, num_blocks: int) -> RDD[RowBlock]:
-    """The pair matrix's rows in `num_blocks` CSR blocks, one per partition, cached."""
+    """The pair matrix's rows in up to `num_blocks` CSR blocks (contiguous row ranges, one per
+    partition: one shuffle, then each partition packs its own pairs), cached."""
     pairs = indexed.select(
         F.col(row).alias("row"), F.col(col).alias("col"), F.col("weight").cast("float")
-    ).withColumn("block", F.col("row") % num_blocks)
-    packed = pairs.groupBy("block").applyInPandas(_pack, schema=BLOCK_SCHEMA)
+    ).repartitionByRange(num_blocks, "row")
     blocks = (
-        packed.rdd.map(lambda r: (r["block"], _unpack(r)))
-        .partitionBy(num_blocks, lambda block: block)
-        .values()
+        pairs.mapInPandas(_pack, schema=BLOCK_SCHEMA)
+        .rdd.map(_unpack)
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     blocks.count()
     return blocks
 
 
-def _pack(pairs: pd.DataFrame) -> pd.DataFrame:
+def _pack(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
+    """One row per partition: all of its pairs as a RowBlock's arrays (nothing when empty)."""
+    pairs = [batch for batch in batches if len(batch)]
+    if not pairs:
+        return
+    frame = pd.concat(pairs, ignore_index=True)
     block = RowBlock.from_pairs(
-        pairs["row"].to_numpy(np.int64),
-        pairs["col"].to_numpy(np.int64),
-        pairs["weight"].to_numpy(np.float32),
+        frame["row"].to_numpy(np.int64),
+        frame["col"].to_numpy(np.int64),
+        frame["weight"].to_numpy(np.float32),
     )
-    return pd.DataFrame(
+    yield pd.DataFrame(
         {
-            "block": [int(pairs["block"].iloc[0])],
             "rows": [block.rows.tobytes()],
             "indptr": [block.indptr.tobytes()],
             "cols": [block.cols.tobytes()],
@@ -168,15 +183,14 @@ def _unpack(packed: Row) -> RowBlock:
 
 
 def _half_sweep(
-    spark: SparkSession,
     blocks: RDD[RowBlock],
     current: np.ndarray,
-    other: np.ndarray,
+    current_bc: Broadcast[np.ndarray],
+    other_bc: Broadcast[np.ndarray],
     params: CgParams,
 ) -> np.ndarray:
-    """`current` with every block's rows solved against `other`."""
-    sc = spark.sparkContext
-    current_bc, other_bc = sc.broadcast(current), sc.broadcast(other)
+    """`current` (broadcast as `current_bc`) with every block's rows solved against the
+    broadcast other side."""
 
     def solve(block: RowBlock) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -186,12 +200,7 @@ def _half_sweep(
         torch.set_num_threads(max(1, context.cpus() if context is not None else 1))
         return block.rows, solve_rows(block, current_bc.value, other_bc.value, params)
 
-    try:
-        solved = blocks.map(solve).collect()
-    finally:
-        current_bc.destroy()
-        other_bc.destroy()
     updated = current.copy()
-    for rows, factors in solved:
+    for rows, factors in blocks.map(solve).collect():
         updated[rows] = factors
     return updated
