@@ -58,12 +58,8 @@ class AlsFactors(FactorFrames):
         if self.model is None:
             if self.arrays is None:
                 raise ValueError("an ALS fit without a model or arrays")
-            spark = self.users.sparkSession
-            self.model = als_model_from_factors(
-                spark,
-                factor_frame(spark, list(range(len(self.arrays.users))), self.arrays.users, "int"),
-                factor_frame(spark, list(range(len(self.arrays.items))), self.arrays.items, "int"),
-                self.arrays.users.shape[1],
+            self.model = model_from_arrays(
+                self.users.sparkSession, self.arrays.users, self.arrays.items
             )
         return self.model
 
@@ -207,6 +203,16 @@ def factor_frame(
     """(id, features array<float>) rows: row k of `matrix` under ids[k]."""
     frame = pd.DataFrame({"id": ids, "features": list(matrix.astype(np.float32))})
     return spark.createDataFrame(frame, schema=f"id {id_type}, features array<float>")
+
+
+def model_from_arrays(spark: SparkSession, users: np.ndarray, items: np.ndarray) -> ALSModel:
+    """An MLlib ALSModel over dense-index factor matrices: row k is user (item) index k."""
+    return als_model_from_factors(
+        spark,
+        factor_frame(spark, list(range(len(users))), users, "int"),
+        factor_frame(spark, list(range(len(items))), items, "int"),
+        users.shape[1],
+    )
 
 
 def als_model_from_factors(

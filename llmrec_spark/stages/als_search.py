@@ -24,10 +24,9 @@ from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages.als import (
     als_blocks,
     als_estimator,
-    als_model_from_factors,
-    factor_frame,
     index_ids,
     interactions,
+    model_from_arrays,
     training_window,
 )
 from llmrec_spark.stages.als_cg import fit_cg_factors, fit_on_driver
@@ -192,12 +191,7 @@ def _fit_model(trial: AlsConfig, split: ValidationSplit, blocks: int) -> ALSMode
             cfg=trial,
             num_blocks=blocks,
         )
-    return als_model_from_factors(
-        spark,
-        factor_frame(spark, list(range(len(users))), users, "int"),
-        factor_frame(spark, list(range(len(items))), items, "int"),
-        trial.rank,
-    )
+    return model_from_arrays(spark, users, items)
 
 
 # ---------------------------------------------------------------------------------------------
