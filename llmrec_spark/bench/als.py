@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.config import AlsConfig, Config
-from llmrec_spark.core.metrics import mean_metrics
+from llmrec_spark.core.metrics import bootstrap_interval, per_user_metrics
 from llmrec_spark.stages.als import (
     als_blocks,
     als_estimator,
@@ -256,7 +256,7 @@ def bench_als(
         **{name: (m.user_factors, m.item_factors) for name, m in fits.implicit_models.items()},
     }
     indexed.unpersist()
-    ndcg, n_eval = _ndcg_at_10(data, is_test, factors, eval_users=eval_users, seed=seed)
+    ndcg, intervals, n_eval = _ndcg_at_10(data, is_test, factors, eval_users=eval_users, seed=seed)
     return {
         "interactions": len(train.users),
         "users": data.n_users,
@@ -267,6 +267,11 @@ def bench_als(
         **timing_summary(fits.timings, solver=cfg.solver),
         "target_ratio_vs_implicit": TARGET_RATIO_VS_IMPLICIT,
         "ndcg@10": ndcg,
+        "ndcg@10_interval": intervals,
+        # issue 30's quality bar: the cg solver's NDCG@10 inside MLlib's interval
+        "cg_ndcg_within_mllib_interval": (
+            intervals["spark"][0] <= ndcg["spark_cg"] <= intervals["spark"][1]
+        ),
         "evaluation": (
             f"{n_eval} users sampled from those with held-out pairs ({holdout:.0%} of "
             "pairs held out at random); full ranking of every item, the user's training items "
@@ -537,7 +542,8 @@ def _ndcg_at_10(
     eval_users: int,
     seed: int,
 ) -> tuple[dict[str, float], int]:
-    """(NDCG@10 of each side's (user, item) factors and of popularity, users evaluated)."""
+    """(NDCG@10 of each side's (user, item) factors and of popularity, its 95% bootstrap
+    interval over the users, users evaluated)."""
     eval_ids, seen, relevant = _holdout_lists(data, is_test, eval_users=eval_users, seed=seed)
     recommended = {}
     for name, (user_f, item_f) in factors.items():
@@ -545,11 +551,16 @@ def _ndcg_at_10(
         recommended[name] = {int(u): list(map(int, t)) for u, t in zip(eval_ids, top, strict=True)}
     train_items = data.items[~is_test]
     recommended["popularity"] = _most_popular(train_items, data.n_items, eval_ids, seen, 10)
-    ndcg = {
-        name: round(mean_metrics(lists, relevant, [10])["ndcg@10"], 4)
+    per_user = {
+        name: per_user_metrics(lists, relevant, [10])["ndcg@10"]
         for name, lists in recommended.items()
     }
-    return ndcg, len(relevant)
+    ndcg = {name: round(float(values.mean()), 4) for name, values in per_user.items()}
+    intervals = {
+        name: [round(bound, 4) for bound in bootstrap_interval(values, samples=1000, seed=seed)]
+        for name, values in per_user.items()
+    }
+    return ndcg, intervals, len(relevant)
 
 
 def _most_popular(

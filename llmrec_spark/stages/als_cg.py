@@ -14,6 +14,7 @@ start from it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -26,12 +27,12 @@ from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.config import AlsConfig
-from llmrec_spark.core.als_cg import CgParams, RowBlock, initial_factors, solve_rows
+from llmrec_spark.core.als_cg import CgParams, RowBlock, initial_factors, solve_rows, tile_size
 from llmrec_spark.errors import InputError
 
 log = logging.getLogger(__name__)
 
-BLOCK_SCHEMA = "rows binary, indptr binary, cols binary, weights binary"
+BLOCK_SCHEMA = "rows binary, indptr binary, cols binary, weights binary, tile_size long"
 
 
 def cg_params(cfg: AlsConfig) -> CgParams:
@@ -56,8 +57,8 @@ def fit_cg_factors(
     seeded random start."""
     params = cg_params(cfg)
     users, items = _starting_factors(n_users, n_items, cfg, init)
-    by_user = _blocks(indexed, "user_idx", "item_idx", num_blocks)
-    by_item = _blocks(indexed, "item_idx", "user_idx", num_blocks)
+    by_user = _blocks(indexed, "user_idx", "item_idx", num_blocks, tile_size(cfg.rank))
+    by_item = _blocks(indexed, "item_idx", "user_idx", num_blocks, tile_size(cfg.rank))
     # Each matrix is broadcast once per sweep: the side just solved is the other side of the
     # next half-sweep and the warm start of its own next solve.
     sc = spark.sparkContext
@@ -98,8 +99,9 @@ def fit_on_driver(
     n_users, n_items = int(user_idx.max()) + 1, int(item_idx.max()) + 1
     params = cg_params(cfg)
     users, items = _starting_factors(n_users, n_items, cfg, init)
-    by_user = RowBlock.from_pairs(user_idx, item_idx, weights)
-    by_item = RowBlock.from_pairs(item_idx, user_idx, weights)
+    tiles = tile_size(cfg.rank)
+    by_user = RowBlock.from_pairs(user_idx, item_idx, weights, tile_size=tiles)
+    by_item = RowBlock.from_pairs(item_idx, user_idx, weights, tile_size=tiles)
     for _ in range(cfg.max_iter):
         users[by_user.rows] = solve_rows(by_user, users, items, params)
         items[by_item.rows] = solve_rows(by_item, items, users, params)
@@ -137,14 +139,15 @@ def _start(seeded: np.ndarray, known: np.ndarray | None) -> np.ndarray:
     return seeded
 
 
-def _blocks(indexed: DataFrame, row: str, col: str, num_blocks: int) -> RDD[RowBlock]:
+def _blocks(indexed: DataFrame, row: str, col: str, num_blocks: int, tiles: int) -> RDD[RowBlock]:
     """The pair matrix's rows in up to `num_blocks` CSR blocks (contiguous row ranges, one per
-    partition: one shuffle, then each partition packs its own pairs), cached."""
+    partition: one shuffle, then each partition packs its own pairs, in column tiles of
+    `tiles`), cached."""
     pairs = indexed.select(
         F.col(row).alias("row"), F.col(col).alias("col"), F.col("weight").cast("float")
     ).repartitionByRange(num_blocks, "row")
     blocks = (
-        pairs.mapInPandas(_pack, schema=BLOCK_SCHEMA)
+        pairs.mapInPandas(functools.partial(_pack, tiles=tiles), schema=BLOCK_SCHEMA)
         .rdd.map(_unpack)
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
@@ -152,7 +155,7 @@ def _blocks(indexed: DataFrame, row: str, col: str, num_blocks: int) -> RDD[RowB
     return blocks
 
 
-def _pack(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
+def _pack(batches: Iterable[pd.DataFrame], tiles: int) -> Iterable[pd.DataFrame]:
     """One row per partition: all of its pairs as a RowBlock's arrays (nothing when empty)."""
     pairs = [batch for batch in batches if len(batch)]
     if not pairs:
@@ -162,6 +165,7 @@ def _pack(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
         frame["row"].to_numpy(np.int64),
         frame["col"].to_numpy(np.int64),
         frame["weight"].to_numpy(np.float32),
+        tile_size=tiles,
     )
     yield pd.DataFrame(
         {
@@ -169,16 +173,19 @@ def _pack(batches: Iterable[pd.DataFrame]) -> Iterable[pd.DataFrame]:
             "indptr": [block.indptr.tobytes()],
             "cols": [block.cols.tobytes()],
             "weights": [block.weights.tobytes()],
+            "tile_size": [block.tile_size],
         }
     )
 
 
 def _unpack(packed: Row) -> RowBlock:
+    rows = np.frombuffer(packed["rows"], np.int64).copy()
     return RowBlock(
-        rows=np.frombuffer(packed["rows"], np.int64).copy(),
-        indptr=np.frombuffer(packed["indptr"], np.int64).copy(),
+        rows=rows,
+        indptr=np.frombuffer(packed["indptr"], np.int64).reshape(-1, len(rows) + 1).copy(),
         cols=np.frombuffer(packed["cols"], np.int64).copy(),
         weights=np.frombuffer(packed["weights"], np.float32).copy(),
+        tile_size=packed["tile_size"],
     )
 
 

@@ -125,6 +125,8 @@ def test_a_small_run_reports_every_field_and_ratios_of_its_timed_seconds(spark):
         "ratio_vs_implicit_cholesky",
         "target_ratio_vs_implicit",
         "ndcg@10",
+        "ndcg@10_interval",
+        "cg_ndcg_within_mllib_interval",
         "evaluation",
         "spark",
         "implicit",
@@ -166,6 +168,11 @@ def test_a_small_run_reports_every_field_and_ratios_of_its_timed_seconds(spark):
     ndcg = result["ndcg@10"]
     assert list(ndcg) == ["spark", "spark_cg", "implicit_cg", "implicit_cholesky", "popularity"]
     assert all(0.0 <= v <= 1.0 for v in ndcg.values())
+    intervals = result["ndcg@10_interval"]
+    assert list(intervals) == list(ndcg)
+    assert all(low <= ndcg[name] <= high for name, (low, high) in intervals.items())
+    low, high = intervals["spark"]
+    assert result["cg_ndcg_within_mllib_interval"] == (low <= ndcg["spark_cg"] <= high)
     assert result["spark"]["num_blocks"] == spark.sparkContext.defaultParallelism
     assert result["spark"]["params"] == {"regParam": 0.05, "alpha": 10.0, "implicitPrefs": True}
     # reg_param 0.05 * 2 * 3000 pairs / (66 users + 64 items)

@@ -8,11 +8,13 @@ import pytest
 from llmrec_spark.core.als_cg import CgParams, RowBlock, exact_rows, initial_factors, solve_rows
 
 
-def _random_block(seed: int, n_rows: int = 40, n_cols: int = 60, pairs: int = 400) -> RowBlock:
+def _random_block(
+    seed: int, n_rows: int = 40, n_cols: int = 60, pairs: int = 400, tile_size: int = 2**62
+) -> RowBlock:
     rng = np.random.default_rng(seed)
     keys = np.unique(rng.integers(0, n_rows, pairs) * n_cols + rng.integers(0, n_cols, pairs))
     weights = rng.integers(1, 6, len(keys)).astype(np.float32)
-    return RowBlock.from_pairs(keys // n_cols, keys % n_cols, weights)
+    return RowBlock.from_pairs(keys // n_cols, keys % n_cols, weights, tile_size=tile_size)
 
 
 def test_from_pairs_packs_rows_in_order_with_their_pairs():
@@ -21,9 +23,26 @@ def test_from_pairs_packs_rows_in_order_with_their_pairs():
     )
 
     assert block.rows.tolist() == [2, 7]
-    assert block.indptr.tolist() == [0, 3, 5]
+    assert block.indptr.tolist() == [[0, 3, 5]]
     assert block.cols.tolist() == [3, 4, 9, 0, 1]
     assert block.weights.tolist() == [4, 5, 2, 3, 1]
+
+
+def test_from_pairs_cuts_the_columns_into_tiles_each_row_major():
+    block = RowBlock.from_pairs(
+        np.array([7, 2, 7, 2, 2]),
+        np.array([1, 9, 0, 3, 4]),
+        np.array([1, 2, 3, 4, 5], np.float32),
+        tile_size=4,
+    )
+
+    # tile 0 holds columns 0-3, tile 1 columns 4-7, tile 2 columns 8-11
+    assert block.indptr.tolist() == [[0, 1, 3], [3, 4, 4], [4, 5, 5]]
+    assert block.cols.tolist() == [3, 0, 1, 4, 9]
+    assert block.weights.tolist() == [4, 3, 1, 5, 2]
+    assert block.pair_counts().tolist() == [3, 2]
+    assert block.row_pairs(0)[0].tolist() == [3, 4, 9]
+    assert block.row_pairs(0)[1].tolist() == [4, 5, 2]
 
 
 def test_exact_rows_solves_a_one_factor_row_by_hand():
@@ -59,6 +78,23 @@ def test_slicing_the_rows_does_not_change_the_answer():
     sliced = solve_rows(block, start, other, params, max_pairs=7)
 
     np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile_size", [1, 7, 60])
+def test_column_tiles_do_not_change_the_answer(tile_size):
+    untiled = _random_block(seed=12)
+    tiled = _random_block(seed=12, tile_size=tile_size)
+    other = np.random.default_rng(13).normal(size=(60, 6)).astype(np.float32)
+    start = initial_factors(40, 6, seed=14)
+    params = CgParams(alpha=1.0, reg=1.0, reg_scaling="count", steps=3)
+
+    np.testing.assert_allclose(
+        solve_rows(tiled, start, other, params, max_pairs=50),
+        solve_rows(untiled, start, other, params),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(exact_rows(tiled, other, params), exact_rows(untiled, other, params))
 
 
 def test_few_steps_from_a_warm_start_move_towards_the_exact_solve():
