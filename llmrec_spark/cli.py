@@ -14,7 +14,15 @@ from llmrec_spark.errors import GateError, TrainingProcessError, UserError
 
 log = logging.getLogger("llmrec")
 
-STAGE_COMMANDS = ("clean", "embed", "train-als", "train-contrastive", "recommend", "evaluate")
+STAGE_COMMANDS = (
+    "clean",
+    "embed",
+    "train-als",
+    "train-contrastive",
+    "recommend",
+    "evaluate",
+    "evaluate-protocols",
+)
 
 
 def parse_ds(value: str) -> str:
@@ -153,7 +161,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.name,
             cfg,
             out_dir=args.out_dir,
-            options={"dataset": args.dataset, "path": args.path},
+            options={
+                "dataset": args.dataset,
+                "path": args.path,
+                # bench nightly runs `llmrec nightly` processes with the same settings
+                "conf_dir": args.conf_dir,
+                "env": args.env,
+                "conf": overrides,
+                "out_dir": args.out_dir,
+            },
         )
         _write(json.dumps(result, default=str))
         return 0

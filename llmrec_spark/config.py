@@ -216,7 +216,7 @@ class AlsConfig:
     intermediate_storage_level: str = "MEMORY_AND_DISK"
     # "mllib": MLlib's ALS (an exact solve per row, factors stay distributed); "cg": a few
     # conjugate-gradient steps per row (stages.als_cg), factors held by the driver.
-    solver: str = "mllib"
+    solver: str = "cg"
     # The L2 penalty of a row: "count" = reg_param x the row's pairs (MLlib's only choice);
     # "constant" = reg_param (the `implicit` library's; needs solver cg).
     reg_scaling: str = "count"
@@ -326,6 +326,14 @@ class EvaluateConfig:
     cold_fraction: float = 0.2  # cold_item: share of eligible items made cold
     cold_min_positives: int = 5  # cold_item: an item needs this many positive users to be eligible
     max_test_users: int = 20_000  # a seeded sample of test users beyond this (driver-side scoring)
+    # The nightly's evaluate: this share of the users (seeded, the same every night) lose
+    # their last test_fraction of events from that night's training, and the models trained
+    # are measured on them (no refit). 0 = the nightly runs the protocol suite instead, as
+    # `llmrec evaluate-protocols` does (refits per protocol; README: the weekly job).
+    holdout_fraction: float = 0.1
+    # ... but at least this many users (at most half of them): a small catalog's gate still
+    # rests on enough users.
+    holdout_min_users: int = 200
     # Choose the hybrids' text weight and cold offset on a validation split of the training part.
     tune_hybrid: bool = False
     tune_text_weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.65, 0.8])
@@ -812,6 +820,11 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
             ),
             (0.0 < cfg.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
             (cfg.max_test_users > 0, "evaluate.max_test_users: must be positive"),
+            (
+                0.0 <= cfg.holdout_fraction < 1.0,
+                "evaluate.holdout_fraction: must be within [0, 1) (0 = the protocol suite)",
+            ),
+            (cfg.holdout_min_users >= 0, "evaluate.holdout_min_users: must not be negative"),
             (cfg.cold_item_draws >= 0, "evaluate.cold_item_draws: must not be negative"),
         ]
     )

@@ -10,7 +10,9 @@ Airflow workers' environment:
 * LLMREC_DRIVER_PYTHON: the Python on the Airflow worker that has the wheel installed
 
 Same task graph as `llmrec nightly` (llmrec_spark.pipeline.runner): clean, embed, train-als,
-train-contrastive, evaluate, recommend. `{{ ds }}` is the start of the daily data interval,
+train-contrastive, evaluate, recommend. A second DAG, llmrec_weekly_evaluation, runs the
+refitted protocol suite (`llmrec evaluate-protocols`) on Sundays.
+`{{ ds }}` is the start of the daily data interval,
 i.e. the landing date that is complete when the run starts; catchup with one active run
 and depends_on_past replays missed nights oldest first, as `llmrec nightly` does.
 """
@@ -102,3 +104,27 @@ with DAG(
     )
 
     clean >> embed >> train_als >> train_contrastive >> evaluate >> recommend
+
+
+with DAG(
+    dag_id="llmrec_weekly_evaluation",
+    description="llmrec-spark weekly: the refitted protocol suite (evaluate-protocols)",
+    schedule="0 6 * * 0",
+    start_date=datetime(2026, 11, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "owner": "llmrec",
+        "retries": 1,
+        "retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(hours=4),
+    },
+    tags=["llmrec", "spark"],
+) as weekly:
+    evaluate_protocols = SparkSubmitOperator(
+        task_id="evaluate-protocols",
+        name="llmrec-evaluate-protocols-{{ ds }}",
+        application=f"{LLMREC_HOME}/jobs/evaluate_protocols.py",
+        application_args=["--ds", "{{ ds }}", "--env", "cluster"],
+        **SUBMIT,
+    )

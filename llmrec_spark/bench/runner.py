@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "delta-write": "llmrec_spark.bench.delta_write",
     "distributor": "llmrec_spark.bench.distributor",
     "embed": "llmrec_spark.bench.embed",
+    "nightly": "llmrec_spark.bench.nightly",
     "quality": "llmrec_spark.bench.quality",
     "topn": "llmrec_spark.bench.topn",
 }

@@ -1,5 +1,9 @@
 """The evaluate stage: protocols, baselines and ablations on one split each, one report.
 
+The nightly's `evaluate` measures the models that night trained, on the users it held out of
+training (`evaluation.published`; `evaluate.holdout_fraction`); `evaluate-protocols` runs the
+refitted suite below, on its own schedule (weekly in the bundle and the DAG).
+
 Per protocol (`llmrec_spark.stages.splits`) the models are refitted on the split's training
 events only (`refit`) and eight models are ranked against the same candidates (`ranking`):
 popularity, ALS, ALS + recent items, frozen text (plain and with a kernel), fine-tuned text,
@@ -24,6 +28,7 @@ from pyspark.sql import DataFrame
 from llmrec_spark.config import Config
 from llmrec_spark.core.hybrid import Mix
 from llmrec_spark.errors import ConfigError, InputError
+from llmrec_spark.evaluation import published
 from llmrec_spark.evaluation.anchor import MODEL as ANCHOR
 from llmrec_spark.evaluation.anchor import AnchorParams, attach_anchor
 from llmrec_spark.evaluation.ranking import protocol_result, same_as_text_frozen
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # The differences the report states: (protocol, view, metric, model, baseline).
 CLAIMS = (
+    ("holdout", "warm", "ndcg@10", "hybrid", "als"),
+    ("holdout", "warm", "ndcg@10", "hybrid", "hybrid_frozen"),
+    ("holdout", "warm", "ndcg@10", "hybrid", "als_recent"),
+    ("holdout", "warm", "ndcg@10", "hybrid", "popularity"),
     ("user_temporal", "warm", "ndcg@10", "hybrid", "als"),
     ("user_temporal", "warm", "ndcg@10", "hybrid", "implicit_als"),
     ("user_temporal", "warm", "ndcg@10", "als", "implicit_als"),
@@ -60,6 +69,7 @@ CLAIMS = (
     ("cold_item", "mixed", "cold_recall@20", "hybrid", "hybrid_frozen"),
     # What the new-item slots cost on warm lists (they fill the list's last places, so
     # NDCG@20, not @10) and gain in shown new items.
+    ("holdout", "warm", "ndcg@20", "hybrid", UNSLOTTED),
     ("user_temporal", "warm", "ndcg@20", "hybrid", UNSLOTTED),
     ("cold_item", "mixed", "ndcg@20", "hybrid", UNSLOTTED),
     ("cold_item", "mixed", "cold_recall@20", "hybrid", UNSLOTTED),
@@ -82,19 +92,55 @@ class Evaluation:
 
 
 def run_evaluate(ctx: RunContext) -> StageResult:
-    """The nightly evaluation: configured protocols on the training window ending at ctx.ds."""
-    from llmrec_spark.core import encoder
-    from llmrec_spark.stages import embed
+    """The nightly evaluation: with `evaluate.holdout_fraction` > 0 the models trained for
+    ctx.ds on the users they held out (`evaluation.published`, no refit); with 0 the protocol
+    suite (`run_evaluate_protocols`)."""
+    if ctx.cfg.evaluate.holdout_fraction <= 0:
+        return run_evaluate_protocols(ctx)
+    cfg = ctx.cfg.evaluate
+    started = time.perf_counter()
+    window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
+    frozen, base_id = _frozen_embeddings(ctx)
+    split = published.holdout_split(ctx, window)
+    fitted = published.published_fitted(ctx, split, catalog=ctx.store.read("items"), frozen=frozen)
+    if not any(len(r) for r in fitted.relevant):
+        raise InputError(
+            f"evaluate: none of the holdout users (evaluate.holdout_fraction="
+            f"{cfg.holdout_fraction:g} of the users) has a held-out positive (weight >= "
+            f"{cfg.positive_min_weight:g}) and {splits.MIN_TRAIN_POSITIVES} training positives; "
+            "raise evaluate.holdout_fraction"
+        )
+    params = _configured_params(ctx.cfg)
+    if params["hybrid"].new_item_slots > 0:
+        params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
+    results = [protocol_result(fitted, "holdout", params=params, ks=sorted(set(cfg.ks)))]
+    path = write_report(
+        ctx.cfg.path(ctx.cfg.storage.reports_dir),
+        title=f"llmrec nightly evaluation {ctx.ds}",
+        ds=ctx.ds,
+        protocols=results,
+        claims=_claims(results),
+        bootstrap_samples=cfg.bootstrap_samples,
+        seed=cfg.seed,
+        notes=[
+            f"The models trained for {ctx.ds}, measured on the "
+            f"{cfg.holdout_fraction:.0%} of users whose last {cfg.test_fraction:.0%} of "
+            "events that night's training left out; `llmrec evaluate-protocols` runs the "
+            "refitted protocol suite",
+            *_notes(ctx.cfg, params, tuned=False, tuning={}),
+        ],
+    )
+    evaluation = Evaluation(results, params, {}, path, time.perf_counter() - started)
+    return _stage_result(ctx, evaluation, base_id)
 
+
+def run_evaluate_protocols(ctx: RunContext) -> StageResult:
+    """The protocol suite (`evaluate.protocols`) on the training window ending at ctx.ds: every
+    model refitted per protocol (`llmrec evaluate-protocols`; the nightly's evaluate with
+    `evaluate.holdout_fraction` 0)."""
     cfg = ctx.cfg.evaluate
     window = als.training_window(ctx.store.read("events_clean"), ctx.ds, ctx.cfg.als.train_days)
-    base_id = encoder.base_model_id(ctx.cfg.embed)
-    frozen: DataFrame | None = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
-        "item_id", "embedding"
-    )
-    if frozen is not None and frozen.limit(1).count() == 0:
-        log.warning("evaluate: no %s embeddings in item_embeddings; text models skipped", base_id)
-        frozen = None
+    frozen, base_id = _frozen_embeddings(ctx)
     evaluation = evaluate_events(
         ctx,
         window,
@@ -105,6 +151,27 @@ def run_evaluate(ctx: RunContext) -> StageResult:
         work_dir=ctx.model_dir("evaluation"),
         title=f"llmrec offline evaluation {ctx.ds}",
     )
+    return _stage_result(ctx, evaluation, base_id)
+
+
+def _frozen_embeddings(ctx: RunContext) -> tuple[DataFrame | None, str]:
+    """(item_id, embedding) of the base model (None when it has none), and its model id."""
+    from llmrec_spark.core import encoder
+    from llmrec_spark.stages import embed
+
+    base_id = encoder.base_model_id(ctx.cfg.embed)
+    frozen: DataFrame | None = embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed).select(
+        "item_id", "embedding"
+    )
+    if frozen is not None and frozen.limit(1).count() == 0:
+        log.warning("evaluate: no %s embeddings in item_embeddings; text models skipped", base_id)
+        frozen = None
+    return frozen, base_id
+
+
+def _stage_result(ctx: RunContext, evaluation: Evaluation, base_id: str) -> StageResult:
+    """The stage's metrics (the gate reads the first protocol's first view), params, report."""
+    cfg = ctx.cfg.evaluate
     summary = evaluation.summary()
     first = evaluation.protocols[0]
     headline = f"ndcg@{10 if 10 in cfg.ks else min(cfg.ks)}"

@@ -26,6 +26,7 @@ from llmrec_spark.evaluation.refit import ALS_ONLY, UNSLOTTED, Fitted
 from llmrec_spark.evaluation.report import MODEL_ORDER, ModelResult, ProtocolResult, ViewResult
 
 DESCRIPTIONS = {
+    "holdout": "the models trained tonight, on the users whose last share of events training left out",
     "user_temporal": "each user's last share of events by time is held out; the warm bar",
     "cold_item": "a seeded share of items with enough positives lose all training events",
     "global_temporal": "the last share of all events by time is held out (few test users)",

@@ -157,12 +157,44 @@ def fit_split(
     tuned = None
     if tower and embeddings is not None and items.text is not None:
         tuned = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
+    return collect_split(
+        ctx,
+        split,
+        pairs=pairs,
+        frame=frame,
+        items=items,
+        tuned=tuned,
+        user_factors=factors.users,
+        max_test_users=max_test_users,
+        seed=seed,
+        keep_pairs=keep_pairs,
+    )
+
+
+def collect_split(
+    ctx: RunContext,
+    split: splits.Split,
+    *,
+    pairs: DataFrame,
+    frame: DataFrame,
+    items: ItemMatrices,
+    tuned: np.ndarray | None,
+    user_factors: DataFrame,
+    max_test_users: int,
+    seed: int,
+    keep_pairs: bool = False,
+) -> Fitted:
+    """The split's `Fitted` from models fitted on split.train (`fit_split`) or trained by the
+    nightly (`evaluation.published`): test users, their factors and histories, per-item
+    training users; `frame` is `items`' item frame, `pairs` split.train's interactions.
+    Unpersists pairs, frame and split.train."""
+    train = split.train
     users, relevant = _test_users(split.test, items, max_test_users, seed)
     user_pd: pd.DataFrame = recommend.user_frame(
         ctx.spark.createDataFrame([(u,) for u in users], "user_id string"),
         history=train.select("user_id", "item_id", "event_ts"),
         item_index=frame.select("item_id", "item_idx"),
-        user_factors=factors.users,
+        user_factors=user_factors,
     ).toPandas()
     user_pd = user_pd.set_index("user_id").loc[users]
     user_als, has_als = _user_factors(user_pd["als_features"], items)

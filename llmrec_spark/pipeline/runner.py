@@ -31,6 +31,8 @@ STAGES: dict[str, str] = {
     "train-contrastive": "llmrec_spark.stages.contrastive:run_train_contrastive",
     "recommend": "llmrec_spark.stages.recommend:run_recommend",
     "evaluate": "llmrec_spark.evaluation.evaluate:run_evaluate",
+    # The refitted protocol suite, on its own schedule (weekly); not part of the nightly.
+    "evaluate-protocols": "llmrec_spark.evaluation.evaluate:run_evaluate_protocols",
 }
 # evaluate before recommend: the recommend gate compares the run date's offline metrics with
 # those of the last published run before it replaces anything.

@@ -53,8 +53,15 @@ def required_stages(cfg: Config, stage: str) -> tuple[str, ...]:
         return ()
     if stage in ("embed", "train-als"):
         return ("clean",)
-    if stage in ("train-contrastive", "evaluate"):
+    if stage in ("train-contrastive", "evaluate-protocols"):
         return ("clean", "embed")
+    if stage == "evaluate":
+        if cfg.evaluate.holdout_fraction <= 0:  # the protocol suite refits its own models
+            return ("clean", "embed")
+        # The models trained for the date, measured on the users they held out.
+        return ("clean", "embed", "train-als") + (
+            ("train-contrastive",) if cfg.contrastive.enabled else ()
+        )
     if stage == "recommend":
         needed = ["clean", "embed", "train-als"]
         if cfg.contrastive.enabled:

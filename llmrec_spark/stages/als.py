@@ -22,7 +22,7 @@ from llmrec_spark.config import AlsConfig
 from llmrec_spark.errors import InputError
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
-from llmrec_spark.stages import als_cg
+from llmrec_spark.stages import als_cg, splits
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,25 @@ def training_window(events: DataFrame, ds: str, days: int) -> DataFrame:
     """Events whose event date lies in (ds - days, ds]."""
     start = (dt.date.fromisoformat(ds) - dt.timedelta(days=days - 1)).isoformat()
     return events.where((F.col("ds") >= start) & (F.col("ds") <= ds))
+
+
+def training_events(ctx: RunContext, days: int) -> DataFrame:
+    """The events a training stage learns from: the `days` window ending at ctx.ds, less the
+    rows the nightly evaluation holds out (`evaluate.holdout_fraction` of the users, their
+    last `evaluate.test_fraction` of events in the ALS window; `splits.holdout_rows`)."""
+    events = ctx.store.read("events_clean")
+    window = training_window(events, ctx.ds, days)
+    cfg = ctx.cfg.evaluate
+    if cfg.holdout_fraction <= 0:
+        return window
+    held = splits.holdout_rows(
+        training_window(events, ctx.ds, ctx.cfg.als.train_days),
+        fraction=cfg.holdout_fraction,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        min_users=cfg.holdout_min_users,
+    )
+    return window.join(held, list(splits.EVENT_KEY), "left_anti")
 
 
 def interactions(events: DataFrame, min_weight: float = 0.0) -> DataFrame:
@@ -240,7 +259,7 @@ def als_model_from_factors(
 def run_train_als(ctx: RunContext) -> StageResult:
     """Fit ALS on the training window ending at ctx.ds; write `als_factors` for that date."""
     cfg = ctx.cfg.als
-    events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.train_days)
+    events = training_events(ctx, cfg.train_days)
     pairs = interactions(events, cfg.min_weight).cache()
     n_pairs = pairs.count()
     if n_pairs == 0:

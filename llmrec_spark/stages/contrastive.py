@@ -42,7 +42,7 @@ from llmrec_spark.core.tower import (
 from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
-from llmrec_spark.stages.als import training_window
+from llmrec_spark.stages.als import training_events
 
 log = logging.getLogger(__name__)
 
@@ -672,7 +672,7 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
 
     # The same "current embedding per item" as the recommend stage reads (catalog's current text).
     current = with_item_index(embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed)).cache()
-    events = training_window(ctx.store.read("events_clean"), ctx.ds, cfg.train_days)
+    events = training_events(ctx, cfg.train_days)
     started = time.perf_counter()
     fit = fit_text_tower(
         ctx,

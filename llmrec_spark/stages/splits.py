@@ -121,6 +121,67 @@ def user_temporal(events: DataFrame, *, test_fraction: float, positive_min_weigh
     )
 
 
+# The columns that identify an event row of events_clean (held-out rows leave training by
+# them; rows tied on all three leave together).
+EVENT_KEY = ("user_id", "item_id", "event_ts")
+
+
+def holdout_users(
+    events: DataFrame, *, fraction: float, seed: int, min_users: int = 0
+) -> DataFrame:
+    """user_id of the first `fraction` of the users of `events` (at least `min_users`, at most
+    half of them) in the order of a seeded hash of the id: about the same users every night,
+    so the nightly measurements are comparable. Runs the small jobs of `dense_index`."""
+    hashed = (
+        events.select("user_id")
+        .distinct()
+        .select("user_id", F.xxhash64("user_id", F.lit(seed)).alias("_hash"))
+    )
+    ranked = dense_index(hashed, "_rank", "_hash", "user_id")  # 0-based
+    n = F.col("_n")
+    take = F.greatest(F.round(n * F.lit(fraction)), F.least(F.lit(min_users), F.floor(n / 2)))
+    return (
+        ranked.crossJoin(hashed.agg(F.count("*").alias("_n")))
+        .where(F.col("_rank") < take)
+        .select("user_id")
+    )
+
+
+def holdout_rows(
+    window: DataFrame, *, fraction: float, seed: int, test_fraction: float, min_users: int = 0
+) -> DataFrame:
+    """The events the nightly holds out of training (EVENT_KEY columns): the last
+    `test_fraction` of each holdout user's events in `window` (`per_user_temporal_cut`)."""
+    users = holdout_users(window, fraction=fraction, seed=seed, min_users=min_users)
+    sample = window.join(users, "user_id", "left_semi")
+    _, held_out = per_user_temporal_cut(sample, test_fraction=test_fraction)
+    return held_out.select(*EVENT_KEY).distinct()
+
+
+def published_holdout(
+    window: DataFrame,
+    *,
+    fraction: float,
+    seed: int,
+    test_fraction: float,
+    positive_min_weight: float,
+    min_users: int = 0,
+) -> Split:
+    """The `holdout` protocol: what the nightly's training stages saw of `window` (every event
+    but `holdout_rows`), and the held-out positives of the holdout users as test. The models
+    are the ones trained that night; nothing is refitted."""
+    held = holdout_rows(
+        window, fraction=fraction, seed=seed, test_fraction=test_fraction, min_users=min_users
+    )
+    train = window.join(held, list(EVENT_KEY), "left_anti")
+    held_out = window.join(held, list(EVENT_KEY), "left_semi")
+    return Split(
+        "holdout",
+        train,
+        test_positives(held_out, train, positive_min_weight=positive_min_weight),
+    )
+
+
 def pick_cold_items(
     events: DataFrame, *, fraction: float, min_positives: int, positive_min_weight: float, seed: int
 ) -> DataFrame:

@@ -22,6 +22,7 @@ def test_list_names_every_benchmark_without_importing_any(cfg, monkeypatch):
             "delta-write",
             "distributor",
             "embed",
+            "nightly",
             "quality",
             "topn",
         ]
@@ -36,7 +37,7 @@ def test_an_unknown_name_is_an_input_error_that_lists_the_known_ones(cfg, tmp_pa
         runner.run_benchmark("nope", cfg, out_dir=str(tmp_path))
     assert str(error.value) == (
         "unknown benchmark 'nope'; available: "
-        "als, clean, cores, delta-write, distributor, embed, quality, topn"
+        "als, clean, cores, delta-write, distributor, embed, nightly, quality, topn"
     )
     assert list(tmp_path.iterdir()) == []
 

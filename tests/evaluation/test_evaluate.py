@@ -89,9 +89,9 @@ def unit(*parts: tuple[int, float], dim: int = 12) -> list[float]:
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp_path):
+def test_evaluate_protocols_scores_every_model_and_writes_the_report(spark, store, tmp_path):
     from llmrec_spark.core import encoder
-    from llmrec_spark.evaluation.evaluate import run_evaluate
+    from llmrec_spark.evaluation.evaluate import run_evaluate_protocols
     from llmrec_spark.runtime.context import RunContext
     from llmrec_spark.stages import embed
     from tests.conftest import make_config
@@ -165,7 +165,7 @@ def test_run_evaluate_scores_every_model_and_writes_the_report(spark, store, tmp
         ),
     )
 
-    result = run_evaluate(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
+    result = run_evaluate_protocols(RunContext(cfg=cfg, spark=spark, store=store, ds=DS))
 
     m = result.metrics
     assert m["test_users"] == 8

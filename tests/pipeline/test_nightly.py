@@ -139,3 +139,29 @@ def test_pipeline_runs_recorded(spark, nightly):
     }
     assert (runs["status"] == "ok").all()
     assert runs["mlflow_run_id"].notna().all()
+
+
+def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spark, nightly):
+    from llmrec_spark.stages import splits
+    from llmrec_spark.stages.als import interactions, training_events
+
+    cfg, summary = nightly
+    ctx = make_context(cfg, spark, DS)
+    records = {r.stage: r for r in summary.records}
+    window = training_window(ctx.store.read("events_clean"), DS, cfg.als.train_days)
+    held = splits.holdout_rows(
+        window,
+        fraction=cfg.evaluate.holdout_fraction,
+        seed=cfg.evaluate.seed,
+        test_fraction=cfg.evaluate.test_fraction,
+    ).count()
+
+    # train-als learnt from the window less the held-out rows: fewer pairs than all of it.
+    trained = interactions(training_events(ctx, cfg.als.train_days)).count()
+    assert held > 0
+    assert records["train-als"].result.rows_in == trained < interactions(window).count()
+    # evaluate ranked with those models, for the holdout users only, without refitting.
+    evaluation = records["evaluate"].result
+    assert evaluation.summary["protocols"] == "holdout"
+    assert 0 < evaluation.summary["test_users"] <= held
+    assert "hybrid.ndcg@10" in evaluation.metrics and "als.ndcg@10" in evaluation.metrics

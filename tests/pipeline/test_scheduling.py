@@ -89,7 +89,44 @@ def test_bundle_tasks_are_the_pipeline_stages_in_order(nightly_job):
         for task in nightly_job["tasks"]
     }
     assert topological_order(edges) == STAGE_ORDER
-    assert set(edges) == set(STAGES)
+    assert set(edges) == set(STAGES) - {"evaluate-protocols"}
+
+
+def test_the_weekly_jobs_run_the_protocol_suite_on_sundays(bundle):
+    job = bundle["resources"]["jobs"]["llmrec_weekly_evaluation"]
+    (task,) = job["tasks"]
+    script = (job["_file"].parent / task["spark_python_task"]["python_file"]).resolve()
+    assert job_script_stage(script) == task["task_key"] == "evaluate-protocols"
+    assert job["schedule"]["quartz_cron_expression"].split()[-1] == "SUN"
+    args = build_parser().parse_args(
+        [
+            "evaluate-protocols",
+            *(
+                _substitute(
+                    str(a),
+                    {
+                        "{{job.parameters.ds}}": "2026-11-29",
+                        "{{job.parameters.ds_offset}}": "-1",
+                        "${workspace.file_path}": "/Workspace/llmrec",
+                    },
+                )
+                for a in task["spark_python_task"]["parameters"]
+            ),
+        ]
+    )
+    assert shift_ds(args.ds, args.ds_offset) == "2026-11-28"
+    clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
+    assert "-gpu-ml-" in clusters[task["job_cluster_key"]]["spark_version"]  # it refits the tower
+
+    weekly = dag_block("llmrec_weekly_evaluation")
+    tasks, _, edges = _tasks_of(weekly)
+    assert list(tasks) == ["evaluate-protocols"] and not edges
+    application = tasks["evaluate-protocols"]["application"]
+    assert ast.literal_eval(application.values[-1]) == "/jobs/evaluate_protocols.py"
+    call = weekly.items[0].context_expr
+    assert isinstance(call, ast.Call)
+    schedule = {k.arg: k.value for k in call.keywords}["schedule"]
+    assert ast.literal_eval(schedule).split()[-1] == "0"  # Sunday
 
 
 def test_bundle_tasks_run_existing_job_scripts_of_their_stage(nightly_job, bundle):
@@ -147,10 +184,28 @@ def _substitute(text: str, values: dict[str, str]) -> str:
 # Airflow DAG (parsed, not imported: Airflow is no dependency of this project)
 
 
+def dag_block(dag_id: str) -> ast.With:
+    """The `with DAG(dag_id=...)` block of the DAG file that defines `dag_id`."""
+    for node in ast.walk(ast.parse(DAG_FILE.read_text())):
+        if isinstance(node, ast.With):
+            call = node.items[0].context_expr
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "DAG":
+                keywords = {k.arg: k.value for k in call.keywords}
+                if ast.literal_eval(keywords["dag_id"]) == dag_id:
+                    return node
+    raise AssertionError(f"no DAG {dag_id!r} in {DAG_FILE}")
+
+
 @pytest.fixture(scope="module")
 def dag_tasks() -> tuple[dict[str, dict[str, ast.expr]], dict[str, str], set[tuple[str, str]]]:
-    """(task_id -> operator keywords, variable -> task_id, upstream/downstream task_id edges)."""
-    tree = ast.parse(DAG_FILE.read_text())
+    """The nightly DAG's (task_id -> operator keywords, variable -> task_id,
+    upstream/downstream task_id edges)."""
+    return _tasks_of(dag_block("llmrec_nightly"))
+
+
+def _tasks_of(
+    tree: ast.AST,
+) -> tuple[dict[str, dict[str, ast.expr]], dict[str, str], set[tuple[str, str]]]:
     tasks: dict[str, dict[str, ast.expr]] = {}
     variables: dict[str, str] = {}
     for node in ast.walk(tree):

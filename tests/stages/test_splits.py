@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from pyspark.sql import functions as F
 
 from llmrec_spark.stages import splits
 
@@ -155,3 +156,64 @@ def test_user_cut_holds_out_a_fifth_by_rows_even_when_the_last_events_tie(spark)
     assert sorted(kept) == sorted(
         (r["user_id"], r["item_id"], r["event_ts"]) for r in again.collect()
     )
+
+
+def holdout_world(spark, users: int = 40):
+    """`users` users with ten events each, one an hour, on items j0..j9 (weights 4, the
+    last one 1: a held-out non-positive)."""
+    rows = [
+        (f"u{u}", f"j{(u + h) % 10}", ts(24 * u + h), 1.0 if h == 9 else 4.0)
+        for u in range(users)
+        for h in range(10)
+    ]
+    return spark.createDataFrame(rows, SCHEMA)
+
+
+@pytest.mark.spark
+def test_holdout_rows_are_the_last_events_of_a_stable_seeded_share_of_the_users(spark):
+    events = holdout_world(spark)
+
+    def users(frame, fraction=0.25, seed=5, min_users=0):
+        picked = splits.holdout_users(frame, fraction=fraction, seed=seed, min_users=min_users)
+        return {r["user_id"] for r in picked.collect()}
+
+    chosen = users(events)
+    held = splits.holdout_rows(events, fraction=0.25, seed=5, test_fraction=0.2).collect()
+
+    assert len(chosen) == 10  # a quarter of 40
+    # The same users from another night's events of the same users: the order is a hash of
+    # the id, not of the events.
+    assert users(events.where(F.col("event_ts") < ts(24 * 39 + 5))) == chosen
+    assert users(events, seed=6) != chosen
+    # At least min_users, at most half of the users.
+    assert len(users(events, fraction=0.01, min_users=8)) == 8
+    assert len(users(events, fraction=0.01, min_users=100)) == 20
+    # Each chosen user loses its last 2 of 10 events (20%), nobody else loses any.
+    by_user: dict[str, list] = {}
+    for row in held:
+        by_user.setdefault(row["user_id"], []).append(row["event_ts"])
+    assert set(by_user) == chosen
+    for user, times in by_user.items():
+        u = int(user[1:])
+        assert sorted(times) == [ts(24 * u + 8), ts(24 * u + 9)]
+
+
+@pytest.mark.spark
+def test_published_holdout_trains_on_everything_but_the_held_rows_and_tests_their_positives(
+    spark,
+):
+    events = holdout_world(spark)
+
+    split = splits.published_holdout(
+        events, fraction=0.25, seed=5, test_fraction=0.2, positive_min_weight=2.0
+    )
+    held = splits.holdout_rows(events, fraction=0.25, seed=5, test_fraction=0.2)
+    train = {(r["user_id"], r["event_ts"]) for r in split.train.collect()}
+    held_keys = {(r["user_id"], r["event_ts"]) for r in held.collect()}
+    test = {(r["user_id"], r["item_id"]) for r in split.test.collect()}
+
+    assert split.protocol == "holdout"
+    assert len(train) == 400 - len(held_keys) and not train & held_keys
+    # The test positives: the 9th event of each held-out user (the 10th weighs 1).
+    users = {u for u, _ in held_keys}
+    assert test == {(u, f"j{(int(u[1:]) + 8) % 10}") for u in users}
