@@ -333,7 +333,7 @@ class EvaluateConfig:
     holdout_fraction: float = 0.1
     # ... but at least this many users (at most half of them): a small catalog's gate still
     # rests on enough users.
-    holdout_min_users: int = 200
+    holdout_min_users: int = 100
     # Choose the hybrids' text weight and cold offset on a validation split of the training part.
     tune_hybrid: bool = False
     tune_text_weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.65, 0.8])

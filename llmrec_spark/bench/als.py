@@ -541,7 +541,7 @@ def _ndcg_at_10(
     *,
     eval_users: int,
     seed: int,
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], dict[str, list[float]], int]:
     """(NDCG@10 of each side's (user, item) factors and of popularity, its 95% bootstrap
     interval over the users, users evaluated)."""
     eval_ids, seen, relevant = _holdout_lists(data, is_test, eval_users=eval_users, seed=seed)

@@ -31,7 +31,7 @@ import psutil
 
 from llmrec_spark.config import Config, DemoConfig
 from llmrec_spark.errors import InputError
-from llmrec_spark.pipeline.runner import STAGES
+from llmrec_spark.pipeline.runner import NIGHTLY_AFTER_CLEAN
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def stage_seconds(lakehouse: Path, ds: str, *, first: bool) -> dict[str, Any]:
         frames.append(frame)
     runs = pd.concat(frames, ignore_index=True)
     runs = runs[(runs["status"] == "ok") & ((runs["ds"] <= ds) if first else (runs["ds"] == ds))]
-    order = {stage: k for k, stage in enumerate(STAGES)}
+    order = {stage: k for k, stage in enumerate(["clean", *NIGHTLY_AFTER_CLEAN])}
     seconds = runs.groupby("stage")["seconds"].sum()
     seconds = seconds.sort_index(key=lambda names: names.map(lambda n: order.get(n, len(order))))
     clean = runs[runs["stage"] == "clean"]

@@ -152,11 +152,11 @@ def test_a_small_run_reports_every_field_and_ratios_of_its_timed_seconds(spark):
     assert all(len(v) == 1 and v[0] > 0 for v in seconds.values())
     assert result["spark_fit_seconds"] == seconds["spark"][0]
     assert result["spark_cg_fit_seconds"] == seconds["spark_cg"][0]
-    assert result["solver"] == "mllib"
+    assert result["solver"] == "cg"  # the default: ratio_vs_implicit is cg's
     assert result["implicit_fit_seconds"] == seconds["implicit_cg"][0]
     assert result["implicit_cholesky_fit_seconds"] == seconds["implicit_cholesky"][0]
     for ratio, mine, other in (
-        ("ratio_vs_implicit", "spark_fit_seconds", "implicit_fit_seconds"),
+        ("ratio_vs_implicit", "spark_cg_fit_seconds", "implicit_fit_seconds"),
         ("ratio_vs_implicit_mllib", "spark_fit_seconds", "implicit_fit_seconds"),
         ("ratio_vs_implicit_cg", "spark_cg_fit_seconds", "implicit_fit_seconds"),
         ("ratio_vs_implicit_cholesky", "spark_fit_seconds", "implicit_cholesky_fit_seconds"),
