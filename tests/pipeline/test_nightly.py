@@ -154,6 +154,7 @@ def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spa
         fraction=cfg.evaluate.holdout_fraction,
         seed=cfg.evaluate.seed,
         test_fraction=cfg.evaluate.test_fraction,
+        min_users=cfg.evaluate.holdout_min_users,
     ).count()
 
     # train-als learnt from the window less the held-out rows: fewer pairs than all of it.
@@ -163,5 +164,14 @@ def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spa
     # evaluate ranked with those models, for the holdout users only, without refitting.
     evaluation = records["evaluate"].result
     assert evaluation.summary["protocols"] == "holdout"
-    assert 0 < evaluation.summary["test_users"] <= held
+    split = splits.published_holdout(
+        window,
+        fraction=cfg.evaluate.holdout_fraction,
+        seed=cfg.evaluate.seed,
+        test_fraction=cfg.evaluate.test_fraction,
+        positive_min_weight=cfg.evaluate.positive_min_weight,
+        min_users=cfg.evaluate.holdout_min_users,
+    )
+    test_users = split.test.select("user_id").distinct().count()
+    assert 0 < evaluation.summary["test_users"] == test_users
     assert "hybrid.ndcg@10" in evaluation.metrics and "als.ndcg@10" in evaluation.metrics
