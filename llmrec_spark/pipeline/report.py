@@ -42,7 +42,7 @@ def format_nightly(summary: NightlySummary) -> str:
         )
     evaluation = next((r for r in summary.records if r.stage == "evaluate"), None)
     if evaluation is not None:
-        out += ["", "evaluation (user-temporal holdout, full ranking, seen items excluded):"]
+        out += ["", "evaluation (held-out events, full ranking, seen items excluded):"]
         out += _metric_table(evaluation.result.metrics)
         out += _cold_table(evaluation.result.metrics)
         for name, path in evaluation.result.artifacts.items():
