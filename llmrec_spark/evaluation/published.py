@@ -13,11 +13,13 @@ second training; the full protocol suite (refits per protocol, cold items, the a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from llmrec_spark.core.hybrid import ItemMatrices
 from llmrec_spark.evaluation.refit import Fitted, collect_split
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
@@ -77,7 +79,11 @@ def published_fitted(
     )
 
 
-def _published_tuned(ctx: RunContext, frame_with, items) -> np.ndarray | None:  # type: ignore[no-untyped-def]
+def _published_tuned(
+    ctx: RunContext,
+    frame_with: Callable[[DataFrame | None], DataFrame],
+    items: ItemMatrices,
+) -> np.ndarray | None:
     """(n, out_dim) the date's fine-tuned item embeddings in `items`' order (zero rows for
     items without one), as recommend scores with them; None when train-contrastive is off or
     wrote none for ctx.ds."""
