@@ -149,13 +149,13 @@ def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spa
     ctx = make_context(cfg, spark, DS)
     records = {r.stage: r for r in summary.records}
     window = training_window(ctx.store.read("events_clean"), DS, cfg.als.train_days)
-    held = splits.holdout_rows(
-        window,
-        fraction=cfg.evaluate.holdout_fraction,
-        seed=cfg.evaluate.seed,
-        test_fraction=cfg.evaluate.test_fraction,
-        min_users=cfg.evaluate.holdout_min_users,
-    ).count()
+    holdout = {
+        "fraction": cfg.evaluate.holdout_fraction,
+        "seed": cfg.evaluate.seed,
+        "test_fraction": cfg.evaluate.test_fraction,
+        "min_users": cfg.evaluate.holdout_min_users,
+    }
+    held = splits.holdout_rows(window, **holdout).count()
 
     # train-als learnt from the window less the held-out rows: fewer pairs than all of it.
     trained = interactions(training_events(ctx, cfg.als.train_days)).count()
@@ -165,12 +165,7 @@ def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spa
     evaluation = records["evaluate"].result
     assert evaluation.summary["protocols"] == "holdout"
     split = splits.published_holdout(
-        window,
-        fraction=cfg.evaluate.holdout_fraction,
-        seed=cfg.evaluate.seed,
-        test_fraction=cfg.evaluate.test_fraction,
-        positive_min_weight=cfg.evaluate.positive_min_weight,
-        min_users=cfg.evaluate.holdout_min_users,
+        window, positive_min_weight=cfg.evaluate.positive_min_weight, **holdout
     )
     test_users = split.test.select("user_id").distinct().count()
     assert 0 < evaluation.summary["test_users"] == test_users
