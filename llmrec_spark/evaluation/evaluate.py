@@ -110,9 +110,7 @@ def run_evaluate(ctx: RunContext) -> StageResult:
             f"{cfg.positive_min_weight:g}) and {splits.MIN_TRAIN_POSITIVES} training positives; "
             "raise evaluate.holdout_fraction"
         )
-    params = _configured_params(ctx.cfg)
-    if params["hybrid"].new_item_slots > 0:
-        params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
+    params = _with_unslotted(_configured_params(ctx.cfg))
     results = [protocol_result(fitted, "holdout", params=params, ks=sorted(set(cfg.ks)))]
     path = write_report(
         ctx.cfg.path(ctx.cfg.storage.reports_dir),
@@ -235,8 +233,7 @@ def evaluate_events(
     if tune:
         ctx, params, tuning = tune_on_validation(ctx, events, catalog, frozen, protocols, work_dir)
 
-    if params["hybrid"].new_item_slots > 0:
-        params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
+    params = _with_unslotted(params)
     anchor = _anchor_params(cfg, tuning)
 
     def fit(protocol: str, seed: int, folder: str) -> Fitted:
@@ -285,6 +282,14 @@ def _anchor_params(cfg: Any, tuning: dict[str, Any]) -> AnchorParams | None:
         )
     record = tuning[ANCHOR]
     return AnchorParams(**{f.name: record[f.name] for f in dataclasses.fields(AnchorParams)})
+
+
+def _with_unslotted(params: dict[str, Mix]) -> dict[str, Mix]:
+    """`params` plus, when the hybrid has new-item slots, the same hybrid without them
+    (UNSLOTTED: what the slots cost and gain)."""
+    if params["hybrid"].new_item_slots > 0:
+        params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
+    return params
 
 
 def _configured_params(cfg: Config) -> dict[str, Mix]:
