@@ -265,6 +265,13 @@ class ContrastiveConfig:
     device: str = "auto"
     # petastorm reader threads per training process; 1 keeps the batch order reproducible.
     reader_workers: int = 1
+    # Warm start (train-contrastive only): when the latest earlier date's head has the same
+    # base model and shape, each member starts from it and trains `warm_epochs` passes over a
+    # seeded `warm_fraction` of the examples (another share each date); after
+    # `warm_max_nights` warm dates in a row a date trains from scratch. 0 epochs = never warm.
+    warm_epochs: int = 1
+    warm_fraction: float = 0.25
+    warm_max_nights: int = 6
 
 
 @dataclass(frozen=True)
@@ -774,6 +781,12 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
         raise ConfigError("contrastive.num_sampled_negatives: must not be negative")
     if not 0.0 <= cfg.input_dropout < 1.0:
         raise ConfigError("contrastive.input_dropout: must be within [0, 1) (0 = off)")
+    if cfg.warm_epochs < 0:
+        raise ConfigError("contrastive.warm_epochs: must be 0 (always from scratch) or positive")
+    if not 0.0 < cfg.warm_fraction <= 1.0:
+        raise ConfigError("contrastive.warm_fraction: must be within (0, 1]")
+    if cfg.warm_max_nights < 1:
+        raise ConfigError("contrastive.warm_max_nights: must be at least 1")
 
 
 def check_recommend(cfg: RecommendConfig) -> None:

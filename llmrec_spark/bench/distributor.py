@@ -1,6 +1,6 @@
 """`llmrec bench distributor`: the text-tower training under TorchDistributor against torchrun.
 
-Both sides run `contrastive.train_text_tower` in 2 gloo processes on the same petastorm
+Both sides run `tower_training.train_text_tower` in 2 gloo processes on the same petastorm
 files (materialised once from the product's `training_examples` of planted events), with the
 same config: TorchDistributor(local_mode=True) as the product runs it
 (`distributor.CheckedTorchDistributor`), and `python -m torch.distributed.run --standalone
@@ -40,7 +40,7 @@ PROCESSES = 2
 SIDES = {
     "distributor": (
         "CheckedTorchDistributor(num_processes=2, local_mode=True, use_gpu=False)"
-        ".run(contrastive.train_text_tower, config), as the product's _run_distributed "
+        ".run(tower_training.train_text_tower, config), as the product's _run_distributed "
         "(pyspark's TorchDistributor with torchrun's exit status checked)"
     ),
     "torchrun": (
@@ -242,7 +242,7 @@ def _time_both_sides(
 def _train(side: str, config: dict[str, Any], converter: Any, work: str) -> dict[str, Any]:
     """`train_text_tower(config)` in PROCESSES processes on one side; rank 0's summary."""
     from llmrec_spark.runtime.distributor import CheckedTorchDistributor
-    from llmrec_spark.stages import contrastive
+    from llmrec_spark.stages import tower_training
 
     output: dict[str, Any] | None
     if side == "distributor":
@@ -251,7 +251,7 @@ def _train(side: str, config: dict[str, Any], converter: Any, work: str) -> dict
             num_processes=PROCESSES,
             local_mode=True,
             use_gpu=False,
-        ).run(contrastive.train_text_tower, {**config, "converter": converter})
+        ).run(tower_training.train_text_tower, {**config, "converter": converter})
     else:
         output = _torchrun(config, converter, PROCESSES, work)
     if not isinstance(output, dict):
@@ -291,7 +291,7 @@ def worker_main(argv: list[str]) -> int:
     """torchrun worker: train_text_tower on the JSON config's converter; rank 0 writes the summary."""
     from petastorm.spark.spark_dataset_converter import SparkDatasetConverter
 
-    from llmrec_spark.stages.contrastive import train_text_tower
+    from llmrec_spark.stages.tower_training import train_text_tower
 
     with open(argv[0]) as f:
         config = json.load(f)

@@ -269,7 +269,7 @@ def _fine_tuned_text(
     work_dir: str,
 ) -> np.ndarray:
     """The tower fitted on `train` applied to every item's frozen text: (n, out_dim)."""
-    from llmrec_spark.stages import contrastive
+    from llmrec_spark.stages import contrastive, tower_training
 
     current = contrastive.with_item_index(embeddings.select("item_id", "embedding"))
     current = current.withColumn("dim", F.size("embedding")).cache()
@@ -283,7 +283,7 @@ def _fine_tuned_text(
     )
     current.unpersist()
     assert items.text is not None and items.has_text is not None
-    return _apply_head(contrastive.load_head(fit.head_dir), items.text, items.has_text)
+    return _apply_head(tower_training.load_head(fit.head_dir), items.text, items.has_text)
 
 
 def _apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:

@@ -225,6 +225,7 @@ def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, sto
     import llmrec_spark.stages.contrastive as contrastive
     from llmrec_spark.errors import TrainingProcessError
     from llmrec_spark.runtime.context import RunContext
+    from llmrec_spark.stages.tower_training import CHECKPOINT
     from tests.stages.test_contrastive import _stage_tables, _with_contrastive
 
     settings = dict(num_processes=1, epochs=2, batch_size=8, hidden_dim=16, out_dim=8, members=1)
@@ -244,7 +245,7 @@ def test_training_crash_in_the_stage_resumes_from_its_checkpoint(spark, cfg, sto
     monkeypatch.undo()
     assertDataFrameEqual(store.read("item_embeddings"), before)  # nothing published
     checkpoints = os.path.join(ctx.model_dir("text_tower"), "checkpoints")
-    checkpoint = torch.load(os.path.join(checkpoints, contrastive.CHECKPOINT), weights_only=True)
+    checkpoint = torch.load(os.path.join(checkpoints, CHECKPOINT), weights_only=True)
     assert checkpoint["epoch"] == 1 and len(checkpoint["losses"]) == 1
 
     resumed = contrastive.run_train_contrastive(ctx)
@@ -278,7 +279,7 @@ def test_a_training_process_aborting_at_exit_fails_the_stage(spark, cfg, store, 
         import os
 
         # Imported in the torchrun worker, where train_text_tower is the real one.
-        from llmrec_spark.stages.contrastive import train_text_tower
+        from llmrec_spark.stages.tower_training import train_text_tower
 
         output = train_text_tower(config)
         if int(os.environ["RANK"]) == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import os
 import time
 
@@ -26,19 +27,22 @@ from llmrec_spark.core.tower import (
 )
 from llmrec_spark.schema import EVENTS_CLEAN, ITEM_EMBEDDINGS
 from llmrec_spark.stages.contrastive import (
-    CHECKPOINT,
-    HEAD_CONFIG,
-    HEAD_WEIGHTS,
     PETASTORM_CACHE_CONF,
-    head_embedder,
-    load_head,
-    save_head,
     shuffle_examples,
     spark_converter,
-    train_text_tower,
     training_examples,
     tuned_model_id,
     with_item_index,
+)
+from llmrec_spark.stages.tower_training import (
+    CHECKPOINT,
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    file_digest,
+    head_embedder,
+    load_head,
+    save_head,
+    train_text_tower,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +536,100 @@ def test_ensemble_crash_in_the_second_member_resumes_to_the_same_heads(
 
 
 @pytest.mark.spark
+def test_warm_start_begins_each_member_from_the_saved_head(planted, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    yesterday = train_text_tower(_train_config(planted, tmp_path / "d1", epochs=2, members=2))
+    saved = load_head(yesterday["head_path"]).state_dict()
+    # No step moves a weight at learning rate 0: the head saved is the head it started from.
+    still = train_text_tower(
+        _train_config(
+            planted,
+            tmp_path / "d2",
+            epochs=1,
+            members=2,
+            learning_rate=0.0,
+            init_head_dir=yesterday["head_path"],
+        )
+    )
+    got = load_head(still["head_path"]).state_dict()
+    for name in saved:
+        assert torch.equal(got[name], saved[name]), name
+    # One more epoch from there starts where the second epoch ended, not where epoch 1 did.
+    warm = train_text_tower(
+        _train_config(
+            planted, tmp_path / "d3", epochs=1, members=2, init_head_dir=yesterday["head_path"]
+        )
+    )
+    cold = train_text_tower(_train_config(planted, tmp_path / "d4", epochs=1, members=2))
+    assert warm["losses"][0] < cold["losses"][0] - 0.2, (warm["losses"], cold["losses"])
+    with pytest.raises(ValueError, match="has 2 members, training 3"):
+        train_text_tower(
+            _train_config(
+                planted, tmp_path / "d5", epochs=1, members=3, init_head_dir=yesterday["head_path"]
+            )
+        )
+
+
+def _saved_head(models_dir, ds: str, **meta) -> str:
+    head_dir = os.path.join(models_dir, ds, "text_tower", "head")
+    head = EnsembleHead([TextTowerHead(4, 8, 2), TextTowerHead(4, 8, 2)])
+    return save_head(head, head_dir, {"base_model_id": "base@1", "ds": ds, **meta})
+
+
+def test_previous_head_is_the_latest_earlier_date_of_the_same_model_and_shape(tmp_path):
+    from llmrec_spark.config import ContrastiveConfig
+    from llmrec_spark.stages.contrastive import previous_head
+
+    cfg = ContrastiveConfig(members=2, out_dim=2, hidden_dim=8, warm_max_nights=2)
+    models = str(tmp_path)
+    assert previous_head(models, "2026-11-23", cfg, "base@1") is None  # nothing saved yet
+    _saved_head(models, "2026-11-20", warm_nights=0)
+    _saved_head(models, "2026-11-21", warm_nights=1)
+    _saved_head(models, "2026-11-24", warm_nights=0)  # a later date: never a start
+    os.makedirs(os.path.join(models, "2026-11-22", "als"))  # a date without a head
+    warm = previous_head(models, "2026-11-23", cfg, "base@1")
+    assert warm is not None and (warm.ds, warm.nights) == ("2026-11-21", 2)
+    assert warm.head_dir == os.path.join(models, "2026-11-21", "text_tower", "head")
+    assert warm.digest == file_digest(os.path.join(warm.head_dir, HEAD_WEIGHTS))
+    # A third warm date in a row is over warm_max_nights=2: from scratch.
+    _saved_head(models, "2026-11-22", warm_nights=2)
+    assert previous_head(models, "2026-11-23", cfg, "base@1") is None
+    # Another base model, another shape, or warm starts off: from scratch.
+    assert previous_head(models, "2026-11-22", cfg, "base@2") is None
+    wider = dataclasses.replace(cfg, out_dim=4)
+    assert previous_head(models, "2026-11-22", wider, "base@1") is None
+    off = dataclasses.replace(cfg, warm_epochs=0)
+    assert previous_head(models, "2026-11-22", off, "base@1") is None
+    assert previous_head(models, "2026-11-22", cfg, "base@1").ds == "2026-11-21"
+
+
+@pytest.mark.spark
+def test_sample_examples_is_a_seeded_share_that_changes_with_the_date(spark):
+    from llmrec_spark.stages.contrastive import sample_examples
+
+    examples = spark.createDataFrame(_planted_examples(), "history array<int>, pos int")
+    rows = sorted((tuple(r.history), r.pos) for r in examples.collect())
+
+    def sample(df, salt):
+        return sorted(
+            (tuple(r.history), r.pos)
+            for r in sample_examples(df, fraction=0.25, seed=13, salt=salt).collect()
+        )
+
+    monday, tuesday = sample(examples, "2026-11-23"), sample(examples, "2026-11-24")
+    assert set(monday) <= set(rows) and 0.18 * len(rows) <= len(monday) <= 0.32 * len(rows)
+    assert monday == sample(examples.repartition(7), "2026-11-23")  # content, not partitioning
+    assert monday != tuesday and len(set(monday) & set(tuesday)) < len(monday) / 2
+    assert (
+        sorted(
+            (tuple(r.history), r.pos)
+            for r in sample_examples(examples, fraction=1.0, seed=13, salt="x").collect()
+        )
+        == rows
+    )
+
+
+@pytest.mark.spark
 @pytest.mark.slow  # ~40 s: two torchrun processes importing torch, petastorm and mlflow
 def test_torch_distributor_two_processes_logs_from_rank_zero_only(planted, tmp_path):
     from mlflow import MlflowClient
@@ -665,6 +763,19 @@ def test_run_train_contrastive_writes_tuned_embeddings_for_every_item(spark, cfg
     table = store.read("item_embeddings")
     assert table.where(F.col("model_id") == model_id).count() == 9
     assert table.where(F.col("model_id") != model_id).count() == before_other == 11
+
+    # The next date starts from this date's head: one epoch per member over a share of the
+    # examples (0.25 of 48, a seeded sample), and says so in its summary and head config.
+    following = run_train_contrastive(
+        RunContext(cfg=cfg, spark=spark, store=store, ds="2026-11-24")
+    )
+    assert following.summary["warm_from"] == ds
+    assert len(following.summary["loss"]) == 2  # 2 members x warm_epochs 1
+    assert 0 < following.rows_in < 48
+    with open(os.path.join(following.artifacts["text_tower"], HEAD_CONFIG)) as f:
+        meta = json.load(f)
+    assert (meta["warm_from"], meta["warm_nights"]) == (ds, 1)
+    assert result.summary["warm_from"] is None
 
 
 @pytest.mark.spark
