@@ -184,14 +184,14 @@ def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str
     root = tempfile.mkdtemp(prefix="llmrec-quality-")
     try:
         data = load_public_dataset(spark, path)
-        ds, span_days = _landing_date(data.events, path)
+        ds, span_days = landing_date(data.events, path)
         qcfg = quality_config(cfg, root, span_days=span_days, ratings=data.rating_scale)
-        _land(qcfg, data, ds)
+        land(qcfg, data, ds)
         log.info(
             "bench quality: %s (%s) landed as ds=%s, %d days", path, data.layout, ds, span_days
         )
         ctx = make_context(qcfg, spark, ds)
-        stages = _prepare(ctx)
+        stages = prepare_stages(ctx)
         evaluation = _evaluate(ctx, title=f"llmrec bench quality: {dataset} ({data.layout})")
         report_dir = cfg.path(cfg.storage.reports_dir)
         os.makedirs(report_dir, exist_ok=True)
@@ -214,7 +214,7 @@ def measure_quality(spark: SparkSession, cfg: Config, *, dataset: str, path: str
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _landing_date(events: DataFrame, path: str) -> tuple[str, int]:
+def landing_date(events: DataFrame, path: str) -> tuple[str, int]:
     """The landing date (the day after the last event) and the days the events span."""
     span = events.agg(
         F.min(F.to_timestamp("event_ts")).alias("first"),
@@ -226,14 +226,14 @@ def _landing_date(events: DataFrame, path: str) -> tuple[str, int]:
     return ds, (span["last"] - span["first"]).days + 1
 
 
-def _land(cfg: Config, data: Dataset, ds: str) -> None:
+def land(cfg: Config, data: Dataset, ds: str) -> None:
     """The dataset's events as landing date `ds` and its catalog, in cfg's landing zone."""
     landing = cfg.path(cfg.storage.landing)
     data.events.write.mode("overwrite").parquet(os.path.join(landing, "events", f"ds={ds}"))
     data.catalog.write.mode("overwrite").json(os.path.join(landing, "catalog"))
 
 
-def _prepare(ctx: RunContext) -> dict[str, Any]:
+def prepare_stages(ctx: RunContext) -> dict[str, Any]:
     """The real clean and embed stages on the landed data; per stage its seconds and rows."""
     tracker = Tracker(ctx.cfg)
     stages = {}

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "nightly": "llmrec_spark.bench.nightly",
     "quality": "llmrec_spark.bench.quality",
     "topn": "llmrec_spark.bench.topn",
+    "tower-warm": "llmrec_spark.bench.tower_warm",
 }
 
 
