@@ -267,10 +267,13 @@ class ContrastiveConfig:
     reader_workers: int = 1
     # Warm start (train-contrastive only): when the latest earlier date's head has the same
     # base model and shape, each member starts from it and trains `warm_epochs` passes over a
-    # seeded `warm_fraction` of the examples (another share each date); after
+    # seeded `warm_fraction` of the examples (another share each date) at
+    # `warm_learning_rate` (a fresh AdamW's first steps move every weight by about the
+    # learning rate: at the full rate they undo part of what the head had learned); after
     # `warm_max_nights` warm dates in a row a date trains from scratch. 0 epochs = never warm.
     warm_epochs: int = 1
     warm_fraction: float = 0.25
+    warm_learning_rate: float = 0.0002
     warm_max_nights: int = 6
 
 
@@ -783,6 +786,8 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
         raise ConfigError("contrastive.input_dropout: must be within [0, 1) (0 = off)")
     if cfg.warm_epochs < 0:
         raise ConfigError("contrastive.warm_epochs: must be 0 (always from scratch) or positive")
+    if cfg.warm_learning_rate <= 0:
+        raise ConfigError("contrastive.warm_learning_rate: must be positive")
     if not 0.0 < cfg.warm_fraction <= 1.0:
         raise ConfigError("contrastive.warm_fraction: must be within (0, 1]")
     if cfg.warm_max_nights < 1:

@@ -9,6 +9,12 @@ a scheduler starts it (a fresh JVM), with the bench's config folder, environment
 `--conf` overrides. Per-stage seconds come from the run's `pipeline_runs` table (read with
 delta-rs); peak memory is sampled every 0.2 s over the night's process tree.
 
+With LLMREC_BENCH_NIGHTLY_CLUSTER_SCALES (e.g. "10"; default none) those scales' two nights
+run again, on fresh copies of the same landing data, as `spark-submit` of `jobs/nightly.py`
+to a loopback standalone cluster (`runtime.cluster`: a master and 2 workers of 1 core, as
+`make cluster-demo` starts); their figures go under `cluster`, next to local mode's. Their
+peak memory covers spark-submit's process tree (the driver); the executors are the workers'.
+
 The ratios of issue 30: `evaluate_vs_training` (the largest scale's first night: evaluate
 over train-als + train-contrastive), `second_vs_first_night` (there, whole nights) and
 `x10_vs_x1_first_night` (largest over smallest scale's first night, whatever the scales are).
@@ -36,6 +42,8 @@ from llmrec_spark.pipeline.runner import NIGHTLY_AFTER_CLEAN
 log = logging.getLogger(__name__)
 
 FIRST_NIGHT, SECOND_NIGHT = "2026-11-14", "2026-11-15"
+# The loopback cluster's workers (2 x 1 core) and executors at the larger scales.
+CLUSTER_WORKER_MEMORY, CLUSTER_EXECUTOR_MEMORY = "4g", "3g"
 # The bars of issue 30 (at the largest scale; the last between the largest and smallest).
 TARGETS = {
     "evaluate_vs_training": 0.5,
@@ -49,14 +57,22 @@ def run(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
     command line's conf_dir, env and conf overrides for the nightly processes."""
     scales = parse_scales(os.environ.get("LLMREC_BENCH_NIGHTLY_SCALES", "1,10"))
     work = Path(options.get("out_dir") or "bench-results").resolve() / "nightly-work"
+    on_cluster = parse_scales(os.environ.get("LLMREC_BENCH_NIGHTLY_CLUSTER_SCALES", ""), empty=True)
     results = {}
     for scale in scales:
         results[scale_label(scale)] = bench_scale(cfg, scale, work / scale_label(scale), options)
-    return summarize(results, scales)
+    cluster = {}
+    for scale in on_cluster:
+        label = scale_label(scale)
+        cluster[label] = bench_scale_on_cluster(cfg, scale, work / f"{label}-cluster", options)
+    return {**summarize(results, scales), **cluster_summary(cluster, results)}
 
 
-def parse_scales(text: str) -> list[float]:
-    """ "1,10" -> [1.0, 10.0]; InputError for anything but positive numbers."""
+def parse_scales(text: str, *, empty: bool = False) -> list[float]:
+    """ "1,10" -> [1.0, 10.0]; InputError for anything but positive numbers (and for none,
+    unless `empty`)."""
+    if empty and not text.strip():
+        return []
     try:
         scales = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -127,10 +143,16 @@ def run_night(root: Path, ds: str, options: dict[str, Any]) -> tuple[float, dict
         command += ["--env", options["env"]]
     for override in [*(options.get("conf") or []), *own_storage(root)]:
         command += ["--conf", override]
-    log_path = root / f"nightly-{ds}.log"
+    return timed_night(command, root / f"nightly-{ds}.log", ds)
+
+
+def timed_night(
+    command: list[str], log_path: Path, ds: str, env: dict[str, str] | None = None
+) -> tuple[float, dict[str, float]]:
+    """Run one night's `command`, its output to `log_path`: (seconds, peak memory)."""
     started = time.perf_counter()
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         memory = PeakMemory(process.pid)
         memory.start()
         code = process.wait()
@@ -139,9 +161,78 @@ def run_night(root: Path, ds: str, options: dict[str, Any]) -> tuple[float, dict
     if code != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise InputError(
-            f"bench nightly: `llmrec nightly --ds {ds}` failed ({code}):\n" + "\n".join(tail)
+            f"bench nightly: the night of {ds} failed ({code}); {log_path} ends:\n"
+            + "\n".join(tail)
         )
     return seconds, memory.peaks()
+
+
+def bench_scale_on_cluster(
+    cfg: Config, scale: float, root: Path, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The two nights of `bench_scale` at `scale` on a loopback standalone cluster (started
+    for them, stopped after), each a `spark-submit` of jobs/nightly.py; their figures."""
+    from llmrec_spark.io.demo import generate_demo
+    from llmrec_spark.runtime.cluster import ClusterSpec, StandaloneCluster, nightly_command
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    generate_demo(scaled_demo(cfg.demo, scale), str(root / "landing"), SECOND_NIGHT)
+    spec = ClusterSpec(worker_memory=CLUSTER_WORKER_MEMORY, master_port=0, webui_port=0)
+    conf_dir = Path(options.get("conf_dir") or "conf").resolve()
+    env = {**os.environ, "SPARK_LOCAL_IP": spec.host, "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    nights = {}
+    with StandaloneCluster(spec, root / "cluster") as cluster:
+        for name, ds in (("first_night", FIRST_NIGHT), ("second_night", SECOND_NIGHT)):
+            command = nightly_command(
+                cluster.master_url,
+                ds,
+                root=root,
+                conf_dir=conf_dir,
+                overrides=[*cluster_overrides(options.get("conf") or []), *own_storage(root)],
+                python=sys.executable,
+                executor_memory=CLUSTER_EXECUTOR_MEMORY,
+            )
+            seconds, memory = timed_night(command, root / f"nightly-{ds}.log", ds, env)
+            stages = stage_seconds(root / "lakehouse", ds, first=name == "first_night")
+            nights[name] = {
+                "ds": ds,
+                "seconds": round(seconds, 1),
+                **stages,
+                "peak_memory_mb_driver": memory,
+            }
+            log.info("bench nightly %s on the cluster %s: %.0fs", scale_label(scale), name, seconds)
+    return {
+        "master": "standalone, 2 workers x 1 core on 127.0.0.1",
+        "executor_memory": CLUSTER_EXECUTOR_MEMORY,
+        **nights,
+    }
+
+
+def cluster_overrides(conf: list[str]) -> list[str]:
+    """The bench's --conf overrides for a night on the cluster: without spark.master, which
+    spark-submit's --master sets there (a local master would silently run it in-process)."""
+    return [item for item in conf if not item.replace(" ", "").startswith("spark.master=")]
+
+
+def cluster_summary(
+    cluster: dict[str, dict[str, Any]], local: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The cluster's figures and, per scale, its nights over local mode's ({} without any)."""
+    if not cluster:
+        return {}
+    return {
+        "cluster": cluster,
+        "cluster_vs_local": {
+            label: {
+                night: round(runs[night]["seconds"] / local[label][night]["seconds"], 3)
+                for night in ("first_night", "second_night")
+            }
+            for label, runs in cluster.items()
+            if label in local
+        },
+    }
 
 
 def own_storage(root: Path) -> list[str]:

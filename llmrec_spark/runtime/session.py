@@ -65,7 +65,12 @@ def build_spark(cfg: Config) -> SparkSession:
     spark.sparkContext.setLogLevel(cfg.spark.log_level)
     checkpoint_dir = cfg.path(cfg.storage.checkpoint_dir)
     spark.sparkContext.setCheckpointDir(checkpoint_dir)
-    log.info("spark %s master=%s checkpoints=%s", spark.version, cfg.spark.master, checkpoint_dir)
+    log.info(
+        "spark %s master=%s checkpoints=%s",
+        spark.version,
+        spark.sparkContext.master,
+        checkpoint_dir,
+    )
     return spark
 
 

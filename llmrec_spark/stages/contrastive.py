@@ -422,15 +422,16 @@ def fit_text_tower(
         share = max(cfg.warm_fraction, min(1.0, cfg.batch_size * num_processes / n_examples))
         trained = sample_examples(examples, fraction=share, seed=cfg.seed, salt=ctx.ds)
         n_examples, signature = _examples_signature(trained)
-        cfg = dataclasses.replace(cfg, epochs=cfg.warm_epochs)
+        cfg = dataclasses.replace(cfg, epochs=cfg.warm_epochs, learning_rate=cfg.warm_learning_rate)
         paths["init_head_dir"] = warm.head_dir
         log.info(
             "contrastive: warm start from %s's head (warm date %d in a row): %d epoch(s) "
-            "over %.0f%% of the examples",
+            "over %.0f%% of the examples at learning rate %g",
             warm.ds,
             warm.nights,
             cfg.epochs,
             100 * share,
+            cfg.learning_rate,
         )
     files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
     shuffled = shuffle_examples(trained, files=files, seed=cfg.seed)

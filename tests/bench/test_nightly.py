@@ -14,6 +14,7 @@ from llmrec_spark.errors import InputError
 
 def test_scales_parse_and_bad_ones_are_input_errors():
     assert nightly.parse_scales("1, 10") == [1.0, 10.0]
+    assert nightly.parse_scales(" ", empty=True) == []  # the cluster's scales: none by default
     assert nightly.parse_scales("0.5") == [0.5]
     for bad in ("", "1,x", "0", "-1,2"):
         with pytest.raises(InputError, match="LLMREC_BENCH_NIGHTLY_SCALES"):
@@ -35,6 +36,16 @@ def test_a_scaled_demo_multiplies_the_population_and_adds_the_second_nights_day(
     assert ten.days == demo.days + 1
     assert ten.n_topics == demo.n_topics and ten.bot_events_per_day == demo.bot_events_per_day
     assert nightly.scaled_demo(demo, 0.001).n_bots == 1  # never fewer than one of each
+
+
+def test_a_night_on_the_cluster_keeps_every_override_but_the_master():
+    conf = [
+        "spark.master=local[2]",
+        "als.rank=8",
+        "spark.master = local[*]",
+        "spark.shuffle_partitions=2",
+    ]
+    assert nightly.cluster_overrides(conf) == ["als.rank=8", "spark.shuffle_partitions=2"]
 
 
 def _night(seconds: float, stages: dict[str, float]) -> dict:
@@ -69,6 +80,7 @@ def test_the_ratios_compare_the_largest_scale_with_itself_and_with_the_smallest(
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # its nights run in local mode and again on a loopback standalone cluster
 def test_bench_nightly_runs_two_nights_and_reports_their_stages(tmp_path, monkeypatch):
     from llmrec_spark.bench.runner import run_benchmark
     from tests.conftest import PROJECT, make_config
@@ -84,6 +96,7 @@ def test_bench_nightly_runs_two_nights_and_reports_their_stages(tmp_path, monkey
         "demo.new_items=4",
     )
     monkeypatch.setenv("LLMREC_BENCH_NIGHTLY_SCALES", "0.5")
+    monkeypatch.setenv("LLMREC_BENCH_NIGHTLY_CLUSTER_SCALES", "0.5")
     # The nightly processes get the test's small models and its local Spark, like the demo.
     conf = [
         "spark.master=local[2]",
@@ -126,4 +139,18 @@ def test_bench_nightly_runs_two_nights_and_reports_their_stages(tmp_path, monkey
         second["seconds"] / first["seconds"], abs=1e-3
     )
     assert result["x10_vs_x1_first_night"] is None  # one scale
+    # The same two nights as spark-submits to the standalone cluster (its master in the log).
+    on_cluster = result["cluster"]["x0.5"]
+    for name in ("first_night", "second_night"):
+        night = on_cluster[name]
+        assert list(night["stages"]) == stages and night["peak_memory_mb_driver"]["jvm"] > 100
+        log = tmp_path / "out" / "nightly-work" / "x0.5-cluster" / f"nightly-{night['ds']}.log"
+        assert "master=spark://127.0.0.1:" in log.read_text()
+        assert result["cluster_vs_local"]["x0.5"][name] == pytest.approx(
+            night["seconds"] / scale[name]["seconds"], abs=1e-3
+        )
+    assert (
+        on_cluster["first_night"]["clean_dates"],
+        on_cluster["second_night"]["clean_dates"],
+    ) == (2, 1)
     assert result["machine"]["load_average"]
