@@ -7,9 +7,10 @@ training events are then replayed as nights: the first night sees all but the ne
 NIGHTS x NEW_SHARE of them and trains from scratch; each later night adds the next NEW_SHARE
 (the demo's one day in a 90-day window is 1.1%) and trains warm from the night before, as
 `train-contrastive` does. The last night's warm head is compared with a head retrained from
-scratch on the same events, and with the first night's head left as it was (what the warm
-nights bring), on every test user's cold-only Recall@20 and NDCG@20 (paired bootstrap
-intervals of the differences). The seconds of each fit go beside them.
+scratch on the same events, with the first night's head left as it was (what the warm
+nights bring), and the retrained one with a second retraining on another seed (how far two
+equally good heads differ), on every test user's cold-only Recall@20 and NDCG@20 (paired
+bootstrap intervals of the differences). The seconds of each fit go beside them.
 """
 
 from __future__ import annotations
@@ -108,9 +109,19 @@ def measure(ctx: RunContext, path: str) -> dict[str, Any]:
         head_metadata={"base_model_id": base_id},
     )
     retrain_seconds = time.perf_counter() - started
+    # The same retraining on another seed: how far two from-scratch heads fall apart.
+    reseeded = contrastive.fit_text_tower(
+        ctx,
+        dataclasses.replace(cfg.contrastive, seed=cfg.contrastive.seed + 1),
+        train,
+        current,
+        work_dir=os.path.join(work, "reseeded"),
+        head_metadata={"base_model_id": base_id},
+    )
     heads = {
         "warm": nights[-1]["head_dir"],
         "retrained": retrained.head_dir,
+        "reseeded": reseeded.head_dir,
         "first_night": nights[0]["head_dir"],
     }
     kernel = cfg.recommend.text_kernel
@@ -232,17 +243,19 @@ def summarize(
             }
             for name, values in metrics.items()
         }
-    for other in ("retrained", "first_night"):
-        out["differences"][f"warm_minus_{other}"] = {
+    for arm, other in (("warm", "retrained"), ("warm", "first_night"), ("reseeded", "retrained")):
+        out["differences"][f"{arm}_minus_{other}"] = {
             name: [
                 round(v, 4)
                 for v in paired_bootstrap(
-                    per_user["warm"][name], per_user[other][name], samples=samples, seed=seed
+                    per_user[arm][name], per_user[other][name], samples=samples, seed=seed
                 )
             ]
-            for name in per_user["warm"]
+            for name in per_user[arm]
         }
     recall = out["differences"]["warm_minus_retrained"][f"recall@{K}"]
-    # Met when the warm tower is not measurably worse: the difference's interval reaches 0.
-    out["warm_not_worse_than_retrained"] = bool(recall[2] >= 0.0)
+    seed_gap = abs(out["differences"]["reseeded_minus_retrained"][f"recall@{K}"][0])
+    # Met when the warm tower is not measurably worse than retraining: the difference's
+    # interval reaches 0, or its shortfall is no larger than another seed's.
+    out["warm_as_good_as_retrained"] = bool(recall[2] >= 0.0 or -recall[0] <= seed_gap)
     return out
