@@ -13,7 +13,6 @@ second training; the full protocol suite (refits per protocol, cold items, the a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 from pyspark.sql import DataFrame
@@ -65,7 +64,7 @@ def published_fitted(
 
     frame = frame_with(frozen).cache()
     items = recommend.item_matrices(frame.toPandas())
-    tuned = _published_tuned(ctx, frame_with, items)
+    tuned = _published_tuned(ctx, items)
     return collect_split(
         ctx,
         split,
@@ -79,11 +78,7 @@ def published_fitted(
     )
 
 
-def _published_tuned(
-    ctx: RunContext,
-    frame_with: Callable[[DataFrame | None], DataFrame],
-    items: ItemMatrices,
-) -> np.ndarray | None:
+def _published_tuned(ctx: RunContext, items: ItemMatrices) -> np.ndarray | None:
     """(n, out_dim) the date's fine-tuned item embeddings in `items`' order (zero rows for
     items without one), as recommend scores with them; None when train-contrastive is off or
     wrote none for ctx.ds."""
@@ -95,7 +90,4 @@ def _published_tuned(
             "evaluate: no fine-tuned embeddings for %s; text_finetuned and hybrid skipped", ctx.ds
         )
         return None
-    tuned = recommend.item_matrices(frame_with(embeddings).toPandas())
-    if list(tuned.item_ids) != list(items.item_ids):  # both are the catalog in item_id order
-        raise ValueError("the tuned and frozen item frames list different items")
-    return tuned.text
+    return recommend.aligned_text(items.item_ids, embeddings.toPandas())

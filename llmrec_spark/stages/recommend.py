@@ -351,11 +351,7 @@ def item_matrices(items: pd.DataFrame) -> ItemMatrices:
     if not (items["item_idx"].to_numpy() == np.arange(len(items))).all():
         raise ValueError("item_idx must be 0..n-1")
     als_matrix, has_als = _dense(items["als"])
-    text_matrix, has_text = _dense(items["text"])
-    if text_matrix is not None:
-        norms = np.linalg.norm(text_matrix, axis=1, keepdims=True)
-        text_matrix = np.divide(text_matrix, norms, out=np.zeros_like(text_matrix), where=norms > 0)
-        has_text &= norms[:, 0] > 0
+    text_matrix, has_text = _unit_rows(*_dense(items["text"]))
     return ItemMatrices(
         item_ids=items["item_id"].to_numpy(dtype=object),
         eligible=items["eligible"].to_numpy(dtype=bool),
@@ -366,6 +362,25 @@ def item_matrices(items: pd.DataFrame) -> ItemMatrices:
         text=text_matrix,
         has_text=has_text,
     )
+
+
+def aligned_text(item_ids: np.ndarray, embeddings: pd.DataFrame) -> np.ndarray | None:
+    """The (item_id, embedding) rows of `embeddings` in the order of `item_ids` as unit rows,
+    zero rows for items without one (as `item_matrices` builds its text); None for none."""
+    by_id = dict(zip(embeddings["item_id"], embeddings["embedding"], strict=True))
+    text, _ = _unit_rows(*_dense(pd.Series([by_id.get(i) for i in item_ids], dtype=object)))
+    return text
+
+
+def _unit_rows(
+    matrix: np.ndarray | None, has: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`matrix`'s rows scaled to unit length (zero rows stay zero, and lose their `has`)."""
+    if matrix is None or has is None:
+        return matrix, has
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    unit = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    return unit, has & (norms[:, 0] > 0)
 
 
 def _dense(column: pd.Series) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -423,3 +423,15 @@ def test_user_frame_history_is_oldest_last_touch_first(spark):
         for r in user_frame(users, history=events, item_index=index, user_factors=None).collect()
     }
     assert rows == {"u1": [0, 1], "u2": [1, 0], "u3": None}
+
+
+def test_aligned_text_puts_unit_rows_in_the_items_order_and_zeros_where_none():
+    from llmrec_spark.stages.recommend import aligned_text
+
+    embeddings = pd.DataFrame(
+        {"item_id": ["b", "a", "z"], "embedding": [[0.0, 2.0], [3.0, 4.0], [1.0, 0.0]]}
+    )
+    text = aligned_text(np.array(["a", "b", "c"], dtype=object), embeddings)
+    # "a" scaled to unit length, "b" as it is, "c" has none; "z" is not an item here.
+    np.testing.assert_allclose(text, [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]])
+    assert aligned_text(np.array(["c"], dtype=object), embeddings) is None
