@@ -251,9 +251,9 @@ def own_storage(root: Path) -> list[str]:
 
 
 class PeakMemory:
-    """Samples the resident memory of a process tree: the driver's Python (the root), the
-    JVMs (local mode: the driver JVM is the executor too) and every other Python process
-    under it (pandas UDF workers, training processes); peaks of each and of their sum."""
+    """Samples the resident memory of a process tree: the driver's Python, the JVMs (local
+    mode: the driver JVM is the executor too) and every other Python process in it (pandas
+    UDF workers, training processes); peaks of each and of their sum."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid, self.every = pid, every
@@ -277,20 +277,37 @@ class PeakMemory:
             self._stop.wait(self.every)
 
     def _sample(self) -> None:
+        parts = {"driver_python": 0, "jvm": 0, "python_workers": 0}
         try:
             root = psutil.Process(self.pid)
-            parts = {"driver_python": root.memory_info().rss, "jvm": 0, "python_workers": 0}
-            for child in root.children(recursive=True):
-                try:
-                    kind = "jvm" if child.name() == "java" else "python_workers"
-                    parts[kind] += child.memory_info().rss
-                except psutil.Error:
-                    continue
+            tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
+        driver = _driver_python(tree)
+        for process in tree:
+            try:
+                if process.name() == "java":
+                    kind = "jvm"
+                else:
+                    kind = "driver_python" if process.pid == driver else "python_workers"
+                parts[kind] += process.memory_info().rss
+            except psutil.Error:
+                continue
         for key, value in parts.items():
             self.peak[key] = max(self.peak[key], float(value))
         self.peak["total"] = max(self.peak["total"], float(sum(parts.values())))
+
+
+def _driver_python(tree: list[psutil.Process]) -> int | None:
+    """The pid of the tree's first non-JVM process, its driver: the root in local mode (the
+    `llmrec` process), the Python child of spark-submit's JVM on a cluster."""
+    for process in tree:
+        try:
+            if process.name() != "java":
+                return int(process.pid)
+        except psutil.Error:
+            continue
+    return None
 
 
 def stage_seconds(lakehouse: Path, ds: str, *, first: bool) -> dict[str, Any]:

@@ -46,7 +46,6 @@ warnings.filterwarnings(
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
-OPTIMIZERS = "optimizers.pt"
 # Member k of an ensemble trains with seed + k * this (its init, batch order and negatives).
 MEMBER_SEED_STRIDE = 100_003
 
@@ -141,9 +140,6 @@ def _train(
         checkpoint_path=os.path.join(config["checkpoint_dir"], CHECKPOINT),
         tracker=_RankZeroMetrics(config if rank == 0 else {}),
         initial=member_weights(config["init_head_dir"]) if config.get("init_head_dir") else None,
-        initial_optimizers=(
-            member_optimizers(config["init_head_dir"]) if config.get("init_head_dir") else None
-        ),
     )
     members, epochs = int(config.get("members", 1)), int(config["epochs"])
     if process.initial is not None and len(process.initial) != members:
@@ -155,16 +151,11 @@ def _train(
     progress = _resume_point(state, process)
     for member in range(progress.start_member, members):
         resume = state if state is not None and member == progress.start_member else None
-        weights, optimizer_state = _train_member(process, member, progress, resume)
-        progress.finished.append(weights)
-        progress.finished_optimizers.append(optimizer_state)
+        progress.finished.append(_train_member(process, member, progress, resume))
 
     if rank == 0:
         final = _trained_head(config, process.base.shape[1], progress.finished)
         save_head(final, config["output_dir"], dict(config.get("head_metadata", {})), save_file)
-        # The members' AdamW states: a warm start continues them instead of a fresh
-        # optimizer (whose first steps move every weight by about the learning rate).
-        torch.save(progress.finished_optimizers, os.path.join(config["output_dir"], OPTIMIZERS))
     step = _shared_step(process, progress.step)
     resumed_from = (
         progress.start_member * epochs + progress.start_epoch if state is not None else None
@@ -196,7 +187,6 @@ class _Process:
     checkpoint_path: str
     tracker: _RankZeroMetrics
     initial: list[dict[str, torch.Tensor]] | None = None  # per member: its warm-start weights
-    initial_optimizers: list[dict[str, Any]] | None = None  # and its AdamW state, when saved
 
 
 @dataclass
@@ -207,7 +197,6 @@ class _Progress:
     start_member: int = 0
     start_epoch: int = 0
     finished: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    finished_optimizers: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -221,7 +210,6 @@ def _resume_point(state: dict[str, Any] | None, process: _Process) -> _Progress:
         start_member=int(state.get("member", 0)),
         start_epoch=int(state["epoch"]),
         finished=list(state.get("finished", [])),
-        finished_optimizers=list(state.get("finished_optimizers", [])),
         step=int(state["step"]),
         losses=list(state["losses"]),
     )
@@ -238,11 +226,9 @@ def _resume_point(state: dict[str, Any] | None, process: _Process) -> _Progress:
 
 def _train_member(
     process: _Process, member: int, progress: _Progress, resume: dict[str, Any] | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> dict[str, torch.Tensor]:
     """Train member head `member` through the remaining epochs (from checkpoint `resume` when
-    given), checkpointing after each; returns its trained weights and its AdamW state, on
-    the CPU. A warm start (`process.initial`) begins from the saved head's weights and, when
-    saved with it, its AdamW state."""
+    given), checkpointing after each; returns its trained weights on the CPU."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -254,8 +240,6 @@ def _train_member(
         head.load_state_dict(process.initial[member])
     head = head.to(process.device)
     optimizer = make_optimizer(head, config)
-    if process.initial_optimizers is not None and resume is None:
-        _continue_optimizer(optimizer, process.initial_optimizers[member], config)
     first_epoch = 0
     if resume is not None:
         head.load_state_dict(resume["head"])
@@ -289,7 +273,6 @@ def _train_member(
                 {
                     "member": member,
                     "finished": progress.finished,
-                    "finished_optimizers": progress.finished_optimizers,
                     "head": head.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1,
@@ -304,30 +287,7 @@ def _train_member(
         fail_after = config.get("fail_after_epoch")
         if fail_after is not None and done == int(fail_after):
             raise RuntimeError(f"simulated failure after epoch {done} (fail_after_epoch)")
-    weights = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    return weights, _on_cpu(optimizer.state_dict())
-
-
-def _continue_optimizer(
-    optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any]
-) -> None:
-    """Load a previous run's AdamW `state` (its moments and step counts) into `optimizer`,
-    keeping this run's learning rate and weight decay."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["lr"] = float(config["learning_rate"])
-        group["weight_decay"] = float(config.get("weight_decay", 0.0))
-
-
-def _on_cpu(value: Any) -> Any:
-    """`value` (an optimizer state: nested dicts and lists of tensors) with tensors on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_on_cpu(v) for v in value]
-    return value
+    return {k: v.detach().cpu() for k, v in head.state_dict().items()}
 
 
 def _log_epoch(
@@ -519,14 +479,6 @@ def load_head(head_dir: str) -> TextTowerHead | EnsembleHead:
         head = TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["out_dim"])
     head.load_state_dict(load_file(os.path.join(head_dir, HEAD_WEIGHTS)))
     return head.eval()
-
-
-def member_optimizers(head_dir: str) -> list[dict[str, Any]] | None:
-    """Each member's AdamW state saved with the head in `head_dir` (None: not saved)."""
-    path = os.path.join(head_dir, OPTIMIZERS)
-    if not os.path.exists(path):
-        return None
-    return list(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def member_weights(head_dir: str) -> list[dict[str, torch.Tensor]]:
