@@ -299,14 +299,15 @@ class PeakMemory:
 
 
 def _driver_python(tree: list[psutil.Process]) -> int | None:
-    """The pid of the tree's first non-JVM process, its driver: the root in local mode (the
-    `llmrec` process), the Python child of spark-submit's JVM on a cluster."""
+    """The pid of the night's driver process: the root in local mode (the `llmrec` process),
+    the first Python process under spark-submit's JVM on a cluster."""
     for process in tree:
         try:
-            if process.name() != "java":
-                return int(process.pid)
+            name = process.name()
         except psutil.Error:
             continue
+        if (process is tree[0] and name != "java") or name.startswith("python"):
+            return int(process.pid)
     return None
 
 
