@@ -59,11 +59,18 @@ def run(cfg: Config, options: dict[str, Any]) -> dict[str, Any]:
             f"(got {path!r})"
         )
     spark = build_spark(cfg)
+    try:
+        return bench_tower_warm(spark, cfg, path)
+    finally:
+        spark.stop()
+
+
+def bench_tower_warm(spark: Any, cfg: Config, path: str) -> dict[str, Any]:
+    """The benchmark in `spark`, its lakehouse in a scratch folder (removed after)."""
     root = tempfile.mkdtemp(prefix="llmrec-tower-warm-")
     try:
         return measure(make_landed_context(cfg, spark, path, root), path)
     finally:
-        spark.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

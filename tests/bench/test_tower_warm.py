@@ -4,7 +4,6 @@ MovieLens-100K folder end to end, and its pieces on hand-made numbers."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import numpy as np
 import pytest
@@ -58,18 +57,16 @@ def test_summary_pairs_the_arms_and_judges_the_warm_one_against_another_seed():
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_bench_tower_warm_on_a_tiny_movielens(tmp_path):
-    from llmrec_spark.bench.runner import run_benchmark
-
+def test_bench_tower_warm_on_a_tiny_movielens(spark, tmp_path):
     folder = tmp_path / "ml-100k"
     write_ml100k(folder)
     cfg = make_config(tmp_path, *TINY_QUALITY, "contrastive.batch_size=16")
 
-    result = run_benchmark(
-        "tower-warm", cfg, out_dir=str(tmp_path / "out"), options={"path": str(folder)}
-    )
+    # In the test session's Spark (`llmrec bench tower-warm` builds its own and stops it).
+    result = tower_warm.bench_tower_warm(spark, cfg, str(folder))
 
-    assert json.loads((tmp_path / "out" / "tower-warm.json").read_text())["path"] == str(folder)
+    assert result["path"] == str(folder)
+    assert spark.sparkContext._jsc is not None  # the shared session is still up
     assert set(result["metrics"]) == {"warm", "retrained", "reseeded", "first_night", "text_frozen"}
     assert result["cold_test_users"] > 0
     for arm in result["metrics"].values():
