@@ -114,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bench quality: movielens or amazon (default: the folder's layout)",
     )
-    bench.add_argument(
-        "--path", default=None, help="bench quality and tower-warm: the dataset's folder"
-    )
+    bench.add_argument("--path", default=None, help="quality, tower-warm: the dataset's folder")
     return parser
 
 

@@ -220,7 +220,6 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
 
     base_id = encoder.base_model_id(ctx.cfg.embed)
     model_id = tuned_model_id(base_id, ctx.ds)
-    work_dir = ctx.model_dir("text_tower")
     device = _training_device(ctx, cfg)
 
     # The same "current embedding per item" as the recommend stage reads (catalog's current text).
@@ -233,14 +232,9 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
         cfg,
         events,
         current,
-        work_dir=work_dir,
-        head_metadata={
-            "base_model_id": base_id,
-            "model_id": model_id,
-            "ds": ctx.ds,
-            "warm_from": warm.ds if warm is not None else None,
-            "warm_nights": warm.nights if warm is not None else 0,
-        },
+        work_dir=ctx.model_dir("text_tower"),
+        head_metadata={"base_model_id": base_id, "model_id": model_id, "ds": ctx.ds}
+        | _warm_metadata(warm),
         warm=warm,
     )
     train_seconds = time.perf_counter() - started
@@ -351,6 +345,53 @@ def previous_head(
     return WarmStart(head_dir=head_dir, ds=head_ds, digest=digest, nights=nights)
 
 
+def _too_few_examples(
+    cfg: ContrastiveConfig, n_examples: int, num_processes: int, ds: str
+) -> InputError:
+    """The error for fewer training examples than training processes."""
+    return InputError(
+        f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ds} "
+        f"(need at least {num_processes}); users need two or more items with base embeddings"
+        + (
+            f", one of them with an event of weight >= {cfg.positive_min_weight}"
+            if cfg.examples == "user_item"
+            else ""
+        )
+    )
+
+
+def _warm_metadata(warm: WarmStart | None) -> dict[str, Any]:
+    """The head config's record of its start: the date it started from, warm dates in a row."""
+    return {
+        "warm_from": warm.ds if warm is not None else None,
+        "warm_nights": warm.nights if warm is not None else 0,
+    }
+
+
+def _warm_job(
+    examples: DataFrame,
+    n_examples: int,
+    cfg: ContrastiveConfig,
+    warm: WarmStart,
+    ds: str,
+    num_processes: int,
+) -> tuple[DataFrame, ContrastiveConfig]:
+    """A warm date's examples (a seeded share, at least one batch per process) and settings
+    (warm_epochs at warm_learning_rate)."""
+    share = max(cfg.warm_fraction, min(1.0, cfg.batch_size * num_processes / n_examples))
+    cfg = dataclasses.replace(cfg, epochs=cfg.warm_epochs, learning_rate=cfg.warm_learning_rate)
+    log.info(
+        "contrastive: warm start from %s's head (warm date %d in a row): %d epoch(s) "
+        "over %.0f%% of the examples at learning rate %g",
+        warm.ds,
+        warm.nights,
+        cfg.epochs,
+        100 * share,
+        cfg.learning_rate,
+    )
+    return sample_examples(examples, fraction=share, seed=cfg.seed, salt=ds), cfg
+
+
 def _latest_head_before(models_dir: str, ds: str) -> tuple[str, str] | None:
     """(date, head folder) of the latest date before `ds` with a saved text-tower head."""
     if not os.path.isdir(models_dir):
@@ -408,31 +449,12 @@ def fit_text_tower(
     ).cache()
     n_examples, signature = _examples_signature(examples)
     if n_examples < num_processes:
-        raise InputError(
-            f"contrastive: {n_examples} training examples in the {cfg.train_days} days up to {ctx.ds} "
-            f"(need at least {num_processes}); users need two or more items with base embeddings"
-            + (
-                f", one of them with an event of weight >= {cfg.positive_min_weight}"
-                if cfg.examples == "user_item"
-                else ""
-            )
-        )
+        raise _too_few_examples(cfg, n_examples, num_processes, ctx.ds)
     trained, paths = examples, {}
     if warm is not None:
-        share = max(cfg.warm_fraction, min(1.0, cfg.batch_size * num_processes / n_examples))
-        trained = sample_examples(examples, fraction=share, seed=cfg.seed, salt=ctx.ds)
+        trained, cfg = _warm_job(examples, n_examples, cfg, warm, ctx.ds, num_processes)
         n_examples, signature = _examples_signature(trained)
-        cfg = dataclasses.replace(cfg, epochs=cfg.warm_epochs, learning_rate=cfg.warm_learning_rate)
         paths["init_head_dir"] = warm.head_dir
-        log.info(
-            "contrastive: warm start from %s's head (warm date %d in a row): %d epoch(s) "
-            "over %.0f%% of the examples at learning rate %g",
-            warm.ds,
-            warm.nights,
-            cfg.epochs,
-            100 * share,
-            cfg.learning_rate,
-        )
     files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
     shuffled = shuffle_examples(trained, files=files, seed=cfg.seed)
     fingerprint = _fingerprint(
