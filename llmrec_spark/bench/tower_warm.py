@@ -34,7 +34,7 @@ from llmrec_spark.core import encoder
 from llmrec_spark.core.metrics import bootstrap_interval, paired_bootstrap
 from llmrec_spark.errors import InputError
 from llmrec_spark.evaluation.ranking import cold_only_view
-from llmrec_spark.evaluation.refit import Fitted, fit_split, make_split
+from llmrec_spark.evaluation.refit import Fitted, apply_head, fit_split, make_split
 from llmrec_spark.evaluation.tuning import text_only_mix
 from llmrec_spark.io.datasets import load_public_dataset
 from llmrec_spark.pipeline.runner import make_context
@@ -223,11 +223,7 @@ def cold_only_metrics(fitted: Fitted, head_dir: str | None, kernel: float) -> di
         model, view = "text_frozen", fitted
     else:
         head = tower_training.load_head(head_dir)
-        import torch
-
-        tuned = np.zeros((len(items.text), head.out_dim), dtype=np.float32)
-        with torch.inference_mode():
-            tuned[items.has_text] = head(torch.from_numpy(items.text[items.has_text])).numpy()
+        tuned = apply_head(head, items.text, items.has_text)
         model, view = "text_finetuned", dataclasses.replace(fitted, tuned=tuned)
     matrices = view.variant(model)
     assert matrices is not None

@@ -283,10 +283,11 @@ def _fine_tuned_text(
     )
     current.unpersist()
     assert items.text is not None and items.has_text is not None
-    return _apply_head(tower_training.load_head(fit.head_dir), items.text, items.has_text)
+    return apply_head(tower_training.load_head(fit.head_dir), items.text, items.has_text)
 
 
-def _apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:
+def apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:
+    """(n, out_dim): `head` applied to the rows of `text` that have one, zero rows elsewhere."""
     import torch
 
     out = np.zeros((len(text), head.out_dim), dtype=np.float32)
