@@ -18,6 +18,7 @@ STAGE_COMMANDS = (
     "clean",
     "embed",
     "train-als",
+    "train-vae",
     "train-contrastive",
     "recommend",
     "evaluate",

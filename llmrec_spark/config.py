@@ -46,6 +46,16 @@ ALS_STORAGE_LEVELS = (
 ANCHOR_POOLINGS = ("mean_of_heads", "head_of_mean")
 EXAMPLE_KINDS = ("user_item", "next_item")
 CONTRASTIVE_DEVICES = ("auto", "cpu", "cuda")
+# vae.* sizes that must be at least 1.
+VAE_COUNTS = (
+    "hidden_dim",
+    "latent_dim",
+    "epochs",
+    "batch_size",
+    "max_items",
+    "num_processes",
+    "reader_workers",
+)
 # contrastive.* sizes that must be at least 1.
 CONTRASTIVE_COUNTS = (
     "epochs",
@@ -95,6 +105,7 @@ class MlflowConfig:
     # versions a publish used get `champion_alias`.
     registered_model: str = "llmrec-text-tower"
     registered_als_model: str = "llmrec-als"
+    registered_vae_model: str = "llmrec-vae"
     champion_alias: str = "champion"
     enabled: bool = True
 
@@ -278,6 +289,32 @@ class ContrastiveConfig:
 
 
 @dataclass(frozen=True)
+class VaeConfig:
+    """Mult-VAE (`train-vae`): a second collaborative model over users' whole histories,
+    trained on the same weighted (user, item) pairs and window as ALS (als.train_days,
+    als.min_weight)."""
+
+    enabled: bool = False
+    hidden_dim: int = 600
+    latent_dim: int = 200
+    dropout: float = 0.5
+    beta_cap: float = 0.2
+    anneal_steps: int = 2000
+    epochs: int = 50
+    batch_size: int = 128
+    learning_rate: float = 0.001
+    weight_decay: float = 0.0
+    max_items: int = 2000
+    num_processes: int = 2
+    reader_workers: int = 1
+    seed: int = 23
+    device: str = "auto"
+    # Weight of the VAE's z-scored score beside ALS's in the hybrid's collaborative term
+    # (0 = ALS alone); evaluation ranks `hybrid_vae` with it.
+    hybrid_weight: float = 0.5
+
+
+@dataclass(frozen=True)
 class RecommendConfig:
     top_n: int = 20
     user_block_size: int = 2048
@@ -401,6 +438,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     als: AlsConfig = field(default_factory=AlsConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -794,6 +832,28 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
         raise ConfigError("contrastive.warm_max_nights: must be at least 1")
 
 
+def check_vae(cfg: VaeConfig) -> None:
+    """The vae section's checks; the stage repeats them for configs built in code."""
+    for name in VAE_COUNTS:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"vae.{name}: must be at least 1, got {getattr(cfg, name)}")
+    if cfg.device not in CONTRASTIVE_DEVICES:
+        raise ConfigError(f"vae.device: choose auto, cpu or cuda, got {cfg.device!r}")
+    _first_failure(
+        [
+            (0.0 <= cfg.dropout < 1.0, "vae.dropout: must be within [0, 1)"),
+            (cfg.beta_cap >= 0, "vae.beta_cap: must not be negative (0 = no KL term)"),
+            (
+                cfg.anneal_steps >= 0,
+                "vae.anneal_steps: must not be negative (0 = beta_cap at once)",
+            ),
+            (cfg.learning_rate > 0, "vae.learning_rate: must be positive"),
+            (cfg.weight_decay >= 0, "vae.weight_decay: must not be negative"),
+            (cfg.hybrid_weight >= 0, "vae.hybrid_weight: must not be negative (0 = ALS alone)"),
+        ]
+    )
+
+
 def check_recommend(cfg: RecommendConfig) -> None:
     """Scoring, filters, retention and the publish gate (the tuned ones: `_check_tuned_settings`)."""
     _first_failure(
@@ -898,6 +958,7 @@ register_check(check_clean, "clean")
 register_check(check_embed, "embed")
 register_check(check_als, "als")
 register_check(check_contrastive, "contrastive")
+register_check(check_vae, "vae")
 register_check(check_recommend, "recommend")
 register_check(check_evaluate, "evaluate")
 register_check(_check_tuned_settings)

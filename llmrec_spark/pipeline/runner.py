@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "clean": "llmrec_spark.stages.clean:run_clean",
     "embed": "llmrec_spark.stages.embed:run_embed",
     "train-als": "llmrec_spark.stages.als:run_train_als",
+    "train-vae": "llmrec_spark.stages.vae:run_train_vae",
     "train-contrastive": "llmrec_spark.stages.contrastive:run_train_contrastive",
     "recommend": "llmrec_spark.stages.recommend:run_recommend",
     "evaluate": "llmrec_spark.evaluation.evaluate:run_evaluate",
@@ -36,7 +37,15 @@ STAGES: dict[str, str] = {
 }
 # evaluate before recommend: the recommend gate compares the run date's offline metrics with
 # those of the last published run before it replaces anything.
-NIGHTLY_AFTER_CLEAN = ["embed", "train-als", "train-contrastive", "evaluate", "recommend"]
+# train-vae skips itself (one line in pipeline_runs) unless vae.enabled.
+NIGHTLY_AFTER_CLEAN = [
+    "embed",
+    "train-als",
+    "train-vae",
+    "train-contrastive",
+    "evaluate",
+    "recommend",
+]
 
 
 def stage_function(stage: str) -> Callable[[RunContext], StageResult]:

@@ -26,6 +26,7 @@ STAGE_OUTPUTS = {
     "clean": "events_clean",
     "embed": "item_embeddings",
     "train-als": "als_factors",
+    "train-vae": "the Mult-VAE",
     "train-contrastive": "the text tower",
     "evaluate": "the offline evaluation",
 }
@@ -51,7 +52,7 @@ def required_stages(cfg: Config, stage: str) -> tuple[str, ...]:
     """The upstream stages whose output for the same run date `stage` reads."""
     if stage == "clean":
         return ()
-    if stage in ("embed", "train-als"):
+    if stage in ("embed", "train-als", "train-vae"):
         return ("clean",)
     if stage in ("train-contrastive", "evaluate-protocols"):
         return ("clean", "embed")

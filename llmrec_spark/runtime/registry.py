@@ -1,9 +1,9 @@
 """The MLflow model registry: every trained model a version, the published ones aliased.
 
-`train-als` and `train-contrastive` register the model they log (artifact `als_model`,
-`text_tower`) as a new version of a registered model (`mlflow.registered_als_model`,
-`mlflow.registered_model`), tagged with the run date. A publish finds the versions trained
-for its date, names them in the published commit's metadata, and then points the alias
+`train-als`, `train-contrastive` and `train-vae` register the model they log (artifact
+`als_model`, `text_tower`, `vae_model`) as a new version of a registered model
+(`mlflow.registered_als_model`, `mlflow.registered_model`, `mlflow.registered_vae_model`),
+tagged with the run date. A publish finds the versions trained for its date, names them in the published commit's metadata, and then points the alias
 `mlflow.champion_alias` at them, so a served row leads to the exact model:
 row.model_version / commit metadata -> registered model version -> run and artifacts.
 """
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # artifact name a stage logs -> how the config names its registered model
-REGISTERED_ARTIFACTS = {"als_model": "registered_als_model", "text_tower": "registered_model"}
+REGISTERED_ARTIFACTS = {
+    "als_model": "registered_als_model",
+    "text_tower": "registered_model",
+    "vae_model": "registered_vae_model",
+}
 
 
 def registered_name(cfg: Config, artifact: str) -> str:

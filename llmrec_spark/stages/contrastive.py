@@ -35,12 +35,12 @@ from llmrec_spark.errors import ConfigError, InputError
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
 from llmrec_spark.stages.als import training_events
+from llmrec_spark.stages.torch_process import quiet_petastorm
 from llmrec_spark.stages.tower_training import (
     HEAD_CONFIG,
     HEAD_WEIGHTS,
     file_digest,
     head_embedder,
-    quiet_petastorm,
     train_text_tower,
 )
 
@@ -220,7 +220,7 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
 
     base_id = encoder.base_model_id(ctx.cfg.embed)
     model_id = tuned_model_id(base_id, ctx.ds)
-    device = _training_device(ctx, cfg)
+    device = training_device(ctx, cfg.device, "contrastive")
 
     # The same "current embedding per item" as the recommend stage reads (catalog's current text).
     current = with_item_index(embed.latest_embeddings(ctx.store, base_id, ctx.cfg.embed)).cache()
@@ -433,8 +433,8 @@ def fit_text_tower(
     """
     check_contrastive(cfg)
     head_dir = os.path.join(work_dir, "head")
-    device = _training_device(ctx, cfg)
-    num_processes = _process_count(cfg, device)
+    device = training_device(ctx, cfg.device, "contrastive")
+    num_processes = process_count(cfg.num_processes, device)
     item_matrix_path = os.path.join(work_dir, "item_matrix.npy")
     n_items, in_dim = _write_item_matrix(
         current, item_matrix_path, str(head_metadata.get("base_model_id", ""))
@@ -473,7 +473,7 @@ def fit_text_tower(
         device,
         fingerprint[:12],
     )
-    cache_url = _cache_dir_url(os.path.join(work_dir, "petastorm"))
+    cache_url = cache_dir_url(os.path.join(work_dir, "petastorm"))
     try:
         output = _run_distributed(
             ctx,
@@ -496,29 +496,32 @@ def fit_text_tower(
     return TowerFit(head_dir=head_dir, output=output, examples=n_examples, items=n_items)
 
 
-def _training_device(ctx: RunContext, cfg: ContrastiveConfig) -> str:
-    """The training device, "cuda" or "cpu"; local-mode GPU training needs GPUs in the driver's resources."""
+def training_device(ctx: RunContext, requested: str, section: str) -> str:
+    """The training device for `<section>.device` = `requested` (auto, cpu or cuda): "cuda" or
+    "cpu"; local-mode GPU training needs GPUs in the driver's resources."""
     driver_gpus = "gpu" in ctx.spark.sparkContext.resources
-    if cfg.device == "cpu":
+    if requested == "cpu":
         return "cpu"
-    if cfg.device == "cuda":
+    if requested == "cuda":
         if not (torch.cuda.is_available() and driver_gpus):
             raise ConfigError(
-                "contrastive.device=cuda but torch sees no GPU or the Spark driver has no GPU resources "
-                "(set spark.driver.resource.gpu.amount and a discovery script)"
+                f"{section}.device=cuda but torch sees no GPU or the Spark driver has no GPU "
+                "resources (set spark.driver.resource.gpu.amount and a discovery script)"
             )
         return "cuda"
     if torch.cuda.is_available() and not driver_gpus:
         log.warning(
-            "contrastive: a GPU is visible but the Spark driver has no GPU resources; training on CPU"
+            "%s: a GPU is visible but the Spark driver has no GPU resources; training on CPU",
+            section,
         )
     return "cuda" if torch.cuda.is_available() and driver_gpus else "cpu"
 
 
-def _process_count(cfg: ContrastiveConfig, device: str) -> int:
+def process_count(num_processes: int, device: str) -> int:
+    """Training processes: as configured on CPU, at most one per visible GPU on cuda."""
     if device == "cuda":
-        return max(1, min(cfg.num_processes, torch.cuda.device_count()))
-    return cfg.num_processes
+        return max(1, min(num_processes, torch.cuda.device_count()))
+    return num_processes
 
 
 def _write_item_matrix(current: DataFrame, path: str, base_id: str) -> tuple[int, int]:
@@ -565,7 +568,8 @@ def _fingerprint(
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _cache_dir_url(path: str) -> str:
+def cache_dir_url(path: str) -> str:
+    """`path` as the URL petastorm's cache setting wants (file:// for a local folder)."""
     return path if "://" in path or path.startswith("dbfs:") else "file://" + os.path.abspath(path)
 
 

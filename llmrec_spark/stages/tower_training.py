@@ -30,36 +30,22 @@ from llmrec_spark.core.tower import (
     make_optimizer,
     train_step,
 )
+from llmrec_spark.stages.torch_process import (
+    ProcessPlace,
+    RankZeroMetrics,
+    load_checkpoint,
+    quiet_petastorm,
+    save_checkpoint,
+    training_place,
+)
 
 log = logging.getLogger(__name__)
 
-# petastorm 0.12 imports pyarrow's LocalFileSystem, deprecated since pyarrow 2.0: a FutureWarning
-# from petastorm.spark on import that no user can act on. Installed here because in each
-# training process unpickling `train_text_tower` imports this module before the converter
-# (which imports petastorm.spark), and before quiet_petastorm could run.
-warnings.filterwarnings(
-    "ignore",
-    message=r"pyarrow\.\w+ is deprecated",
-    category=FutureWarning,
-    module=r"petastorm\.",
-)
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 CHECKPOINT = "last.pt"
 # Member k of an ensemble trains with seed + k * this (its init, batch order and negatives).
 MEMBER_SEED_STRIDE = 100_003
-
-
-def quiet_petastorm() -> None:
-    """Silence petastorm 0.12's per-epoch noise in this process: its deprecation warnings
-    about the pyarrow it must run on, unclosed-file warnings from its reader threads, and
-    its INFO lines about a dataset not written by petastorm (ours never is). Hundreds of
-    lines per training run buried the epoch losses; petastorm's errors still show."""
-    warnings.filterwarnings("ignore", module=r"petastorm(\..*)?$")
-    logging.getLogger("petastorm").setLevel(logging.WARNING)
-    # The converter warns on every run that it casts floats to float32 (the tower wants
-    # float32) and that its files are under 50 MB (advice for cluster-sized data).
-    logging.getLogger("petastorm.spark.spark_dataset_converter").setLevel(logging.ERROR)
 
 
 def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,70 +61,34 @@ def train_text_tower(config: dict[str, Any]) -> dict[str, Any]:
     Returns head_path, losses (per member epoch, all so far), epochs_run, resumed_from (member
     epochs already done), steps.
     """
-    import torch.distributed as dist
-
-    # Before init_process_group: torch.distributed.nn (imported lazily by the first DDP) binds
-    # `group=group.WORLD` as default arguments at import, so imported after init it holds the
-    # gloo group for good. destroy_process_group then leaves its worker threads running, and
-    # the thread that releases the last collective (the step broadcast) can need the GIL
-    # while the interpreter is finalising: "terminate called without an active exception",
-    # SIGABRT at exit (about 1 run in 10 with 2 processes).
-    import torch.distributed.nn  # noqa: F401
     from petastorm.pytorch import BatchedDataLoader
     from safetensors.torch import save_file
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if "TORCHELASTIC_RUN_ID" in os.environ and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s"
-        )
-    quiet_petastorm()
-    use_cuda = config.get("device", "cpu") == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        # Under torchrun the processes share the cores: do not oversubscribe them.
-        if "LOCAL_WORLD_SIZE" in os.environ:
-            local_procs = int(os.environ["LOCAL_WORLD_SIZE"])
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-    distributed = world_size > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    try:
-        return _train(config, rank, world_size, device, distributed, BatchedDataLoader, save_file)
-    finally:
-        # Joins the group's worker threads (they must not outlive the interpreter; see above).
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    with training_place(config.get("device", "cpu")) as place:
+        return _train(config, place, BatchedDataLoader, save_file)
 
 
 def _train(
     config: dict[str, Any],
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    distributed: bool,
+    place: ProcessPlace,
     loader_fn: Callable[..., Any],
     save_file: Callable[..., Any],
 ) -> dict[str, Any]:
     """Train every member head of `train_text_tower`'s config in this process, resuming from the
     checkpoint; rank 0 saves the head. Returns the training summary (the same on every rank)."""
     base_np = np.load(config["item_matrix_path"], allow_pickle=False)
+    rank, device = place.rank, place.device
     process = _Process(
         config=config,
         rank=rank,
-        world_size=world_size,
+        world_size=place.world_size,
         device=device,
-        distributed=distributed,
+        distributed=place.distributed,
         loader_fn=loader_fn,
         base=torch.from_numpy(np.ascontiguousarray(base_np, dtype=np.float32)).to(device),
         loss_fn=InfoNCELoss(float(config["temperature"])),
         checkpoint_path=os.path.join(config["checkpoint_dir"], CHECKPOINT),
-        tracker=_RankZeroMetrics(config if rank == 0 else {}),
+        tracker=RankZeroMetrics(config, rank),
         initial=member_weights(config["init_head_dir"]) if config.get("init_head_dir") else None,
     )
     members, epochs = int(config.get("members", 1)), int(config["epochs"])
@@ -147,7 +97,7 @@ def _train(
             f"init_head_dir {config['init_head_dir']} has {len(process.initial)} members, "
             f"training {members}"
         )
-    state = _load_checkpoint(process.checkpoint_path, config.get("fingerprint", ""), device)
+    state = load_checkpoint(process.checkpoint_path, config.get("fingerprint", ""), device)
     progress = _resume_point(state, process)
     for member in range(progress.start_member, members):
         resume = state if state is not None and member == progress.start_member else None
@@ -185,7 +135,7 @@ class _Process:
     base: torch.Tensor  # (n_items, in_dim) frozen base embeddings, on `device`
     loss_fn: torch.nn.Module
     checkpoint_path: str
-    tracker: _RankZeroMetrics
+    tracker: RankZeroMetrics
     initial: list[dict[str, torch.Tensor]] | None = None  # per member: its warm-start weights
 
 
@@ -268,7 +218,7 @@ def _train_member(
         progress.losses.append(epoch_loss)
         done = member * epochs + epoch + 1  # epochs finished over all members
         if process.rank == 0:
-            _save_checkpoint(
+            save_checkpoint(
                 process.checkpoint_path,
                 {
                     "member": member,
@@ -308,7 +258,7 @@ def _log_epoch(
         seconds,
         rows / max(seconds, 1e-9),
     )
-    process.tracker.log(loss, member * epochs + epoch + 1)
+    process.tracker.log("contrastive_loss", loss, member * epochs + epoch + 1)
 
 
 def _shared_step(process: _Process, step: int) -> int:
@@ -412,39 +362,6 @@ def _train_epoch(
     if distributed:
         dist.all_reduce(totals)
     return float(totals[0] / totals[1].clamp_min(1.0)), float(totals[1]), step
-
-
-class _RankZeroMetrics:
-    """Per-epoch loss to the stage's MLflow run (rank 0 only; a no-op without a run id)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.client = None
-        self.run_id: str = config.get("mlflow_run_id") or ""
-        if self.run_id and config.get("mlflow_tracking_uri"):
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
-
-    def log(self, loss: float, epoch: int) -> None:
-        if self.client is not None:
-            self.client.log_metric(self.run_id, "contrastive_loss", loss, step=epoch)
-
-
-def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.partial"
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-write never leaves a torn checkpoint
-
-
-def _load_checkpoint(path: str, fingerprint: str, device) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("fingerprint", "") != fingerprint:
-        log.warning("ignoring checkpoint %s: trained on other data or settings", path)
-        return None
-    return state
 
 
 def save_head(
