@@ -21,6 +21,7 @@ SOURCE_ALS = "als"
 SOURCE_TEXT = "text"
 SOURCE_HYBRID = "hybrid"
 SOURCE_POPULAR = "popular"
+SOURCE_VAE = "vae"  # the Mult-VAE alone: a user without an ALS factor (vae.enabled)
 
 # Raw event as it arrives in the landing zone (JSON lines). Everything is a string or
 # number that may be wrong; validation happens in the clean stage.

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "quality": "llmrec_spark.bench.quality",
     "topn": "llmrec_spark.bench.topn",
     "tower-warm": "llmrec_spark.bench.tower_warm",
+    "vae": "llmrec_spark.bench.vae",
 }
 
 

@@ -14,11 +14,15 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmrec_spark.config import RecommendConfig
 from llmrec_spark.core.topn import reserve_new_item_slots, select_top_n
+
+if TYPE_CHECKING:
+    from llmrec_spark.core.zmix import SecondFactors
 
 # The source code `hybrid_top_n` returns per recommended item (stages.recommend.SOURCES
 # names them in this order).
@@ -84,6 +88,8 @@ class ItemMatrices:
     has_text: np.ndarray | None = None  # (n,) bool
     # (n,) bool: the ALS factor is borrowed from text neighbours (`with_neighbour_factors`)
     borrowed: np.ndarray | None = None
+    # A second collaborative model (the Mult-VAE) mixed into `als` (`core.zmix`), or None.
+    second: SecondFactors | None = None
 
     @property
     def size(self) -> int:

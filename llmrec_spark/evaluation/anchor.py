@@ -21,7 +21,7 @@ import numpy as np
 from llmrec_spark.core.hybrid import Mix
 from llmrec_spark.errors import ConfigError
 from llmrec_spark.evaluation.ranking import ndcg_per_user
-from llmrec_spark.evaluation.refit import Anchor, Fitted, TrainPairs
+from llmrec_spark.evaluation.refit import Fitted, SideFactors, TrainPairs
 from llmrec_spark.evaluation.search import SearchResult, widening_grid_search
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def attach_anchor(fitted: Fitted, params: AnchorParams, *, positive_min_weight: 
     user_factors[test_rows >= 0] = users[test_rows[test_rows >= 0]]
     has_user = np.linalg.norm(user_factors, axis=1) > 0
     has_item = np.linalg.norm(items, axis=1) > 0
-    anchor = Anchor(
+    anchor = SideFactors(
         params=dataclasses.asdict(params),
         item_factors=items.astype(np.float32),
         has_item=has_item,

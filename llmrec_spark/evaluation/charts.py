@@ -25,6 +25,8 @@ MODEL_COLORS = {
     "hybrid_frozen": "#cc79a7",
     "hybrid_no_slots": "#8fd3b8",
     "hybrid": "#009e73",
+    "vae": "#6b3fa0",
+    "hybrid_vae": "#006b4f",
 }
 
 OTHER_COLORS = ("#8c6d31", "#6b6ecf", "#b5cf6b")

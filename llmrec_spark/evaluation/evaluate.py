@@ -60,6 +60,10 @@ CLAIMS = (
     ("user_temporal", "warm", "ndcg@10", "hybrid", "hybrid_frozen"),
     ("user_temporal", "warm", "ndcg@10", "hybrid", "als_recent"),
     ("user_temporal", "warm", "ndcg@10", "als_recent", "als"),
+    ("user_temporal", "warm", "ndcg@10", "vae", "als"),
+    ("user_temporal", "warm", "ndcg@10", "hybrid_vae", "hybrid"),
+    ("holdout", "warm", "ndcg@10", "hybrid_vae", "hybrid"),
+    ("cold_item", "mixed", "ndcg@10", "hybrid_vae", "hybrid"),
     ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen"),
     ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen_kernel"),
     ("cold_item", "cold_only", "recall@20", "text_frozen_kernel", "text_frozen"),
@@ -286,7 +290,8 @@ def _anchor_params(cfg: Any, tuning: dict[str, Any]) -> AnchorParams | None:
 
 def _with_unslotted(params: dict[str, Mix]) -> dict[str, Mix]:
     """`params` plus, when the hybrid has new-item slots, the same hybrid without them
-    (UNSLOTTED: what the slots cost and gain)."""
+    (UNSLOTTED: what the slots cost and gain); and hybrid_vae mixing as the hybrid does."""
+    params["hybrid_vae"] = params["hybrid"]
     if params["hybrid"].new_item_slots > 0:
         params[UNSLOTTED] = dataclasses.replace(params["hybrid"], new_item_slots=0)
     return params

@@ -2,9 +2,9 @@
 
 A seeded `evaluate.holdout_fraction` of the users (the same users every night) lose the last
 `evaluate.test_fraction` of their events in the training window from that night's training
-(`stages.als.training_events`): train-als and train-contrastive never see them. The evaluate
-stage then ranks with exactly what the night trained (the date's `als_factors`, its
-fine-tuned item embeddings, the frozen ones) for those users, and compares with their
+(`stages.als.training_events`): train-als, train-vae and train-contrastive never see them. The
+evaluate stage then ranks with exactly what the night trained (the date's `als_factors`, its
+Mult-VAE, its fine-tuned item embeddings, the frozen ones) for those users, and compares with their
 held-out positives. Nothing is refitted, so it costs a few driver-side rankings, not a
 second training; the full protocol suite (refits per protocol, cold items, the anchor) is
 `llmrec evaluate-protocols`, on its own schedule.
@@ -13,6 +13,7 @@ second training; the full protocol suite (refits per protocol, cold items, the a
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 from pyspark.sql import DataFrame
@@ -22,6 +23,7 @@ from llmrec_spark.core.hybrid import ItemMatrices
 from llmrec_spark.evaluation.refit import Fitted, collect_split
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
+from llmrec_spark.stages.vae_training import VAE_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,19 @@ def published_fitted(
         user_factors=factors.where(F.col("kind") == "user").select("id", "features"),
         max_test_users=ctx.cfg.evaluate.max_test_users,
         seed=ctx.cfg.evaluate.seed,
+        vae_dir=_published_vae(ctx),
     )
+
+
+def _published_vae(ctx: RunContext) -> str | None:
+    """The Mult-VAE train-vae saved for ctx.ds, or None (vae.enabled off, or none saved)."""
+    if not ctx.cfg.vae.enabled:
+        return None
+    model_dir = os.path.join(ctx.model_dir("vae"), "model")
+    if not os.path.exists(os.path.join(model_dir, VAE_WEIGHTS)):
+        log.warning("evaluate: no Mult-VAE trained for %s; vae and hybrid_vae skipped", ctx.ds)
+        return None
+    return model_dir
 
 
 def _published_tuned(ctx: RunContext, items: ItemMatrices) -> np.ndarray | None:

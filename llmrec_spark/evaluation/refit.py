@@ -20,11 +20,12 @@ from pyspark.sql import functions as F
 
 from llmrec_spark.core.hybrid import ItemMatrices
 from llmrec_spark.errors import ConfigError
+from llmrec_spark.evaluation import vae_side
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
 
-# The models that score with ALS factors alone (they cannot rank cold items).
-ALS_ONLY = ("als", "als_recent", "implicit_als")
+# The models that score with collaborative factors alone (they cannot rank cold items).
+ALS_ONLY = ("als", "als_recent", "implicit_als", "vae")
 # The shipped hybrid without its new-item slots: what the slots cost and gain.
 UNSLOTTED = "hybrid_no_slots"
 
@@ -41,9 +42,10 @@ class TrainPairs:
 
 
 @dataclass(frozen=True)
-class Anchor:
-    """The outside anchor's factors (`evaluation.anchor`): items in item order, the test users
-    in `Fitted.users` order (zero rows without one), and its settings."""
+class SideFactors:
+    """Another model's factors beside ALS's (the outside anchor, `evaluation.anchor`; the
+    Mult-VAE, `evaluation.vae_side`): items in item order, the test users in `Fitted.users`
+    order (zero rows without one), and its settings."""
 
     params: dict[str, Any]
     item_factors: np.ndarray  # (n, factors)
@@ -67,20 +69,26 @@ class Fitted:
     train_users_per_item: np.ndarray  # (n,) distinct training users per item
     n_train_users: int
     train_pairs: TrainPairs | None = None  # with fit_split(keep_pairs=True)
-    anchor: Anchor | None = None  # the outside anchor's factors (`evaluation.anchor`)
+    anchor: SideFactors | None = None  # the outside anchor's factors (`evaluation.anchor`)
+    vae: SideFactors | None = None  # the Mult-VAE's (`evaluation.vae_side`), params hybrid_weight
 
     def for_model(self, model: str) -> Fitted:
         """This split as `model` ranks it: the anchor's factors in place of ALS's for
-        implicit_als, else itself."""
-        if model != "implicit_als" or self.anchor is None:
-            return self
-        a = self.anchor
-        items = dataclasses.replace(
-            self.items, als=a.item_factors, has_als=a.has_item, text=None, has_text=None
-        )
-        return dataclasses.replace(
-            self, items=items, user_als=a.user_factors, user_has_als=a.has_user
-        )
+        implicit_als, the VAE's for vae, both z-scored side by side for hybrid_vae
+        (`vae_side.mixed_factors`); else itself."""
+        side = {"implicit_als": self.anchor, "vae": self.vae}.get(model)
+        if side is not None:
+            items = dataclasses.replace(
+                self.items, als=side.item_factors, has_als=side.has_item, text=None, has_text=None
+            )
+            return dataclasses.replace(
+                self, items=items, user_als=side.user_factors, user_has_als=side.has_user
+            )
+        if model == "hybrid_vae" and self.vae is not None and self.user_als is not None:
+            from llmrec_spark.evaluation.vae_side import mixed_factors
+
+            return mixed_factors(self, self.vae)
+        return self
 
     def variant(self, model: str) -> ItemMatrices | None:
         """The item matrices model `model` scores with (None: the model cannot be built)."""
@@ -88,8 +96,13 @@ class Fitted:
         tuned: dict[str, Any] = {}
         if self.tuned is not None:
             tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
-        if model == "implicit_als":  # ranked with for_model's users
-            return None if self.anchor is None else self.for_model(model).items
+        if model in ("implicit_als", "vae"):  # ranked with for_model's users
+            side = self.anchor if model == "implicit_als" else self.vae
+            return None if side is None else self.for_model(model).items
+        if model == "hybrid_vae":
+            if self.vae is None or m.als is None or not tuned:
+                return None
+            return dataclasses.replace(self.for_model(model).items, **tuned)
         if model == "popularity":
             return dataclasses.replace(m, als=None, has_als=None, text=None, has_text=None)
         if model in ALS_ONLY:  # als_recent: its Mix adds the recent-items term
@@ -157,6 +170,7 @@ def fit_split(
     tuned = None
     if tower and embeddings is not None and items.text is not None:
         tuned = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
+    vae_dir = vae_side.fit_vae_model(ctx, pairs, work_dir) if ctx.cfg.vae.enabled else None
     return collect_split(
         ctx,
         split,
@@ -168,6 +182,7 @@ def fit_split(
         max_test_users=max_test_users,
         seed=seed,
         keep_pairs=keep_pairs,
+        vae_dir=vae_dir,
     )
 
 
@@ -183,11 +198,12 @@ def collect_split(
     max_test_users: int,
     seed: int,
     keep_pairs: bool = False,
+    vae_dir: str | None = None,
 ) -> Fitted:
     """The split's `Fitted` from models fitted on split.train (`fit_split`) or trained by the
     nightly (`evaluation.published`): test users, their factors and histories, per-item
-    training users; `frame` is `items`' item frame, `pairs` split.train's interactions.
-    Unpersists pairs, frame and split.train."""
+    training users (and with `vae_dir`, the Mult-VAE saved there); `frame` is `items`' item
+    frame, `pairs` split.train's interactions. Unpersists pairs, frame and split.train."""
     train = split.train
     users, relevant = _test_users(split.test, items, max_test_users, seed)
     user_pd: pd.DataFrame = recommend.user_frame(
@@ -201,6 +217,15 @@ def collect_split(
     per_item, n_train_users = _training_users(pairs, frame, items.size)
     cold = _cold_mask(split, items)
     train_pairs = _train_pairs(train, items) if keep_pairs else None
+    vae = None
+    if vae_dir is not None:
+        vae = vae_side.vae_factors(
+            vae_dir,
+            items,
+            users,
+            vae_side.user_pairs(pairs, users),
+            hybrid_weight=ctx.cfg.vae.hybrid_weight,
+        )
     for df in (frame, pairs, train):
         df.unpersist()
     return Fitted(
@@ -215,6 +240,7 @@ def collect_split(
         train_users_per_item=per_item,
         n_train_users=max(n_train_users, 1),
         train_pairs=train_pairs,
+        vae=vae,
     )
 
 

@@ -22,6 +22,7 @@ MODEL_ORDER = (
     "popularity",
     "als",
     "implicit_als",
+    "vae",
     "als_recent",
     "text_frozen",
     "text_frozen_kernel",
@@ -29,6 +30,7 @@ MODEL_ORDER = (
     "hybrid_frozen",
     "hybrid_no_slots",
     "hybrid",
+    "hybrid_vae",
 )
 
 LIST_METRICS = tuple(METRIC_FUNCTIONS)  # precision, recall, f1, ndcg, map, hit_rate

@@ -35,6 +35,7 @@ from llmrec_spark.evaluation.tuning import (
     tune_new_item_slots,
     tune_text_kernel,
 )
+from llmrec_spark.evaluation.vae_side import with_hybrid_weight
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.schema import EVENT_COLUMNS
 from llmrec_spark.stages import als, splits
@@ -129,6 +130,8 @@ def tune_on_validation(
         if protocol == "user_temporal":
             picked, trials = _tune_warm(fitted, cfg, warm)
             warm |= {model: picked[model] for model in HYBRIDS}  # their cold_offset is 0.0
+            if fitted.vae is not None:
+                ctx, tuning["vae"] = _tune_vae_weight(ctx, fitted, picked["hybrid"])
         else:
             picked, trials = _tune_cold(fitted, validation["user_temporal"], cfg, warm, shipped)
         chosen |= picked
@@ -171,6 +174,26 @@ def _tune_warm(
             one_standard_error=cfg.tune_one_standard_error,
         )
     return chosen, tuning
+
+
+# hybrid_vae: the VAE's z-score weights tried beside ALS's on user_temporal validation.
+VAE_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+
+
+def _tune_vae_weight(
+    ctx: RunContext, fitted: Fitted, hybrid: Mix
+) -> tuple[RunContext, dict[str, Any]]:
+    """vae.hybrid_weight with the best hybrid_vae NDCG@10 on the user_temporal validation
+    split (the hybrid's chosen mix; ties to the smaller weight); the context that ships it
+    and every trial's mean."""
+    means: dict[str, float] = {}
+    for weight in VAE_WEIGHTS:
+        values = ndcg_per_user(with_hybrid_weight(fitted, weight), "hybrid_vae", hybrid)
+        means[str(weight)] = float(values.mean()) if len(values) else float("nan")
+    best = max(VAE_WEIGHTS, key=lambda w: (means[str(w)], -w))
+    log.info("evaluate: vae.hybrid_weight %s on validation (NDCG@10 %s)", best, means)
+    cfg = dataclasses.replace(ctx.cfg, vae=dataclasses.replace(ctx.cfg.vae, hybrid_weight=best))
+    return dataclasses.replace(ctx, cfg=cfg), {"hybrid_weight": best, "trials": means}
 
 
 def _tune_cold(

@@ -60,11 +60,15 @@ def required_stages(cfg: Config, stage: str) -> tuple[str, ...]:
         if cfg.evaluate.holdout_fraction <= 0:  # the protocol suite refits its own models
             return ("clean", "embed")
         # The models trained for the date, measured on the users they held out.
-        return ("clean", "embed", "train-als") + (
-            ("train-contrastive",) if cfg.contrastive.enabled else ()
+        return (
+            ("clean", "embed", "train-als")
+            + (("train-vae",) if cfg.vae.enabled else ())
+            + (("train-contrastive",) if cfg.contrastive.enabled else ())
         )
     if stage == "recommend":
         needed = ["clean", "embed", "train-als"]
+        if cfg.vae.enabled:
+            needed.append("train-vae")
         if cfg.contrastive.enabled:
             needed.append("train-contrastive")
         # The metric gate reads the run date's evaluation from MLflow.

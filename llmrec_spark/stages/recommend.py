@@ -37,6 +37,7 @@ from llmrec_spark.schema import (
     SOURCE_HYBRID,
     SOURCE_POPULAR,
     SOURCE_TEXT,
+    SOURCE_VAE,
 )
 from llmrec_spark.stages.gate import check_gate, count_gate, metric_gate
 from llmrec_spark.stages.publish import publish_run
@@ -51,6 +52,9 @@ SOURCE_OF_CODE = {
     POPULAR: SOURCE_POPULAR,
 }
 SOURCES = tuple(SOURCE_OF_CODE[code] for code in range(len(SOURCE_OF_CODE)))
+# Every value the `source` column takes: the codes' sources, and the VAE's for users without
+# an ALS factor scored by the Mult-VAE (`stages.vae_scoring`).
+ALL_SOURCES = (*SOURCES, SOURCE_VAE)
 _UNAVAILABLE = ("false", "0", "no", "n", "f")
 
 
@@ -152,6 +156,13 @@ def read_inputs(ctx: RunContext, started: float) -> StageInputs:
         exclude_categories=cfg.exclude_categories,
     ).cache()
     items_bc, matrices = broadcast_items(ctx, items)
+    if ctx.cfg.vae.enabled:  # the Mult-VAE beside ALS (`stages.vae_scoring`)
+        from llmrec_spark.stages import vae_scoring
+
+        items_bc.unpersist()
+        model_dir = vae_scoring.vae_model_dir(ctx)
+        matrices = vae_scoring.with_vae(matrices, model_dir, weight=ctx.cfg.vae.hybrid_weight)
+        items_bc = ctx.spark.sparkContext.broadcast(matrices)
     log.info(
         "recommend: %d items (%d eligible, %s ALS, %s text) broadcast after %.1fs",
         matrices.size,
@@ -167,6 +178,16 @@ def read_inputs(ctx: RunContext, started: float) -> StageInputs:
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.where(F.col("kind") == "user"),
     )
+    if matrices.second is not None:
+        user_rows = user_rows.join(
+            vae_scoring.vae_pairs(
+                window,
+                items.select("item_id", "item_idx"),
+                min_weight=ctx.cfg.als.min_weight,
+            ),
+            "user_id",
+            "left",
+        )
     seen = window.select("user_id", "item_id").distinct()
     return StageInputs(
         catalog, window, seen, items, matrices, items_bc, text_model, users, n_users, user_rows
@@ -256,7 +277,7 @@ def score_and_gate(
 
 
 def source_shares(recs: DataFrame | pd.DataFrame) -> tuple[int, dict[str, float]]:
-    """(rows, share of the rows per source present, in SOURCES order)."""
+    """(rows, share of the rows per source present, in ALL_SOURCES order)."""
     if isinstance(recs, pd.DataFrame):
         by_source = {k: int(v) for k, v in recs["source"].value_counts().items()}
     else:
@@ -264,7 +285,9 @@ def source_shares(recs: DataFrame | pd.DataFrame) -> tuple[int, dict[str, float]
             row["source"]: row["count"] for row in recs.groupBy("source").count().collect()
         }
     n_rows = sum(by_source.values())
-    return n_rows, {s: round(by_source.get(s, 0) / n_rows, 4) for s in SOURCES if by_source.get(s)}
+    return n_rows, {
+        s: round(by_source.get(s, 0) / n_rows, 4) for s in ALL_SOURCES if by_source.get(s)
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,7 +520,7 @@ def score_on_driver(
     job. For problems small enough that one Spark job with Python workers costs more than
     the scoring itself.
     """
-    columns = ["user_id", "als_features", "history"]
+    columns = scoring_columns(users)
     # A projection is one more round of analysis on the driver (~30 ms on 2 busy cores).
     frame = users if set(users.columns) == set(columns) else users.select(*columns)
     collected: pd.DataFrame = frame.toPandas()
@@ -555,10 +578,16 @@ def score_users(
                     )
                 yield frame
 
-    frame = users.select("user_id", "als_features", "history")
+    frame = users.select(*scoring_columns(users))
     if partitions:
         frame = frame.repartition(partitions)
     return frame.mapInPandas(score, schema=SCORED_SCHEMA)
+
+
+def scoring_columns(users: DataFrame) -> list[str]:
+    """The user frame's columns the scoring reads (the VAE's input too when it has it)."""
+    columns = ["user_id", "als_features", "history"]
+    return columns + [c for c in ("vae_items", "vae_weights") if c in users.columns]
 
 
 def score_block_frame(
@@ -579,7 +608,14 @@ def score_block_frame(
         np.asarray(h, dtype=np.int64) if h is not None else np.zeros(0, dtype=np.int64)
         for h in users["history"]
     ]
-    user_als, has_als = _stack_factors(users["als_features"], items)
+    vae_only = None
+    user_als: np.ndarray | None
+    if items.second is not None:  # the Mult-VAE beside ALS: mixed rows, the VAE's alone
+        from llmrec_spark.stages.vae_scoring import block_factors
+
+        user_als, has_als, vae_only = block_factors(users, items)
+    else:
+        user_als, has_als = _stack_factors(users["als_features"], items)
     indices, scores, codes = hybrid_top_n(
         user_als,
         has_als,
@@ -593,13 +629,16 @@ def score_block_frame(
     )
     keep = np.isfinite(scores)
     rows, cols = np.nonzero(keep)
+    sources = np.asarray(SOURCES, dtype=object)[codes[rows, cols]]
+    if vae_only is not None:  # a user without an ALS factor: the collaborative score is the VAE's
+        sources[vae_only[rows] & (codes[rows, cols] == ALS)] = SOURCE_VAE
     return pd.DataFrame(
         {
             "user_id": users["user_id"].to_numpy()[rows],
             "rank": (cols + 1).astype(np.int32),
             "item_id": items.item_ids[indices[rows, cols]],
             "score": scores[rows, cols].astype(np.float32),
-            "source": np.asarray(SOURCES, dtype=object)[codes[rows, cols]],
+            "source": sources,
         }
     )
 
@@ -705,9 +744,9 @@ def sample_lists(
 
 
 def sample_users(recs: DataFrame | pd.DataFrame, n_users: int) -> list[str]:
-    """`n_users` users of `recs`: the lowest id whose top-1 item has each source (in SOURCES
+    """`n_users` users of `recs`: the lowest id whose top-1 item has each source (in ALL_SOURCES
     order), then the lowest ids."""
-    order = {s: i for i, s in enumerate(SOURCES)}
+    order = {s: i for i, s in enumerate(ALL_SOURCES)}
     if isinstance(recs, DataFrame):
         firsts = recs.where(F.col("rank") == 1)
         by_source = {

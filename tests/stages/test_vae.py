@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -217,3 +218,88 @@ def test_bad_vae_settings_are_config_errors(cfg, settings, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         check_vae(dataclasses.replace(cfg.vae, **settings))
+
+
+def _saved_model(root, item_ids, seed=3):
+    from llmrec_spark.core.vae import MultVAE
+    from llmrec_spark.stages.vae_training import save_vae, write_item_ids
+
+    torch.manual_seed(seed)
+    model = MultVAE(len(item_ids), (6,), 3, 0.0).eval()
+    save_vae(model, str(root), {"ds": "2026-11-23"})
+    write_item_ids(str(root), item_ids)
+    return model
+
+
+def test_a_block_scores_als_users_with_both_models_and_users_without_a_factor_by_the_vae(
+    tmp_path,
+):
+    from llmrec_spark.core.hybrid import ItemMatrices, Mix
+    from llmrec_spark.core.zmix import z_scored_factors
+    from llmrec_spark.stages.recommend import score_block_frame
+    from llmrec_spark.stages.vae_scoring import with_vae
+
+    # Five catalog items; the model knows i1..i4 (i0 is new to it, and i4 has no ALS factor).
+    item_ids = np.array(["i0", "i1", "i2", "i3", "i4"], dtype=object)
+    model = _saved_model(tmp_path, ["i1", "i2", "i3", "i4"])
+    rng = np.random.default_rng(2)
+    als = rng.normal(size=(5, 2)).astype(np.float32)
+    als[4] = 0.0
+    matrices = ItemMatrices(
+        item_ids=item_ids,
+        eligible=np.ones(5, bool),
+        popularity=np.arange(5, dtype=np.float32),
+        categories=np.zeros(5, np.int32),
+        als=als,
+        has_als=np.array([True, True, True, True, False]),
+    )
+    mixed = with_vae(matrices, str(tmp_path), weight=0.5)
+    users = pd.DataFrame(
+        {
+            "user_id": ["u-als", "u-new"],
+            "als_features": [np.array([1.0, -0.5], np.float32), None],
+            "history": [np.array([1]), np.array([2])],
+            "vae_items": [np.array([1]), np.array([2])],  # item_idx in the catalog order
+            "vae_weights": [np.array([2.0], np.float32), np.array([3.0], np.float32)],
+        }
+    )
+    rows = score_block_frame(users, mixed, n=3, mix=Mix(0.0))
+    new_user = rows[rows["user_id"] == "u-new"]
+    # The new user's ranking is the VAE's own z-scores from their pairs (i2 at weight 3),
+    # 0 (the mean) for i0, which the model has no column for; the rows say "vae".
+    x = np.zeros((1, 4), np.float32)
+    x[0, 1] = 3.0
+    user_z, item_z = z_scored_factors(
+        user_vectors(model, x),
+        _aligned(model, item_ids),
+        np.array([False, True, True, True, True]),
+        np.ones(5, bool),
+    )
+    expected_new = (user_z @ item_z.T)[0]
+    expected_new[2] = -np.inf  # seen
+    assert new_user["item_id"].tolist() == [f"i{k}" for k in np.argsort(-expected_new)[:3]]
+    assert set(new_user["source"]) == {"vae"}
+    # The ALS user: ALS's z + 0.5 x the VAE's z, as evaluation's hybrid_vae scores it.
+    als_user = rows[rows["user_id"] == "u-als"]
+    x = np.zeros((1, 4), np.float32)
+    x[0, 0] = 2.0
+    vae_z = z_scored_factors(
+        user_vectors(model, x),
+        _aligned(model, item_ids),
+        np.array([False, True, True, True, True]),
+        np.ones(5, bool),
+    )
+    als_z = z_scored_factors(
+        np.array([[1.0, -0.5]], np.float32), als, matrices.has_als, np.ones(5, bool)
+    )
+    expected = (als_z[0] @ als_z[1].T + 0.5 * (vae_z[0] @ vae_z[1].T))[0]
+    expected[1] = -np.inf  # seen
+    order = [f"i{k}" for k in np.argsort(-expected, kind="stable")[:3]]
+    assert als_user["item_id"].tolist() == order
+    assert set(als_user["source"]) == {"als"}
+
+
+def _aligned(model, item_ids):
+    rows = np.zeros((len(item_ids), model.hidden_dim + 1), np.float32)
+    rows[1:] = item_vectors(model)
+    return rows
