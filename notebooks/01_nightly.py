@@ -1,8 +1,8 @@
 # Databricks notebook source
 # MAGIC %md
 # MAGIC # llmrec-spark: one nightly run
-# MAGIC Runs every stage for one date (clean, embed, train-als, train-contrastive, recommend,
-# MAGIC evaluate) and shows what it published. Parameters: `ds` (run date), `env` (config overlay).
+# MAGIC Runs every stage for one date (clean, embed, train-als, train-vae, train-contrastive,
+# MAGIC evaluate, recommend) and shows what it published. Parameters: `ds` (run date), `env` (config overlay).
 
 # COMMAND ----------
 

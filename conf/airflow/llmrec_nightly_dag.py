@@ -10,8 +10,9 @@ Airflow workers' environment:
 * LLMREC_DRIVER_PYTHON: the Python on the Airflow worker that has the wheel installed
 
 Same task graph as `llmrec nightly` (llmrec_spark.pipeline.runner): clean, embed, train-als,
-train-contrastive, evaluate, recommend. A second DAG, llmrec_weekly_evaluation, runs the
-refitted protocol suite (`llmrec evaluate-protocols`) on Sundays.
+train-vae (a skip unless vae.enabled), train-contrastive, evaluate, recommend. A second DAG,
+llmrec_weekly_evaluation, runs the refitted protocol suite (`llmrec evaluate-protocols`) on
+Sundays.
 `{{ ds }}` is the start of the daily data interval,
 i.e. the landing date that is complete when the run starts; catchup with one active run
 and depends_on_past replays missed nights oldest first, as `llmrec nightly` does.
@@ -81,6 +82,13 @@ with DAG(
         application_args=["--ds", "{{ ds }}", "--env", "cluster"],
         **SUBMIT,
     )
+    train_vae = SparkSubmitOperator(
+        task_id="train-vae",
+        name="llmrec-train-vae-{{ ds }}",
+        application=f"{LLMREC_HOME}/jobs/train_vae.py",
+        application_args=["--ds", "{{ ds }}", "--env", "cluster"],
+        **SUBMIT,
+    )
     train_contrastive = SparkSubmitOperator(
         task_id="train-contrastive",
         name="llmrec-train-contrastive-{{ ds }}",
@@ -103,7 +111,7 @@ with DAG(
         **SUBMIT,
     )
 
-    clean >> embed >> train_als >> train_contrastive >> evaluate >> recommend
+    clean >> embed >> train_als >> train_vae >> train_contrastive >> evaluate >> recommend
 
 
 with DAG(

@@ -169,7 +169,8 @@ def planted_taste_histories(
     """(each user's distinct item indices, ascending; their weights, integers 1-5 as float32).
 
     Items fall into `groups` taste groups; a user draws between half and 1.5x
-    `items_per_user` items, `in_group` of them from one group and the rest from all items."""
+    `items_per_user` distinct items, `in_group` of them from one group (as many as it has)
+    and the rest from the other items."""
     rng = np.random.default_rng(seed)
     group_of = rng.integers(0, groups, size=n_items)
     members = [np.flatnonzero(group_of == g) for g in range(groups)]
@@ -178,8 +179,9 @@ def planted_taste_histories(
         pool = members[rng.integers(groups)]
         size = int(rng.integers(items_per_user // 2, items_per_user * 3 // 2 + 1))
         own = rng.choice(pool, size=min(len(pool), round(size * in_group)), replace=False)
-        anywhere = rng.choice(n_items, size=size - len(own), replace=False)
-        items = np.unique(np.concatenate([own, anywhere])).astype(np.int64)
+        others = np.setdiff1d(np.arange(n_items), own, assume_unique=True)
+        anywhere = rng.choice(others, size=min(len(others), size - len(own)), replace=False)
+        items = np.sort(np.concatenate([own, anywhere])).astype(np.int64)
         histories.append(items)
         weights.append(rng.integers(1, 6, size=len(items)).astype(np.float32))
     return histories, weights

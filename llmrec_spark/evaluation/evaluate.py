@@ -240,7 +240,7 @@ def evaluate_events(
     params = _with_unslotted(params)
     anchor = _anchor_params(cfg, tuning)
 
-    def fit(protocol: str, seed: int, folder: str) -> Fitted:
+    def fit(protocol: str, seed: int, folder: str, vae: bool = True) -> Fitted:
         fitted = fit_split(
             ctx,
             make_split(events, protocol, cfg, seed=seed),
@@ -250,6 +250,7 @@ def evaluate_events(
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
             keep_pairs=anchor is not None,
+            vae=vae,
         )
         if anchor is None:
             return fitted
@@ -314,7 +315,7 @@ def _configured_params(cfg: Config) -> dict[str, Mix]:
 
 
 def _rank_protocols(
-    fit: Callable[[str, int, str], Fitted],
+    fit: Callable[[str, int, str, bool], Fitted],
     protocols: Sequence[str],
     params: dict[str, Mix],
     ks: Sequence[int],
@@ -326,7 +327,7 @@ def _rank_protocols(
     results = []
     draws: list[Draw] = []  # cold_item on other seeded picks of the cold items
     for protocol in protocols:
-        fitted = fit(protocol, cfg.seed, protocol)
+        fitted = fit(protocol, cfg.seed, protocol, True)
         if not any(len(r) for r in fitted.relevant):
             log.warning("evaluate: %s has no test users; skipped", protocol)
             continue
@@ -336,7 +337,7 @@ def _rank_protocols(
         log.info("evaluate: %s done (%.0fs so far)", protocol, time.perf_counter() - started)
     for k in range(1, cfg.cold_item_draws + 1 if draws else 0):
         seed = cfg.seed + 100 * k
-        fitted = fit("cold_item", seed, f"cold_item-draw-{seed}")
+        fitted = fit("cold_item", seed, f"cold_item-draw-{seed}", False)  # cold-only: no VAE
         draws.append(
             _draw(fitted, protocol_result(fitted, "cold_item", params=params, ks=[20]), seed)
         )

@@ -153,9 +153,11 @@ def fit_split(
     seed: int,
     tower: bool = True,
     keep_pairs: bool = False,
+    vae: bool = True,
 ) -> Fitted:
-    """Fit ALS and (with `tower`) the text tower on split.train; collect the test users (and
-    with `keep_pairs` every training pair, for the outside anchor)."""
+    """Fit ALS, (with `tower`) the text tower and (with `vae` and vae.enabled) the Mult-VAE on
+    split.train; collect the test users (and with `keep_pairs` every training pair, for the
+    outside anchor)."""
     train = split.train.cache()
     pairs = als.interactions(train, ctx.cfg.als.min_weight).cache()
     factors = als.fit_als(pairs, ctx.cfg.als)
@@ -170,7 +172,9 @@ def fit_split(
     tuned = None
     if tower and embeddings is not None and items.text is not None:
         tuned = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
-    vae_dir = vae_side.fit_vae_model(ctx, pairs, work_dir) if ctx.cfg.vae.enabled else None
+    vae_dir = None
+    if vae and ctx.cfg.vae.enabled:
+        vae_dir = vae_side.fit_vae_model(ctx, pairs, work_dir)
     return collect_split(
         ctx,
         split,

@@ -122,6 +122,7 @@ def tune_on_validation(
                 max_test_users=cfg.max_test_users,
                 seed=cfg.seed,
                 keep_pairs=cfg.implicit_anchor and protocol == "user_temporal",
+                vae=protocol == "user_temporal",  # hybrid_vae's weight is tuned there
             )
         validation[protocol] = fitted = only_items_in(fitted, dev_items)
         if protocol == "user_temporal" and cfg.implicit_anchor:
@@ -130,8 +131,7 @@ def tune_on_validation(
         if protocol == "user_temporal":
             picked, trials = _tune_warm(fitted, cfg, warm)
             warm |= {model: picked[model] for model in HYBRIDS}  # their cold_offset is 0.0
-            if fitted.vae is not None:
-                ctx, tuning["vae"] = _tune_vae_weight(ctx, fitted, picked["hybrid"])
+            ctx, trials = _tune_vae_weight(ctx, fitted, picked["hybrid"], trials)
         else:
             picked, trials = _tune_cold(fitted, validation["user_temporal"], cfg, warm, shipped)
         chosen |= picked
@@ -181,11 +181,13 @@ VAE_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
 
 
 def _tune_vae_weight(
-    ctx: RunContext, fitted: Fitted, hybrid: Mix
+    ctx: RunContext, fitted: Fitted, hybrid: Mix, trials: dict[str, Any]
 ) -> tuple[RunContext, dict[str, Any]]:
-    """vae.hybrid_weight with the best hybrid_vae NDCG@10 on the user_temporal validation
-    split (the hybrid's chosen mix; ties to the smaller weight); the context that ships it
-    and every trial's mean."""
+    """With the Mult-VAE on `fitted` (vae.enabled): vae.hybrid_weight with the best hybrid_vae
+    NDCG@10 on the user_temporal validation split (the hybrid's chosen mix; ties to the
+    smaller weight); the context that ships it and `trials` plus "vae" (every weight's mean)."""
+    if fitted.vae is None:
+        return ctx, trials
     means: dict[str, float] = {}
     for weight in VAE_WEIGHTS:
         values = ndcg_per_user(with_hybrid_weight(fitted, weight), "hybrid_vae", hybrid)
@@ -193,7 +195,7 @@ def _tune_vae_weight(
     best = max(VAE_WEIGHTS, key=lambda w: (means[str(w)], -w))
     log.info("evaluate: vae.hybrid_weight %s on validation (NDCG@10 %s)", best, means)
     cfg = dataclasses.replace(ctx.cfg, vae=dataclasses.replace(ctx.cfg.vae, hybrid_weight=best))
-    return dataclasses.replace(ctx, cfg=cfg), {"hybrid_weight": best, "trials": means}
+    return dataclasses.replace(ctx, cfg=cfg), {**trials, "vae": {"hybrid_weight": best, **means}}
 
 
 def _tune_cold(
@@ -335,6 +337,7 @@ def _tune_tower(
             work_dir=os.path.join(work_dir, "validation", f"tower-{temperature:g}"),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
+            vae=False,
         )
         return cold_only_recall(fitted, "text_finetuned", Mix(0.0))
 
@@ -365,6 +368,7 @@ def _tune_als(
         max_test_users=cfg.max_test_users,
         seed=cfg.seed,
         tower=False,
+        vae=False,
     )
     train = inner.train.cache()
 

@@ -92,6 +92,7 @@ def test_nightly_under_local_cluster_publishes_the_recommendations(cluster_night
         "clean",
         "embed",
         "train-als",
+        "train-vae",
         "train-contrastive",
         "recommend",
         "evaluate",

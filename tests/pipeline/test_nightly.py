@@ -49,7 +49,14 @@ def nightly(spark, tmp_path_factory):
 def test_every_stage_ran_and_reconciled(nightly):
     cfg, summary = nightly
     stages = [r.stage for r in summary.records]
-    assert stages[-5:] == ["embed", "train-als", "train-contrastive", "evaluate", "recommend"]
+    assert stages[-6:] == [
+        "embed",
+        "train-als",
+        "train-vae",
+        "train-contrastive",
+        "evaluate",
+        "recommend",
+    ]
     cleaned = [r.ds for r in summary.records if r.stage == "clean"]
     assert cleaned == ["2026-11-21", "2026-11-22", "2026-11-23"]
     for record in summary.records:

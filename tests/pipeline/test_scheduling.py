@@ -22,7 +22,7 @@ CONF = PROJECT / "conf"
 BUNDLE = CONF / "bundle" / "databricks.yml"
 DAG_FILE = CONF / "airflow" / "llmrec_nightly_dag.py"
 STAGE_ORDER = ["clean", *NIGHTLY_AFTER_CLEAN]
-GPU_STAGES = {"embed", "train-contrastive"}
+GPU_STAGES = {"embed", "train-vae", "train-contrastive"}
 
 
 def topological_order(edges: dict[str, set[str]]) -> list[str]:
