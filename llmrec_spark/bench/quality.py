@@ -355,7 +355,12 @@ def _nan(value: Any) -> bool:
 # The Mult-VAE on sets of ~1,000 users: the paper's architecture (600 -> 200) and dropout,
 # 50 epochs of 128 users per process, the KL weight annealed to 0.5 over 200 steps
 # (docs/2026-12-06-mult-vae.md: chosen on the development parts' validation splits).
-VAE_SETTINGS: dict[str, Any] = {"epochs": 50, "batch_size": 128, "beta_cap": 0.5, "anneal_steps": 200}
+VAE_SETTINGS: dict[str, Any] = {
+    "epochs": 50,
+    "batch_size": 128,
+    "beta_cap": 0.5,
+    "anneal_steps": 200,
+}
 # The figures the bench reports with their 95% user-bootstrap intervals: (protocol, view, metric).
 INTERVAL_FIGURES = (
     ("user_temporal", "warm", "ndcg@10"),

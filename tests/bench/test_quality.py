@@ -264,7 +264,9 @@ def test_quality_bench_on_a_tiny_movielens_reports_every_protocol(spark, tmp_pat
         "als_recent",
         "hybrid",
         "hybrid_frozen",
+        "hybrid_vae",  # mixes as the hybrid does, with the VAE beside ALS
     } | ({"hybrid_no_slots"} if hybrid["new_item_slots"] else set())
+    assert result["hybrid_params"]["hybrid_vae"] == hybrid
     # The new-item slots were chosen on the bench's grid, in a list of recommend.top_n.
     assert hybrid["new_item_slots"] in (0, 1, 2, 3, 5) and hybrid["list_length"] == 20
     assert len(result["validation"]["cold_item.new_item_slots"]) == 1 + 4 * 5
@@ -282,6 +284,24 @@ def test_quality_bench_on_a_tiny_movielens_reports_every_protocol(spark, tmp_pat
     # ALS cannot rank a cold item: it has only the mixed view's numbers; nor can the anchor.
     assert set(cold["als"]) == {"mixed_ndcg@10", "mixed_cold_recall@20"}
     assert set(cold["implicit_als"]) == {"mixed_ndcg@10", "mixed_cold_recall@20"}
+    # The Mult-VAE: ranked beside ALS everywhere, alone only on warm and mixed lists; its
+    # weight in hybrid_vae chosen on validation; every claim with its paired interval.
+    assert {"vae", "hybrid_vae"} <= set(warm)
+    assert set(cold["vae"]) == {"mixed_ndcg@10", "mixed_cold_recall@20"}
+    assert "hybrid_vae" in cold and "vae" not in result["cold_item_draws"]["recall@20"]
+    vae = result["validation"]["vae"]
+    assert vae["hybrid_weight"] in (0.25, 0.5, 1.0, 2.0)
+    assert vae[str(vae["hybrid_weight"])] == max(vae[str(w)] for w in (0.25, 0.5, 1.0, 2.0))
+    for claim in (
+        "user_temporal.warm.ndcg@10: vae - als",
+        "user_temporal.warm.ndcg@10: hybrid_vae - hybrid",
+    ):
+        mean, low, high = result["paired"][claim]
+        assert low <= mean <= high, claim
+    mean, _, _ = result["paired"]["user_temporal.warm.ndcg@10: vae - als"]
+    assert mean == pytest.approx(warm["vae"]["ndcg@10"] - warm["als"]["ndcg@10"], abs=2e-4)
+    checks = {c["check"]: c for c in result["bar"]}
+    assert checks["user_temporal vae ndcg@10 >= 1.0x als"]["value"] == warm["vae"]["ndcg@10"]
     assert {"recall@20", "ndcg@20", "mixed_ndcg@10"} <= set(cold["text_finetuned"])
 
     draws = result["cold_item_draws"]

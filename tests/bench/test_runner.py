@@ -26,6 +26,7 @@ def test_list_names_every_benchmark_without_importing_any(cfg, monkeypatch):
             "quality",
             "topn",
             "tower-warm",
+            "vae",
         ]
     }
     # A module that does not exist cannot break `list`: it is imported only to run.
@@ -38,7 +39,7 @@ def test_an_unknown_name_is_an_input_error_that_lists_the_known_ones(cfg, tmp_pa
         runner.run_benchmark("nope", cfg, out_dir=str(tmp_path))
     assert str(error.value) == (
         "unknown benchmark 'nope'; available: "
-        "als, clean, cores, delta-write, distributor, embed, nightly, quality, topn, tower-warm"
+        "als, clean, cores, delta-write, distributor, embed, nightly, quality, topn, tower-warm, vae"
     )
     assert list(tmp_path.iterdir()) == []
 
