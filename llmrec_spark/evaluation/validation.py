@@ -101,8 +101,7 @@ def tune_on_validation(
     fitted_cold: Fitted | None = None  # the tower search's fit of the cold_item validation split
     if cfg.tune_tower_temperatures and "cold_item" in protocols and frozen is not None:
         ctx, tuning["tower"], fitted_cold = _tune_tower(ctx, dev, catalog, frozen, work_dir)
-    # The catalog's items that have events in the development part: the others (the test
-    # splits' cold items, items whose every event is held out) do not exist in it.
+    # Items with events in the development part (not the test splits' cold items, say).
     dev_items = {r["item_id"] for r in dev.select("item_id").distinct().collect()}
     validation: dict[str, Fitted] = {}
     for protocol in ("user_temporal", "cold_item"):
