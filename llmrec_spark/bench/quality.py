@@ -353,7 +353,7 @@ def _nan(value: Any) -> bool:
 
 
 # The Mult-VAE on sets of ~1,000 users: the paper's architecture (600 -> 200) and dropout,
-# 50 epochs of 128 users per process, the KL weight annealed to 0.5 over 200 steps
+# 50 epochs of 64 users per process and step, the KL weight annealed to 0.5 over 200 steps
 # (docs/2026-12-06-mult-vae.md: chosen on the development parts' validation splits).
 VAE_SETTINGS: dict[str, Any] = {
     "epochs": 50,
