@@ -110,6 +110,7 @@ def mixed_factors(fitted: Fitted, side: SideFactors) -> Fitted:
         has_als=m.has_als | side.has_item,
         text=None,
         has_text=None,
+        recent_columns=m.als.shape[1],
     )
     return dataclasses.replace(fitted, items=items, user_als=user_rows, user_has_als=has_user)
 

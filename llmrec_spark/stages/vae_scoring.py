@@ -69,6 +69,7 @@ def with_vae(matrices: ItemMatrices, model_dir: str, *, weight: float) -> ItemMa
         als=mixed_item_rows(als, has_als, rows, has_item),
         has_als=has_als | has_item,
         second=second,
+        recent_columns=als.shape[1],
     )
 
 

@@ -49,3 +49,44 @@ def test_mixed_rows_score_als_z_plus_weight_times_second_z_and_the_second_alone_
     np.testing.assert_allclose(scores[0], als_z + 0.5 * second_z, atol=1e-5)
     np.testing.assert_allclose(scores[1], second_z, atol=1e-5)  # no ALS factor: weight 1
     assert has.tolist() == [True, True]
+
+
+def test_with_the_second_model_at_weight_zero_the_hybrid_ranks_as_with_als_alone():
+    # The recent-items term reads ALS's own columns of the mixed rows (recent_columns): the
+    # second model at weight 0 changes nothing, recent term included.
+    import dataclasses
+
+    from llmrec_spark.core.hybrid import ItemMatrices, Mix, hybrid_top_n
+
+    rng = np.random.default_rng(4)
+    n, rank = 30, 4
+    als = rng.normal(size=(n, rank)).astype(np.float32)
+    second = rng.normal(size=(n, 7)).astype(np.float32)
+    has = np.ones(n, bool)
+    items = ItemMatrices(
+        item_ids=np.array([f"i{k:02d}" for k in range(n)], dtype=object),
+        eligible=has,
+        popularity=np.zeros(n, np.float32),
+        categories=np.zeros(n, np.int32),
+        als=als,
+        has_als=has,
+    )
+    users = rng.normal(size=(3, rank)).astype(np.float32)
+    histories = [np.array([0, 5, 9]), np.array([2]), np.array([7, 8])]
+    mix = Mix(0.0, recent_weight=0.5, recent_half_life=3.0)
+    plain, plain_scores, _ = hybrid_top_n(users, np.ones(3, bool), histories, items, n=10, mix=mix)
+    user_rows, user_has = mixed_user_rows(
+        users,
+        np.ones(3, bool),
+        rng.normal(size=(3, 7)).astype(np.float32),
+        np.ones(3, bool),
+        als_totals=item_totals(als, has),
+        second_totals=item_totals(second, has),
+        weight=0.0,
+    )
+    mixed = dataclasses.replace(
+        items, als=mixed_item_rows(als, has, second, has), recent_columns=rank
+    )
+    got, got_scores, _ = hybrid_top_n(user_rows, user_has, histories, mixed, n=10, mix=mix)
+    np.testing.assert_array_equal(got, plain)
+    np.testing.assert_allclose(got_scores, plain_scores, atol=1e-4)

@@ -34,6 +34,12 @@ TINY = [
     "contrastive.out_dim=32",
     f"recommend.top_n={TOP_N}",
     "evaluate.bootstrap_samples=20",
+    # The Mult-VAE on (off by default): trained, measured and mixed into the scores.
+    "vae.enabled=true",
+    "vae.hidden_dim=32",
+    "vae.latent_dim=8",
+    "vae.epochs=3",
+    "vae.batch_size=16",
 ]
 
 
@@ -177,3 +183,12 @@ def test_nightly_measures_the_trained_models_on_the_events_training_left_out(spa
     test_users = split.test.select("user_id").distinct().count()
     assert 0 < evaluation.summary["test_users"] == test_users
     assert "hybrid.ndcg@10" in evaluation.metrics and "als.ndcg@10" in evaluation.metrics
+    # The night's Mult-VAE, trained on the same pairs as ALS, ranked alone and in the hybrid.
+    assert (
+        records["train-vae"].result.rows_in
+        == interactions(training_events(ctx, cfg.als.train_days))
+        .select("user_id")
+        .distinct()
+        .count()
+    )
+    assert {"vae.ndcg@10", "hybrid_vae.ndcg@10"} <= set(evaluation.metrics)
