@@ -39,6 +39,7 @@ from llmrec_spark.evaluation.report import (
     find_view,
     report_summary,
 )
+from llmrec_spark.evaluation.validation import VAE_WEIGHTS
 from llmrec_spark.io.datasets import (
     AMAZON,
     MOVIELENS_LAYOUTS,
@@ -513,6 +514,9 @@ def grid_edges(evaluation: Evaluation, cfg: Config) -> list[str]:
     for key in ("als", "implicit_als", "tower"):
         record = evaluation.tuning.get(key) or {}
         edges += [f"{key}.{axis}={record[axis]}" for axis in record.get("at_edge", [])]
+    weight = (evaluation.tuning.get("vae") or {}).get("hybrid_weight")
+    if weight is not None and weight in (min(VAE_WEIGHTS), max(VAE_WEIGHTS)):
+        edges.append(f"vae.hybrid_weight={weight:g}")
     return edges
 
 

@@ -176,7 +176,7 @@ def _tune_warm(
 
 
 # hybrid_vae: the VAE's z-score weights tried beside ALS's on user_temporal validation.
-VAE_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+VAE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 def _tune_vae_weight(
