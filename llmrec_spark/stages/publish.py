@@ -32,7 +32,11 @@ PROP_GATE_METRIC_VALUE = "llmrec.gate_metric_value"
 PROP_EVENTS_THROUGH = "llmrec.events_through"
 PROP_STALE_INPUTS = "llmrec.stale_inputs"
 # registered artifact -> key of its registered model version ("llmrec-als/3")
-PROP_REGISTERED = {"als_model": "llmrec.als_model", "text_tower": "llmrec.text_tower_model"}
+PROP_REGISTERED = {
+    "als_model": "llmrec.als_model",
+    "text_tower": "llmrec.text_tower_model",
+    "vae_model": "llmrec.vae_model",
+}
 
 
 def publish_run(

@@ -123,6 +123,9 @@ def test_rerun_same_date_is_idempotent(spark, nightly):
     since = [h for h in DeltaTable(table).history() if h["version"] > before_version]
     assert [h["operation"] for h in since] == ["WRITE"]
     assert since[0]["llmrec.ds"] == DS
+    # ... and the models it was scored with, the Mult-VAE among them.
+    assert since[0]["llmrec.vae_model"].startswith("llmrec-vae/")
+    assert since[0]["llmrec.als_model"].startswith("llmrec-als/")
     after = (
         ctx.store.read("recommendations", where={"ds": DS})
         .select("user_id", "rank", "item_id")

@@ -151,3 +151,13 @@ def test_publish_serves_the_newest_date_and_applies_retention(spark, store, tmp_
             for r in store.read("recommendations", where={"ds": "2026-11-21"}).collect()
         }
     ) == ["m1b"]
+
+
+def test_every_registered_model_has_a_key_in_the_published_commit():
+    # A stage that registers a model names it in the publish's metadata; a registered model
+    # without a key failed the publish (KeyError) after the night's scores were computed.
+    from llmrec_spark.runtime.registry import REGISTERED_ARTIFACTS
+    from llmrec_spark.stages.publish import PROP_REGISTERED
+
+    assert set(PROP_REGISTERED) == set(REGISTERED_ARTIFACTS)
+    assert PROP_REGISTERED["vae_model"] == "llmrec.vae_model"
