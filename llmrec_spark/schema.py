@@ -21,7 +21,10 @@ SOURCE_ALS = "als"
 SOURCE_TEXT = "text"
 SOURCE_HYBRID = "hybrid"
 SOURCE_POPULAR = "popular"
-SOURCE_VAE = "vae"  # the Mult-VAE alone: a user without an ALS factor (vae.enabled)
+# A user without an ALS factor scored by the Mult-VAE (vae.enabled): its score alone, or mixed
+# with the text score (where "als" and "hybrid" stand for the others).
+SOURCE_VAE = "vae"
+SOURCE_VAE_HYBRID = "hybrid_vae"
 
 # Raw event as it arrives in the landing zone (JSON lines). Everything is a string or
 # number that may be wrong; validation happens in the clean stage.

@@ -38,6 +38,7 @@ from llmrec_spark.schema import (
     SOURCE_POPULAR,
     SOURCE_TEXT,
     SOURCE_VAE,
+    SOURCE_VAE_HYBRID,
 )
 from llmrec_spark.stages.gate import check_gate, count_gate, metric_gate
 from llmrec_spark.stages.publish import publish_run
@@ -52,9 +53,9 @@ SOURCE_OF_CODE = {
     POPULAR: SOURCE_POPULAR,
 }
 SOURCES = tuple(SOURCE_OF_CODE[code] for code in range(len(SOURCE_OF_CODE)))
-# Every value the `source` column takes: the codes' sources, and the VAE's for users without
-# an ALS factor scored by the Mult-VAE (`stages.vae_scoring`).
-ALL_SOURCES = (*SOURCES, SOURCE_VAE)
+# Every value the `source` column takes: the codes' sources, and the VAE's two for users
+# without an ALS factor scored by the Mult-VAE (`stages.vae_scoring`).
+ALL_SOURCES = (*SOURCES, SOURCE_VAE, SOURCE_VAE_HYBRID)
 _UNAVAILABLE = ("false", "0", "no", "n", "f")
 
 
@@ -631,7 +632,9 @@ def score_block_frame(
     rows, cols = np.nonzero(keep)
     sources = np.asarray(SOURCES, dtype=object)[codes[rows, cols]]
     if vae_only is not None:  # a user without an ALS factor: the collaborative score is the VAE's
-        sources[vae_only[rows] & (codes[rows, cols] == ALS)] = SOURCE_VAE
+        by_vae = vae_only[rows]
+        sources[by_vae & (codes[rows, cols] == ALS)] = SOURCE_VAE
+        sources[by_vae & (codes[rows, cols] == HYBRID)] = SOURCE_VAE_HYBRID
     return pd.DataFrame(
         {
             "user_id": users["user_id"].to_numpy()[rows],

@@ -298,6 +298,15 @@ def test_a_block_scores_als_users_with_both_models_and_users_without_a_factor_by
     assert als_user["item_id"].tolist() == order
     assert set(als_user["source"]) == {"als"}
 
+    # With text on every item, the new user's items are scored by the VAE and text together:
+    # "hybrid_vae", where a user with an ALS factor gets "hybrid".
+    text = rng.normal(size=(5, 3)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    with_text = dataclasses.replace(mixed, text=text, has_text=np.ones(5, bool))
+    rows = score_block_frame(users, with_text, n=3, mix=Mix(0.5))
+    assert set(rows.loc[rows["user_id"] == "u-new", "source"]) == {"hybrid_vae"}
+    assert set(rows.loc[rows["user_id"] == "u-als", "source"]) == {"hybrid"}
+
 
 def _aligned(model, item_ids):
     rows = np.zeros((len(item_ids), model.hidden_dim + 1), np.float32)
