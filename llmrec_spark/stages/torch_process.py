@@ -9,6 +9,7 @@ group and leaves it cleanly.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -118,6 +119,26 @@ def load_checkpoint(path: str, fingerprint: str, device: torch.device) -> dict[s
         log.warning("ignoring checkpoint %s: trained on other data or settings", path)
         return None
     return state
+
+
+def save_weights(
+    module: torch.nn.Module,
+    output_dir: str,
+    *,
+    weights: str,
+    config: dict[str, Any],
+    save_file: Any = None,
+) -> str:
+    """Write the module's state as safetensors (`weights`) and `config` as config.json under
+    output_dir; returns output_dir."""
+    if save_file is None:
+        from safetensors.torch import save_file
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, os.path.join(output_dir, weights))
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return output_dir
 
 
 class RankZeroMetrics:

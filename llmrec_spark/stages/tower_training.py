@@ -36,6 +36,7 @@ from llmrec_spark.stages.torch_process import (
     load_checkpoint,
     quiet_petastorm,
     save_checkpoint,
+    save_weights,
     training_place,
 )
 
@@ -368,14 +369,8 @@ def save_head(
     head: TextTowerHead | EnsembleHead, output_dir: str, metadata: dict[str, Any], save_file=None
 ) -> str:
     """Write head.safetensors and config.json (dims plus `metadata`) under output_dir; return it."""
-    if save_file is None:
-        from safetensors.torch import save_file
-    os.makedirs(output_dir, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(tensors, os.path.join(output_dir, HEAD_WEIGHTS))
-    with open(os.path.join(output_dir, HEAD_CONFIG), "w") as f:
-        json.dump({**head.config(), **metadata}, f, indent=2, sort_keys=True)
-    return output_dir
+    config = {**head.config(), **metadata}
+    return save_weights(head, output_dir, weights=HEAD_WEIGHTS, config=config, save_file=save_file)
 
 
 def load_head(head_dir: str) -> TextTowerHead | EnsembleHead:

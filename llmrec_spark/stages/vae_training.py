@@ -29,6 +29,7 @@ from llmrec_spark.stages.torch_process import (
     load_checkpoint,
     quiet_petastorm,
     save_checkpoint,
+    save_weights,
     training_place,
 )
 
@@ -220,14 +221,8 @@ def save_vae(
     model: MultVAE, output_dir: str, metadata: dict[str, Any], save_file: Any = None
 ) -> str:
     """Write vae.safetensors and config.json (sizes plus `metadata`) under output_dir."""
-    if save_file is None:
-        from safetensors.torch import save_file
-    os.makedirs(output_dir, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(output_dir, VAE_WEIGHTS))
-    with open(os.path.join(output_dir, VAE_CONFIG), "w") as f:
-        json.dump({**model.config(), **metadata}, f, indent=2, sort_keys=True)
-    return output_dir
+    config = {**model.config(), **metadata}
+    return save_weights(model, output_dir, weights=VAE_WEIGHTS, config=config, save_file=save_file)
 
 
 def write_item_ids(output_dir: str, item_ids: list[str]) -> None:
