@@ -100,7 +100,7 @@ def test_stages_refuse_stale_inputs_unless_allowed(project):
     assert publish_metadata(lake / "recommendations_latest")["llmrec.ds"] == FIRST
 
     # With the override the stages run on the older inputs, and say so everywhere.
-    for stage in ("embed", "train-als", "train-contrastive", "evaluate", "recommend"):
+    for stage in ("embed", "train-als", "train-vae", "train-contrastive", "evaluate", "recommend"):
         result = llmrec(project, stage, "--allow-stale", ds=LATER)
         assert result.returncode == 0, (stage, result.stderr[-3000:])
         assert "using stale inputs" in result.stderr, stage
