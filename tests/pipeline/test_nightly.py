@@ -92,7 +92,12 @@ def test_published_table_content(spark, nightly):
         assert not (set(rows["item_id"]) & seen.get(user, set())), f"{user} got a seen item"
         scores = rows["score"].tolist()
         assert all(a >= b for a, b in zip(scores, scores[1:], strict=False)), user
-    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular"}
+    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular", "vae", "hybrid_vae"}
+    # The VAE's sources mark exactly the users scored without an ALS factor (a holdout user
+    # whose every event was held out, say).
+    factors = ctx.store.read("als_factors", where={"ds": DS}).where("kind = 'user'").toPandas()
+    by_vae = set(recs.loc[recs["source"].isin(["vae", "hybrid_vae"]), "user_id"])
+    assert not by_vae & set(factors["id"])
     assert (recs["model_version"] == summary.mlflow_run_id).all()
     catalog = set(ctx.store.read("items").select("item_id").toPandas()["item_id"])
     assert set(recs["item_id"]) <= catalog
