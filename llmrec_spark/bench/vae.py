@@ -4,7 +4,7 @@ its scoring of all users against a plain numpy forward pass of the same model.
 Training: planted taste-group users become the stage's padded rows (`stages.vae.user_rows`,
 `padded_rows`, `shuffle_users`) in petastorm files, once, outside the timing. Both sides then
 run `vae_training.train_vae` in 2 gloo processes with the same config on those files:
-TorchDistributor(local_mode=True) as `stages.vae.run_distributed` runs it, and `python -m
+TorchDistributor(local_mode=True) as `stages.contrastive.train_on_petastorm` runs it, and `python -m
 torch.distributed.run --standalone --nproc_per_node 2 -m llmrec_spark.bench.vae CONFIG.json`,
 whose workers rebuild the converter from the JSON. The sides alternate (d, t, d, t).
 
@@ -62,7 +62,7 @@ SETTINGS = (
 SIDES = {
     "distributor": (
         "CheckedTorchDistributor(num_processes=2, local_mode=True, use_gpu=False)"
-        ".run(vae_training.train_vae, config), as stages.vae.run_distributed runs it "
+        ".run(vae_training.train_vae, config), as stages.contrastive.train_on_petastorm runs it "
         "(pyspark's TorchDistributor with torchrun's exit status checked)"
     ),
     "torchrun": (

@@ -13,7 +13,6 @@ second training; the full protocol suite (refits per protocol, cold items, the a
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 from pyspark.sql import DataFrame
@@ -23,7 +22,7 @@ from llmrec_spark.core.hybrid import ItemMatrices
 from llmrec_spark.evaluation.refit import Fitted, collect_split
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
-from llmrec_spark.stages.vae_training import VAE_WEIGHTS
+from llmrec_spark.stages.vae import saved_vae_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,8 @@ def _published_vae(ctx: RunContext) -> str | None:
     """The Mult-VAE train-vae saved for ctx.ds, or None (vae.enabled off, or none saved)."""
     if not ctx.cfg.vae.enabled:
         return None
-    model_dir = os.path.join(ctx.model_dir("vae"), "model")
-    if not os.path.exists(os.path.join(model_dir, VAE_WEIGHTS)):
+    model_dir = saved_vae_dir(ctx)
+    if model_dir is None:
         log.warning("evaluate: no Mult-VAE trained for %s; vae and hybrid_vae skipped", ctx.ds)
         return None
     return model_dir

@@ -85,9 +85,7 @@ class Fitted:
                 self, items=items, user_als=side.user_factors, user_has_als=side.has_user
             )
         if model == "hybrid_vae" and self.vae is not None and self.user_als is not None:
-            from llmrec_spark.evaluation.vae_side import mixed_factors
-
-            return mixed_factors(self, self.vae)
+            return vae_side.mixed_factors(self, self.vae)
         return self
 
     def variant(self, model: str) -> ItemMatrices | None:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -618,7 +618,32 @@ def _run_distributed(
     cache_url: str,
     paths: dict[str, Any],
 ) -> dict[str, Any]:
-    """Materialise the examples with petastorm and run `train_text_tower` under TorchDistributor.
+    """`train_text_tower` on the examples under TorchDistributor (`train_on_petastorm`)."""
+    return train_on_petastorm(
+        ctx,
+        examples,
+        train_text_tower,
+        {**paths, **training_config(cfg, device)},
+        label="text tower",
+        num_processes=num_processes,
+        device=device,
+        cache_url=cache_url,
+    )
+
+
+def train_on_petastorm(
+    ctx: RunContext,
+    rows: DataFrame,
+    train_fn: Callable[[dict[str, Any]], Any],
+    config: dict[str, Any],
+    *,
+    label: str,
+    num_processes: int,
+    device: str,
+    cache_url: str,
+) -> dict[str, Any]:
+    """Materialise `rows` with petastorm and run `train_fn` under TorchDistributor on `config`
+    plus the converter and the stage's MLflow run; returns the training summary.
 
     A training process that exits non-zero raises TrainingProcessError (CheckedTorchDistributor).
     """
@@ -626,31 +651,28 @@ def _run_distributed(
     from llmrec_spark.runtime.tracking import tracking_uri
 
     ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
-    converter = spark_converter(examples)
+    converter = spark_converter(rows)
     try:
         # petastorm shards by file/row group: every process needs at least one.
         if len(converter.file_urls) < num_processes:
             log.warning(
-                "contrastive: %d data files for %d processes; training with %d",
+                "%s: %d data files for %d processes; training with %d",
+                label,
                 len(converter.file_urls),
                 num_processes,
                 len(converter.file_urls),
             )
             num_processes = len(converter.file_urls)
         config = {
-            **paths,
+            **config,
             "converter": converter,
-            **training_config(cfg, device),
             "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
             "mlflow_run_id": ctx.stage_run_id,
         }
         distributor = CheckedTorchDistributor(
-            label="text tower",
-            num_processes=num_processes,
-            local_mode=True,
-            use_gpu=device == "cuda",
+            label=label, num_processes=num_processes, local_mode=True, use_gpu=device == "cuda"
         )
-        output = distributor.run(train_text_tower, config)
+        output = distributor.run(train_fn, config)
         if not isinstance(output, dict):
             raise RuntimeError(
                 f"TorchDistributor returned {type(output).__name__}, not the training summary"

@@ -29,10 +29,9 @@ from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
 from llmrec_spark.stages.als import interactions, training_events
 from llmrec_spark.stages.contrastive import (
-    PETASTORM_CACHE_CONF,
     cache_dir_url,
     process_count,
-    spark_converter,
+    train_on_petastorm,
     training_device,
 )
 from llmrec_spark.stages.tower_training import file_digest
@@ -40,6 +39,8 @@ from llmrec_spark.stages.vae_training import VAE_WEIGHTS, train_vae, write_item_
 
 log = logging.getLogger(__name__)
 
+# The trained model's folder under the stage's work folder (weights, config, item ids).
+MODEL_FOLDER = "model"
 # Users per training-data file; petastorm shards files/row groups across ranks.
 USERS_PER_FILE = 20_000
 
@@ -155,7 +156,7 @@ def fit_vae(
     check_vae(cfg)
     device = training_device(ctx, cfg.device, "vae")
     num_processes = process_count(cfg.num_processes, device)
-    model_dir = os.path.join(work_dir, "model")
+    model_dir = os.path.join(work_dir, MODEL_FOLDER)
     index = dense_index(pairs.select("item_id").distinct(), "item_idx", "item_id").cache()
     item_ids = [row["item_id"] for row in index.orderBy("item_idx").collect()]
     rows = user_rows(pairs.join(index, "item_id"), max_items=cfg.max_items).cache()
@@ -184,10 +185,13 @@ def fit_vae(
     )  # fmt: skip
     write_item_ids(model_dir, item_ids)
     try:
-        output = run_distributed(
+        output = train_on_petastorm(
             ctx,
             shuffled,
-            num_processes,
+            train_vae,
+            label="vae",
+            num_processes=num_processes,
+            device=device,
             cache_url=cache_dir_url(os.path.join(work_dir, "petastorm")),
             config={
                 **training_config(cfg, device, len(item_ids)),
@@ -221,43 +225,10 @@ def _fingerprint(cfg: VaeConfig, item_ids: list[str], signature: int, n_users: i
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_distributed(
-    ctx: RunContext, rows: DataFrame, num_processes: int, *, cache_url: str, config: dict[str, Any]
-) -> dict[str, Any]:
-    """Materialise `rows` with petastorm and run `train_vae` under TorchDistributor.
-
-    A training process that exits non-zero raises TrainingProcessError (CheckedTorchDistributor).
-    """
-    from llmrec_spark.runtime.distributor import CheckedTorchDistributor
-    from llmrec_spark.runtime.tracking import tracking_uri
-
-    ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
-    converter = spark_converter(rows)
-    try:
-        # petastorm shards by file/row group: every process needs at least one.
-        num_processes = min(num_processes, len(converter.file_urls))
-        distributor = CheckedTorchDistributor(
-            label="vae",
-            num_processes=num_processes,
-            local_mode=True,
-            use_gpu=config["device"] == "cuda",
-        )
-        output = distributor.run(
-            train_vae,
-            {
-                **config,
-                "converter": converter,
-                "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
-                "mlflow_run_id": ctx.stage_run_id,
-            },
-        )
-        if not isinstance(output, dict):
-            raise RuntimeError(
-                f"TorchDistributor returned {type(output).__name__}, not the training summary"
-            )
-        return output
-    finally:
-        converter.delete()
+def saved_vae_dir(ctx: RunContext) -> str | None:
+    """The folder of the Mult-VAE train-vae saved for ctx.ds, or None when there is none."""
+    model_dir = os.path.join(ctx.model_dir("vae"), MODEL_FOLDER)
+    return model_dir if os.path.exists(os.path.join(model_dir, VAE_WEIGHTS)) else None
 
 
 def model_digest(model_dir: str) -> str:

@@ -11,7 +11,6 @@ one (new since training) the VAE's alone, and the rows say `source = "vae"`.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,7 @@ from llmrec_spark.core.vae import item_vectors
 from llmrec_spark.core.zmix import SecondFactors, mixed_item_rows, mixed_user_rows
 from llmrec_spark.errors import InputError
 from llmrec_spark.runtime.context import RunContext
-from llmrec_spark.stages.vae_training import VAE_WEIGHTS, load_vae, vae_scorer
+from llmrec_spark.stages.vae_training import load_vae, vae_scorer
 
 # The user frame's columns of the VAE's input (`vae_pairs`).
 VAE_COLUMNS = ("vae_items", "vae_weights")
@@ -31,8 +30,10 @@ VAE_COLUMNS = ("vae_items", "vae_weights")
 
 def vae_model_dir(ctx: RunContext) -> str:
     """The Mult-VAE train-vae saved for ctx.ds; InputError naming the stage when there is none."""
-    model_dir = os.path.join(ctx.model_dir("vae"), "model")
-    if not os.path.exists(os.path.join(model_dir, VAE_WEIGHTS)):
+    from llmrec_spark.stages.vae import saved_vae_dir
+
+    model_dir = saved_vae_dir(ctx)
+    if model_dir is None:
         raise InputError(
             f"vae.enabled but no Mult-VAE was trained for ds={ctx.ds}; run "
             f"`llmrec train-vae --ds {ctx.ds}` first (or set vae.enabled=false)"
