@@ -85,7 +85,8 @@ def test_nightly_under_local_cluster_publishes_the_recommendations(cluster_night
         assert not set(rows["item_id"]) & seen.get(user, set()), f"{user} got a seen item"
         assert rows["score"].is_monotonic_decreasing, user
     assert set(recs["item_id"]) <= catalog
-    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular"}
+    # vae / hybrid_vae: users without an ALS factor, scored by the Mult-VAE (TINY turns it on).
+    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular", "vae", "hybrid_vae"}
     runs = _delta_frame(lake / "pipeline_runs")
     assert (runs["status"] == "ok").all()
     assert set(runs["stage"]) == {
