@@ -29,7 +29,7 @@ EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")
 # Metric names of core.metrics.METRIC_FUNCTIONS, for als.search.metric ("ndcg@10").
 RANKING_METRICS = ("precision", "recall", "f1", "ndcg", "map", "hit_rate")
 # Evaluation protocols (evaluate.protocols); stages.splits imports them.
-EVALUATE_PROTOCOLS = ("user_temporal", "cold_item", "global_temporal")
+EVALUATE_PROTOCOLS = ("user_temporal", "cold_item", "global_temporal", "cold_user")
 # Landing formats the clean stage reads (clean.source_format).
 SOURCE_FORMATS = ("json", "parquet", "delta")
 # Storage levels MLlib's ALS accepts for its intermediate RDDs (NONE is refused).
@@ -56,6 +56,8 @@ VAE_COUNTS = (
     "num_processes",
     "reader_workers",
 )
+# profile.* sizes that must be at least 1.
+PROFILE_COUNTS = ("hidden_dim", "out_dim", "epochs", "batch_size", "num_negatives", "num_processes")
 # contrastive.* sizes that must be at least 1.
 CONTRASTIVE_COUNTS = (
     "epochs",
@@ -67,7 +69,14 @@ CONTRASTIVE_COUNTS = (
     "train_days",
     "reader_workers",
     "num_processes",
+    "encoder_epochs",
+    "encoder_lora_rank",
+    "encoder_lora_alpha",
+    "encoder_max_length",
+    "encoder_batch_size",
+    "encoder_max_history",
 )
+CONTRASTIVE_MODES = ("head", "encoder")
 
 
 @dataclass(frozen=True)
@@ -286,6 +295,24 @@ class ContrastiveConfig:
     warm_fraction: float = 0.25
     warm_learning_rate: float = 0.0002
     warm_max_nights: int = 6
+    # "head": the head on frozen base embeddings; "encoder": LoRA adapters on the encoder
+    # plus the head (`stages.encoder_fit`), its item embeddings re-embedded by the tuned
+    # encoder. README: why head stays the default on CPU.
+    mode: str = "head"
+    # Encoder mode (the head's hidden_dim, out_dim, temperature, negatives, learning_rate
+    # and examples are shared): LoRA rank and alpha on the attention's query and value, the
+    # tokens per item text, examples per process and step, steps per epoch and process (0:
+    # the whole shard), the history items per anchor, the adapters' learning rate, and
+    # whether the anchor's history items pass gradients (False: encoded forward-only).
+    encoder_epochs: int = 1
+    encoder_lora_rank: int = 4
+    encoder_lora_alpha: int = 8
+    encoder_max_length: int = 32
+    encoder_batch_size: int = 64
+    encoder_max_steps: int = 200
+    encoder_max_history: int = 10
+    encoder_learning_rate: float = 0.0005
+    encoder_history_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -312,6 +339,31 @@ class VaeConfig:
     # Weight of the VAE's z-scored score beside ALS's in the hybrid's collaborative term
     # (0 = ALS alone); evaluation ranks `hybrid_vae` with it.
     hybrid_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The user tower (`stages.profiles`): a user's own profile text -> the items they
+    consume, trained from the users with history for the users without."""
+
+    # train-contrastive trains it beside the text tower; recommend scores the users without
+    # history who have a profile with it (source "profile") instead of the popularity list.
+    enabled: bool = True
+    hidden_dim: int = 256
+    out_dim: int = 64
+    # Few passes: the biases start at the popularity list, and longer training fits the
+    # training users' own items (docs/2026-12-07-profile-text-and-encoder-tuning.md).
+    epochs: int = 3
+    batch_size: int = 128  # per process and step
+    learning_rate: float = 0.001
+    weight_decay: float = 0.0
+    # Items each example is contrasted with (uniform draws; the whole catalog when smaller).
+    num_negatives: int = 4096
+    # A consumed item: an event at least this heavy (as contrastive.positive_min_weight).
+    positive_min_weight: float = 2.0
+    num_processes: int = 2
+    seed: int = 29
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -372,6 +424,9 @@ class EvaluateConfig:
     protocols: list[str] = field(default_factory=lambda: ["user_temporal", "cold_item"])
     cold_fraction: float = 0.2  # cold_item: share of eligible items made cold
     cold_min_positives: int = 5  # cold_item: an item needs this many positive users to be eligible
+    # cold_user: a seeded share of the users with a positive lose their whole history from
+    # training; their test positives are every positive they have.
+    cold_user_fraction: float = 0.2
     max_test_users: int = 20_000  # a seeded sample of test users beyond this (driver-side scoring)
     # The nightly's evaluate: this share of the users (seeded, the same every night) lose
     # their last test_fraction of events from that night's training, and the models trained
@@ -439,6 +494,7 @@ class Config:
     als: AlsConfig = field(default_factory=AlsConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -830,6 +886,16 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
         raise ConfigError("contrastive.warm_fraction: must be within (0, 1]")
     if cfg.warm_max_nights < 1:
         raise ConfigError("contrastive.warm_max_nights: must be at least 1")
+    _first_failure(
+        [
+            (
+                cfg.mode in CONTRASTIVE_MODES,
+                f"contrastive.mode: choose {' or '.join(CONTRASTIVE_MODES)}, got {cfg.mode!r}",
+            ),
+            (cfg.encoder_max_steps >= 0, "contrastive.encoder_max_steps: 0 (no cap) or more"),
+            (cfg.encoder_learning_rate > 0, "contrastive.encoder_learning_rate: must be positive"),
+        ]
+    )
 
 
 def check_vae(cfg: VaeConfig) -> None:
@@ -850,6 +916,21 @@ def check_vae(cfg: VaeConfig) -> None:
             (cfg.learning_rate > 0, "vae.learning_rate: must be positive"),
             (cfg.weight_decay >= 0, "vae.weight_decay: must not be negative"),
             (cfg.hybrid_weight >= 0, "vae.hybrid_weight: must not be negative (0 = ALS alone)"),
+        ]
+    )
+
+
+def check_profile(cfg: ProfileConfig) -> None:
+    """The profile section's checks (the user tower)."""
+    for name in PROFILE_COUNTS:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"profile.{name}: must be at least 1, got {getattr(cfg, name)}")
+    if cfg.device not in CONTRASTIVE_DEVICES:
+        raise ConfigError(f"profile.device: choose auto, cpu or cuda, got {cfg.device!r}")
+    _first_failure(
+        [
+            (cfg.learning_rate > 0, "profile.learning_rate: must be positive"),
+            (cfg.weight_decay >= 0, "profile.weight_decay: must not be negative"),
         ]
     )
 
@@ -897,6 +978,10 @@ def check_evaluate(cfg: EvaluateConfig) -> None:
                 f"evaluate.protocols: a non-empty list of {', '.join(EVALUATE_PROTOCOLS)}",
             ),
             (0.0 < cfg.cold_fraction < 1.0, "evaluate.cold_fraction: must be within (0, 1)"),
+            (
+                0.0 < cfg.cold_user_fraction < 1.0,
+                "evaluate.cold_user_fraction: must be within (0, 1)",
+            ),
             (cfg.max_test_users > 0, "evaluate.max_test_users: must be positive"),
             (
                 0.0 <= cfg.holdout_fraction < 1.0,
@@ -959,6 +1044,7 @@ register_check(check_embed, "embed")
 register_check(check_als, "als")
 register_check(check_contrastive, "contrastive")
 register_check(check_vae, "vae")
+register_check(check_profile, "profile")
 register_check(check_recommend, "recommend")
 register_check(check_evaluate, "evaluate")
 register_check(_check_tuned_settings)

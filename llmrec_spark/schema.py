@@ -25,6 +25,8 @@ SOURCE_POPULAR = "popular"
 # with the text score (where "als" and "hybrid" stand for the others).
 SOURCE_VAE = "vae"
 SOURCE_VAE_HYBRID = "hybrid_vae"
+# A user without history scored by their own profile text (the user tower, profile.enabled).
+SOURCE_PROFILE = "profile"
 
 # Raw event as it arrives in the landing zone (JSON lines). Everything is a string or
 # number that may be wrong; validation happens in the clean stage.

@@ -129,7 +129,7 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
         ("storage.engine=duckdb", "storage.engine: choose auto, embedded or spark"),
         (
             "evaluate.protocols=[user_temporal, leave_one_out]",
-            "evaluate.protocols: a non-empty list of user_temporal, cold_item, global_temporal",
+            "evaluate.protocols: a non-empty list of user_temporal, cold_item, global_temporal, cold_user",
         ),
         (
             "recommend.recent_half_life=-1",

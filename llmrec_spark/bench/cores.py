@@ -1,9 +1,10 @@
 """`llmrec bench cores`: the pure-torch cores on this machine's accelerator against its CPU.
 
-Two cores carry the GPU work of the product: the text encoder (`encoder.make_encoder`, the
-function the embedding UDF wraps) and one step of the text tower's training
-(`tower.train_step`, what each TorchDistributor process runs per batch). Both are timed on
-the accelerator and, in the same run, on the CPU they must beat; the same run checks that the
+Three cores carry the GPU work of the product: the text encoder (`encoder.make_encoder`, the
+function the embedding UDF wraps), one step of the text tower's training (`tower.train_step`,
+what each TorchDistributor process runs per batch) and one step of the encoder's LoRA
+fine-tuning (`encoder_tuning.encoder_train_step`, contrastive.mode: encoder). Each is timed on
+the accelerator and, in the same run, on the CPU it must beat; the same run checks that the
 accelerator computes what the CPU computes (embedding cosine, the losses of a seeded run).
 
 Nothing here imports Spark: `python -m llmrec_spark.bench.cores --model DIR` runs on a GPU
@@ -230,6 +231,166 @@ def bench_training_step(
     }
 
 
+@functools.lru_cache(maxsize=2)
+def _template_tower(
+    model_path: str, max_length: int, hidden_dim: int, out_dim: int, seed: int
+) -> Any:
+    """A seeded CPU `EncoderTower`, loaded once; every run trains a deep copy of it."""
+    from llmrec_spark.core.encoder_tuning import LoraSettings, encoder_tower
+
+    settings = LoraSettings(max_length=max_length)
+    return encoder_tower(model_path, settings, hidden_dim=hidden_dim, out_dim=out_dim, seed=seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _item_tokens(model_path: str, n_items: int, max_length: int) -> tuple[Any, int]:
+    """Token ids (n_items, max_length) of `n_items` catalog texts, and the pad id."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmrec_spark.core.encoder_tuning import tokenize_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids, _ = tokenize_texts(tokenizer, catalog_texts(n_items), max_length)
+    return torch.from_numpy(ids), int(tokenizer.pad_token_id or 0)
+
+
+def _encoder_step_run(
+    model_path: str,
+    device: str,
+    size: tuple[int, int],
+    steps: int,
+    config: dict[str, Any],
+    seed: int,
+    history_grad: bool = True,
+) -> tuple[list[float], float]:
+    """`steps` seeded `encoder_train_step`s on one planted batch: (losses, seconds per step)."""
+    import copy
+
+    import torch
+
+    from llmrec_spark.core.encoder_tuning import encoder_train_step, make_encoder_optimizer
+    from llmrec_spark.core.tower import InfoNCELoss
+
+    n_items, batch = size
+    max_length = int(config["max_length"])
+    tokens, pad_id = _item_tokens(model_path, n_items, max_length)
+    _, history, positives = _planted_batch(n_items, batch, int(config["max_history"]), seed)
+    template = _template_tower(
+        model_path, max_length, int(config["hidden_dim"]), int(config["out_dim"]), seed
+    )
+    tower = copy.deepcopy(template).to(device).train()
+    optimizer = make_encoder_optimizer(tower, config)
+    loss_fn = InfoNCELoss(float(config["temperature"]))
+    tokens, history, positives = tokens.to(device), history.to(device), positives.to(device)
+    autocast = None
+    if device.startswith("cuda"):
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n_neg = int(config["num_sampled_negatives"])
+    sync = _sync(device)
+    losses: list[Any] = []  # tensors: reading each loss per step would sync the GPU
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        negatives = torch.randint(n_items, (n_neg,), generator=generator).to(device)
+        loss = encoder_train_step(
+            tower,
+            optimizer,
+            loss_fn,
+            tokens,
+            pad_id,
+            history,
+            positives,
+            negatives,
+            history_grad=history_grad,
+            autocast=autocast,
+        )
+        losses.append(loss)
+    sync()
+    seconds = (time.perf_counter() - started) / max(steps, 1)
+    return [float(x) for x in losses], seconds
+
+
+def bench_encoder_step(
+    model_path: str,
+    devices: Sequence[str],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    steps: int,
+    cpu_steps: int,
+    agreement_steps: int = 3,
+    max_length: int = 32,
+    max_history: int = 10,
+    num_sampled_negatives: int = 64,
+    seed: int = 13,
+) -> dict[str, Any]:
+    """Examples per second of `encoder_train_step` (LoRA + head, contrastive.mode: encoder)
+    per device, (n_items, batch) and history_grad, and the devices' agreement: the largest
+    relative loss difference over a seeded run of `agreement_steps` (the accelerator in bf16
+    autocast, the CPU in float32)."""
+    from llmrec_spark.config import ContrastiveConfig
+
+    defaults = ContrastiveConfig()
+    config: dict[str, Any] = {
+        "learning_rate": defaults.learning_rate,
+        "weight_decay": defaults.weight_decay,
+        "temperature": defaults.temperature,
+        "num_sampled_negatives": num_sampled_negatives,
+        "hidden_dim": defaults.hidden_dim,
+        "out_dim": defaults.out_dim,
+        "max_history": max_history,
+        "max_length": max_length,
+    }
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        for n_items, batch in sizes:
+            for history_grad in (True, False):
+                n = cpu_steps if device == "cpu" else steps
+                run = functools.partial(
+                    _encoder_step_run,
+                    model_path,
+                    device,
+                    (n_items, batch),
+                    config=config,
+                    seed=seed,
+                    history_grad=history_grad,
+                )
+                run(steps=1)  # warm-up
+                _, seconds = run(steps=n)
+                rows.append(
+                    {
+                        "device": device,
+                        "n_items": n_items,
+                        "batch_size": batch,
+                        "history_grad": history_grad,
+                        "steps": n,
+                        "seconds_per_step": round(seconds, 5),
+                        "examples_per_s": round(batch / seconds, 1),
+                    }
+                )
+                log.info(
+                    "encoder_train_step %s %s: %.1f examples/s", device, rows[-1], batch / seconds
+                )
+    reference, _ = _encoder_step_run(model_path, "cpu", sizes[0], agreement_steps, config, seed)
+    agreement: dict[str, float] = {}
+    for device in devices:
+        if device != "cpu":
+            losses, _ = _encoder_step_run(
+                model_path, device, sizes[0], agreement_steps, config, seed
+            )
+            agreement[device] = max(
+                abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, reference, strict=True)
+            )
+    return {
+        "rows": rows,
+        "max_relative_loss_difference_vs_cpu": agreement,
+        "agreement_steps": agreement_steps,
+        "first_losses_cpu": [round(x, 6) for x in reference[:3]],
+        "config": config,
+    }
+
+
 def speedups(rows: list[dict[str, Any]], key: str, rate: str) -> dict[str, float]:
     """Accelerator rate / CPU rate per `key` value (rows of the same key on both)."""
     cpu = {r[key]: r[rate] for r in rows if r["device"] == "cpu"}
@@ -250,8 +411,11 @@ def bench_cores(
     training_sizes: Sequence[tuple[int, int]] = ((1_682, 256), (100_000, 256), (100_000, 4_096)),
     steps: int = 50,
     cpu_steps: int = 5,
+    encoder_step_sizes: Sequence[tuple[int, int]] = ((2_000, 64),),
+    encoder_steps: int = 20,
+    encoder_cpu_steps: int = 2,
 ) -> dict[str, Any]:
-    """Both cores on `device` (auto: cuda:0 when torch sees one) and on the CPU, one JSON object."""
+    """The cores on `device` (auto: cuda:0 when torch sees one) and on the CPU, one JSON object."""
     import torch
 
     accelerator = "cuda:0" if device == "auto" and torch.cuda.is_available() else device
@@ -267,6 +431,16 @@ def bench_cores(
     training = bench_training_step(devices, sizes=training_sizes, steps=steps, cpu_steps=cpu_steps)
     for row in training["rows"]:
         row["size"] = f"{row['n_items']}x{row['batch_size']}"
+    encoder_step = bench_encoder_step(
+        model_path,
+        devices,
+        sizes=encoder_step_sizes,
+        steps=encoder_steps,
+        cpu_steps=encoder_cpu_steps,
+    )
+    for row in encoder_step["rows"]:
+        frozen_history = "" if row["history_grad"] else "-history-no-grad"
+        row["size"] = f"{row['n_items']}x{row['batch_size']}{frozen_history}"
     return {
         "accelerator": torch.cuda.get_device_name(0) if len(devices) > 1 else None,
         "torch": torch.__version__,
@@ -275,6 +449,8 @@ def bench_cores(
         "encoder_speedup": speedups(encoder["rows"], "batch_size", "texts_per_s"),
         "training_step": training,
         "training_step_speedup": speedups(training["rows"], "size", "examples_per_s"),
+        "encoder_step": encoder_step,
+        "encoder_step_speedup": speedups(encoder_step["rows"], "size", "examples_per_s"),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -306,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-texts", type=int, default=1_000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cpu-steps", type=int, default=5)
+    parser.add_argument("--encoder-steps", type=int, default=20)
+    parser.add_argument("--encoder-cpu-steps", type=int, default=2)
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -318,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_texts=args.cpu_texts,
         steps=args.steps,
         cpu_steps=args.cpu_steps,
+        encoder_steps=args.encoder_steps,
+        encoder_cpu_steps=args.encoder_cpu_steps,
     )
     text = json.dumps(result)
     if args.out:

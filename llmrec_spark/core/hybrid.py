@@ -75,6 +75,17 @@ class Mix:
 
 
 @dataclass(frozen=True)
+class ProfileItems:
+    """The user tower's item rows beside the items (`stages.profile_scoring`): row i is item
+    i's vector and bias (`core.profile_tower.item_factors`), and the saved model's folder
+    and digest, for the per-worker scorer of profile embeddings."""
+
+    model_dir: str
+    digest: str
+    rows: np.ndarray  # (n, out_dim + 1) float32
+
+
+@dataclass(frozen=True)
 class ItemMatrices:
     """Everything the scorer needs about the items, row i = item index i (broadcast once)."""
 
@@ -94,10 +105,28 @@ class ItemMatrices:
     # second model mixed in, ALS's own factors: item-item cosines in the mixed rows measure
     # nothing (on ml-100k they took hybrid_vae's NDCG@10 from 0.20 to 0.13).
     recent_columns: int = 0
+    # The user tower's rows: users without history scored by their profile text, or None.
+    profile: ProfileItems | None = None
 
     @property
     def size(self) -> int:
         return len(self.item_ids)
+
+    def profile_view(self) -> ItemMatrices:
+        """These items as the user tower scores them: its rows as the only factors (no text,
+        no second model), so a user's profile vector ranks them through the same scorer."""
+        assert self.profile is not None
+        return dataclasses.replace(
+            self,
+            als=self.profile.rows,
+            has_als=np.ones(self.size, dtype=bool),
+            text=None,
+            has_text=None,
+            borrowed=None,
+            second=None,
+            recent_columns=0,
+            profile=None,
+        )
 
     def with_neighbour_factors(self, k: int, temperature: float) -> ItemMatrices:
         """These items with a borrowed ALS factor for every item that has text and no factor

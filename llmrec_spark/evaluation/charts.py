@@ -16,12 +16,14 @@ from llmrec_spark.evaluation.report import NAN_STAT, Stat, ordered
 # Okabe-Ito (colour-blind safe); a frozen variant shares its family's hue family and is dashed.
 MODEL_COLORS = {
     "popularity": "#7f7f7f",
+    "profile_text": "#b15928",
     "als": "#0072b2",
     "implicit_als": "#000000",
     "als_recent": "#56b4e9",
     "text_frozen": "#e69f00",
     "text_frozen_kernel": "#f0c04a",
     "text_finetuned": "#d55e00",
+    "text_encoder_tuned": "#8c2d04",
     "hybrid_frozen": "#cc79a7",
     "hybrid_no_slots": "#8fd3b8",
     "hybrid": "#009e73",

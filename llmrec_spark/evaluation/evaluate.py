@@ -28,12 +28,13 @@ from pyspark.sql import DataFrame
 from llmrec_spark.config import Config
 from llmrec_spark.core.hybrid import Mix
 from llmrec_spark.errors import ConfigError, InputError
-from llmrec_spark.evaluation import published
+from llmrec_spark.evaluation import profile_side, published
 from llmrec_spark.evaluation.anchor import MODEL as ANCHOR
 from llmrec_spark.evaluation.anchor import AnchorParams, attach_anchor
 from llmrec_spark.evaluation.ranking import protocol_result, same_as_text_frozen
 from llmrec_spark.evaluation.refit import UNSLOTTED, Fitted, fit_split, make_split
 from llmrec_spark.evaluation.report import (
+    MODEL_ORDER,
     Claim,
     Draw,
     ProtocolResult,
@@ -65,6 +66,9 @@ CLAIMS = (
     ("holdout", "warm", "ndcg@10", "hybrid_vae", "hybrid"),
     ("cold_item", "mixed", "ndcg@10", "hybrid_vae", "hybrid"),
     ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen"),
+    ("cold_item", "cold_only", "recall@20", "text_encoder_tuned", "text_finetuned"),
+    ("cold_user", "warm", "ndcg@10", "profile_text", "popularity"),
+    ("cold_user", "warm", "recall@20", "profile_text", "popularity"),
     ("cold_item", "cold_only", "recall@20", "text_finetuned", "text_frozen_kernel"),
     ("cold_item", "cold_only", "recall@20", "text_frozen_kernel", "text_frozen"),
     ("cold_item", "mixed", "ndcg@10", "hybrid", "als"),
@@ -152,8 +156,24 @@ def run_evaluate_protocols(ctx: RunContext) -> StageResult:
         tune=cfg.tune_hybrid,
         work_dir=ctx.model_dir("evaluation"),
         title=f"llmrec offline evaluation {ctx.ds}",
+        profiles=profile_embeddings(ctx, base_id) if "cold_user" in cfg.protocols else None,
     )
     return _stage_result(ctx, evaluation, base_id)
+
+
+def profile_embeddings(ctx: RunContext, base_id: str) -> DataFrame | None:
+    """(user_id, embedding) of every profiled user's current profile text under the base
+    model; None (logged) when there is none."""
+    from llmrec_spark.stages.profiles import current_profiles
+
+    profiles = current_profiles(ctx.store, ctx.cfg.embed, base_id)
+    if profiles.limit(1).count() == 0:
+        log.warning(
+            "evaluate: no %s profile embeddings in user_embeddings; cold_user ranks popularity alone",
+            base_id,
+        )
+        return None
+    return profiles
 
 
 def _frozen_embeddings(ctx: RunContext) -> tuple[DataFrame | None, str]:
@@ -224,8 +244,11 @@ def evaluate_events(
     tune: bool,
     work_dir: str,
     title: str,
+    profiles: DataFrame | None = None,
 ) -> Evaluation:
-    """Run `protocols` on `events`: fit on each train part, rank, write the report."""
+    """Run `protocols` on `events`: fit on each train part, rank, write the report.
+    `profiles` (user_id, embedding): the users' profile embeddings cold_user's user tower
+    learns from (None: cold_user ranks popularity alone)."""
     cfg = ctx.cfg.evaluate
     ks = sorted(set(cfg.ks))
     if not ks or ks[0] <= 0:
@@ -241,6 +264,7 @@ def evaluate_events(
     anchor = _anchor_params(cfg, tuning)
 
     def fit(protocol: str, seed: int, folder: str, vae: bool = True) -> Fitted:
+        cold_user = protocol == profile_side.PROTOCOL  # no text tower, VAE or anchor there
         fitted = fit_split(
             ctx,
             make_split(events, protocol, cfg, seed=seed),
@@ -249,10 +273,13 @@ def evaluate_events(
             work_dir=os.path.join(work_dir, folder),
             max_test_users=cfg.max_test_users,
             seed=cfg.seed,
-            keep_pairs=anchor is not None,
-            vae=vae,
+            tower=not cold_user,
+            keep_pairs=anchor is not None and not cold_user,
+            vae=vae and not cold_user,
+            profiles=profiles if cold_user else None,
+            encoder=protocol == "cold_item",  # text_encoder_tuned: ranked on cold items
         )
-        if anchor is None:
+        if anchor is None or cold_user:
             return fitted
         return attach_anchor(fitted, anchor, positive_min_weight=cfg.positive_min_weight)
 
@@ -331,7 +358,8 @@ def _rank_protocols(
         if not any(len(r) for r in fitted.relevant):
             log.warning("evaluate: %s has no test users; skipped", protocol)
             continue
-        results.append(protocol_result(fitted, protocol, params=params, ks=ks))
+        models = profile_side.MODELS if protocol == profile_side.PROTOCOL else MODEL_ORDER
+        results.append(protocol_result(fitted, protocol, params=params, ks=ks, models=models))
         if protocol == "cold_item" and cfg.cold_item_draws > 0:
             draws.append(_draw(fitted, results[-1], cfg.seed, primary=True))
         log.info("evaluate: %s done (%.0fs so far)", protocol, time.perf_counter() - started)

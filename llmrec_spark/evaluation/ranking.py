@@ -30,6 +30,7 @@ DESCRIPTIONS = {
     "user_temporal": "each user's last share of events by time is held out; the warm bar",
     "cold_item": "a seeded share of items with enough positives lose all training events",
     "global_temporal": "the last share of all events by time is held out (few test users)",
+    "cold_user": "a seeded share of users lose their whole history; only their profile text is known",
 }
 BLOCK = 512  # users per score matrix on the driver
 TIE_ORDER_SEED = 20261203

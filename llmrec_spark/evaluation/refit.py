@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 
 from llmrec_spark.core.hybrid import ItemMatrices
 from llmrec_spark.errors import ConfigError
-from llmrec_spark.evaluation import vae_side
+from llmrec_spark.evaluation import profile_side, vae_side
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages import als, recommend, splits
 
@@ -71,12 +71,17 @@ class Fitted:
     train_pairs: TrainPairs | None = None  # with fit_split(keep_pairs=True)
     anchor: SideFactors | None = None  # the outside anchor's factors (`evaluation.anchor`)
     vae: SideFactors | None = None  # the Mult-VAE's (`evaluation.vae_side`), params hybrid_weight
+    profile: SideFactors | None = None  # the user tower's (`evaluation.profile_side`): cold_user
+    # (n, out_dim) unit rows of the tuned encoder (contrastive.mode encoder), or None
+    tuned_encoder: np.ndarray | None = None
 
     def for_model(self, model: str) -> Fitted:
         """This split as `model` ranks it: the anchor's factors in place of ALS's for
         implicit_als, the VAE's for vae, both z-scored side by side for hybrid_vae
         (`vae_side.mixed_factors`); else itself."""
-        side = {"implicit_als": self.anchor, "vae": self.vae}.get(model)
+        side = {"implicit_als": self.anchor, "vae": self.vae, "profile_text": self.profile}.get(
+            model
+        )
         if side is not None:
             items = dataclasses.replace(
                 self.items, als=side.item_factors, has_als=side.has_item, text=None, has_text=None
@@ -94,8 +99,8 @@ class Fitted:
         tuned: dict[str, Any] = {}
         if self.tuned is not None:
             tuned = {"text": self.tuned, "has_text": np.linalg.norm(self.tuned, axis=1) > 0}
-        if model in ("implicit_als", "vae"):  # ranked with for_model's users
-            side = self.anchor if model == "implicit_als" else self.vae
+        if model in ("implicit_als", "vae", "profile_text"):  # ranked with for_model's users
+            side = {"implicit_als": self.anchor, "vae": self.vae}.get(model, self.profile)
             return None if side is None else self.for_model(model).items
         if model == "hybrid_vae":
             if self.vae is None or m.als is None or not tuned:
@@ -109,6 +114,13 @@ class Fitted:
             return None if m.text is None else dataclasses.replace(m, als=None, has_als=None)
         if model == "text_finetuned":
             return dataclasses.replace(m, als=None, has_als=None, **tuned) if tuned else None
+        if model == "text_encoder_tuned":
+            if self.tuned_encoder is None:
+                return None
+            has_text = np.linalg.norm(self.tuned_encoder, axis=1) > 0
+            return dataclasses.replace(
+                m, als=None, has_als=None, text=self.tuned_encoder, has_text=has_text
+            )
         if model == "hybrid_frozen":
             return m if m.als is not None and m.text is not None else None
         if model in ("hybrid", UNSLOTTED):  # the latter: its Mix has no new-item slots
@@ -128,6 +140,13 @@ def make_split(events: DataFrame, protocol: str, cfg: Any, *, seed: int) -> spli
             cold_fraction=cfg.cold_fraction,
             min_item_positives=cfg.cold_min_positives,
             test_fraction=cfg.test_fraction,
+            positive_min_weight=cfg.positive_min_weight,
+            seed=seed,
+        )
+    if protocol == "cold_user":
+        return splits.cold_user(
+            events,
+            cold_fraction=cfg.cold_user_fraction,
             positive_min_weight=cfg.positive_min_weight,
             seed=seed,
         )
@@ -152,10 +171,13 @@ def fit_split(
     tower: bool = True,
     keep_pairs: bool = False,
     vae: bool = True,
+    profiles: DataFrame | None = None,
+    encoder: bool = False,
 ) -> Fitted:
-    """Fit ALS, (with `tower`) the text tower and (with `vae` and vae.enabled) the Mult-VAE on
-    split.train; collect the test users (and with `keep_pairs` every training pair, for the
-    outside anchor)."""
+    """Fit ALS, (with `tower`) the text tower, (with `vae` and vae.enabled) the Mult-VAE and
+    (with `profiles`: user_id, embedding) the user tower and (with `encoder` and
+    contrastive.mode encoder) the tuned encoder on split.train; collect the test users (and
+    with `keep_pairs` every training pair, for the outside anchor)."""
     train = split.train.cache()
     pairs = als.interactions(train, ctx.cfg.als.min_weight).cache()
     factors = als.fit_als(pairs, ctx.cfg.als)
@@ -173,7 +195,13 @@ def fit_split(
     vae_dir = None
     if vae and ctx.cfg.vae.enabled:
         vae_dir = vae_side.fit_vae_model(ctx, pairs, work_dir)
-    return collect_split(
+    tuned_encoder = None
+    if encoder and ctx.cfg.contrastive.mode == "encoder" and items.text is not None:
+        tuned_encoder = _encoder_tuned_text(ctx, split, train, catalog, items, work_dir)
+    profile_dir = None
+    if profiles is not None:
+        profile_dir = profile_side.fit_profile_model(ctx, train, profiles, frame, work_dir)
+    fitted = collect_split(
         ctx,
         split,
         pairs=pairs,
@@ -186,6 +214,12 @@ def fit_split(
         keep_pairs=keep_pairs,
         vae_dir=vae_dir,
     )
+    if tuned_encoder is not None:
+        fitted = dataclasses.replace(fitted, tuned_encoder=tuned_encoder)
+    if profile_dir is None or profiles is None:
+        return fitted
+    side = profile_side.profile_factors(profile_dir, profiles, fitted.items, fitted.users)
+    return dataclasses.replace(fitted, profile=side)
 
 
 def collect_split(
@@ -312,6 +346,46 @@ def _fine_tuned_text(
     current.unpersist()
     assert items.text is not None and items.has_text is not None
     return apply_head(tower_training.load_head(fit.head_dir), items.text, items.has_text)
+
+
+def _encoder_tuned_text(
+    ctx: RunContext,
+    split: splits.Split,
+    train: DataFrame,
+    catalog: DataFrame,
+    items: ItemMatrices,
+    work_dir: str,
+) -> np.ndarray:
+    """The encoder tuned on `train` (contrastive.mode encoder) applied to the text of every
+    item that has a frozen embedding: (n, out_dim), zero rows elsewhere."""
+    from llmrec_spark.core.encoder import resolve_model
+    from llmrec_spark.stages import embed, encoder_fit
+
+    cfg = ctx.cfg.contrastive
+    texts = embed.item_text(
+        catalog, template=ctx.cfg.embed.text_template, max_chars=ctx.cfg.embed.max_text_chars
+    ).select("item_id", "text")
+    fit = encoder_fit.fit_text_encoder(
+        ctx,
+        cfg,
+        train,
+        texts,
+        work_dir=os.path.join(work_dir, "encoder"),
+        metadata={"kind": "evaluation", "protocol": split.protocol},
+    )
+    text_pd: pd.DataFrame = texts.toPandas()
+    by_item = dict(zip(text_pd["item_id"], text_pd["text"], strict=True))
+    assert items.has_text is not None
+    rows = np.flatnonzero(items.has_text)
+    vectors = encoder_fit.tuned_item_vectors(
+        fit.model_dir,
+        [by_item.get(items.item_ids[r], "") for r in rows],
+        model_path=resolve_model(ctx.cfg.embed.model)[0],
+        max_length=cfg.encoder_max_length,
+    )
+    out = np.zeros((items.size, vectors.shape[1]), dtype=np.float32)
+    out[rows] = vectors
+    return out
 
 
 def apply_head(head: Any, text: np.ndarray, has_text: np.ndarray) -> np.ndarray:

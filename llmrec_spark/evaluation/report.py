@@ -20,6 +20,7 @@ from llmrec_spark.core.metrics import METRIC_FUNCTIONS, bootstrap_interval
 
 MODEL_ORDER = (
     "popularity",
+    "profile_text",
     "als",
     "implicit_als",
     "vae",
@@ -27,6 +28,7 @@ MODEL_ORDER = (
     "text_frozen",
     "text_frozen_kernel",
     "text_finetuned",
+    "text_encoder_tuned",
     "hybrid_frozen",
     "hybrid_no_slots",
     "hybrid",

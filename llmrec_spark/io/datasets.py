@@ -5,9 +5,12 @@ event_type "rating" with value = the rating, event_ts ISO-8601 text), `rating_sc
 layout's valid ratings, for clean.rating_*) and `catalog` in `schema.CATALOG`, the item text (title, genres/categories, description, brand) coming from
 the dataset's item side. Supported layouts:
 
-* MovieLens ml-100k: `u.data` (tab-separated) + `u.item` (latin-1, `|`, 19 genre flags)
-* MovieLens ml-1m: `ratings.dat` + `movies.dat` (latin-1, `::`)
+* MovieLens ml-100k: `u.data` (tab-separated) + `u.item` (latin-1, `|`, 19 genre flags),
+  optionally `u.user` (latin-1, `|`: user id, age, gender, occupation, zip code)
+* MovieLens ml-1m: `ratings.dat` + `movies.dat` (latin-1, `::`), optionally `users.dat`
+  (`::`: user id, gender, age code, occupation code, zip code)
 * MovieLens ml-latest / ml-latest-small / ml-20m / ml-25m: `ratings.csv` + `movies.csv`
+  (no user file)
 * Amazon reviews: review JSON lines (reviewerID, asin, overall, unixReviewTime) + metadata
   JSON lines (asin, title, description, categories or category, brand), plain or gzipped
 
@@ -24,7 +27,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from llmrec_spark.errors import InputError
-from llmrec_spark.schema import CATALOG, RAW_EVENT
+from llmrec_spark.schema import CATALOG, RAW_EVENT, USER_PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,42 @@ ML_100K_GENRES = (
     "Western",
 )
 NO_GENRES = "(no genres listed)"
+# The optional user file per MovieLens layout (ml-latest has none).
+MOVIELENS_USER_FILES = {ML_100K: "u.user", ML_1M: "users.dat"}
+# ml-1m's age codes (users.dat) and the band each stands for; ml-100k's ages use the same bands.
+ML_1M_AGE_BANDS = {
+    "1": "under 18",
+    "18": "18-24",
+    "25": "25-34",
+    "35": "35-44",
+    "45": "45-49",
+    "50": "50-55",
+    "56": "56+",
+}
+# ml-1m's occupation codes 0-20 (users.dat), as its README lists them.
+ML_1M_OCCUPATIONS = (
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+)
 AMAZON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 _LATIN1 = "ISO-8859-1"
 
@@ -83,13 +122,14 @@ RATING_SCALES = {
 
 @dataclass(frozen=True)
 class Dataset:
-    """One public dataset: its layout name, events (RAW_EVENT), item catalog (CATALOG) and
-    the scale its ratings are on."""
+    """One public dataset: its layout name, events (RAW_EVENT), item catalog (CATALOG), the
+    scale its ratings are on and its user profiles (USER_PROFILE; None without a user file)."""
 
     layout: str
     events: DataFrame
     catalog: DataFrame
     rating_scale: RatingScale
+    profiles: DataFrame | None = None
 
 
 def load_public_dataset(spark: SparkSession, folder: str) -> Dataset:
@@ -129,7 +169,8 @@ def detect_layout(names: set[str]) -> str | None:
 
 
 def load_movielens(spark: SparkSession, folder: str, layout: str | None = None) -> Dataset:
-    """A MovieLens folder (layout detected unless given) as events + catalog."""
+    """A MovieLens folder (layout detected unless given) as events + catalog, plus profiles
+    when the folder has the layout's user file."""
     if layout is None:
         layout = detect_layout(_list_names(folder))
     if layout not in MOVIELENS_LAYOUTS:
@@ -186,8 +227,9 @@ def load_movielens(spark: SparkSession, folder: str, layout: str | None = None) 
         description=F.lit(None),
         brand=F.lit(None),
     )
-    log.info("MovieLens %s at %s", layout, folder)
-    return Dataset(layout, events, catalog, RATING_SCALES[layout])
+    profiles = _movielens_profiles(spark, folder, layout)
+    log.info("MovieLens %s at %s (user profiles: %s)", layout, folder, profiles is not None)
+    return Dataset(layout, events, catalog, RATING_SCALES[layout], profiles)
 
 
 def load_amazon_reviews(
@@ -252,6 +294,69 @@ def _rating_events(
         "source": F.lit(source),
     }
     return rows.select([columns[f.name].cast(f.dataType).alias(f.name) for f in RAW_EVENT.fields])
+
+
+def _movielens_profiles(spark: SparkSession, folder: str, layout: str) -> DataFrame | None:
+    """The folder's user file as USER_PROFILE rows (bio = age band, gender, occupation; no
+    interests), or None when the layout has no user file or the folder lacks it."""
+    name = MOVIELENS_USER_FILES.get(layout)
+    if name is None or name not in _list_names(folder):
+        return None
+    path = os.path.join(folder, name)
+    if layout == ML_100K:
+        users = _delimited(
+            spark,
+            path,
+            "|",
+            "user string, age int, gender string, occupation string, zip string",
+            encoding=_LATIN1,
+        )
+        age = _age_band(F.col("age"))
+        occupation = F.trim("occupation")
+    else:
+        users = _delimited(
+            spark,
+            path,
+            "::",
+            "user string, gender string, age string, occupation string, zip string",
+            encoding=_LATIN1,
+        )
+        age = _code_lookup(F.col("age"), ML_1M_AGE_BANDS)
+        codes = {str(code): name for code, name in enumerate(ML_1M_OCCUPATIONS)}
+        occupation = _code_lookup(F.col("occupation"), codes)
+    gender = F.upper(F.trim("gender"))
+    sentences = [
+        F.concat(F.lit("Age "), age, F.lit(".")),
+        F.when(gender == "M", F.lit("Male.")).when(gender == "F", F.lit("Female.")),
+        F.when(
+            (occupation != "") & (F.lower(occupation) != "none"),
+            F.concat(F.lit("Occupation: "), occupation, F.lit(".")),
+        ),
+    ]
+    # concat_ws skips nulls, so an unknown age, gender or occupation drops its sentence.
+    columns = {
+        "user_id": F.trim("user"),
+        "interests": F.lit(None),
+        "bio": F.concat_ws(" ", *sentences),
+    }
+    return users.where(F.trim("user") != "").select(
+        [columns[f.name].cast(f.dataType).alias(f.name) for f in USER_PROFILE.fields]
+    )
+
+
+def _age_band(age: Column) -> Column:
+    """ml-1m's age band ("under 18", "18-24", ..., "56+") of an age in years; null for null."""
+    bands = [(18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49")]
+    band = F.when(age < 56, F.lit("50-55")).when(age >= 56, F.lit("56+"))
+    for upper, label in reversed(bands):
+        band = F.when(age < upper, F.lit(label)).otherwise(band)
+    return band
+
+
+def _code_lookup(code: Column, names: dict[str, str]) -> Column:
+    """The name of a (trimmed) code in `names`; null for an unknown or null code."""
+    mapping = F.create_map(*[F.lit(x) for pair in names.items() for x in pair])
+    return mapping[F.trim(code)]
 
 
 def _catalog(

@@ -27,7 +27,7 @@ STAGE_OUTPUTS = {
     "embed": "item_embeddings",
     "train-als": "als_factors",
     "train-vae": "the Mult-VAE",
-    "train-contrastive": "the text tower",
+    "train-contrastive": "the text tower (and the user tower)",
     "evaluate": "the offline evaluation",
 }
 
@@ -69,7 +69,7 @@ def required_stages(cfg: Config, stage: str) -> tuple[str, ...]:
         needed = ["clean", "embed", "train-als"]
         if cfg.vae.enabled:
             needed.append("train-vae")
-        if cfg.contrastive.enabled:
+        if cfg.contrastive.enabled or cfg.profile.enabled:  # the text and user towers
             needed.append("train-contrastive")
         # The metric gate reads the run date's evaluation from MLflow.
         if cfg.recommend.gate_metric and cfg.mlflow.enabled:

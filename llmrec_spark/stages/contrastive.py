@@ -209,16 +209,32 @@ def tuned_embeddings(
 
 
 def run_train_contrastive(ctx: RunContext) -> StageResult:
-    """Fine-tune the text-tower head on ctx.ds's training window; append tuned item embeddings."""
-    cfg = ctx.cfg.contrastive
-    if not cfg.enabled:
-        log.info("contrastive: skipped (contrastive.enabled=false)")
-        return StageResult(summary={"skipped": "contrastive.enabled=false"})
-    check_contrastive(cfg)
+    """Fine-tune the text tower on ctx.ds's training window and append the tuned item
+    embeddings; with profile.enabled, train the user tower beside it (`with_user_tower`)."""
     from llmrec_spark.core import encoder
+
+    cfg = ctx.cfg.contrastive
+    base_id = encoder.base_model_id(ctx.cfg.embed)
+    if not cfg.enabled:
+        log.info("contrastive: text tower skipped (contrastive.enabled=false)")
+        result = StageResult(summary={"skipped": "contrastive.enabled=false"})
+    elif cfg.mode == "encoder":
+        check_contrastive(cfg)
+        from llmrec_spark.stages.encoder_fit import run_encoder_mode
+
+        result = run_encoder_mode(ctx, base_id)
+    else:
+        check_contrastive(cfg)
+        result = _train_head(ctx, base_id)
+    return with_user_tower(ctx, result, base_id)
+
+
+def _train_head(ctx: RunContext, base_id: str) -> StageResult:
+    """The head on frozen base embeddings (contrastive.mode head): trained, applied to every
+    item's base embedding, appended under `tuned_model_id`."""
     from llmrec_spark.stages import embed
 
-    base_id = encoder.base_model_id(ctx.cfg.embed)
+    cfg = ctx.cfg.contrastive
     model_id = tuned_model_id(base_id, ctx.ds)
     device = training_device(ctx, cfg.device, "contrastive")
 
@@ -288,6 +304,22 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
             "warm_from": warm.ds if warm is not None else None,
         },
     )
+
+
+def with_user_tower(ctx: RunContext, result: StageResult, base_id: str) -> StageResult:
+    """`result` with the user tower trained beside the text tower when profile.enabled
+    (`profiles.run_profile_fit`): its folder as the `profile_tower` artifact, its record in
+    the summary."""
+    if not ctx.cfg.profile.enabled:
+        return result
+    from llmrec_spark.stages.profiles import run_profile_fit
+
+    record = run_profile_fit(ctx, base_id)
+    result.summary["profile_tower"] = record
+    if "model_dir" in record:
+        result.artifacts["profile_tower"] = record["model_dir"]
+        result.metrics["profile_tower_last_epoch_loss"] = record["loss"][-1]
+    return result
 
 
 @dataclass(frozen=True)
@@ -641,9 +673,11 @@ def train_on_petastorm(
     num_processes: int,
     device: str,
     cache_url: str,
+    extra_rows: dict[str, DataFrame] | None = None,
 ) -> dict[str, Any]:
     """Materialise `rows` with petastorm and run `train_fn` under TorchDistributor on `config`
-    plus the converter and the stage's MLflow run; returns the training summary.
+    plus the converter (`converter`; each of `extra_rows` under its own key, read whole by
+    every process) and the stage's MLflow run; returns the training summary.
 
     A training process that exits non-zero raises TrainingProcessError (CheckedTorchDistributor).
     """
@@ -651,6 +685,7 @@ def train_on_petastorm(
     from llmrec_spark.runtime.tracking import tracking_uri
 
     ctx.spark.conf.set(PETASTORM_CACHE_CONF, cache_url)
+    extra = {key: spark_converter(df) for key, df in (extra_rows or {}).items()}
     converter = spark_converter(rows)
     try:
         # petastorm shards by file/row group: every process needs at least one.
@@ -665,6 +700,7 @@ def train_on_petastorm(
             num_processes = len(converter.file_urls)
         config = {
             **config,
+            **extra,
             "converter": converter,
             "mlflow_tracking_uri": tracking_uri(ctx.cfg) if ctx.cfg.mlflow.enabled else None,
             "mlflow_run_id": ctx.stage_run_id,
@@ -679,7 +715,8 @@ def train_on_petastorm(
             )
         return output
     finally:
-        converter.delete()
+        for held in (converter, *extra.values()):
+            held.delete()
 
 
 def _write_tuned(ctx: RunContext, tuned: DataFrame, model_id: str) -> bool:

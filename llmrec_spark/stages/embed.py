@@ -127,27 +127,57 @@ def template_text(
 
 
 def embed_udf(
-    model_path: str, *, device: str, max_length: int, batch_size: int, cpu_threads: int = 0
+    model_path: str,
+    *,
+    device: str,
+    max_length: int,
+    batch_size: int,
+    cpu_threads: int = 0,
+    adapter_dir: str = "",
 ) -> Callable[[Column], Column]:
-    """Iterator pandas UDF text -> array<float> around `make_encoder` (model loaded per worker)."""
+    """Iterator pandas UDF text -> array<float> around `make_encoder` (model loaded per
+    worker); with `adapter_dir`, the tuned encoder saved there (contrastive.mode encoder:
+    the base model plus its LoRA adapters and head, `encoder_tuning.make_tuned_encoder`)."""
 
     @F.pandas_udf(ArrayType(FloatType(), False))  # type: ignore[call-overload]
     def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         task = TaskContext.get()
         gpus = task.resources().get("gpu") if task is not None else None
-        encode = make_encoder(
-            model_path,
-            device=device,
-            max_length=max_length,
-            batch_size=batch_size,
-            cpu_threads=cpu_threads,
-            task_gpus=list(gpus.addresses) if gpus is not None else [],
-            task_cpus=task.cpus() if task is not None else 0,
-        )
+        task_gpus = list(gpus.addresses) if gpus is not None else []
+        if adapter_dir:
+            from llmrec_spark.core.encoder import pick_device
+            from llmrec_spark.core.encoder_tuning import make_tuned_encoder
+
+            encode = make_tuned_encoder(
+                model_path,
+                adapter_dir,
+                max_length=max_length,
+                batch_size=batch_size,
+                device=pick_device(device, task_gpus),
+            )
+        else:
+            encode = make_encoder(
+                model_path,
+                device=device,
+                max_length=max_length,
+                batch_size=batch_size,
+                cpu_threads=cpu_threads,
+                task_gpus=task_gpus,
+                task_cpus=task.cpus() if task is not None else 0,
+            )
         for texts in batches:
             yield pd.Series(list(encode(texts.to_numpy())))
 
     return embed
+
+
+@dataclass(frozen=True)
+class TunedEncoder:
+    """A tuned encoder to embed with (contrastive.mode encoder): the folder of its adapters
+    and head, and the tokens per text it was trained on."""
+
+    adapter_dir: str
+    max_length: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,14 +193,17 @@ def embed_items(
     cfg: EmbedConfig,
     num_partitions: int,
     key: str = "item_id",
+    tuned: TunedEncoder | None = None,
 ) -> DataFrame:
-    """(key, text, text_hash) rows -> item/user_embeddings rows, spread over `num_partitions`."""
+    """(key, text, text_hash) rows -> item/user_embeddings rows, spread over `num_partitions`;
+    with `tuned`, by that tuned encoder."""
     udf = embed_udf(
         model_path,
         device=cfg.device,
-        max_length=cfg.max_length,
+        max_length=tuned.max_length if tuned is not None else cfg.max_length,
         batch_size=cfg.batch_size,
         cpu_threads=cfg.cpu_threads,
+        adapter_dir=tuned.adapter_dir if tuned is not None else "",
     )
     return (
         texts.repartition(num_partitions)
@@ -292,8 +325,10 @@ def embed_new_texts(
     table: str,
     model_path: str,
     model_id: str,
+    tuned: TunedEncoder | None = None,
 ) -> EmbedCounts:
-    """Embed the (key, text, text_hash) rows `table` lacks under `model_id`; append them in one commit."""
+    """Embed the (key, text, text_hash) rows `table` lacks under `model_id` (by the `tuned`
+    encoder when given); append them in one commit."""
     texts = texts.select(key, "text", "text_hash").cache()
     pending: DataFrame | None = None
     try:
@@ -314,6 +349,7 @@ def embed_new_texts(
                 table=table,
                 model_path=model_path,
                 model_id=model_id,
+                tuned=tuned,
             )
     finally:
         if pending is not None:
@@ -342,6 +378,7 @@ def _append_embeddings(
     table: str,
     model_path: str,
     model_id: str,
+    tuned: TunedEncoder | None = None,
 ) -> float:
     """Embed the `n_pending` rows of `pending` (of `total` texts) and append them to `table`;
     the seconds that took."""
@@ -366,6 +403,7 @@ def _append_embeddings(
         cfg=cfg,
         num_partitions=partitions,
         key=key,
+        tuned=tuned,
     )
     arrow_batch = str(cfg.batch_size * ARROW_BATCHES_PER_UDF_CALL)
     started = time.perf_counter()

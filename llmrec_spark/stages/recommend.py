@@ -36,6 +36,7 @@ from llmrec_spark.schema import (
     SOURCE_ALS,
     SOURCE_HYBRID,
     SOURCE_POPULAR,
+    SOURCE_PROFILE,
     SOURCE_TEXT,
     SOURCE_VAE,
     SOURCE_VAE_HYBRID,
@@ -53,9 +54,10 @@ SOURCE_OF_CODE = {
     POPULAR: SOURCE_POPULAR,
 }
 SOURCES = tuple(SOURCE_OF_CODE[code] for code in range(len(SOURCE_OF_CODE)))
-# Every value the `source` column takes: the codes' sources, and the VAE's two for users
-# without an ALS factor scored by the Mult-VAE (`stages.vae_scoring`).
-ALL_SOURCES = (*SOURCES, SOURCE_VAE, SOURCE_VAE_HYBRID)
+# Every value the `source` column takes: the codes' sources, the VAE's two for users
+# without an ALS factor scored by the Mult-VAE (`stages.vae_scoring`), and the user tower's
+# for users without history scored by their profile (`stages.profile_scoring`).
+ALL_SOURCES = (*SOURCES, SOURCE_VAE, SOURCE_VAE_HYBRID, SOURCE_PROFILE)
 _UNAVAILABLE = ("false", "0", "no", "n", "f")
 
 
@@ -172,13 +174,23 @@ def read_inputs(ctx: RunContext, started: float) -> StageInputs:
         0 if matrices.has_text is None else int(matrices.has_text.sum()),
         time.perf_counter() - started,
     )
-    users, n_users = known_users(ctx, factors)
+    profiles = None
+    if ctx.cfg.profile.enabled:  # the user tower beside the items (`stages.profile_scoring`)
+        from llmrec_spark.stages.profile_scoring import saved_profile_dir
+
+        if (profile_dir := saved_profile_dir(ctx)) is not None:
+            matrices, items_bc, profiles = _with_user_tower(ctx, matrices, items_bc, profile_dir)
+    users, n_users = known_users(ctx, factors, profiles)
     user_rows = user_frame(
         users,
         history=window.select("user_id", "item_id", "event_ts"),
         item_index=items.select("item_id", "item_idx"),
         user_factors=factors.where(F.col("kind") == "user"),
     )
+    if profiles is not None:
+        from llmrec_spark.stages.profile_scoring import with_profile_column
+
+        user_rows = with_profile_column(user_rows, profiles)
     if matrices.second is not None:
         user_rows = user_rows.join(
             vae_scoring.vae_pairs(
@@ -210,19 +222,35 @@ def read_factors_and_catalog(ctx: RunContext) -> tuple[DataFrame, DataFrame]:
     return factors, catalog
 
 
-def known_users(ctx: RunContext, factors: DataFrame) -> tuple[DataFrame, int]:
-    """Every user with events up to ctx.ds or an ALS factor: ((user_id) cached, how many).
+def _with_user_tower(
+    ctx: RunContext, matrices: ItemMatrices, items_bc: Broadcast, profile_dir: str
+) -> tuple[ItemMatrices, Broadcast, DataFrame]:
+    """The items with the user tower saved in `profile_dir` beside them (broadcast again) and
+    the current profile embeddings (user_id, embedding) of the base model."""
+    from llmrec_spark.core import encoder
+    from llmrec_spark.stages import profile_scoring
+    from llmrec_spark.stages.profiles import current_profiles
 
-    Raises InputError when there are none.
-    """
+    items_bc.unpersist()
+    matrices = profile_scoring.with_profile(matrices, profile_dir)
+    profiles = current_profiles(ctx.store, ctx.cfg.embed, encoder.base_model_id(ctx.cfg.embed))
+    return matrices, ctx.spark.sparkContext.broadcast(matrices), profiles
+
+
+def known_users(
+    ctx: RunContext, factors: DataFrame, profiles: DataFrame | None = None
+) -> tuple[DataFrame, int]:
+    """Every user with events up to ctx.ds, an ALS factor or (with `profiles`) an embedded
+    profile: ((user_id) cached, how many). Raises InputError when there are none."""
     users = (
         ctx.store.read("events_clean")
         .where(F.col("ds") <= ctx.ds)
         .select("user_id")
         .unionByName(factors.where(F.col("kind") == "user").select(F.col("id").alias("user_id")))
-        .distinct()
-        .cache()
     )
+    if profiles is not None:
+        users = users.unionByName(profiles.select("user_id"))
+    users = users.distinct().cache()
     n_users = users.count()
     if n_users == 0:
         raise InputError(f"no users in events_clean up to {ctx.ds}; run `llmrec clean` first")
@@ -303,8 +331,12 @@ def embedding_frame(ctx: RunContext) -> tuple[DataFrame, str]:
     base_id = encoder.base_model_id(ctx.cfg.embed)
     if ctx.cfg.contrastive.enabled:
         from llmrec_spark.stages.contrastive import tuned_model_id
+        from llmrec_spark.stages.encoder_fit import saved_encoder_model_id
 
-        tuned_id = tuned_model_id(base_id, ctx.ds)
+        if ctx.cfg.contrastive.mode == "encoder":
+            tuned_id = saved_encoder_model_id(ctx, base_id) or f"{base_id}+lora (none for {ctx.ds})"
+        else:
+            tuned_id = tuned_model_id(base_id, ctx.ds)
         tuned = embed.latest_embeddings(ctx.store, tuned_id, ctx.cfg.embed)
         if tuned.limit(1).count():
             return tuned.select("item_id", "embedding"), tuned_id
@@ -588,7 +620,8 @@ def score_users(
 def scoring_columns(users: DataFrame) -> list[str]:
     """The user frame's columns the scoring reads (the VAE's input too when it has it)."""
     columns = ["user_id", "als_features", "history"]
-    return columns + [c for c in ("vae_items", "vae_weights") if c in users.columns]
+    extra = ("vae_items", "vae_weights", "profile_embedding")
+    return columns + [c for c in extra if c in users.columns]
 
 
 def score_block_frame(
@@ -603,8 +636,25 @@ def score_block_frame(
 ) -> pd.DataFrame:
     """One block of users (user_id, als_features, history) -> rows of SCORED_SCHEMA.
 
-    `scratch`: an optional reusable (block size, items) float32 buffer for the scores.
+    `scratch`: an optional reusable (block size, items) float32 buffer for the scores. With
+    the user tower beside the items, the block's users with a profile embedding (and no
+    history) are scored by it (`score_profile_block`).
     """
+    if items.profile is not None:
+        from llmrec_spark.stages.profile_scoring import profile_users, score_profile_block
+
+        by_profile = profile_users(users)
+        if by_profile.any():
+            rules: dict[str, Any] = {
+                "n": n,
+                "exclude_seen": exclude_seen,
+                "max_per_category": max_per_category,
+            }
+            rest = users[~by_profile]
+            frames = [score_profile_block(users[by_profile], items, **rules)]
+            if len(rest):
+                frames.insert(0, score_block_frame(rest, items, mix=mix, scratch=scratch, **rules))
+            return pd.concat(frames, ignore_index=True)
     histories = [
         np.asarray(h, dtype=np.int64) if h is not None else np.zeros(0, dtype=np.int64)
         for h in users["history"]
@@ -628,13 +678,25 @@ def score_block_frame(
         max_per_category=max_per_category,
         out=scratch,
     )
-    keep = np.isfinite(scores)
-    rows, cols = np.nonzero(keep)
+    rows, cols = np.nonzero(np.isfinite(scores))
     sources = np.asarray(SOURCES, dtype=object)[codes[rows, cols]]
     if vae_only is not None:  # a user without an ALS factor: the collaborative score is the VAE's
         by_vae = vae_only[rows]
         sources[by_vae & (codes[rows, cols] == ALS)] = SOURCE_VAE
         sources[by_vae & (codes[rows, cols] == HYBRID)] = SOURCE_VAE_HYBRID
+    return scored_rows(users, items, indices, scores, sources)
+
+
+def scored_rows(
+    users: pd.DataFrame,
+    items: ItemMatrices,
+    indices: np.ndarray,
+    scores: np.ndarray,
+    sources: np.ndarray | str,
+) -> pd.DataFrame:
+    """Rows of SCORED_SCHEMA from a block's top-n (indices, scores: (b, n), -inf past a short
+    list's end) and each kept row's source (or one source for all)."""
+    rows, cols = np.nonzero(np.isfinite(scores))
     return pd.DataFrame(
         {
             "user_id": users["user_id"].to_numpy()[rows],

@@ -240,6 +240,29 @@ def cold_item(
     return Split("cold_item", train, test, cold_items)
 
 
+def cold_user(
+    events: DataFrame, *, cold_fraction: float, positive_min_weight: float, seed: int
+) -> Split:
+    """The `cold_user` protocol: a seeded `cold_fraction` of the users with a positive lose
+    their whole history from train; their test rows are every item they have a positive on.
+
+    Users are ordered by a seeded hash of their id and the first share is taken
+    (`holdout_users`), so the pick is the same whatever the partitioning. A cold user has
+    no training event at all: only what they told us about themselves (their profile) can
+    tell them apart from the popularity list.
+    """
+    with_positive = events.where(F.col("weight") >= positive_min_weight)
+    cold_users = holdout_users(with_positive, fraction=cold_fraction, seed=seed)
+    train = events.join(cold_users, "user_id", "left_anti")
+    test = (
+        with_positive.join(cold_users, "user_id", "left_semi")
+        .select("user_id", "item_id")
+        .distinct()
+        .withColumn("cold", F.lit(False))
+    )
+    return Split("cold_user", train, test)
+
+
 def global_temporal(
     events: DataFrame, *, test_fraction: float, positive_min_weight: float
 ) -> Split:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,51 @@ def training_place(device_name: str) -> Iterator[ProcessPlace]:
         # Joins the group's worker threads (they must not outlive the interpreter; see above).
         if place.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def shard_batches(
+    config: dict[str, Any],
+    place: ProcessPlace,
+    model: torch.nn.Module,
+    loader_fn: Callable[..., Any],
+    *,
+    seed: int,
+) -> Iterator[Iterable[dict[str, Any]]]:
+    """One epoch of this process's shard of the petastorm converter `config["converter"]`:
+    batches of `config["batch_size"]` rows in a seeded order, inside DDP's join (ranks whose
+    shard has fewer batches shadow the others' all-reduces)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    loader_cm = config["converter"].make_torch_dataloader(
+        batch_size=int(config["batch_size"]),
+        num_epochs=1,
+        workers_count=int(config.get("reader_workers", 1)),
+        data_loader_fn=loader_fn,
+        shard_count=place.world_size,
+        cur_shard=place.rank,
+        seed=seed,
+        shuffle_rows=True,
+        shuffle_row_groups=True,
+    )
+    join_cm = (
+        model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    )
+    # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
+    # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
+    with warnings.catch_warnings(), loader_cm as loader, join_cm:
+        quiet_petastorm()
+        yield loader
+
+
+def rank_zero_step(place: ProcessPlace, step: int) -> int:
+    """Rank 0's step counter on every rank. The broadcast also keeps every rank from
+    returning before rank 0 has saved the model."""
+    if not place.distributed:
+        return step
+    shared = torch.tensor([step], dtype=torch.int64, device=place.device)
+    torch.distributed.broadcast(shared, src=0)
+    return int(shared.item())
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:

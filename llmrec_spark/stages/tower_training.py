@@ -8,14 +8,12 @@ epoch, resumes from a checkpoint of the same job, and saves the head as safetens
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +32,9 @@ from llmrec_spark.stages.torch_process import (
     ProcessPlace,
     RankZeroMetrics,
     load_checkpoint,
-    quiet_petastorm,
     save_checkpoint,
     save_weights,
+    shard_batches,
     training_place,
 )
 
@@ -309,7 +307,6 @@ def _train_epoch(
 ) -> tuple[float, float, int]:
     """One pass over this rank's shard: (mean loss over all ranks, rows over all ranks, step)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     device = base.device
     n_items = base.shape[0]
@@ -321,25 +318,8 @@ def _train_epoch(
     # uninterrupted one.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * rows, rows)
-    loader_cm = config["converter"].make_torch_dataloader(
-        batch_size=int(config["batch_size"]),
-        num_epochs=1,
-        workers_count=int(config.get("reader_workers", 1)),
-        data_loader_fn=loader_fn,
-        shard_count=world_size,
-        cur_shard=rank,
-        seed=seed + epoch,
-        shuffle_rows=True,
-        shuffle_row_groups=True,
-    )
-    # join(): ranks whose shard has fewer batches shadow the others' all-reduces.
-    join_cm = (
-        model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-    )
-    # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
-    # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
-    with warnings.catch_warnings(), loader_cm as loader, join_cm:
-        quiet_petastorm()
+    place = ProcessPlace(rank=rank, world_size=world_size, device=device)
+    with shard_batches(config, place, model, loader_fn, seed=seed + epoch) as loader:
         for batch in loader:
             history = batch["history"].long().to(device)
             positive_ids = batch["pos"].long().to(device)

@@ -8,13 +8,11 @@ write the model's folder: weights, config and the item ids in column order.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +25,10 @@ from llmrec_spark.stages.torch_process import (
     ProcessPlace,
     RankZeroMetrics,
     load_checkpoint,
-    quiet_petastorm,
+    rank_zero_step,
     save_checkpoint,
     save_weights,
+    shard_batches,
     training_place,
 )
 
@@ -142,7 +141,7 @@ def _train(
         "kl": progress.kls,
         "epochs_run": epochs - (resumed_from or 0),
         "resumed_from": resumed_from,
-        "steps": _rank_zero_step(place, progress.step),
+        "steps": rank_zero_step(place, progress.step),
     }
 
 
@@ -166,7 +165,6 @@ def _train_epoch(
     progress: _Progress,
 ) -> tuple[float, float, float]:
     """One pass over this rank's shard: (mean loss, mean KL, users) over all ranks."""
-    from torch.nn.parallel import DistributedDataParallel
 
     seed, n_items = int(config["seed"]), int(config["n_items"])
     # Dropout and the latent draws, seeded per (epoch, rank): a resumed run draws what an
@@ -174,26 +172,8 @@ def _train_epoch(
     torch.manual_seed(seed * 1_000_003 + epoch * 1009 + place.rank)
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=place.device)  # loss*rows, kl*rows, rows
-    loader_cm = config["converter"].make_torch_dataloader(
-        batch_size=int(config["batch_size"]),
-        num_epochs=1,
-        workers_count=int(config.get("reader_workers", 1)),
-        data_loader_fn=loader_fn,
-        shard_count=place.world_size,
-        cur_shard=place.rank,
-        seed=seed + epoch,
-        shuffle_rows=True,
-        shuffle_row_groups=True,
-    )
-    # join(): ranks whose shard has fewer batches shadow the others' all-reduces.
-    join_cm = (
-        model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-    )
     beta_cap, anneal_steps = float(config["beta_cap"]), int(config["anneal_steps"])
-    # Join's __enter__ calls warnings.simplefilter("once") for the whole process (torch
-    # 2.x), in front of quiet_petastorm's filter: catch_warnings undoes it after the epoch.
-    with warnings.catch_warnings(), loader_cm as loader, join_cm:
-        quiet_petastorm()
+    with shard_batches(config, place, model, loader_fn, seed=seed + epoch) as loader:
         for batch in loader:
             x = dense_batch(batch["items"].long(), batch["weights"].float(), n_items)
             beta = anneal_beta(progress.step, anneal_steps, beta_cap)
@@ -205,16 +185,6 @@ def _train_epoch(
         torch.distributed.all_reduce(totals)
     rows_all = totals[2].clamp_min(1.0)
     return float(totals[0] / rows_all), float(totals[1] / rows_all), float(totals[2])
-
-
-def _rank_zero_step(place: ProcessPlace, step: int) -> int:
-    """Rank 0's step counter on every rank. The broadcast also keeps every rank from
-    returning before rank 0 has saved the model."""
-    if not place.distributed:
-        return step
-    shared = torch.tensor([step], dtype=torch.int64, device=place.device)
-    torch.distributed.broadcast(shared, src=0)
-    return int(shared.item())
 
 
 def save_vae(

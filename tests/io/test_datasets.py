@@ -1,4 +1,5 @@
-"""Public-dataset loaders: MovieLens (three layouts) and Amazon reviews onto RAW_EVENT + CATALOG."""
+"""Public-dataset loaders: MovieLens (three layouts) and Amazon reviews onto RAW_EVENT + CATALOG,
+and MovieLens user files onto USER_PROFILE."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from llmrec_spark.bench.quality import quality_config
+from llmrec_spark.bench.quality import land, quality_config
 from llmrec_spark.errors import InputError
 from llmrec_spark.io.datasets import (
     RatingScale,
@@ -18,8 +19,9 @@ from llmrec_spark.io.datasets import (
     load_public_dataset,
 )
 from llmrec_spark.io.sources import records_to_lines
-from llmrec_spark.schema import CATALOG, RAW_EVENT
+from llmrec_spark.schema import CATALOG, RAW_EVENT, USER_PROFILE
 from llmrec_spark.stages.clean import clean_events
+from llmrec_spark.stages.embed import read_user_profiles, template_text
 
 pytestmark = pytest.mark.spark
 WHOLE_STARS, HALF_STARS = RatingScale(1.0, 5.0, 1.0), RatingScale(0.5, 5.0, 0.5)
@@ -39,6 +41,16 @@ def rating(layout, user, item, epoch, iso, value):
 
 def item(item_id, title, category, description=None, brand=None):
     return (item_id, title, description, category, brand, "true", None)
+
+
+def profile(user_id, bio):
+    return (user_id, None, bio)
+
+
+ML_100K_MINIMAL = {
+    "u.data": b"196\t242\t3\t881250949\n",
+    "u.item": b"242|Kolya (1996)|24-Jan-1997||x|" + b"|".join([b"0"] * 19) + b"\n",
+}
 
 
 def test_layout_detection_from_file_names():
@@ -104,6 +116,109 @@ def test_ml_1m_layout(spark, tmp_path):
         item("999", "Les Mis\u00e9rables (1995)", "Drama, War"),
     ]
     assertDataFrameEqual(data.catalog, spark.createDataFrame(expected_items, CATALOG))
+
+
+def test_ml_100k_user_file_renders_profiles(spark, tmp_path):
+    users = (
+        "1|24|M|technician|85711\n"
+        "2|53|F|other|94043\n"
+        "3|17|M|student|32067\n"
+        "4|18|F|none|43537\n"
+        "5|25|X|writer|15213\n"
+        "6|56|M||98101\n"
+        "7|55|F|\u00e9crivain|T8H1N\n"  # latin-1 text, as u.item
+        " 8 |45|M|educator|01002\n"
+    )
+    files = {**ML_100K_MINIMAL, "u.user": users.encode("latin-1")}
+    data = load_public_dataset(spark, str(write(tmp_path / "ml-100k", files)))
+    expected = [
+        profile("1", "Age 18-24. Male. Occupation: technician."),
+        profile("2", "Age 50-55. Female. Occupation: other."),
+        profile("3", "Age under 18. Male. Occupation: student."),
+        profile("4", "Age 18-24. Female."),
+        profile("5", "Age 25-34. Occupation: writer."),
+        profile("6", "Age 56+. Male."),
+        profile("7", "Age 50-55. Female. Occupation: \u00e9crivain."),
+        profile("8", "Age 45-49. Male. Occupation: educator."),
+    ]
+    assert data.profiles is not None
+    assertDataFrameEqual(data.profiles, spark.createDataFrame(expected, USER_PROFILE))
+
+
+def test_ml_1m_users_file_renders_coded_ages_and_occupations(spark, tmp_path):
+    folder = write(
+        tmp_path / "ml-1m",
+        {
+            "ratings.dat": b"1::1193::5::978300760\n",
+            "movies.dat": b"1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n",
+            "users.dat": (
+                b"1::F::1::10::48067\n"
+                b"2::M::56::16::70072\n"
+                b"3::M::25::15::55117\n"
+                b"4::M::45::7::02460\n"
+                b"5::M::18::0::55455\n"
+                b"6::F::50::20::55117\n"
+                b"7::M::35::1::06810\n"
+                b"8::F::99::21::11413\n"  # codes outside the README's lists
+            ),
+        },
+    )
+    data = load_movielens(spark, str(folder))
+    expected = [
+        profile("1", "Age under 18. Female. Occupation: K-12 student."),
+        profile("2", "Age 56+. Male. Occupation: self-employed."),
+        profile("3", "Age 25-34. Male. Occupation: scientist."),
+        profile("4", "Age 45-49. Male. Occupation: executive/managerial."),
+        profile("5", "Age 18-24. Male. Occupation: other."),
+        profile("6", "Age 50-55. Female. Occupation: writer."),
+        profile("7", "Age 35-44. Male. Occupation: academic/educator."),
+        profile("8", "Female."),
+    ]
+    assert data.profiles is not None
+    assertDataFrameEqual(data.profiles, spark.createDataFrame(expected, USER_PROFILE))
+
+
+def test_no_user_file_gives_no_profiles(spark, tmp_path):
+    ml_100k = load_public_dataset(spark, str(write(tmp_path / "ml-100k", ML_100K_MINIMAL)))
+    ml_1m = write(
+        tmp_path / "ml-1m",
+        {"ratings.dat": b"1::1193::5::978300760\n", "movies.dat": b"1193::Heat (1995)::Action\n"},
+    )
+    ml_latest = write(
+        tmp_path / "ml-latest-small",
+        {
+            "ratings.csv": b"userId,movieId,rating,timestamp\n1,1,4.0,964982703\n",
+            "movies.csv": b"movieId,title,genres\n1,Toy Story (1995),Comedy\n",
+            "users.dat": b"1::F::1::10::48067\n",  # not ml-latest's file: ignored
+        },
+    )
+    assert ml_100k.profiles is None
+    assert load_movielens(spark, str(ml_1m)).profiles is None
+    assert load_public_dataset(spark, str(ml_latest)).profiles is None
+
+
+def test_landed_profiles_read_back_as_embed_user_texts(spark, tmp_path, cfg):
+    files = {
+        "u.data": b"196\t242\t3\t881250949\n186\t242\t4\t891717742\n",
+        "u.item": ML_100K_MINIMAL["u.item"],
+        "u.user": b"196|49|M|writer|55105\n186|39|F|executive|00000\n",
+    }
+    data = load_public_dataset(spark, str(write(tmp_path / "ml-100k", files)))
+    bench = quality_config(cfg, str(tmp_path / "bench"), span_days=1, ratings=data.rating_scale)
+    land(bench, data, "1998-04-05")
+    landing = bench.path(bench.storage.landing)
+    raw = read_user_profiles(spark, str(Path(landing) / bench.embed.user_profiles))
+    assert raw is not None
+    texts = template_text(
+        raw, template=bench.embed.user_text_template, max_chars=bench.embed.max_text_chars
+    )
+    # A null `interests` drops out with its separator: the text is the bio alone.
+    assert sorted((r["user_id"], r["text"]) for r in texts.collect()) == [
+        ("186", "Age 35-44. Female. Occupation: executive."),
+        ("196", "Age 45-49. Male. Occupation: writer."),
+    ]
+    event_users = {r["user_id"] for r in data.events.select("user_id").collect()}
+    assert {r["user_id"] for r in raw.collect()} == event_users
 
 
 def test_ml_latest_layout(spark, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
@@ -40,6 +43,9 @@ TINY = [
     "vae.latent_dim=8",
     "vae.epochs=3",
     "vae.batch_size=16",
+    # The user tower: enough steps on a few hundred examples to learn the demo's topics.
+    "profile.epochs=20",
+    "profile.learning_rate=0.01",
 ]
 
 
@@ -48,8 +54,25 @@ def nightly(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     cfg = make_config(root, *TINY)
     generate_demo(cfg.demo, cfg.path(cfg.storage.landing), DS)
+    _add_newcomers(cfg.path(cfg.storage.landing))
     first = run_nightly(cfg, spark, DS)
     return cfg, first
+
+
+# Users who filled in a profile and have no event yet: the user tower scores them.
+NEWCOMERS = ("newcomer-a", "newcomer-b")
+
+
+def _add_newcomers(landing: str) -> None:
+    """Two profiles without events, copying the interests of the first two profiled users
+    whose interests differ."""
+    path = os.path.join(landing, "users", "profiles.jsonl")
+    with open(path, encoding="utf-8") as f:
+        profiles = [json.loads(line) for line in f]
+    interests = list(dict.fromkeys(p["interests"] for p in profiles))[:2]
+    with open(path, "a", encoding="utf-8") as f:
+        for user, text in zip(NEWCOMERS, interests, strict=True):
+            f.write(json.dumps({"user_id": user, "interests": text, "bio": None}) + "\n")
 
 
 def test_every_stage_ran_and_reconciled(nightly):
@@ -92,12 +115,31 @@ def test_published_table_content(spark, nightly):
         assert not (set(rows["item_id"]) & seen.get(user, set())), f"{user} got a seen item"
         scores = rows["score"].tolist()
         assert all(a >= b for a, b in zip(scores, scores[1:], strict=False)), user
-    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular", "vae", "hybrid_vae"}
+    assert set(recs["source"]) <= {
+        "als",
+        "text",
+        "hybrid",
+        "popular",
+        "vae",
+        "hybrid_vae",
+        "profile",
+    }
+    # The users with a profile and no event in the window (the newcomers among them) get the
+    # user tower's lists, one per profile.
+    by_profile = recs[recs["source"] == "profile"]
+    assert set(NEWCOMERS) <= set(by_profile["user_id"])
+    assert not set(by_profile["user_id"]) & set(seen)
+    lists = {
+        u: rows.sort_values("rank")["item_id"].tolist() for u, rows in by_profile.groupby("user_id")
+    }
+    assert all(len(items) == TOP_N for items in lists.values())
+    assert lists[NEWCOMERS[0]] != lists[NEWCOMERS[1]]
     # The VAE's sources mark exactly the users scored without an ALS factor (a holdout user
     # whose every event was held out, say).
     factors = ctx.store.read("als_factors", where={"ds": DS}).where("kind = 'user'").toPandas()
     by_vae = set(recs.loc[recs["source"].isin(["vae", "hybrid_vae"]), "user_id"])
     assert not by_vae & set(factors["id"])
+    assert not set(by_profile["user_id"]) & set(factors["id"])
     assert (recs["model_version"] == summary.mlflow_run_id).all()
     catalog = set(ctx.store.read("items").select("item_id").toPandas()["item_id"])
     assert set(recs["item_id"]) <= catalog

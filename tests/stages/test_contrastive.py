@@ -784,6 +784,7 @@ def test_disabled_stage_is_skipped(spark, cfg):
     from llmrec_spark.stages.contrastive import run_train_contrastive
 
     cfg = _with_contrastive(cfg, enabled=False)
+    cfg = dataclasses.replace(cfg, profile=dataclasses.replace(cfg.profile, enabled=False))
     result = run_train_contrastive(RunContext(cfg=cfg, spark=spark, store=None, ds="2026-11-23"))
     assert result.summary == {"skipped": "contrastive.enabled=false"}
 

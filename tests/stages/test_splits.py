@@ -217,3 +217,29 @@ def test_published_holdout_trains_on_everything_but_the_held_rows_and_tests_thei
     # The test positives: the 9th event of each held-out user (the 10th weighs 1).
     users = {u for u, _ in held_keys}
     assert test == {(u, f"j{(int(u[1:]) + 8) % 10}") for u in users}
+
+
+@pytest.mark.spark
+def test_cold_user_split_removes_a_seeded_fifth_of_the_users_whole_and_tests_all_their_positives(
+    spark,
+):
+    events = holdout_world(spark, users=40).unionByName(
+        # a user with no positive at all is never picked (nothing to test them on)
+        spark.createDataFrame([("never", "j1", ts(5000), 1.0)], SCHEMA)
+    )
+    split = splits.cold_user(events, cold_fraction=0.2, positive_min_weight=2.0, seed=5)
+    test = split.test.collect()
+    cold = {r["user_id"] for r in test}
+    assert len(cold) == 8  # a fifth of the 40 users with a positive
+    assert "never" not in cold
+    trained = {r["user_id"] for r in split.train.select("user_id").distinct().collect()}
+    assert not cold & trained
+    assert trained | cold == {f"u{u}" for u in range(40)} | {"never"}
+    for user in cold:  # every positive they have, once per item; none of their weight-1 items
+        expected = {f"j{(int(user[1:]) + h) % 10}" for h in range(9)}
+        assert {r["item_id"] for r in test if r["user_id"] == user} == expected
+    assert len(test) == 8 * 9 and not any(r["cold"] for r in test)
+    again = splits.cold_user(events, cold_fraction=0.2, positive_min_weight=2.0, seed=5)
+    assert {r["user_id"] for r in again.test.collect()} == cold
+    other = splits.cold_user(events, cold_fraction=0.2, positive_min_weight=2.0, seed=6)
+    assert {r["user_id"] for r in other.test.collect()} != cold
