@@ -41,6 +41,9 @@ from llmrec_spark.stages.torch_process import (
 
 log = logging.getLogger(__name__)
 
+# Rank 0 logs its progress every this many steps within an epoch.
+PROGRESS_STEPS = 25
+
 CHECKPOINT = "last.pt"
 # Rows per batch when every rank reads every item's tokens.
 ITEM_BATCH = 8192
@@ -249,6 +252,7 @@ def _train_epoch(
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + place.rank)
     model.train()
     totals = torch.zeros(2, dtype=torch.float64, device=place.device)  # loss * rows, rows
+    started = time.perf_counter()
     ddp = model.ddp if isinstance(model, _GradSynced) else model
     with shard_batches(config, place, ddp, loader_fn, seed=seed + epoch) as loader:
         for taken, batch in enumerate(loader):
@@ -265,6 +269,13 @@ def _train_epoch(
             step += 1
             rows = float(len(positive_ids))
             totals += totals.new_tensor([float(loss) * rows, rows])
+            if place.rank == 0 and (taken + 1) % PROGRESS_STEPS == 0:
+                # A step takes seconds on CPU: a line now and then says the run is alive.
+                log.info(
+                    "encoder epoch %d: step %d%s, loss %.4f, %.1fs per step",
+                    epoch + 1, taken + 1, f"/{max_steps}" if max_steps else "", float(loss),
+                    (time.perf_counter() - started) / (taken + 1),
+                )  # fmt: skip
     if place.distributed:
         torch.distributed.all_reduce(totals)
     return float(totals[0] / totals[1].clamp_min(1.0)), float(totals[1]), step
