@@ -75,6 +75,7 @@ CONTRASTIVE_COUNTS = (
     "encoder_max_length",
     "encoder_batch_size",
     "encoder_max_history",
+    "encoder_num_negatives",
 )
 CONTRASTIVE_MODES = ("head", "encoder")
 
@@ -299,18 +300,21 @@ class ContrastiveConfig:
     # plus the head (`stages.encoder_fit`), its item embeddings re-embedded by the tuned
     # encoder. README: why head stays the default on CPU.
     mode: str = "head"
-    # Encoder mode (the head's hidden_dim, out_dim, temperature, negatives, learning_rate
-    # and examples are shared): LoRA rank and alpha on the attention's query and value, the
-    # tokens per item text, examples per process and step, steps per epoch and process (0:
-    # the whole shard), the history items per anchor, the adapters' learning rate, and
-    # whether the anchor's history items pass gradients (False: encoded forward-only).
+    # Encoder mode (the head's hidden_dim, out_dim, temperature, learning_rate and examples
+    # are shared): LoRA rank and alpha on the attention's query and value, the tokens per
+    # item text, examples per process and step, steps per epoch and process (0: the whole
+    # shard), the history items per anchor, sampled negatives per step, the adapters'
+    # learning rate, and whether the anchor's history items pass gradients (False: encoded
+    # forward-only). Every item of a step goes through the transformer: the defaults are
+    # sized for CPU (docs/2026-12-07-profile-text-and-encoder-tuning.md).
     encoder_epochs: int = 1
     encoder_lora_rank: int = 4
     encoder_lora_alpha: int = 8
     encoder_max_length: int = 32
-    encoder_batch_size: int = 64
-    encoder_max_steps: int = 200
-    encoder_max_history: int = 10
+    encoder_batch_size: int = 32
+    encoder_max_steps: int = 100
+    encoder_max_history: int = 5
+    encoder_num_negatives: int = 32
     encoder_learning_rate: float = 0.0005
     encoder_history_grad: bool = False
 

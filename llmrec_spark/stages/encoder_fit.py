@@ -182,7 +182,7 @@ def training_config(
         "encoder_learning_rate": cfg.encoder_learning_rate,
         "weight_decay": cfg.weight_decay,
         "temperature": cfg.temperature,
-        "num_sampled_negatives": cfg.num_sampled_negatives,
+        "num_sampled_negatives": cfg.encoder_num_negatives,
         "history_grad": cfg.encoder_history_grad,
         "seed": cfg.seed,
         "device": device,

@@ -20,7 +20,7 @@ def _encoder_cfg(cfg):
         num_processes=1,
         hidden_dim=16,
         out_dim=8,
-        num_sampled_negatives=4,
+        encoder_num_negatives=4,
         encoder_batch_size=8,
         encoder_max_steps=2,
         encoder_max_length=16,
