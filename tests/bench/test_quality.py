@@ -400,7 +400,7 @@ def test_bar_and_intervals_are_computed_from_the_evaluations_figures(tmp_path):
         1.0,
         draws,
     )
-    checks = {c["check"].split(" >=")[0] + f" {c['factor']}": c for c in bar_json(evaluation)}
+    checks = {c["check"].split(" >=")[0] + f" {c.get('factor')}": c for c in bar_json(evaluation)}
     ut = checks["user_temporal hybrid ndcg@10 1.0"]
     assert (ut["value"], ut["baseline"], ut["ratio"], ut["met"]) == (0.225, 0.2, 1.125, True)
     assert checks["user_temporal hybrid ndcg@10 1.05"]["met"] is True  # 0.225 / 0.2
@@ -416,6 +416,24 @@ def test_bar_and_intervals_are_computed_from_the_evaluations_figures(tmp_path):
     )
     mixed_check = checks["cold_item mixed hybrid ndcg@10 1.03"]
     assert mixed_check["ratio"] == pytest.approx(1.333, abs=1e-3) and mixed_check["met"] is True
+    # The cold_user check reads the paired interval: met only when its low end is above 0.
+    key = "cold_user.warm.ndcg@10: profile_text - popularity"
+    paired_check = [
+        c for c in bar_json(evaluation, {key: [0.014, -0.009, 0.034]}) if "cold_user" in c["check"]
+    ]
+    assert paired_check == [
+        {
+            "check": "cold_user profile_text ndcg@10 above popularity (paired 95% interval above 0)",
+            "difference": [0.014, -0.009, 0.034],
+            "met": False,
+        }
+    ]
+    assert [
+        c["met"]
+        for c in bar_json(evaluation, {key: [0.03, 0.01, 0.05]})
+        if "cold_user" in c["check"]
+    ] == [True]
+    assert [c["met"] for c in bar_json(evaluation) if "cold_user" in c["check"]] == [None]
 
     cfg = make_config(tmp_path, "evaluate.bootstrap_samples=50")
     intervals = interval_json(evaluation, cfg)
