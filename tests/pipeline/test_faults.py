@@ -85,8 +85,11 @@ def test_nightly_under_local_cluster_publishes_the_recommendations(cluster_night
         assert not set(rows["item_id"]) & seen.get(user, set()), f"{user} got a seen item"
         assert rows["score"].is_monotonic_decreasing, user
     assert set(recs["item_id"]) <= catalog
-    # vae / hybrid_vae: users without an ALS factor, scored by the Mult-VAE (TINY turns it on).
-    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular", "vae", "hybrid_vae"}
+    # vae / hybrid_vae: users without an ALS factor, scored by the Mult-VAE (TINY turns it on);
+    # profile: users with a profile and no event in the window, scored by the user tower.
+    sources = {"als", "text", "hybrid", "popular", "vae", "hybrid_vae", "profile"}
+    assert set(recs["source"]) <= sources
+    assert not set(recs.loc[recs["source"] == "profile", "user_id"]) & set(seen)
     runs = _delta_frame(lake / "pipeline_runs")
     assert (runs["status"] == "ok").all()
     assert set(runs["stage"]) == {

@@ -72,6 +72,7 @@ def test_nightly_runs_on_a_two_worker_standalone_cluster(tmp_path):
         .to_pandas()
     )
     assert recs.groupby("user_id")["rank"].apply(list).map(lambda r: r == [1, 2, 3, 4, 5]).all()
-    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular"}
+    # profile: a demo user with a profile and no event in the window (the user tower's list).
+    assert set(recs["source"]) <= {"als", "text", "hybrid", "popular", "profile"}
     assert not os.listdir(tmp_path / "cluster" / "pids")
     assert Path(result.root, "mlflow.db").is_file()

@@ -50,9 +50,19 @@ def test_each_stage_names_the_upstream_outputs_it_reads(tmp_path):
         "train-contrastive",
         "evaluate",
     )
-    # No tower, no metric gate: recommend reads neither the tower nor the evaluation.
-    lean = make_config(tmp_path, "contrastive.enabled=false", "recommend.gate_metric=''")
+    # No tower, no metric gate: recommend reads neither the towers nor the evaluation.
+    lean = make_config(
+        tmp_path, "contrastive.enabled=false", "profile.enabled=false", "recommend.gate_metric=''"
+    )
     assert required_stages(lean, "recommend") == ("clean", "embed", "train-als")
+    # The user tower alone (trained by train-contrastive) still needs that stage's run.
+    users_only = make_config(tmp_path, "contrastive.enabled=false", "recommend.gate_metric=''")
+    assert required_stages(users_only, "recommend") == (
+        "clean",
+        "embed",
+        "train-als",
+        "train-contrastive",
+    )
     no_mlflow = make_config(tmp_path, "mlflow.enabled=false")
     assert "evaluate" not in required_stages(no_mlflow, "recommend")
 

@@ -23,23 +23,9 @@ from llmrec_spark.stages.encoder_training import (
     new_encoder_tower,
     train_text_encoder,
 )
+from tests.core.test_encoder_tuning import TEXTS  # 12 item texts in 3 topics of 4
 
 MAX_LENGTH, HISTORY, EXAMPLES, BATCH, MAX_STEPS = 16, 3, 48, 8, 3
-# 12 short item texts in 3 topics: items 0-3 running shoes, 4-7 kitchen, 8-11 novels.
-TEXTS = [
-    "trail running shoe",
-    "light mesh running sneaker",
-    "cushioned road racing shoe",
-    "waterproof hiking boot",
-    "steel chef knife",
-    "nonstick frying pan",
-    "ceramic kitchen bowl set",
-    "glass pot lid",
-    "mystery detective novel",
-    "london winter romance book",
-    "war history paperback",
-    "family secret thriller novel",
-]
 TOPIC = np.arange(len(TEXTS)) // 4
 
 
