@@ -487,8 +487,9 @@ def fit_text_tower(
         trained, cfg = _warm_job(examples, n_examples, cfg, warm, ctx.ds, num_processes)
         n_examples, signature = _examples_signature(trained)
         paths["init_head_dir"] = warm.head_dir
-    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
-    shuffled = shuffle_examples(trained, files=files, seed=cfg.seed)
+    shuffled = shuffle_examples(
+        trained, files=example_files(n_examples, num_processes), seed=cfg.seed
+    )
     fingerprint = _fingerprint(
         cfg,
         n_items,
@@ -526,6 +527,12 @@ def fit_text_tower(
     finally:
         examples.unpersist()
     return TowerFit(head_dir=head_dir, output=output, examples=n_examples, items=n_items)
+
+
+def example_files(n_examples: int, num_processes: int) -> int:
+    """How many files petastorm gets for `n_examples` rows: EXAMPLES_PER_FILE each, at least
+    two per process (it shards by file), at most one per row."""
+    return min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
 
 
 def training_device(ctx: RunContext, requested: str, section: str) -> str:

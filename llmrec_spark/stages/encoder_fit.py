@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -33,8 +32,8 @@ from llmrec_spark.errors import InputError
 from llmrec_spark.runtime.context import RunContext, StageResult
 from llmrec_spark.runtime.indexing import dense_index
 from llmrec_spark.stages.contrastive import (
-    EXAMPLES_PER_FILE,
     cache_dir_url,
+    example_files,
     process_count,
     shuffle_examples,
     train_on_petastorm,
@@ -123,7 +122,6 @@ def fit_text_encoder(
             f"contrastive (encoder): {n_examples} training examples; need at least "
             f"{num_processes}: users with two or more items that have text"
         )
-    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
     config = training_config(cfg, device, model_path=model_path, n_items=n_items)
     fingerprint = hashlib.sha256(
         json.dumps([config, base_id, n_examples, signature], sort_keys=True).encode()
@@ -136,7 +134,9 @@ def fit_text_encoder(
     try:
         output = train_on_petastorm(
             ctx,
-            shuffle_examples(examples, files=files, seed=cfg.seed),
+            shuffle_examples(
+                examples, files=example_files(n_examples, num_processes), seed=cfg.seed
+            ),
             train_text_encoder,
             {
                 **config,

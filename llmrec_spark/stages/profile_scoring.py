@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -75,12 +74,9 @@ def with_profile(matrices: ItemMatrices, model_dir: str) -> ItemMatrices:
 def model_digest(model_dir: str) -> str:
     """sha256 of the tower's weights: the per-worker scorer's cache key."""
     from llmrec_spark.stages.profile_training import PROFILE_WEIGHTS
+    from llmrec_spark.stages.tower_training import file_digest
 
-    digest = hashlib.sha256()
-    with open(os.path.join(model_dir, PROFILE_WEIGHTS), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(os.path.join(model_dir, PROFILE_WEIGHTS))
 
 
 def with_profile_column(users: DataFrame, profiles: DataFrame) -> DataFrame:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from llmrec_spark.io.tables import TableStore
 from llmrec_spark.runtime.context import RunContext
 from llmrec_spark.stages.contrastive import (
     cache_dir_url,
+    example_files,
     process_count,
     train_on_petastorm,
     training_device,
@@ -37,9 +37,6 @@ from llmrec_spark.stages.embed import template_text
 from llmrec_spark.stages.profile_training import load_profile_tower, train_profile_tower
 
 log = logging.getLogger(__name__)
-
-# Rows per training-data file; petastorm shards files/row groups across ranks.
-EXAMPLES_PER_FILE = 50_000
 
 
 def current_profiles(store: TableStore, embed_cfg: EmbedConfig, model_id: str) -> DataFrame:
@@ -108,8 +105,8 @@ def fit_profile_tower(
             f"profile: {n_examples} (profile, consumed item) examples; the user tower needs "
             f"at least {num_processes}: users with a profile and a positive event"
         )
-    files = min(n_examples, max(2 * num_processes, math.ceil(n_examples / EXAMPLES_PER_FILE)))
     key = F.xxhash64("profile", "pos", F.lit(cfg.seed))
+    files = example_files(n_examples, num_processes)
     shuffled = examples.repartition(files, key).sortWithinPartitions(key)
     config = {
         "n_items": n_items,
