@@ -482,22 +482,16 @@ def fit_text_tower(
     n_examples, signature = _examples_signature(examples)
     if n_examples < num_processes:
         raise _too_few_examples(cfg, n_examples, num_processes, ctx.ds)
-    trained, paths = examples, {}
+    trained, paths, warm_digest = examples, {}, ""
     if warm is not None:
         trained, cfg = _warm_job(examples, n_examples, cfg, warm, ctx.ds, num_processes)
         n_examples, signature = _examples_signature(trained)
-        paths["init_head_dir"] = warm.head_dir
+        paths["init_head_dir"], warm_digest = warm.head_dir, warm.digest
     shuffled = shuffle_examples(
         trained, files=example_files(n_examples, num_processes), seed=cfg.seed
     )
-    fingerprint = _fingerprint(
-        cfg,
-        n_items,
-        in_dim,
-        signature,
-        file_digest(item_matrix_path),
-        warm.digest if warm is not None else "",
-    )
+    matrix_digest = file_digest(item_matrix_path)
+    fingerprint = _fingerprint(cfg, n_items, in_dim, signature, matrix_digest, warm_digest)
     log.info(
         "contrastive: %d examples, %d items, %d processes on %s, fingerprint %s",
         n_examples,
