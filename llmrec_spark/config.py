@@ -78,6 +78,9 @@ CONTRASTIVE_COUNTS = (
     "encoder_num_negatives",
 )
 CONTRASTIVE_MODES = ("head", "encoder")
+# Where encoder mode's head starts: the head trained on the frozen embeddings (then frozen), or
+# a fresh one trained with the adapters.
+ENCODER_STARTS = ("head", "scratch")
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,10 @@ class ContrastiveConfig:
     # shard), the history items per anchor, sampled negatives per step, the adapters'
     # learning rate, and whether the anchor's history items pass gradients (False: encoded
     # forward-only). Every item of a step goes through the transformer: the defaults are
-    # sized for CPU (docs/2026-12-07-profile-text-and-encoder-tuning.md).
+    # sized for CPU (docs/2026-12-07-profile-text-and-encoder-tuning.md). encoder_start
+    # "head": the head mode's head is trained first and the adapters learn under it, frozen
+    # (docs/2026-12-07-encoder-from-the-head.md); "scratch": a fresh head trains with them.
+    encoder_start: str = "head"
     encoder_epochs: int = 1
     encoder_lora_rank: int = 4
     encoder_lora_alpha: int = 8
@@ -895,6 +901,11 @@ def check_contrastive(cfg: ContrastiveConfig) -> None:
             (
                 cfg.mode in CONTRASTIVE_MODES,
                 f"contrastive.mode: choose {' or '.join(CONTRASTIVE_MODES)}, got {cfg.mode!r}",
+            ),
+            (
+                cfg.encoder_start in ENCODER_STARTS,
+                f"contrastive.encoder_start: choose {' or '.join(ENCODER_STARTS)}, "
+                f"got {cfg.encoder_start!r}",
             ),
             (cfg.encoder_max_steps >= 0, "contrastive.encoder_max_steps: 0 (no cap) or more"),
             (cfg.encoder_learning_rate > 0, "contrastive.encoder_learning_rate: must be positive"),

@@ -99,6 +99,11 @@ def test_int_accepted_for_float_and_relative_paths_resolve_under_root(tmp_path):
         ("contrastive.reader_workers=0", "contrastive.reader_workers: must be at least 1, got 0"),
         ("contrastive.epochs=0", "contrastive.epochs: must be at least 1, got 0"),
         ("contrastive.device=gpu", "contrastive.device: choose auto, cpu or cuda, got 'gpu'"),
+        ("contrastive.mode=lora", "contrastive.mode: choose head or encoder, got 'lora'"),
+        (
+            "contrastive.encoder_start=warm",
+            "contrastive.encoder_start: choose head or scratch, got 'warm'",
+        ),
         ("embed.batch_size=0", "embed.batch_size: must be positive, got 0"),
         ("embed.max_length=1", "embed.max_length: must be at least 2, got 1"),
         ("embed.device=gpu0", "embed.device: 'gpu0' is not auto, cpu, cuda or cuda:N"),

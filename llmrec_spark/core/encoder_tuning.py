@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from llmrec_spark.core.encoder import mean_pool_normalize
-from llmrec_spark.core.tower import PAD, TextTowerHead, negative_mask
+from llmrec_spark.core.tower import (
+    PAD,
+    EnsembleHead,
+    TextTowerHead,
+    head_from_config,
+    negative_mask,
+)
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -134,7 +140,9 @@ def attention_mask(token_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 class EncoderTower(torch.nn.Module):
     """The (LoRA-adapted) encoder, mean pooling and the tower's head: token ids -> unit rows."""
 
-    def __init__(self, encoder: Any, head: TextTowerHead, settings: LoraSettings) -> None:
+    def __init__(
+        self, encoder: Any, head: TextTowerHead | EnsembleHead, settings: LoraSettings
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -155,13 +163,28 @@ class EncoderTower(torch.nn.Module):
 
 
 def encoder_tower(
-    model_path: str, settings: LoraSettings, *, hidden_dim: int, out_dim: int, seed: int
+    model_path: str,
+    settings: LoraSettings,
+    *,
+    hidden_dim: int,
+    out_dim: int,
+    seed: int,
+    trained_head: TextTowerHead | EnsembleHead | None = None,
 ) -> EncoderTower:
-    """A fresh tower: seeded LoRA adapters (B = 0: the base encoder at first) and a seeded head."""
+    """A fresh tower: seeded LoRA adapters (B = 0: the base encoder at first) and a seeded head,
+    or `trained_head` (a head trained on this encoder's frozen embeddings), kept frozen: the
+    tower then starts as that head on the base encoder, and only the adapters learn."""
     encoder = lora_encoder(model_path, settings, seed)
-    torch.manual_seed(seed + 1)
-    head = TextTowerHead(int(encoder.config.hidden_size), hidden_dim, out_dim)
-    return EncoderTower(encoder, head, settings)
+    in_dim = int(encoder.config.hidden_size)
+    if trained_head is None:
+        torch.manual_seed(seed + 1)
+        return EncoderTower(encoder, TextTowerHead(in_dim, hidden_dim, out_dim), settings)
+    if trained_head.in_dim != in_dim:
+        raise ValueError(
+            f"the trained head reads {trained_head.in_dim}-d embeddings; the encoder gives {in_dim}"
+        )
+    trained_head.train().requires_grad_(False)
+    return EncoderTower(encoder, trained_head, settings)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,12 +270,10 @@ def make_encoder_optimizer(model: EncoderTower, config: dict[str, Any]) -> torch
     encoder_rate = config.get("encoder_learning_rate")
     encoder_rate = learning_rate if encoder_rate is None else float(encoder_rate)
     lora = [p for p in model.encoder.parameters() if p.requires_grad]
-    head = [p for p in model.head.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]  # none: a frozen trained head
+    groups = [{"params": head, "lr": learning_rate}, {"params": lora, "lr": encoder_rate}]
     return torch.optim.AdamW(
-        [
-            {"params": head, "lr": learning_rate},
-            {"params": lora, "lr": encoder_rate},
-        ],
+        [group for group in groups if group["params"]],
         lr=learning_rate,
         weight_decay=float(config.get("weight_decay", 0.0)),
     )
@@ -306,8 +327,7 @@ def load_tuned(model_path: str, output_dir: str | Path, device: str = "cpu") -> 
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = PeftModel.from_pretrained(_base_model(model_path), str(out / ADAPTER_DIR))
     encoder = peft_model.merge_and_unload()
-    dims = config["head"]
-    head = TextTowerHead(int(dims["in_dim"]), int(dims["hidden_dim"]), int(dims["out_dim"]))
+    head = head_from_config(config["head"])
     head.load_state_dict(load_file(str(out / HEAD_WEIGHTS)))
     tower = EncoderTower(encoder, head, settings).to(device).eval()
     tower.requires_grad_(False)

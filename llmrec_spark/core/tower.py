@@ -73,6 +73,17 @@ class EnsembleHead(torch.nn.Module):
         }
 
 
+def head_from_config(dims: dict[str, Any]) -> TextTowerHead | EnsembleHead:
+    """An untrained head of the shape `config()` wrote (a lone head, or an ensemble when
+    `members` > 1): the frame a saved head's weights load into."""
+    in_dim, hidden_dim = int(dims["in_dim"]), int(dims["hidden_dim"])
+    members = int(dims.get("members", 1))
+    if members > 1:
+        out_dim = int(dims["member_out_dim"])
+        return EnsembleHead([TextTowerHead(in_dim, hidden_dim, out_dim) for _ in range(members)])
+    return TextTowerHead(in_dim, hidden_dim, int(dims["out_dim"]))
+
+
 def info_nce(
     anchors: torch.Tensor,
     positives: torch.Tensor,

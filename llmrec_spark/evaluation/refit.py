@@ -189,15 +189,15 @@ def fit_split(
         apply_rules=False,
     ).cache()
     items = recommend.item_matrices(frame.toPandas())
-    tuned = None
+    tuned, head_dir = None, None
     if tower and embeddings is not None and items.text is not None:
-        tuned = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
+        tuned, head_dir = _fine_tuned_text(ctx, split, train, embeddings, items, work_dir)
     vae_dir = None
     if vae and ctx.cfg.vae.enabled:
         vae_dir = vae_side.fit_vae_model(ctx, pairs, work_dir)
     tuned_encoder = None
     if encoder and ctx.cfg.contrastive.mode == "encoder" and items.text is not None:
-        tuned_encoder = _encoder_tuned_text(ctx, split, train, catalog, items, work_dir)
+        tuned_encoder = _encoder_tuned_text(ctx, split, train, catalog, items, work_dir, head_dir)
     profile_dir = None
     if profiles is not None:
         profile_dir = profile_side.fit_profile_model(ctx, train, profiles, frame, work_dir)
@@ -329,8 +329,9 @@ def _fine_tuned_text(
     embeddings: DataFrame,
     items: ItemMatrices,
     work_dir: str,
-) -> np.ndarray:
-    """The tower fitted on `train` applied to every item's frozen text: (n, out_dim)."""
+) -> tuple[np.ndarray, str]:
+    """The tower fitted on `train` applied to every item's frozen text: (n, out_dim), and the
+    head's folder."""
     from llmrec_spark.stages import contrastive, tower_training
 
     current = contrastive.with_item_index(embeddings.select("item_id", "embedding"))
@@ -345,7 +346,8 @@ def _fine_tuned_text(
     )
     current.unpersist()
     assert items.text is not None and items.has_text is not None
-    return apply_head(tower_training.load_head(fit.head_dir), items.text, items.has_text)
+    head = tower_training.load_head(fit.head_dir)
+    return apply_head(head, items.text, items.has_text), fit.head_dir
 
 
 def _encoder_tuned_text(
@@ -355,9 +357,11 @@ def _encoder_tuned_text(
     catalog: DataFrame,
     items: ItemMatrices,
     work_dir: str,
+    head_dir: str | None,
 ) -> np.ndarray:
-    """The encoder tuned on `train` (contrastive.mode encoder) applied to the text of every
-    item that has a frozen embedding: (n, out_dim), zero rows elsewhere."""
+    """The encoder tuned on `train` (contrastive.mode encoder; from the head in `head_dir`
+    with encoder_start head) applied to the text of every item that has a frozen embedding:
+    (n, out_dim), zero rows elsewhere."""
     from llmrec_spark.core.encoder import resolve_model
     from llmrec_spark.stages import embed, encoder_fit
 
@@ -372,6 +376,7 @@ def _encoder_tuned_text(
         texts,
         work_dir=os.path.join(work_dir, "encoder"),
         metadata={"kind": "evaluation", "protocol": split.protocol},
+        init_head_dir=head_dir if cfg.encoder_start == "head" else None,
     )
     text_pd: pd.DataFrame = texts.toPandas()
     by_item = dict(zip(text_pd["item_id"], text_pd["text"], strict=True))

@@ -222,7 +222,9 @@ def run_train_contrastive(ctx: RunContext) -> StageResult:
         check_contrastive(cfg)
         from llmrec_spark.stages.encoder_fit import run_encoder_mode
 
-        result = run_encoder_mode(ctx, base_id)
+        # encoder_start head: the adapters learn under the head mode's head, trained first.
+        head = _train_head(ctx, base_id) if cfg.encoder_start == "head" else None
+        result = run_encoder_mode(ctx, base_id, head)
     else:
         check_contrastive(cfg)
         result = _train_head(ctx, base_id)

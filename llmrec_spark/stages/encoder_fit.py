@@ -40,6 +40,7 @@ from llmrec_spark.stages.contrastive import (
     training_device,
     training_examples,
 )
+from llmrec_spark.stages.tower_training import HEAD_WEIGHTS, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,12 @@ def fit_text_encoder(
     *,
     work_dir: str,
     metadata: dict[str, Any],
+    init_head_dir: str | None = None,
 ) -> EncoderFit:
     """Tune the encoder on `events` under TorchDistributor: examples as the head's (with
     cfg.encoder_max_history), the items' texts (`texts`: item_id, text) tokenized by Spark;
-    the model lands in work_dir/model."""
+    the model lands in work_dir/model. With `init_head_dir` (a head trained on the base
+    model's embeddings), the tower starts as that head, frozen, and only the adapters train."""
     from llmrec_spark.core.encoder import resolve_model
     from llmrec_spark.core.encoder_tuning import tuned_digest
     from llmrec_spark.stages.encoder_training import train_text_encoder
@@ -123,8 +126,12 @@ def fit_text_encoder(
             f"{num_processes}: users with two or more items that have text"
         )
     config = training_config(cfg, device, model_path=model_path, n_items=n_items)
+    head_digest = ""
+    if init_head_dir is not None:
+        config["init_head_dir"] = init_head_dir
+        head_digest = file_digest(os.path.join(init_head_dir, HEAD_WEIGHTS))
     fingerprint = hashlib.sha256(
-        json.dumps([config, base_id, n_examples, signature], sort_keys=True).encode()
+        json.dumps([config, base_id, n_examples, signature, head_digest], sort_keys=True).encode()
     ).hexdigest()
     model_dir = os.path.join(work_dir, "model")
     log.info(
@@ -210,10 +217,11 @@ def tuned_item_vectors(
     return encode(texts)
 
 
-def run_encoder_mode(ctx: RunContext, base_id: str) -> StageResult:
-    """train-contrastive in encoder mode: tune the encoder on the date's training window,
-    then embed every catalog item's current text with it under its own model id
-    (`encoder_model_id`), incrementally."""
+def run_encoder_mode(ctx: RunContext, base_id: str, head: StageResult | None) -> StageResult:
+    """train-contrastive in encoder mode: tune the encoder on the date's training window
+    (from `head`'s trained head, the head mode's result, when there is one), then embed every
+    catalog item's current text with it under its own model id (`encoder_model_id`),
+    incrementally."""
     from llmrec_spark.stages import embed
     from llmrec_spark.stages.als import training_events
 
@@ -231,6 +239,7 @@ def run_encoder_mode(ctx: RunContext, base_id: str) -> StageResult:
         texts.select("item_id", "text"),
         work_dir=ctx.model_dir(ENCODER_FOLDER),
         metadata={"ds": ctx.ds},
+        init_head_dir=head.artifacts["text_tower"] if head is not None else None,
     )
     train_seconds = time.perf_counter() - started
     counts = embed.embed_new_texts(
@@ -270,6 +279,7 @@ def run_encoder_mode(ctx: RunContext, base_id: str) -> StageResult:
             "embedded": counts.embedded,
             "loss": [round(x, 4) for x in losses],
             "resumed_from": fit.output["resumed_from"],
+            "start": head.summary if head is not None else "scratch",
         },
     )
 

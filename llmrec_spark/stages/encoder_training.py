@@ -38,6 +38,7 @@ from llmrec_spark.stages.torch_process import (
     shard_batches,
     training_place,
 )
+from llmrec_spark.stages.tower_training import load_head
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def train_text_encoder(config: dict[str, Any]) -> dict[str, Any]:
     Keys: converter (petastorm, columns `history` int (H,) PAD-filled and `pos` int),
     item_converter (petastorm, columns `item_idx` int and `tokens` int (max_length,) padded
     with pad_id; every rank reads all of it), model_path, pad_id, n_items, lora_rank,
-    lora_alpha, max_length, hidden_dim, out_dim, epochs, max_steps (per epoch and process; 0:
-    the whole shard), batch_size, learning_rate (head), encoder_learning_rate (LoRA),
+    lora_alpha, max_length, hidden_dim, out_dim, init_head_dir (optional: start from the head
+    saved there, frozen), epochs, max_steps (per epoch and process; 0: the whole shard), batch_size, learning_rate (head), encoder_learning_rate (LoRA),
     weight_decay, temperature, num_sampled_negatives, history_grad, seed, device,
     reader_workers, checkpoint_dir, output_dir, fingerprint, model_metadata,
     mlflow_tracking_uri, mlflow_run_id, fail_after_epoch (testing: raise after that epoch's
@@ -128,18 +129,21 @@ def _train(
 
 
 def new_encoder_tower(config: dict[str, Any]) -> EncoderTower:
-    """A fresh tower of the config's base model, LoRA settings and head sizes (seeded)."""
+    """A fresh tower of the config's base model, LoRA settings and head sizes (seeded); with
+    `init_head_dir`, the head saved there (`tower_training.save_head`), frozen."""
     settings = LoraSettings(
         rank=int(config["lora_rank"]),
         alpha=int(config["lora_alpha"]),
         max_length=int(config["max_length"]),
     )
+    init_head_dir = config.get("init_head_dir")
     return encoder_tower(
         config["model_path"],
         settings,
         hidden_dim=int(config["hidden_dim"]),
         out_dim=int(config["out_dim"]),
         seed=int(config["seed"]),
+        trained_head=load_head(init_head_dir) if init_head_dir else None,
     )
 
 

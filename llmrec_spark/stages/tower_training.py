@@ -25,6 +25,7 @@ from llmrec_spark.core.tower import (
     EnsembleHead,
     InfoNCELoss,
     TextTowerHead,
+    head_from_config,
     make_optimizer,
     train_step,
 )
@@ -358,17 +359,7 @@ def load_head(head_dir: str) -> TextTowerHead | EnsembleHead:
     from safetensors.torch import load_file
 
     with open(os.path.join(head_dir, HEAD_CONFIG)) as f:
-        meta = json.load(f)
-    head: TextTowerHead | EnsembleHead
-    if int(meta.get("members", 1)) > 1:
-        head = EnsembleHead(
-            [
-                TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["member_out_dim"])
-                for _ in range(int(meta["members"]))
-            ]
-        )
-    else:
-        head = TextTowerHead(meta["in_dim"], meta["hidden_dim"], meta["out_dim"])
+        head = head_from_config(json.load(f))
     head.load_state_dict(load_file(os.path.join(head_dir, HEAD_WEIGHTS)))
     return head.eval()
 

@@ -23,7 +23,14 @@ from llmrec_spark.core.encoder_tuning import (
     tokenize_texts,
     tuned_digest,
 )
-from llmrec_spark.core.tower import PAD, InfoNCELoss, make_optimizer, train_step
+from llmrec_spark.core.tower import (
+    PAD,
+    EnsembleHead,
+    InfoNCELoss,
+    TextTowerHead,
+    make_optimizer,
+    train_step,
+)
 
 SETTINGS = LoraSettings(max_length=16)
 CONFIG = {"learning_rate": 0.01, "encoder_learning_rate": 0.005, "weight_decay": 0.0}
@@ -134,6 +141,61 @@ def test_first_step_loss_is_the_head_tower_loss_on_base_embeddings(model_path, t
     optimizer = make_optimizer(head, CONFIG)
     expected = train_step(head, optimizer, InfoNCELoss(0.1), base, HISTORY, POSITIVES, NEGATIVES)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _trained_ensemble(model_path: str, tokens_base: torch.Tensor) -> EnsembleHead:
+    """Two member heads trained a few steps on the base encoder's embeddings."""
+    torch.manual_seed(5)
+    head = EnsembleHead([TextTowerHead(tokens_base.shape[1], 32, 8) for _ in range(2)])
+    optimizer = make_optimizer(head, CONFIG)
+    for _ in range(3):
+        train_step(head, optimizer, InfoNCELoss(0.1), tokens_base, HISTORY, POSITIVES, NEGATIVES)
+    return head.eval()
+
+
+def test_a_tower_from_a_trained_head_starts_as_that_head_and_trains_only_the_adapters(
+    model_path, tokens, tmp_path
+):
+    base = torch.from_numpy(
+        make_encoder(model_path, device="cpu", max_length=SETTINGS.max_length, batch_size=4)(TEXTS)
+    )
+    head = _trained_ensemble(model_path, base)
+    with torch.no_grad():
+        expected = head(base)
+    head_weights = {k: v.clone() for k, v in head.state_dict().items()}
+    model = encoder_tower(
+        model_path, SETTINGS, hidden_dim=999, out_dim=999, seed=0, trained_head=head
+    )
+    assert model.out_dim == 16  # the trained head's shape, not hidden_dim / out_dim
+    with torch.no_grad():
+        start = model(tokens, 0)
+    torch.testing.assert_close(start, expected, atol=1e-5, rtol=1e-4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    (group,) = make_encoder_optimizer(model, CONFIG).param_groups  # the adapters' group only
+    assert group["lr"] == 0.005
+    losses = _steps(model, tokens, 4)
+    assert losses[-1] < losses[0]
+    for name, weight in model.head.state_dict().items():
+        assert torch.equal(weight, head_weights[name]), name
+    save_tuned(model, tmp_path, {})
+    reloaded = load_tuned(model_path, tmp_path)
+    assert isinstance(reloaded.head, EnsembleHead) and reloaded.out_dim == 16
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens, 0), model(tokens, 0), atol=1e-4, rtol=1e-3)
+
+
+def test_a_trained_head_of_another_width_is_refused(model_path):
+    with pytest.raises(ValueError, match="reads 100-d embeddings; the encoder gives 384"):
+        encoder_tower(
+            model_path,
+            SETTINGS,
+            hidden_dim=32,
+            out_dim=16,
+            seed=0,
+            trained_head=TextTowerHead(100, 32, 16),
+        )
 
 
 def test_a_few_steps_lower_the_loss_of_a_planted_topic_problem(model_path, tokens):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
+import torch
 from pyspark.sql import functions as F
+from safetensors.torch import load_file
 
+from llmrec_spark.stages.tower_training import HEAD_WEIGHTS
 from tests.stages.test_contrastive import _stage_tables
 
 DS = "2026-11-23"
@@ -20,6 +24,8 @@ def _encoder_cfg(cfg):
         num_processes=1,
         hidden_dim=16,
         out_dim=8,
+        members=1,
+        epochs=2,
         encoder_num_negatives=4,
         encoder_batch_size=8,
         encoder_max_steps=2,
@@ -44,7 +50,7 @@ def test_encoder_mode_embeds_every_item_with_the_tuned_encoder_and_reruns_only_w
     from llmrec_spark.core.encoder_tuning import make_tuned_encoder
     from llmrec_spark.runtime.context import RunContext
     from llmrec_spark.schema import CATALOG
-    from llmrec_spark.stages.contrastive import run_train_contrastive
+    from llmrec_spark.stages.contrastive import run_train_contrastive, tuned_model_id
     from llmrec_spark.stages.embed import item_text
     from llmrec_spark.stages.recommend import embedding_frame
 
@@ -57,6 +63,15 @@ def test_encoder_mode_embeds_every_item_with_the_tuned_encoder_and_reruns_only_w
     assert model_id.startswith(f"{base_id}+lora@") and result.summary["mode"] == "encoder"
     assert (result.rows_in, result.rows_out, result.summary["embedded"]) == (48, 9, 9)
     assert len(result.summary["loss"]) == 1  # encoder_epochs 1, of encoder_max_steps 2
+    # encoder_start head: the head mode's head trained first (its two epochs), and the tuned
+    # encoder's head is that head, unchanged (frozen while the adapters trained).
+    start = result.summary["start"]
+    assert start["model_id"] == tuned_model_id(base_id, DS) and len(start["loss"]) == 2
+    head_dir = os.path.join(ctx.model_dir("text_tower"), "head")
+    saved = load_file(os.path.join(result.artifacts["text_tower"], HEAD_WEIGHTS))
+    trained = load_file(os.path.join(head_dir, HEAD_WEIGHTS))
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
     rows = {
         r.item_id: r
         for r in store.read("item_embeddings").where(F.col("model_id") == model_id).collect()
