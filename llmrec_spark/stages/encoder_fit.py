@@ -126,12 +126,11 @@ def fit_text_encoder(
             f"{num_processes}: users with two or more items that have text"
         )
     config = training_config(cfg, device, model_path=model_path, n_items=n_items)
-    head_digest = ""
-    if init_head_dir is not None:
-        config["init_head_dir"] = init_head_dir
+    if init_head_dir is not None:  # the head's weights are part of the job's identity
         head_digest = file_digest(os.path.join(init_head_dir, HEAD_WEIGHTS))
+        config |= {"init_head_dir": init_head_dir, "init_head_digest": head_digest}
     fingerprint = hashlib.sha256(
-        json.dumps([config, base_id, n_examples, signature, head_digest], sort_keys=True).encode()
+        json.dumps([config, base_id, n_examples, signature], sort_keys=True).encode()
     ).hexdigest()
     model_dir = os.path.join(work_dir, "model")
     log.info(

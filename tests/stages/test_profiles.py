@@ -103,8 +103,12 @@ def test_a_rerun_resumes_the_finished_checkpoint_of_the_same_job_only(
     for name, value in load_profile_tower(again["model_path"]).state_dict().items():
         assert torch.equal(value, weights[name]), name
 
+    # Another job trains from scratch, and the same seed and rows give the same tower again.
     fresh = train_profile_tower({**config, "fingerprint": "planted-v2"})
     assert fresh["resumed_from"] is None and fresh["epochs_run"] == 2
+    assert fresh["losses"] == first["losses"]
+    for name, value in load_profile_tower(fresh["model_path"]).state_dict().items():
+        assert torch.equal(value, weights[name]), name
 
 
 @pytest.mark.spark
