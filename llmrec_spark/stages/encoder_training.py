@@ -57,11 +57,11 @@ def train_text_encoder(config: dict[str, Any]) -> dict[str, Any]:
     item_converter (petastorm, columns `item_idx` int and `tokens` int (max_length,) padded
     with pad_id; every rank reads all of it), model_path, pad_id, n_items, lora_rank,
     lora_alpha, max_length, hidden_dim, out_dim, init_head_dir (optional: start from the head
-    saved there, frozen), epochs, max_steps (per epoch and process; 0: the whole shard), batch_size, learning_rate (head), encoder_learning_rate (LoRA),
-    weight_decay, temperature, num_sampled_negatives, history_grad, seed, device,
-    reader_workers, checkpoint_dir, output_dir, fingerprint, model_metadata,
-    mlflow_tracking_uri, mlflow_run_id, fail_after_epoch (testing: raise after that epoch's
-    checkpoint).
+    saved there, frozen), epochs, max_steps (per epoch and process; 0: the whole shard),
+    batch_size, learning_rate (head), encoder_learning_rate (LoRA), weight_decay, temperature,
+    num_sampled_negatives, history_grad, seed, device, reader_workers, checkpoint_dir,
+    output_dir, fingerprint, model_metadata, mlflow_tracking_uri, mlflow_run_id,
+    fail_after_epoch (testing: raise after that epoch's checkpoint).
     Returns model_path, losses (per epoch, all so far), epochs_run, resumed_from, steps; the
     same on every rank.
     """
